@@ -1,0 +1,71 @@
+"""llmqueue: queueing theory of LLM serving.
+
+Exact batched-queue simulation of LLM engines, the paper's schedulers as pure policies, batch-time
+models, capacity theory and stability verdicts (Dai, Deng, Li, Peng, arXiv 2504.07347).
+"""
+
+from llmqueue.batchtime import (
+    BatchTime,
+    ConstantTime,
+    LinearTime,
+    PiecewiseTime,
+    StaircaseTime,
+    TableTime,
+    parse_batch_time,
+)
+from llmqueue.engine import Batch, Engine, check_plan
+from llmqueue.errors import ConfigError, LLMQueueError, PlanError
+from llmqueue.metrics import RequestRecord, RunMetrics
+from llmqueue.policies import (
+    FASTERTRANSFORMER,
+    KFCFS,
+    ORCA,
+    SARATHI,
+    VLLM,
+    VLLM_CHUNKED,
+    EngineView,
+    Plan,
+    RequestView,
+    VLLMChunked,
+    make_policy,
+)
+from llmqueue.simulate import RunResult, TheorySummary, simulate, summarize_theory
+from llmqueue.workload import Request, Workload, make_workload
+
+__all__ = [
+    "FASTERTRANSFORMER",
+    "KFCFS",
+    "ORCA",
+    "SARATHI",
+    "VLLM",
+    "VLLM_CHUNKED",
+    "Batch",
+    "BatchTime",
+    "ConfigError",
+    "ConstantTime",
+    "Engine",
+    "EngineView",
+    "LLMQueueError",
+    "LinearTime",
+    "PiecewiseTime",
+    "Plan",
+    "PlanError",
+    "Request",
+    "RequestRecord",
+    "RequestView",
+    "RunMetrics",
+    "RunResult",
+    "StaircaseTime",
+    "TableTime",
+    "TheorySummary",
+    "VLLMChunked",
+    "Workload",
+    "check_plan",
+    "make_policy",
+    "make_workload",
+    "parse_batch_time",
+    "simulate",
+    "summarize_theory",
+]
+
+__version__ = "0.1.0"

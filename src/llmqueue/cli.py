@@ -1,0 +1,515 @@
+"""The ``llmqueue`` command line: ``simulate``, ``capacity`` and ``compare``.
+
+Every option can also come from a TOML or YAML file given with ``--config`` (keys are the option
+names; flags on the command line win). Bad input exits with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmqueue import theory
+from llmqueue.batchtime import BatchTime, parse_batch_time
+from llmqueue.errors import LLMQueueError
+from llmqueue.policies import POLICY_NAMES, KFCFS, VLLMChunked, make_policy
+from llmqueue.simulate import RunResult, simulate, summarize_theory
+from llmqueue.workload import TraceArrivals, Workload, make_workload
+
+DEFAULT_BATCH_TIME = "staircase:c=11.28,a=35.47,b0=128"
+DEFAULT_PREFILL = "129"
+DEFAULT_DECODE = "112"
+DEFAULT_LOAD = 0.9
+COMPARE_DEFAULT = "fastertransformer,vllm,orca,sarathi"
+
+
+# -- option parsing helpers ------------------------------------------------------------------
+
+
+def _batch_time(ctx: click.Context, param: click.Parameter, value: str) -> BatchTime:
+    try:
+        return parse_batch_time(value)
+    except LLMQueueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Read a TOML/YAML file into the command's defaults (eager: before the other options)."""
+    if value is None:
+        return
+    path = Path(value)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise click.BadParameter(f"cannot read {value!r}: {err.strerror}", ctx, param) from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise click.BadParameter(f"{value!r} must end in .toml, .yaml or .yml", ctx, param)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0]
+        raise click.BadParameter(f"{value!r} is not valid: {first}", ctx, param) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value!r} must hold a table of option = value", ctx, param)
+    names = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    defaults: dict[str, Any] = {}
+    for key, item in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise click.BadParameter(f"unknown key {key!r} in {value!r}", ctx, param)
+        if isinstance(item, list):
+            item = ",".join(str(x) for x in item)
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every command takes: the engine and the workload."""
+    options = [
+        click.option(
+            "--config",
+            type=click.Path(dir_okay=False),
+            callback=_load_config,
+            is_eager=True,
+            expose_value=False,
+            help="TOML or YAML file of option values (flags override it).",
+        ),
+        click.option(
+            "--budget", type=click.IntRange(min=1), default=512, show_default=True,
+            help="Token budget b per batch (vllm-chunked: max_num_batched_tokens).",
+        ),
+        click.option(
+            "--k-max", "k_max", type=click.IntRange(min=1), default=None,
+            help="At most this many requests per batch (vllm-chunked: max_num_seqs).",
+        ),
+        click.option(
+            "--batch-time", "batch_time", default=DEFAULT_BATCH_TIME, show_default=True,
+            callback=_batch_time,
+            help="t(n) in ms: constant:c=..  linear:c=..,a=..  piecewise:c=..,a=..,b0=..  "
+            "staircase:c=..,a=..,b0=..  table:PATH[,column=value...]",
+        ),
+        click.option(
+            "--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+            help="Arrival rate, requests/s (a trace is time-scaled to it).",
+        ),
+        click.option(
+            "--load", "load_", type=click.FloatRange(min=0, min_open=True), default=None,
+            help=f"Arrival rate as a fraction of the critical rate lambda* "
+            f"(default {DEFAULT_LOAD} when neither --rate nor a trace sets the rate).",
+        ),
+        click.option(
+            "--arrival", default="poisson", show_default=True,
+            help="poisson | deterministic | gamma:cv=2 | trace:PATH",
+        ),
+        click.option(
+            "--prefill", default=None,
+            help=f"Prompt tokens: N | poisson:M | geometric:M | uniform:LO,HI | "
+            f"lognormal:mean=..,sigma=.. | trace:PATH (default {DEFAULT_PREFILL}, "
+            "or the trace's own with trace arrivals).",
+        ),
+        click.option(
+            "--decode", default=None,
+            help=f"Output tokens, same forms as --prefill (default {DEFAULT_DECODE}).",
+        ),
+        click.option(
+            "--requests", "requests_", type=click.IntRange(min=1), default=None,
+            help="Number of arrivals (default 5000 unless --duration-s or a trace bounds them).",
+        ),
+        click.option(
+            "--duration-s", "duration_s", type=click.FloatRange(min=0, min_open=True),
+            default=None, help="Arrivals stop at this simulated time (s).",
+        ),
+        click.option(
+            "--drain-s", "drain_s", type=click.FloatRange(min=0), default=None,
+            help="After the last arrival, run at most this long (default: as long as the "
+            "arrival window, at least 60 s).",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+        click.option(
+            "--priority", type=click.Choice(["prefill", "decode"]), default="decode",
+            show_default=True, help="kfcfs: which phase goes first.",
+        ),
+        click.option("--mixed/--no-mixed", default=True, help="kfcfs: mixed batches."),
+        click.option("--chunked/--no-chunked", default=True, help="kfcfs: chunked prefill."),
+        click.option("--k-p", "k_p", type=click.IntRange(min=1), default=None,
+                     help="kfcfs: at most K_p prompts per batch."),
+        click.option("--k-d", "k_d", type=click.IntRange(min=1), default=None,
+                     help="kfcfs: at most K_d decoders per batch."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bar (default: on when stderr is a terminal)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _workload(opts: dict[str, Any]) -> Workload:
+    """Build the workload; ``--load`` is turned into a rate against lambda* of the setting."""
+    arrival = opts["arrival"]
+    is_trace = arrival.strip().startswith("trace:")
+    prefill = opts["prefill"] if opts["prefill"] is not None else (
+        None if is_trace else DEFAULT_PREFILL
+    )
+    decode = opts["decode"] if opts["decode"] is not None else (
+        None if is_trace else DEFAULT_DECODE
+    )
+    rate, load = opts["rate"], opts["load_"]
+    if rate is not None and load is not None:
+        raise click.UsageError("give --rate or --load, not both")
+    if rate is None and load is None and not is_trace:
+        load = DEFAULT_LOAD
+    if load is None:
+        return make_workload(arrival, prefill, decode, rate)
+    probe = make_workload(arrival, prefill, decode, None if is_trace else 1.0)
+    mean_tokens = probe.mean_prefill_tokens + probe.mean_decode_tokens
+    lam = theory.critical_rate_per_s(opts["batch_time"], opts["budget"], mean_tokens)
+    return make_workload(arrival, prefill, decode, load * lam)
+
+
+def _policy(name: str, opts: dict[str, Any]) -> KFCFS | VLLMChunked:
+    return make_policy(
+        name,
+        priority=opts["priority"],
+        mixed=opts["mixed"],
+        chunked=opts["chunked"],
+        k_p=opts["k_p"],
+        k_d=opts["k_d"],
+    )
+
+
+def _run(name: str, workload: Workload, opts: dict[str, Any], keep_requests: bool) -> RunResult:
+    """One simulation with a progress bar on a terminal."""
+    limit = opts["requests_"]
+    if limit is None and opts["duration_s"] is None and not isinstance(
+        workload.arrival, TraceArrivals
+    ):
+        limit = 5000
+    show = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
+    kwargs: dict[str, Any] = dict(
+        k_max=opts["k_max"],
+        seed=opts["seed"],
+        max_requests=limit,
+        duration_s=opts["duration_s"],
+        drain_s=opts["drain_s"],
+        keep_requests=keep_requests,
+    )
+    policy = _policy(name, opts)
+    if not show:
+        return simulate(workload, policy, opts["batch_time"], opts["budget"], **kwargs)
+    with Progress(
+        TextColumn(f"{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("arrivals"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(name, total=limit)
+        return simulate(
+            workload,
+            policy,
+            opts["batch_time"],
+            opts["budget"],
+            progress=lambda n: bar.update(task, completed=n),
+            **kwargs,
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN and inf become null so the output is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _dump(document: Any) -> None:
+    click.echo(json.dumps(_jsonable(document), allow_nan=False))
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def _write_requests(path: str, result: RunResult) -> None:
+    """One record per request: CSV or JSON lines by the file's extension."""
+    fields = ("id", "arrival_ms", "first_token_ms", "finish_ms", "prefill_tokens", "decode_tokens")
+    rows = [
+        {f: _jsonable(getattr(r, f)) for f in fields} for r in (result.requests or ())
+    ]
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        if path.endswith(".csv"):
+            writer = csv.DictWriter(out, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+        else:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _check_out_path(value: str | None, suffixes: Sequence[str], option: str) -> None:
+    if value is not None and not value.endswith(tuple(suffixes)):
+        raise click.BadParameter(
+            f"{value!r} must end in {' or '.join(suffixes)}", param_hint=option
+        )
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="llmqueue")
+def cli() -> None:
+    """Queueing theory of LLM serving: capacity, stability and latency of batch schedulers."""
+
+
+@cli.command("simulate")
+@click.option(
+    "--policy", default="sarathi", show_default=True,
+    help=f"One of: {', '.join(POLICY_NAMES)}.",
+)
+@_shared_options
+@click.option(
+    "--requests-out", "requests_out", default=None,
+    help="Write one record per request to PATH (.csv or .jsonl).",
+)
+def simulate_cmd(policy: str, requests_out: str | None, **opts: Any) -> None:
+    """Simulate one engine under one policy and report metrics and stability."""
+    _check_out_path(requests_out, (".csv", ".jsonl"), "--requests-out")
+    _policy(policy, opts)  # fail fast on a bad name before any work
+    workload = _workload(opts)
+    result = _run(policy, workload, opts, keep_requests=True)
+    if requests_out is not None:
+        _write_requests(requests_out, result)
+    if opts["as_json"]:
+        _dump(result.to_dict())
+        return
+    console = Console()
+    _print_result(console, result)
+
+
+def _print_result(console: Console, result: RunResult) -> None:
+    th, m = result.theory, result.metrics
+    console.print(
+        f"[bold]{result.policy}[/]  b={result.budget}  k_max={result.k_max or '-'}  "
+        f"t(n)={result.batch_time}  rate={result.rate:.4g} req/s  load={th.load:.3f}  "
+        f"lambda*={th.critical_rate:.4g} req/s"
+    )
+    console.print(
+        f"stability: predicted [bold]{result.predicted.verdict}[/] ({result.predicted.reason}); "
+        f"observed [bold]{result.observed.verdict}[/] (backlog slope "
+        f"{_fmt(result.observed.slope_tokens_per_s)} tokens/s, 95% CI "
+        f"[{_fmt(result.observed.ci_low_tokens_per_s)}, "
+        f"{_fmt(result.observed.ci_high_tokens_per_s)}]; fluid "
+        f"{_fmt(th.fluid_slope_tokens_per_s)})"
+    )
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("metric")
+    for label in ("mean", "median", "p90", "p99"):
+        table.add_column(label, justify="right")
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        table.add_row(
+            f"{name}_ms",
+            *(_fmt(m.latency[f"{label}_{name}_ms"]) for label in ("mean", "median", "p90", "p99")),
+        )
+    console.print(table)
+    console.print(
+        f"completed {m.completed}/{m.arrivals} in {m.duration_s:,.1f} s: "
+        f"{m.request_throughput:.3f} req/s, {m.output_throughput:,.1f} output tokens/s, "
+        f"{m.total_token_throughput:,.1f} tokens/s; mean backlog {m.mean_backlog_tokens:,.0f} "
+        f"tokens, {m.mean_requests_in_system:,.1f} requests in system"
+    )
+    console.print(
+        f"batches {m.num_batches}: mean {m.mean_batch_tokens:.1f} tokens "
+        f"({m.mean_batch_prefill_tokens:.1f} prefill + {m.mean_batch_decode_tokens:.1f} decode), "
+        f"{m.mean_batch_requests:.1f} requests; busy {m.busy_fraction:.1%}; "
+        f"work-conservation violations {m.wc_violations} "
+        f"({m.wc_wasted_fraction:.1%} of fillable tokens wasted)"
+    )
+    if not result.steady_state:
+        console.print("[yellow]latency percentiles are not steady-state: the backlog grows[/]")
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+@cli.command("capacity")
+@_shared_options
+@click.option(
+    "--max-iteration-ms", "max_iteration_ms", type=click.FloatRange(min=0, min_open=True),
+    default=None, help="Also find the budget with the best b/t(b) under this iteration-time cap.",
+)
+def capacity_cmd(max_iteration_ms: float | None, **opts: Any) -> None:
+    """Theory only: capacity, critical rate, load and fluid slope of a setting."""
+    workload = _workload(opts)
+    bt, budget, k_max = opts["batch_time"], opts["budget"], opts["k_max"]
+    summary = summarize_theory(
+        bt, budget, k_max, workload.rate_per_s,
+        workload.mean_prefill_tokens, workload.mean_decode_tokens,
+    )
+    doc: dict[str, Any] = {
+        "budget": budget,
+        "k_max": k_max,
+        "batch_time": bt.spec,
+        "rate": workload.rate_per_s,
+        "mean_prefill_tokens": workload.mean_prefill_tokens,
+        "mean_decode_tokens": workload.mean_decode_tokens,
+        "t_budget_ms": summary.t_budget_ms,
+        "capacity_tokens_per_s": summary.capacity_tokens_per_s,
+        "max_capacity_tokens_per_s": summary.max_capacity_tokens_per_s,
+        "best_batch_tokens": summary.best_batch_tokens,
+        "critical_rate": summary.critical_rate,
+        "load": summary.load,
+        "fluid_slope_tokens_per_s": summary.fluid_slope_tokens_per_s,
+        "kmax_load": summary.kmax_load,
+    }
+    if max_iteration_ms is not None:
+        choice = theory.best_budget(bt, max_iteration_ms)
+        doc.update(
+            best_budget=choice.budget,
+            best_budget_t_ms=choice.t_ms,
+            best_budget_tokens_per_s=choice.tokens_per_s,
+        )
+    if opts["as_json"]:
+        _dump(doc)
+        return
+    width = max(len(k) for k in doc)
+    for key, value in doc.items():
+        click.echo(f"{key:<{width}}  {_fmt(value, 4)}")
+
+
+@cli.command("compare")
+@click.option(
+    "--policies", default=COMPARE_DEFAULT, show_default=True,
+    help="Comma-separated policy names.",
+)
+@_shared_options
+@click.option(
+    "--plot", "plot_path", default="compare.png", show_default=True,
+    help="PNG of the backlog over time ('' for none).",
+)
+def compare_cmd(policies: str, plot_path: str, **opts: Any) -> None:
+    """Several policies on one workload: a table, and a PNG of backlog over time."""
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names:
+        raise click.BadParameter("no policy named", param_hint="--policies")
+    for name in names:
+        _policy(name, opts)
+    if plot_path:
+        _check_out_path(plot_path, (".png",), "--plot")
+    workload = _workload(opts)
+    results = [_run(name, workload, opts, keep_requests=True) for name in names]
+    if plot_path:
+        _plot(results, plot_path)
+    if opts["as_json"]:
+        _dump([r.to_dict() for r in results])
+        return
+    console = Console()
+    first = results[0]
+    console.print(
+        f"b={first.budget}  k_max={first.k_max or '-'}  t(n)={first.batch_time}  "
+        f"rate={first.rate:.4g} req/s  load={first.theory.load:.3f}  "
+        f"lambda*={first.theory.critical_rate:.4g} req/s"
+    )
+    table = Table(show_header=True, header_style="bold")
+    columns = (
+        "policy", "completed", "req/s", "mean TTFT ms", "p99 TTFT ms", "mean TPOT ms",
+        "mean E2EL ms", "mean backlog", "slope tok/s", "predicted", "observed", "WC viol.",
+    )
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("policy",) else "right")
+    for r in results:
+        m = r.metrics
+        table.add_row(
+            r.policy, f"{m.completed}/{m.arrivals}", _fmt(m.request_throughput, 2),
+            _fmt(m.latency["mean_ttft_ms"]), _fmt(m.latency["p99_ttft_ms"]),
+            _fmt(m.latency["mean_tpot_ms"]), _fmt(m.latency["mean_e2el_ms"]),
+            _fmt(m.mean_backlog_tokens, 0), _fmt(r.observed.slope_tokens_per_s),
+            r.predicted.verdict, r.observed.verdict, str(m.wc_violations),
+        )
+    console.print(table)
+    if plot_path:
+        console.print(f"backlog plot: {plot_path}")
+
+
+def _plot(results: Sequence[RunResult], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.UsageError(
+            "--plot needs matplotlib: pip install 'llmqueue[plot]' (or pass --plot '')"
+        ) from None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in results:
+        series = r.metrics.backlog_series
+        ax.plot(
+            [t for t, _ in series], [b for _, b in series],
+            label=f"{r.policy} ({r.observed.verdict})",
+        )
+    first = results[0]
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("backlog (unprocessed tokens)")
+    ax.set_title(
+        f"b={first.budget}, load {first.theory.load:.2f} of lambda*={first.theory.critical_rate:.3g}"
+        f" req/s, {first.batch_time}",
+        fontsize=9,
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI; bad input gives one line on stderr and exit code 2."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:
+        click.echo(err.ctx.get_help() if err.ctx else str(err))
+        return 0
+    except click.UsageError as err:
+        click.echo(f"llmqueue: error: {err.format_message()}", err=True)
+        return 2
+    except LLMQueueError as err:
+        click.echo(f"llmqueue: error: {err}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("llmqueue: aborted", err=True)
+        return 1
+    except click.ClickException as err:
+        click.echo(f"llmqueue: error: {err.format_message()}", err=True)
+        return err.exit_code
+    except OSError as err:
+        click.echo(f"llmqueue: error: {err.filename or ''}: {err.strerror}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""The reference engine: exact per-iteration dynamics of one batched LLM engine, event by event.
+
+Time is continuous. An idle engine starts a batch when work arrives; a request arriving during a
+batch waits for the next batch boundary. At each boundary the policy sees a read-only view and
+returns a plan; ``check_plan`` enforces the batch rules; the batch of ``n`` tokens takes ``t(n)`` ms.
+
+The engine does not own a clock loop: an outer loop asks ``next_event_ms()`` and calls ``step()``,
+and hands arrivals in with ``submit()``. That lets several engines share one clock (networks).
+Submitting every arrival whose time is <= ``next_event_ms()`` before stepping makes an arrival at
+exactly a batch boundary join the batch that starts there.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import insort
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar, overload
+
+from llmqueue.batchtime import BatchTime
+from llmqueue.errors import ConfigError, PlanError
+from llmqueue.metrics import Recorder, RequestRecord
+from llmqueue.policies import EngineView
+from llmqueue.workload import Request
+
+PolicyFn = Callable[[EngineView], Mapping[int, int]]
+T = TypeVar("T")
+
+
+class ReadOnlyList(Sequence[T]):
+    """A read-only window on a list the engine owns: policies index, slice and iterate it, but
+    cannot change it. No copy is made (the engine changes the list only between policy calls)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list[T]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
+
+    def __repr__(self) -> str:
+        return f"ReadOnlyList({self._items!r})"
+
+
+class Job:
+    """A request inside the engine with its progress (the policy sees it read-only)."""
+
+    __slots__ = (
+        "arrival_ms",
+        "decode_left",
+        "decode_tokens",
+        "first_token_ms",
+        "id",
+        "last_token_ms",
+        "prefill_left",
+        "prefill_tokens",
+        "seq",
+    )
+
+    def __init__(self, request: Request, seq: int) -> None:
+        self.id = request.id
+        self.seq = seq
+        self.arrival_ms = request.arrival_ms
+        self.prefill_tokens = request.prefill_tokens
+        self.decode_tokens = request.decode_tokens
+        self.prefill_left = request.prefill_tokens
+        self.decode_left = request.decode_tokens
+        self.first_token_ms = math.nan if request.prefill_tokens else request.arrival_ms
+        self.last_token_ms = self.first_token_ms
+
+    def record(self, finish_ms: float = math.nan) -> RequestRecord:
+        """This request's outcome as a plain record."""
+        return RequestRecord(
+            id=self.id,
+            arrival_ms=self.arrival_ms,
+            first_token_ms=self.first_token_ms,
+            finish_ms=finish_ms,
+            prefill_tokens=self.prefill_tokens,
+            decode_tokens=self.decode_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One iteration as it ran: when, which tokens of which requests, and what it could have held."""
+
+    index: int
+    start_ms: float
+    end_ms: float
+    plan: tuple[tuple[int, int], ...]
+    prefill_tokens: int
+    decode_tokens: int
+    fill_target_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the batch."""
+        return self.prefill_tokens + self.decode_tokens
+
+
+def fill_target(view: EngineView, prefill_left_tokens: int | None = None) -> int:
+    """Most tokens the batch rules let one batch take from the requests present.
+
+    Without ``k_max`` this is the paper's ``min(b, demand)``; with it, the ``k_max`` requests of
+    largest demand (prompts before decoders) bound the fill. A batch below this is not
+    work-conserving. ``prefill_left_tokens`` (the sum of the prompts' remaining tokens) may be
+    passed when known, to skip summing it.
+    """
+    n_pre, n_dec = len(view.prefilling), len(view.decoding)
+    if view.k_max is None or n_pre + n_dec <= view.k_max:
+        if prefill_left_tokens is None:
+            prefill_left_tokens = sum(r.prefill_left for r in view.prefilling)
+        return min(view.budget, prefill_left_tokens + n_dec)
+    k = view.k_max
+    top = heapq.nlargest(min(k, n_pre), (r.prefill_left for r in view.prefilling))
+    return min(view.budget, sum(top) + min(k - len(top), n_dec))
+
+
+def check_plan(
+    plan: Mapping[int, int], view: EngineView, jobs: Mapping[int, Job]
+) -> tuple[int, int]:
+    """Enforce the batch rules on a plan; return its (prefill, decode) token counts.
+
+    Rules: every id is a request present; every entry has >= 1 token; a request with prefill left
+    takes only prefill tokens (at most what is left: prefill before decode); a decoding request
+    takes exactly one token; at most ``budget`` tokens; at most ``k_max`` requests.
+    """
+    if view.k_max is not None and len(plan) > view.k_max:
+        raise PlanError("batch-size limit", f"{len(plan)} requests > k_max={view.k_max}")
+    prefill = decode = 0
+    for rid, tokens in plan.items():
+        job = jobs.get(rid)
+        if job is None:
+            raise PlanError("known request", f"request {rid!r} is not in the engine")
+        if not isinstance(tokens, int) or tokens < 1:
+            raise PlanError("positive tokens", f"request {rid} given {tokens!r} tokens")
+        if job.prefill_left:
+            if tokens > job.prefill_left:
+                raise PlanError(
+                    "prefill before decode",
+                    f"request {rid} has {job.prefill_left} prefill tokens left, given {tokens}",
+                )
+            prefill += tokens
+        else:
+            if tokens != 1:
+                raise PlanError(
+                    "one decode token per request", f"decoding request {rid} given {tokens}"
+                )
+            decode += 1
+    if prefill + decode > view.budget:
+        raise PlanError("token budget", f"{prefill + decode} tokens > budget={view.budget}")
+    return prefill, decode
+
+
+class Engine:
+    """One engine: a policy, a batch-time model ``t(n)`` (ms), a token budget and an optional
+    per-batch request limit ``k_max``. Reports to a ``Recorder`` if given."""
+
+    def __init__(
+        self,
+        policy: PolicyFn,
+        batch_time: BatchTime,
+        budget: int,
+        k_max: int | None = None,
+        *,
+        recorder: Recorder | None = None,
+        keep_batches: bool = False,
+    ) -> None:
+        if not isinstance(budget, int) or budget < 1:
+            raise ConfigError("budget", budget, "must be an integer >= 1")
+        if k_max is not None and (not isinstance(k_max, int) or k_max < 1):
+            raise ConfigError("k_max", k_max, "must be an integer >= 1")
+        self.policy = policy
+        self.batch_time = batch_time
+        self.budget = budget
+        self.k_max = k_max
+        self.recorder = recorder
+        self.batches: list[Batch] | None = [] if keep_batches else None
+        self.now_ms = 0.0
+        self.backlog_tokens = 0
+        self._prefill_left_tokens = 0
+        self._jobs: dict[int, Job] = {}
+        self._prefilling: list[Job] = []
+        self._decoding: list[Job] = []
+        self._seq = 0
+        self._plan: list[tuple[Job, int]] | None = None
+        self._batch_end_ms = math.inf
+        self._blocked_since: float | None = None
+        self._batch_count = 0
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def in_system(self) -> int:
+        """Requests present (waiting, prefilling or decoding)."""
+        return len(self._jobs)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is running."""
+        return self._plan is not None
+
+    @property
+    def blocked_since_ms(self) -> float | None:
+        """When the engine last found requests waiting but the policy formed no batch (else None).
+
+        A blocked engine stays idle until a new arrival; it is not an event of its own.
+        """
+        return self._blocked_since
+
+    def jobs(self) -> list[Job]:
+        """The requests present, in arrival order (read-only use)."""
+        return sorted(self._jobs.values(), key=lambda j: j.seq)
+
+    def view(self) -> EngineView:
+        """The read-only view a policy gets."""
+        return EngineView(
+            now_ms=self.now_ms,
+            budget=self.budget,
+            k_max=self.k_max,
+            prefilling=ReadOnlyList(self._prefilling),
+            decoding=ReadOnlyList(self._decoding),
+        )
+
+    def next_event_ms(self) -> float:
+        """Time of this engine's next event: a batch end, an immediate start, or inf if idle."""
+        if self._plan is not None:
+            return self._batch_end_ms
+        if self._jobs and self._blocked_since is None:
+            return self.now_ms
+        return math.inf
+
+    # -- events ------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Hand a request to the engine at its arrival time (not earlier than the engine's clock)."""
+        if request.arrival_ms < self.now_ms:
+            raise ConfigError(
+                "arrival_ms", request.arrival_ms, f"is before the engine clock {self.now_ms} ms"
+            )
+        if request.id in self._jobs:
+            raise ConfigError("id", request.id, "a request with this id is already present")
+        if self._plan is None and self._jobs and self._blocked_since is None:
+            if request.arrival_ms > self.now_ms:
+                self._start_batch()  # an overdue start at the engine's own clock comes first
+        if self._plan is None:
+            if self._blocked_since is not None:
+                if self.recorder is not None:
+                    self.recorder.stall(request.arrival_ms - self._blocked_since)
+                self._blocked_since = None
+            self.now_ms = request.arrival_ms
+        job = Job(request, self._seq)
+        self._seq += 1
+        self._jobs[job.id] = job
+        tokens = job.prefill_left + job.decode_left
+        self.backlog_tokens += tokens
+        if self.recorder is not None:
+            self.recorder.arrival(request.arrival_ms, tokens)
+        if job.prefill_left:
+            self._prefill_left_tokens += job.prefill_left
+            self._prefilling.append(job)
+        else:
+            insort(self._decoding, job, key=_seq)
+
+    def step(self) -> list[RequestRecord]:
+        """Process the next event: end the running batch (if any), then start the next one.
+
+        Returns the records of the requests that finished at this event.
+        """
+        finished: list[RequestRecord] = []
+        if self._plan is not None:
+            self.now_ms = self._batch_end_ms
+            finished = self._end_batch()
+        self._start_batch()
+        return finished
+
+    def _end_batch(self) -> list[RequestRecord]:
+        now = self.now_ms
+        plan = self._plan
+        assert plan is not None
+        self._plan = None
+        self._batch_end_ms = math.inf
+        recorder = self.recorder
+        itl = recorder.itl if recorder is not None else None
+        finished: list[RequestRecord] = []
+        prefill_done = False
+        decode_done = False
+        total = prefill_total = 0
+        for job, tokens in plan:
+            total += tokens
+            if job.prefill_left:
+                prefill_total += tokens
+                job.prefill_left -= tokens
+                if job.prefill_left == 0:
+                    prefill_done = True
+                    job.first_token_ms = job.last_token_ms = now
+                    if job.decode_left:
+                        insort(self._decoding, job, key=_seq)
+                    else:
+                        finished.append(job.record(now))
+            else:
+                job.decode_left -= 1
+                if itl is not None:
+                    itl.add(now - job.last_token_ms)
+                job.last_token_ms = now
+                if job.decode_left == 0:
+                    decode_done = True
+                    finished.append(job.record(now))
+        self.backlog_tokens -= total
+        self._prefill_left_tokens -= prefill_total
+        if prefill_done:
+            self._prefilling = [j for j in self._prefilling if j.prefill_left]
+        if decode_done:
+            self._decoding = [j for j in self._decoding if j.decode_left]
+        for record in finished:
+            del self._jobs[record.id]
+        if recorder is not None:
+            recorder.tokens_done(now, total)
+            for record in finished:
+                recorder.request_done(record)
+        return finished
+
+    def _start_batch(self) -> None:
+        if not self._jobs:
+            return
+        view = self.view()
+        plan = self.policy(view)
+        if not plan:
+            self._blocked_since = self.now_ms
+            return
+        prefill, decode = check_plan(plan, view, self._jobs)
+        n = prefill + decode
+        duration = self.batch_time(n)
+        if not duration > 0 or math.isinf(duration):
+            raise ConfigError("batch-time", duration, f"t({n}) must be a positive finite time")
+        target = fill_target(view, self._prefill_left_tokens)
+        jobs = self._jobs
+        self._plan = [(jobs[rid], tokens) for rid, tokens in plan.items()]
+        self._batch_end_ms = self.now_ms + duration
+        if self.recorder is not None:
+            self.recorder.batch(duration, prefill, decode, len(plan), target)
+        if self.batches is not None:
+            self.batches.append(
+                Batch(
+                    index=self._batch_count,
+                    start_ms=self.now_ms,
+                    end_ms=self._batch_end_ms,
+                    plan=tuple((rid, tokens) for rid, tokens in plan.items()),
+                    prefill_tokens=prefill,
+                    decode_tokens=decode,
+                    fill_target_tokens=target,
+                )
+            )
+        self._batch_count += 1
+
+
+def _seq(job: Job) -> int:
+    return job.seq

@@ -1,0 +1,365 @@
+"""Run metrics with vLLM ``bench serve`` names, collected online in bounded memory.
+
+The engine reports arrivals, batches and completions to a ``Recorder``; ``Recorder.finish`` turns
+them into a ``RunMetrics`` record. Time-averages (backlog, requests in system) are exact integrals of
+piecewise-constant functions; the backlog series is kept as time-bins whose width doubles when they
+fill, so memory stays fixed however long the run.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PERCENTILES = (("mean", None), ("median", 50.0), ("p90", 90.0), ("p99", 99.0))
+LATENCIES = ("ttft", "tpot", "itl", "e2el")
+
+
+class TimeBins:
+    """Integral of a piecewise-constant function over equal time bins starting at 0.
+
+    When a value lands beyond the last bin, neighbouring bins merge pairwise (width doubles), so at
+    most ``max_bins`` bins are ever held.
+    """
+
+    def __init__(self, width_ms: float = 1.0, max_bins: int = 2048) -> None:
+        self.width_ms = width_ms
+        self.max_bins = max_bins
+        self.sums = np.zeros(max_bins)
+
+    def _fit(self, t_ms: float) -> None:
+        while t_ms > self.width_ms * self.max_bins:
+            merged = self.sums.reshape(-1, 2).sum(axis=1)
+            self.sums[: self.max_bins // 2] = merged
+            self.sums[self.max_bins // 2 :] = 0.0
+            self.width_ms *= 2.0
+
+    def add(self, t0_ms: float, t1_ms: float, value: float) -> None:
+        """Add ``value`` held constant over [t0, t1)."""
+        if t1_ms <= t0_ms or value == 0.0:
+            return
+        self._fit(t1_ms)
+        w = self.width_ms
+        i0 = int(t0_ms // w)
+        i1 = min(int(t1_ms // w), self.max_bins - 1)
+        if i0 == i1:
+            self.sums[i0] += value * (t1_ms - t0_ms)
+            return
+        self.sums[i0] += value * ((i0 + 1) * w - t0_ms)
+        if i1 > i0 + 1:
+            self.sums[i0 + 1 : i1] += value * w
+        self.sums[i1] += value * (t1_ms - i1 * w)
+
+    def series(self, end_ms: float) -> tuple[np.ndarray, np.ndarray]:
+        """Bin start times (ms) and bin averages over [0, end_ms) (the last bin may be partial)."""
+        self._fit(end_ms)
+        n = max(1, math.ceil(end_ms / self.width_ms))
+        starts = np.arange(n) * self.width_ms
+        spans = np.minimum(starts + self.width_ms, end_ms) - starts
+        spans[spans <= 0] = np.nan
+        return starts, self.sums[:n] / spans
+
+
+class ValueCounts:
+    """Exact multiset of float values (counts per distinct value), for percentiles of ITL.
+
+    In the paper's model inter-token latencies are batch times, so distinct values are few. Past
+    ``max_distinct`` values, new and held values are rounded to 6 significant digits (relative
+    error below 5e-6), which bounds memory; ``exact`` says whether that happened.
+    """
+
+    def __init__(self, max_distinct: int = 200_000) -> None:
+        self.counts: dict[float, int] = {}
+        self.max_distinct = max_distinct
+        self.exact = True
+        self.total = 0
+        self.sum = 0.0
+
+    def add(self, value: float, count: int = 1) -> None:
+        """Add ``count`` copies of ``value``."""
+        self.total += count
+        self.sum += value * count
+        if not self.exact:
+            value = float(f"{value:.6g}")
+        counts = self.counts
+        counts[value] = counts.get(value, 0) + count
+        if len(counts) > self.max_distinct and self.exact:
+            self.exact = False
+            rounded: dict[float, int] = {}
+            for v, c in counts.items():
+                key = float(f"{v:.6g}")
+                rounded[key] = rounded.get(key, 0) + c
+            self.counts = rounded
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile with numpy's default (linear) interpolation."""
+        if self.total == 0:
+            return math.nan
+        values = np.array(sorted(self.counts))
+        cum = np.cumsum([self.counts[v] for v in values])
+        pos = q / 100.0 * (self.total - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        v_lo = values[np.searchsorted(cum, lo + 1)]
+        v_hi = values[np.searchsorted(cum, hi + 1)]
+        return float(v_lo + (v_hi - v_lo) * (pos - lo))
+
+    def mean(self) -> float:
+        """Mean of the values added (exact, from a running sum)."""
+        return self.sum / self.total if self.total else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request's outcome; ``first_token_ms``/``finish_ms`` are NaN if not reached."""
+
+    id: int
+    arrival_ms: float
+    first_token_ms: float
+    finish_ms: float
+    prefill_tokens: int
+    decode_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunMetrics:
+    """The metrics of one run (vLLM ``bench serve`` names plus queueing and batch statistics)."""
+
+    arrivals: int
+    completed: int
+    incomplete: int
+    duration_s: float
+    request_throughput: float
+    output_throughput: float
+    total_token_throughput: float
+    latency: dict[str, float]
+    mean_requests_in_system: float
+    mean_backlog_tokens: float
+    num_batches: int
+    mean_batch_tokens: float
+    mean_batch_requests: float
+    mean_batch_prefill_tokens: float
+    mean_batch_decode_tokens: float
+    busy_fraction: float
+    wc_violations: int
+    wc_wasted_tokens: int
+    wc_wasted_fraction: float
+    stall_ms: float
+    itl_exact: bool
+    backlog_series: tuple[tuple[float, float], ...] = field(repr=False)
+
+    def as_dict(self) -> dict[str, object]:
+        """Flat mapping with vLLM-style keys (``mean_ttft_ms``...); the series as [s, tokens]."""
+        out: dict[str, object] = {
+            "arrivals": self.arrivals,
+            "completed": self.completed,
+            "incomplete": self.incomplete,
+            "duration_s": self.duration_s,
+            "request_throughput": self.request_throughput,
+            "output_throughput": self.output_throughput,
+            "total_token_throughput": self.total_token_throughput,
+        }
+        out.update(self.latency)
+        out.update(
+            mean_requests_in_system=self.mean_requests_in_system,
+            mean_backlog_tokens=self.mean_backlog_tokens,
+            num_batches=self.num_batches,
+            mean_batch_tokens=self.mean_batch_tokens,
+            mean_batch_requests=self.mean_batch_requests,
+            mean_batch_prefill_tokens=self.mean_batch_prefill_tokens,
+            mean_batch_decode_tokens=self.mean_batch_decode_tokens,
+            busy_fraction=self.busy_fraction,
+            wc_violations=self.wc_violations,
+            wc_wasted_tokens=self.wc_wasted_tokens,
+            wc_wasted_fraction=self.wc_wasted_fraction,
+            stall_ms=self.stall_ms,
+            itl_exact=self.itl_exact,
+            backlog_series=[[t, b] for t, b in self.backlog_series],
+        )
+        return out
+
+
+def _summary(name: str, values: np.ndarray) -> dict[str, float]:
+    """mean/median/p90/p99 of ``values`` under vLLM-style keys (NaN when empty)."""
+    out: dict[str, float] = {}
+    for label, q in PERCENTILES:
+        if values.size == 0:
+            out[f"{label}_{name}_ms"] = math.nan
+        elif q is None:
+            out[f"{label}_{name}_ms"] = float(values.mean())
+        else:
+            out[f"{label}_{name}_ms"] = float(np.percentile(values, q))
+    return out
+
+
+class Recorder:
+    """Collects what the engine reports and produces ``RunMetrics``; one per run, no shared state."""
+
+    def __init__(self, budget: int, *, keep_requests: bool = True, max_bins: int = 2048) -> None:
+        self.budget = budget
+        self.keep_requests = keep_requests
+        self.last_ms = 0.0
+        self.backlog_tokens = 0
+        self.in_system = 0
+        self.backlog_area = 0.0
+        self.in_system_area = 0.0
+        self.backlog_bins = TimeBins(max_bins=max_bins)
+        self.arrivals = 0
+        self.arrived_tokens = 0
+        self.last_arrival_ms = 0.0
+        self.batches = 0
+        self.batch_tokens = 0
+        self.batch_requests = 0
+        self.batch_prefill = 0
+        self.batch_decode = 0
+        self.busy_ms = 0.0
+        self.wc_violations = 0
+        self.wc_wasted = 0
+        self.wc_target = 0
+        self.stall_ms = 0.0
+        self.itl = ValueCounts()
+        self.done = {key: array("d") for key in ("arrival", "first", "finish")}
+        self.done_ids = array("q")
+        self.done_prefill = array("q")
+        self.done_decode = array("q")
+
+    def _advance(self, t_ms: float) -> None:
+        dt = t_ms - self.last_ms
+        if dt > 0:
+            self.backlog_area += self.backlog_tokens * dt
+            self.in_system_area += self.in_system * dt
+            self.backlog_bins.add(self.last_ms, t_ms, float(self.backlog_tokens))
+            self.last_ms = t_ms
+
+    def arrival(self, t_ms: float, tokens: int) -> None:
+        """A request with ``tokens`` unprocessed tokens arrived."""
+        self._advance(t_ms)
+        self.backlog_tokens += tokens
+        self.in_system += 1
+        self.arrivals += 1
+        self.arrived_tokens += tokens
+        self.last_arrival_ms = t_ms
+
+    def batch(
+        self,
+        duration_ms: float,
+        prefill_tokens: int,
+        decode_tokens: int,
+        requests: int,
+        fill_target_tokens: int,
+    ) -> None:
+        """A batch started; ``fill_target_tokens`` is what the batch rules allowed it to hold."""
+        n = prefill_tokens + decode_tokens
+        self.batches += 1
+        self.batch_tokens += n
+        self.batch_requests += requests
+        self.batch_prefill += prefill_tokens
+        self.batch_decode += decode_tokens
+        self.busy_ms += duration_ms
+        self.wc_target += fill_target_tokens
+        if n < fill_target_tokens:
+            self.wc_violations += 1
+            self.wc_wasted += fill_target_tokens - n
+
+    def tokens_done(self, t_ms: float, tokens: int) -> None:
+        """A batch of ``tokens`` tokens ended at ``t_ms``."""
+        self._advance(t_ms)
+        self.backlog_tokens -= tokens
+
+    def stall(self, duration_ms: float) -> None:
+        """The engine sat idle for ``duration_ms`` although requests were waiting."""
+        self.stall_ms += duration_ms
+
+    def request_done(self, record: RequestRecord) -> None:
+        """A request finished its last token."""
+        self.in_system -= 1
+        if self.keep_requests:
+            self.done_ids.append(record.id)
+            self.done["arrival"].append(record.arrival_ms)
+            self.done["first"].append(record.first_token_ms)
+            self.done["finish"].append(record.finish_ms)
+            self.done_prefill.append(record.prefill_tokens)
+            self.done_decode.append(record.decode_tokens)
+
+    def finish(self, end_ms: float, max_points: int = 512) -> RunMetrics:
+        """Close the integrals at ``end_ms`` and compute every metric."""
+        self._advance(end_ms)
+        arrival = np.frombuffer(self.done["arrival"], dtype=float)
+        first = np.frombuffer(self.done["first"], dtype=float)
+        finish = np.frombuffer(self.done["finish"], dtype=float)
+        decode = np.frombuffer(self.done_decode, dtype=np.int64)
+        prefill = np.frombuffer(self.done_prefill, dtype=np.int64)
+        completed = len(arrival)
+        duration_s = end_ms / 1000.0
+        has_decode = decode > 0
+        latency: dict[str, float] = {}
+        latency.update(_summary("ttft", first - arrival))
+        latency.update(
+            _summary("tpot", (finish[has_decode] - first[has_decode]) / decode[has_decode])
+        )
+        for label, q in PERCENTILES:
+            latency[f"{label}_itl_ms"] = self.itl.mean() if q is None else self.itl.percentile(q)
+        latency.update(_summary("e2el", finish - arrival))
+
+        def per_s(x: float) -> float:
+            return x / duration_s if duration_s > 0 else math.nan
+
+        def per_batch(x: int) -> float:
+            return x / self.batches if self.batches else math.nan
+
+        starts, means = self.backlog_bins.series(end_ms)
+        series = _downsample(starts / 1000.0, means, max_points)
+        return RunMetrics(
+            arrivals=self.arrivals,
+            completed=completed,
+            incomplete=self.arrivals - completed,
+            duration_s=duration_s,
+            request_throughput=per_s(completed),
+            output_throughput=per_s(float(decode.sum())),
+            total_token_throughput=per_s(float(decode.sum() + prefill.sum())),
+            latency=latency,
+            mean_requests_in_system=self.in_system_area / end_ms if end_ms > 0 else math.nan,
+            mean_backlog_tokens=self.backlog_area / end_ms if end_ms > 0 else math.nan,
+            num_batches=self.batches,
+            mean_batch_tokens=per_batch(self.batch_tokens),
+            mean_batch_requests=per_batch(self.batch_requests),
+            mean_batch_prefill_tokens=per_batch(self.batch_prefill),
+            mean_batch_decode_tokens=per_batch(self.batch_decode),
+            busy_fraction=self.busy_ms / end_ms if end_ms > 0 else math.nan,
+            wc_violations=self.wc_violations,
+            wc_wasted_tokens=self.wc_wasted,
+            wc_wasted_fraction=self.wc_wasted / self.wc_target if self.wc_target else 0.0,
+            stall_ms=self.stall_ms,
+            itl_exact=self.itl.exact,
+            backlog_series=series,
+        )
+
+    def completed_records(self) -> Iterable[RequestRecord]:
+        """Records of the completed requests, in completion order."""
+        for i in range(len(self.done_ids)):
+            yield RequestRecord(
+                id=self.done_ids[i],
+                arrival_ms=self.done["arrival"][i],
+                first_token_ms=self.done["first"][i],
+                finish_ms=self.done["finish"][i],
+                prefill_tokens=self.done_prefill[i],
+                decode_tokens=self.done_decode[i],
+            )
+
+
+def _downsample(
+    times_s: np.ndarray, values: np.ndarray, max_points: int
+) -> tuple[tuple[float, float], ...]:
+    """Average consecutive bins so at most ``max_points`` (time, value) pairs remain."""
+    n = len(times_s)
+    group = max(1, math.ceil(n / max_points))
+    out = []
+    for i in range(0, n, group):
+        chunk = values[i : i + group]
+        chunk = chunk[~np.isnan(chunk)]
+        if chunk.size:
+            out.append((float(times_s[i]), float(chunk.mean())))
+    return tuple(out)

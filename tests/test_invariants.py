@@ -238,3 +238,19 @@ def test_unservable_prompt_is_reported_not_hung() -> None:
         assert any("stalled" in note for note in result.notes)
     ok = simulate(requests, SARATHI, ConstantTime(1.0), 512)
     assert ok.metrics.completed == 3 and not ok.notes
+
+
+@given(
+    requests=requests_strategy().map(
+        lambda rs: [Request(r.id, r.arrival_ms, max(r.prefill_tokens, 1), r.decode_tokens) for r in rs]
+    ),
+    budget=st.integers(1, 48),
+    k_max=st.none() | st.integers(1, 8),
+)
+def test_vllm_chunked_matches_sarathi_with_the_same_k_max(requests, budget, k_max) -> None:
+    """docs/policies.md: without KV limits and with FCFS admission, current vLLM = Sarathi."""
+    a = simulate(requests, VLLM_CHUNKED, ConstantTime(1.0), budget, k_max=k_max, keep_batches=True)
+    b = simulate(requests, SARATHI, ConstantTime(1.0), budget, k_max=k_max, keep_batches=True)
+    assert [(x.start_ms, sorted(x.plan)) for x in a.batches] == [
+        (x.start_ms, sorted(x.plan)) for x in b.batches
+    ]

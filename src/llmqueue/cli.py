@@ -24,7 +24,7 @@ from rich.table import Table
 from llmqueue import theory
 from llmqueue.batchtime import BatchTime, parse_batch_time
 from llmqueue.errors import LLMQueueError
-from llmqueue.policies import POLICY_NAMES, KFCFS, VLLMChunked, make_policy
+from llmqueue.policies import KFCFS, POLICY_NAMES, VLLMChunked, make_policy
 from llmqueue.simulate import RunResult, simulate, summarize_theory
 from llmqueue.workload import TraceArrivals, Workload, make_workload
 
@@ -66,11 +66,18 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(f"{value!r} is not valid: {first}", ctx, param) from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value!r} must hold a table of option = value", ctx, param)
-    names = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    # keys are the long option names (``load``, ``json``, ``requests``), not the Python names
+    names = {
+        opt[2:].replace("-", "_"): p.name
+        for p in ctx.command.params
+        if isinstance(p, click.Option) and p.name and p.name != "config"
+        for opt in p.opts
+        if opt.startswith("--")
+    }
     defaults: dict[str, Any] = {}
     for key, item in data.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
+        name = names.get(str(key).replace("-", "_"))
+        if name is None:
             raise click.BadParameter(f"unknown key {key!r} in {value!r}", ctx, param)
         if isinstance(item, list):
             item = ",".join(str(x) for x in item)
@@ -170,8 +177,21 @@ def _workload(opts: dict[str, Any]) -> Workload:
         None if is_trace else DEFAULT_DECODE
     )
     rate, load = opts["rate"], opts["load_"]
+    ctx = click.get_current_context(silent=True)
+    if rate is not None and load is not None and ctx is not None:
+        # a flag on the command line wins over the other one coming from --config
+        from_config = {
+            name: ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT_MAP
+            for name in ("rate", "load_")
+        }
+        if from_config["rate"] and not from_config["load_"]:
+            rate = None
+        elif from_config["load_"] and not from_config["rate"]:
+            load = None
     if rate is not None and load is not None:
-        raise click.UsageError("give --rate or --load, not both")
+        raise click.UsageError(
+            f"give --rate or --load, not both (got --rate {rate:g} --load {load:g})"
+        )
     if rate is None and load is None and not is_trace:
         load = DEFAULT_LOAD
     if load is None:
@@ -247,6 +267,12 @@ def _dump(document: Any) -> None:
     click.echo(json.dumps(_jsonable(document), allow_nan=False))
 
 
+def _console() -> Console:
+    """stdout console; when piped, wide enough that tables are not cut to 80 columns."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def _fmt(x: Any, digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
@@ -307,7 +333,7 @@ def simulate_cmd(policy: str, requests_out: str | None, **opts: Any) -> None:
     if opts["as_json"]:
         _dump(result.to_dict())
         return
-    console = Console()
+    console = _console()
     _print_result(console, result)
 
 
@@ -426,7 +452,7 @@ def compare_cmd(policies: str, plot_path: str, **opts: Any) -> None:
     if opts["as_json"]:
         _dump([r.to_dict() for r in results])
         return
-    console = Console()
+    console = _console()
     first = results[0]
     console.print(
         f"b={first.budget}  k_max={first.k_max or '-'}  t(n)={first.batch_time}  "

@@ -251,9 +251,9 @@ class Engine:
             )
         if request.id in self._jobs:
             raise ConfigError("id", request.id, "a request with this id is already present")
-        if self._plan is None and self._jobs and self._blocked_since is None:
-            if request.arrival_ms > self.now_ms:
-                self._start_batch()  # an overdue start at the engine's own clock comes first
+        overdue = self._plan is None and self._jobs and self._blocked_since is None
+        if overdue and request.arrival_ms > self.now_ms:
+            self._start_batch()  # an overdue start at the engine's own clock comes first
         if self._plan is None:
             if self._blocked_since is not None:
                 if self.recorder is not None:

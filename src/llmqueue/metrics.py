@@ -40,9 +40,11 @@ class TimeBins:
 
     def add(self, t0_ms: float, t1_ms: float, value: float) -> None:
         """Add ``value`` held constant over [t0, t1)."""
-        if t1_ms <= t0_ms or value == 0.0:
+        if t1_ms <= t0_ms:
             return
         self._fit(t1_ms)
+        if value == 0.0:
+            return
         w = self.width_ms
         i0 = int(t0_ms // w)
         i1 = min(int(t1_ms // w), self.max_bins - 1)

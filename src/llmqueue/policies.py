@@ -104,12 +104,11 @@ def _take_prefill(
 ) -> int:
     """Add prefill tokens FCFS: chunks filling the budget, or whole prompts while they fit."""
     used = 0
-    count = 0
     max_count = slots if k_p is None else min(slots, k_p)
-    for r in view.prefilling:
-        if count >= max_count or used >= tokens:
-            break
+    for r in view.prefilling[:max(max_count, 0)]:
         left = tokens - used
+        if left <= 0:
+            break
         need = r.prefill_left
         if need <= left:
             take = need
@@ -119,7 +118,6 @@ def _take_prefill(
             break  # whole prompts only, FCFS: the head does not fit, so nothing behind it goes
         plan[r.id] = take
         used += take
-        count += 1
     return used
 
 

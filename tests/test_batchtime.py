@@ -127,8 +127,8 @@ def test_bad_constructor_values(make: object) -> None:
         ("constant:c", "key=value"),
         ("linear:c=x,a=1", "c must be a number"),
         ("constant:c=inf", "finite"),
-        ("constant:c=-1", "c must be > 0"),
-        ("linear:c=0,a=0", "t(1) must be > 0"),
+        ("constant:c=-1", "c must be at least"),
+        ("linear:c=0,a=0", "t(1) must be at least"),
         ("staircase:c=1,a=1,b0=0", "b0 must be an integer"),
         ("staircase:c=1,a=1,b0=2.5", "b0 must be an integer"),
         ("table:", "needs a CSV path"),
@@ -204,7 +204,6 @@ def test_table_from_csv_filters_and_median() -> None:
     assert pooled(128) == pytest.approx((30.0 + 99.0) / 2)
 
 
-@pytest.mark.skipif(not H200_CSV.is_file(), reason="shared H200 measurements not present")
 def test_table_on_h200_measurements() -> None:
     spec = f"table:{H200_CSV},model=codellama-34b,mode=graph,composition=decode"
     bt = parse_batch_time(spec)

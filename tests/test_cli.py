@@ -460,8 +460,7 @@ def test_unknown_command_and_option(capsys):
 
 def test_console_script_entry_point():
     script = Path(sys.executable).with_name("llmqueue")
-    if not script.exists():
-        pytest.skip(f"console script not installed next to {sys.executable}")
+    assert script.exists(), f"console script not installed next to {sys.executable}"
     done = subprocess.run(
         [str(script), "simulate", *SETTING, "--requests", "100", "--load", "0.5", "--json"],
         capture_output=True, text=True, timeout=120, check=False,

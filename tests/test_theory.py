@@ -133,14 +133,14 @@ def _model_and_budget(draw: st.DrawFn) -> tuple[BatchTime, int, bool]:
     kind = draw(st.sampled_from(["linear", "piecewise", "staircase"]))
     c = draw(_consts)
     a = draw(_slopes)
+    if c + a < 1e-3:  # the models reject batches shorter than MIN_BATCH_MS
+        c = 1e-3
     if kind == "linear":
-        c = max(c, 1e-3) if a == 0 else c
         return LinearTime(c, a), draw(st.integers(1, 3000)), True
     b0 = draw(st.integers(1, 300))
     divides = draw(st.booleans())
     budget = b0 * draw(st.integers(1, 10)) if divides else draw(st.integers(1, 3000))
     if kind == "staircase":
-        c = max(c, 1e-3) if a == 0 else c
         return StaircaseTime(c, a, b0), budget, budget % b0 == 0
     c = max(c, 1e-3)
     # piecewise: n/t(n) rises up to b0, then rises iff c >= a*b0 (b0 | b alone is not enough)

@@ -231,7 +231,6 @@ def test_gamma_spec_round_trip() -> None:
     assert parse_arrival("poisson", 2.5) == PoissonArrivals(2.5)
 
 
-@pytest.mark.skipif(not AZURE_CONV.exists(), reason="shared Azure trace not present")
 def test_azure_trace_replay() -> None:
     start = time.perf_counter()
     trace = load_trace(str(AZURE_CONV))

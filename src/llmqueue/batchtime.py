@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 _FIELD = "batch-time"
+MIN_BATCH_MS = 1e-9
+"""Shortest batch time accepted (1 fs): smaller ones are typos and would overflow n / t(n)."""
 # Table times are clamped below at this fraction of the smallest measured time (extrapolation).
 _TABLE_FLOOR_FRACTION = 1e-3
 
@@ -93,8 +95,8 @@ def _check_first_batch(kind: str, c: float, a: float, t1_ms: float) -> None:
         raise ConfigError(_FIELD, c, f"{kind} c must be >= 0")
     if a < 0:
         raise ConfigError(_FIELD, a, f"{kind} a must be >= 0")
-    if t1_ms <= 0:
-        raise ConfigError(_FIELD, t1_ms, f"{kind} t(1) must be > 0")
+    if not t1_ms >= MIN_BATCH_MS:
+        raise ConfigError(_FIELD, t1_ms, f"{kind} t(1) must be at least {MIN_BATCH_MS} ms")
 
 
 # ---------------------------------------------------------------- models
@@ -108,8 +110,8 @@ class ConstantTime:
 
     def __post_init__(self) -> None:
         c = _real("c", self.c)
-        if c <= 0:
-            raise ConfigError(_FIELD, c, "constant c must be > 0")
+        if not c >= MIN_BATCH_MS:
+            raise ConfigError(_FIELD, c, f"constant c must be at least {MIN_BATCH_MS} ms")
         object.__setattr__(self, "c", c)
 
     def __call__(self, n: int) -> float:

@@ -375,8 +375,6 @@ def _print_result(console: Console, result: RunResult) -> None:
         f"work-conservation violations {m.wc_violations} "
         f"({m.wc_wasted_fraction:.1%} of fillable tokens wasted)"
     )
-    if not result.steady_state:
-        console.print("[yellow]latency percentiles are not steady-state: the backlog grows[/]")
     for note in result.notes:
         console.print(f"note: {note}")
 

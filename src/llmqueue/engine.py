@@ -292,7 +292,7 @@ class Engine:
         self._plan = None
         self._batch_end_ms = math.inf
         recorder = self.recorder
-        itl = recorder.itl if recorder is not None else None
+        intervals: dict[float, int] = {}  # inter-token latencies of this batch, counted
         finished: list[RequestRecord] = []
         prefill_done = False
         decode_done = False
@@ -311,8 +311,8 @@ class Engine:
                         finished.append(job.record(now))
             else:
                 job.decode_left -= 1
-                if itl is not None:
-                    itl.add(now - job.last_token_ms)
+                gap = now - job.last_token_ms
+                intervals[gap] = intervals.get(gap, 0) + 1
                 job.last_token_ms = now
                 if job.decode_left == 0:
                     decode_done = True
@@ -326,6 +326,8 @@ class Engine:
         for record in finished:
             del self._jobs[record.id]
         if recorder is not None:
+            for gap, count in intervals.items():
+                recorder.itl.add(gap, count)
             recorder.tokens_done(now, total)
             for record in finished:
                 recorder.request_done(record)

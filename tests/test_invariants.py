@@ -89,7 +89,7 @@ def replay(requests: list[Request], result, budget: int, k_max: int | None, batc
         for rid, n in batch.plan:
             assert rid in ids, "plan names a request not present"
             if prefill_left[rid]:
-                assert 1 <= n <= prefill_left[rid]
+                assert prefill_left[rid] >= n >= 1
                 prefill_left[rid] -= n
                 if prefill_left[rid] == 0:
                     first[rid] = batch.end_ms
@@ -100,7 +100,7 @@ def replay(requests: list[Request], result, budget: int, k_max: int | None, batc
                 finish[rid] = batch.end_ms
             tokens += n
         assert len({rid for rid, _ in batch.plan}) == len(batch.plan)
-        assert 1 <= tokens <= budget
+        assert budget >= tokens >= 1
         assert k_max is None or len(batch.plan) <= k_max
         assert batch.end_ms - batch.start_ms == pytest.approx(batch_time(tokens))
         if wc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -232,9 +231,7 @@ def test_gamma_spec_round_trip() -> None:
 
 
 def test_azure_trace_replay() -> None:
-    start = time.perf_counter()
     trace = load_trace(str(AZURE_CONV))
-    assert time.perf_counter() - start < 0.5
     assert len(trace) == AZURE_ROWS
     replay = parse_arrival(f"trace:{AZURE_CONV}", None)
     assert isinstance(replay, TraceArrivals)

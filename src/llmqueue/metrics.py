@@ -200,8 +200,7 @@ def _summary(name: str, values: np.ndarray) -> dict[str, float]:
 class Recorder:
     """Collects what the engine reports and produces ``RunMetrics``; one per run, no shared state."""
 
-    def __init__(self, budget: int, *, keep_requests: bool = True, max_bins: int = 2048) -> None:
-        self.budget = budget
+    def __init__(self, *, keep_requests: bool = True, max_bins: int = 2048) -> None:
         self.keep_requests = keep_requests
         self.last_ms = 0.0
         self.backlog_tokens = 0

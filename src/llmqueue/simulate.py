@@ -172,7 +172,7 @@ def simulate(
     else:
         arrivals = _bounded(iter(source), max_requests, duration_ms)
 
-    recorder = Recorder(budget, keep_requests=keep_requests)
+    recorder = Recorder(keep_requests=keep_requests)
     engine = Engine(policy, batch_time, budget, k_max, recorder=recorder, keep_batches=keep_batches)
     never_chunks = chunks_prefill(policy) is False
     unservable = 0

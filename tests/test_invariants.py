@@ -60,13 +60,15 @@ batch_time_strategy = st.sampled_from(
 )
 
 
-def replay(requests: list[Request], result, budget: int, k_max: int | None, batch_time) -> None:
+def replay(
+    requests: list[Request], result, policy, budget: int, k_max: int | None, batch_time
+) -> None:
     """Re-derive the state before every batch and check the rules and the recorded times."""
     prefill_left = {r.id: r.prefill_tokens for r in requests}
     decode_left = {r.id: r.decode_tokens for r in requests}
     first: dict[int, float] = {r.id: r.arrival_ms for r in requests if r.prefill_tokens == 0}
     finish: dict[int, float] = {}
-    wc = getattr(result_policy(result), "work_conserving", False) and k_max is None
+    wc = getattr(policy, "work_conserving", False) and k_max is None
     prev_end = 0.0
     for batch in result.batches:
         present = [
@@ -119,13 +121,6 @@ def replay(requests: list[Request], result, budget: int, k_max: int | None, batc
             assert math.isnan(rec.finish_ms)
 
 
-def result_policy(result):
-    return {p.name: p for p in [*SHIPPED]}.get(result.policy, _POLICY_BOX[0])
-
-
-_POLICY_BOX: list = [None]
-
-
 @given(
     requests=requests_strategy(),
     policy=policy_strategy,
@@ -134,11 +129,10 @@ _POLICY_BOX: list = [None]
     batch_time=batch_time_strategy,
 )
 def test_every_batch_obeys_the_rules(requests, policy, budget, k_max, batch_time) -> None:
-    _POLICY_BOX[0] = policy
     result = simulate(
         requests, policy, batch_time, budget, k_max=k_max, keep_batches=True, drain_s=1e6
     )
-    replay(requests, result, budget, k_max, batch_time)
+    replay(requests, result, policy, budget, k_max, batch_time)
     wc_policy = getattr(policy, "work_conserving", False) and k_max is None
     if wc_policy:
         assert result.metrics.wc_violations == 0
@@ -151,11 +145,10 @@ def test_every_batch_obeys_the_rules(requests, policy, budget, k_max, batch_time
 @given(requests=requests_strategy(), budget=st.integers(1, 48))
 def test_work_conserving_policies_fill_the_budget(requests, budget) -> None:
     for policy in (ORCA, SARATHI, VLLM_CHUNKED):
-        _POLICY_BOX[0] = policy
         result = simulate(requests, policy, ConstantTime(1.0), budget, keep_batches=True)
         assert result.metrics.wc_violations == 0
         assert result.metrics.wc_wasted_tokens == 0
-        replay(requests, result, budget, None, ConstantTime(1.0))
+        replay(requests, result, policy, budget, None, ConstantTime(1.0))
 
 
 def test_backlog_integral_matches_requests() -> None:

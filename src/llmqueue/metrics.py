@@ -222,10 +222,10 @@ class Recorder:
         self.wc_target = 0
         self.stall_ms = 0.0
         self.itl = ValueCounts()
-        self.done = {key: array("d") for key in ("arrival", "first", "finish")}
-        self.done_ids = array("q")
-        self.done_prefill = array("q")
-        self.done_decode = array("q")
+        # completed requests, one compact column per RequestRecord field
+        self.done = {
+            name: array("d" if name.endswith("_ms") else "q") for name in RequestRecord.__slots__
+        }
 
     def _advance(self, t_ms: float) -> None:
         dt = t_ms - self.last_ms
@@ -278,21 +278,18 @@ class Recorder:
         """A request finished its last token."""
         self.in_system -= 1
         if self.keep_requests:
-            self.done_ids.append(record.id)
-            self.done["arrival"].append(record.arrival_ms)
-            self.done["first"].append(record.first_token_ms)
-            self.done["finish"].append(record.finish_ms)
-            self.done_prefill.append(record.prefill_tokens)
-            self.done_decode.append(record.decode_tokens)
+            for name, column in self.done.items():
+                column.append(getattr(record, name))
 
     def finish(self, end_ms: float, max_points: int = 512) -> RunMetrics:
         """Close the integrals at ``end_ms`` and compute every metric."""
         self._advance(end_ms)
-        arrival = np.frombuffer(self.done["arrival"], dtype=float)
-        first = np.frombuffer(self.done["first"], dtype=float)
-        finish = np.frombuffer(self.done["finish"], dtype=float)
-        decode = np.frombuffer(self.done_decode, dtype=np.int64)
-        prefill = np.frombuffer(self.done_prefill, dtype=np.int64)
+        arrival, first, finish, prefill, decode = (
+            np.frombuffer(self.done[name], dtype=float if name.endswith("_ms") else np.int64)
+            for name in (
+                "arrival_ms", "first_token_ms", "finish_ms", "prefill_tokens", "decode_tokens"
+            )
+        )
         completed = len(arrival)
         duration_s = end_ms / 1000.0
         has_decode = decode > 0
@@ -340,15 +337,8 @@ class Recorder:
 
     def completed_records(self) -> Iterable[RequestRecord]:
         """Records of the completed requests, in completion order."""
-        for i in range(len(self.done_ids)):
-            yield RequestRecord(
-                id=self.done_ids[i],
-                arrival_ms=self.done["arrival"][i],
-                first_token_ms=self.done["first"][i],
-                finish_ms=self.done["finish"][i],
-                prefill_tokens=self.done_prefill[i],
-                decode_tokens=self.done_decode[i],
-            )
+        for values in zip(*self.done.values(), strict=True):
+            yield RequestRecord(*values)
 
 
 def _downsample(

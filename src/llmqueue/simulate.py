@@ -39,6 +39,11 @@ class TheorySummary:
     fluid_slope_tokens_per_s: float
     kmax_load: float | None
 
+    @property
+    def load_best_batches(self) -> float:
+        """The load against ``max_n n / t(n)``, the bound on any policy."""
+        return self.load * self.capacity_tokens_per_s / self.max_capacity_tokens_per_s
+
 
 def summarize_theory(
     batch_time: BatchTime,
@@ -177,9 +182,11 @@ def simulate(
     never_chunks = chunks_prefill(policy) is False
     unservable = 0
     prefill_sum = decode_sum = 0
+    def arrival_end_ms() -> float:
+        return duration_ms if duration_ms is not None else recorder.last_arrival_ms
+
     nxt = next(arrivals, None)
     horizon = math.inf
-    arrivals_done = nxt is None
     steps = 0
     while True:
         t = engine.next_event_ms()
@@ -190,13 +197,12 @@ def simulate(
             decode_sum += nxt.decode_tokens
             engine.submit(nxt)
             nxt = next(arrivals, None)
-            if nxt is None:
-                arrivals_done = True
-                arrival_end = duration_ms if duration_ms is not None else recorder.last_arrival_ms
-                drain = max(arrival_end, MIN_DRAIN_MS) if drain_s is None else drain_s * 1000.0
-                horizon = arrival_end + drain
+            if nxt is None:  # arrivals are over: the drain allowance starts
+                end = arrival_end_ms()
+                drain = max(end, MIN_DRAIN_MS) if drain_s is None else drain_s * 1000.0
+                horizon = end + drain
             continue
-        if t >= horizon or (arrivals_done and math.isinf(t)):
+        if t >= horizon or (nxt is None and math.isinf(t)):
             break
         engine.step()
         steps += 1
@@ -224,13 +230,10 @@ def simulate(
     prediction = predict(
         work_conserving=is_work_conserving(policy),
         load_full_batches=summary.load,
-        load_best_batches=summary.load
-        * summary.capacity_tokens_per_s
-        / summary.max_capacity_tokens_per_s,
+        load_best_batches=summary.load_best_batches,
         kmax_load=summary.kmax_load,
     )
-    window_end = duration_ms if duration_ms is not None else recorder.last_arrival_ms
-    window_end = min(window_end, end_ms)
+    window_end = min(arrival_end_ms(), end_ms)
     offered = recorder.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
     observation = observe(
         recorder.backlog_bins, WARMUP_FRACTION * window_end, window_end, offered

@@ -319,39 +319,63 @@ class Engine:
                     finished.append(job.record(now))
         self.backlog_tokens -= total
         self._prefill_left_tokens -= prefill_total
+        if recorder is not None:
+            for gap, count in intervals.items():
+                recorder.itl.add(gap, count)
+            recorder.tokens_done(now, total)
+        self._settle(finished, prefill_done, decode_done)
+        return finished
+
+    def _settle(self, finished: list[RequestRecord], prefill_done: bool, decode_done: bool) -> None:
+        """Drop finished phases from the phase lists and finished requests from the engine."""
         if prefill_done:
             self._prefilling = [j for j in self._prefilling if j.prefill_left]
         if decode_done:
             self._decoding = [j for j in self._decoding if j.decode_left]
         for record in finished:
             del self._jobs[record.id]
-        if recorder is not None:
-            for gap, count in intervals.items():
-                recorder.itl.add(gap, count)
-            recorder.tokens_done(now, total)
+        if self.recorder is not None:
             for record in finished:
-                recorder.request_done(record)
-        return finished
+                self.recorder.request_done(record)
 
-    def _start_batch(self) -> None:
+    def _form_plan(self) -> tuple[EngineView, Mapping[int, int], int, int] | None:
+        """Ask the policy for the next batch and check it: (view, plan, prefill, decode tokens).
+
+        None when nothing is present, or when the policy forms no batch (the engine blocks).
+        """
         if not self._jobs:
-            return
+            return None
         view = self.view()
         plan = self.policy(view)
         if not plan:
             self._blocked_since = self.now_ms
-            return
+            return None
         prefill, decode = check_plan(plan, view, self._jobs)
-        n = prefill + decode
+        return view, plan, prefill, decode
+
+    def _duration(self, n: int) -> float:
+        """t(n) in ms, refused unless positive and finite (a run must always move forward)."""
         duration = self.batch_time(n)
         if not duration > 0 or math.isinf(duration):
             raise ConfigError("batch-time", duration, f"t({n}) must be a positive finite time")
+        return duration
+
+    def stop(self, horizon_ms: float) -> None:
+        """The run ends at ``horizon_ms``: nothing to do here (each batch is booked as it starts)."""
+
+    def _start_batch(self) -> None:
+        formed = self._form_plan()
+        if formed is None:
+            return
+        view, plan, prefill, decode = formed
+        n = prefill + decode
+        duration = self._duration(n)
         target = fill_target(view, self._prefill_left_tokens)
         jobs = self._jobs
         self._plan = [(jobs[rid], tokens) for rid, tokens in plan.items()]
         self._batch_end_ms = self.now_ms + duration
         if self.recorder is not None:
-            self.recorder.batch(duration, prefill, decode, len(plan), target)
+            self.recorder.batches(duration, prefill, decode, len(plan), (target,))
         if self.batches is not None:
             self.batches.append(
                 Batch(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +55,24 @@ class TimeBins:
         if i1 > i0 + 1:
             self.sums[i0 + 1 : i1] += value * w
         self.sums[i1] += value * (t1_ms - i1 * w)
+
+    def add_steps(self, t0_ms: float, ends_ms: np.ndarray, values: np.ndarray) -> None:
+        """Add a step function: ``values[i]`` held over [previous end, ``ends_ms[i]``), from t0.
+
+        Vectorised (for skipped identical iterations): the running integral is piecewise linear,
+        so interpolating it at the bin edges gives each bin's share exactly.
+        """
+        t1_ms = float(ends_ms[-1])
+        if t1_ms <= t0_ms:
+            return
+        self._fit(t1_ms)
+        w = self.width_ms
+        knots = np.concatenate(([t0_ms], ends_ms))
+        integral = np.concatenate(([0.0], np.cumsum(values * np.diff(knots))))
+        i0 = int(t0_ms // w)
+        i1 = min(int(t1_ms // w), self.max_bins - 1)
+        at = np.concatenate(([t0_ms], np.arange(i0 + 1, i1 + 1) * w, [t1_ms]))
+        self.sums[i0 : i1 + 1] += np.diff(np.interp(at, knots, integral))
 
     def series(self, end_ms: float) -> tuple[np.ndarray, np.ndarray]:
         """Bin start times (ms) and bin averages over [0, end_ms) (the last bin may be partial)."""
@@ -211,7 +229,7 @@ class Recorder:
         self.arrivals = 0
         self.arrived_tokens = 0
         self.last_arrival_ms = 0.0
-        self.batches = 0
+        self.batches_started = 0
         self.batch_tokens = 0
         self.batch_requests = 0
         self.batch_prefill = 0
@@ -244,31 +262,47 @@ class Recorder:
         self.arrived_tokens += tokens
         self.last_arrival_ms = t_ms
 
-    def batch(
+    def batches(
         self,
-        duration_ms: float,
+        busy_ms: float,
         prefill_tokens: int,
         decode_tokens: int,
         requests: int,
-        fill_target_tokens: int,
+        fill_targets: Sequence[int] | np.ndarray,
     ) -> None:
-        """A batch started; ``fill_target_tokens`` is what the batch rules allowed it to hold."""
+        """``len(fill_targets)`` identical batches started, together busy ``busy_ms``; each
+        target is what the batch rules allowed that batch to hold (the work-conservation audit)."""
+        count = len(fill_targets)
         n = prefill_tokens + decode_tokens
-        self.batches += 1
-        self.batch_tokens += n
-        self.batch_requests += requests
-        self.batch_prefill += prefill_tokens
-        self.batch_decode += decode_tokens
-        self.busy_ms += duration_ms
-        self.wc_target += fill_target_tokens
-        if n < fill_target_tokens:
-            self.wc_violations += 1
-            self.wc_wasted += fill_target_tokens - n
+        self.batches_started += count
+        self.batch_tokens += n * count
+        self.batch_requests += requests * count
+        self.batch_prefill += prefill_tokens * count
+        self.batch_decode += decode_tokens * count
+        self.busy_ms += busy_ms
+        targets = np.asarray(fill_targets, dtype=np.int64)
+        self.wc_target += int(targets.sum())
+        short = targets[targets > n]
+        self.wc_violations += len(short)
+        self.wc_wasted += int(short.sum()) - n * len(short)
 
     def tokens_done(self, t_ms: float, tokens: int) -> None:
         """A batch of ``tokens`` tokens ended at ``t_ms``."""
         self._advance(t_ms)
         self.backlog_tokens -= tokens
+
+    def tokens_done_steps(self, ends_ms: np.ndarray, tokens: int) -> None:
+        """Identical batches of ``tokens`` tokens ended at each of ``ends_ms`` (increasing)."""
+        steps = len(ends_ms)
+        if steps == 0:
+            return
+        values = self.backlog_tokens - tokens * np.arange(steps, dtype=np.float64)
+        spans = np.diff(np.concatenate(([self.last_ms], ends_ms)))
+        self.backlog_area += float(values @ spans)
+        self.in_system_area += self.in_system * (float(ends_ms[-1]) - self.last_ms)
+        self.backlog_bins.add_steps(self.last_ms, ends_ms, values)
+        self.last_ms = float(ends_ms[-1])
+        self.backlog_tokens -= tokens * steps
 
     def stall(self, duration_ms: float) -> None:
         """The engine sat idle for ``duration_ms`` although requests were waiting."""
@@ -306,7 +340,7 @@ class Recorder:
             return x / duration_s if duration_s > 0 else math.nan
 
         def per_batch(x: int) -> float:
-            return x / self.batches if self.batches else math.nan
+            return x / self.batches_started if self.batches_started else math.nan
 
         starts, means = self.backlog_bins.series(end_ms)
         series = _downsample(starts / 1000.0, means, max_points)
@@ -321,7 +355,7 @@ class Recorder:
             latency=latency,
             mean_requests_in_system=self.in_system_area / end_ms if end_ms > 0 else math.nan,
             mean_backlog_tokens=self.backlog_area / end_ms if end_ms > 0 else math.nan,
-            num_batches=self.batches,
+            num_batches=self.batches_started,
             mean_batch_tokens=per_batch(self.batch_tokens),
             mean_batch_requests=per_batch(self.batch_requests),
             mean_batch_prefill_tokens=per_batch(self.batch_prefill),

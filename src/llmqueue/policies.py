@@ -5,9 +5,12 @@ the number of tokens each request gets in the next batch. The engine checks ever
 batch rules (see ``llmqueue.engine.check_plan``), so a policy only decides *which* tokens to run.
 
 Optional attributes tell the engine and the stability verdict what the policy guarantees:
-``name`` (str), ``work_conserving`` (bool: every batch holds ``min(b, demand)`` tokens) and
-``chunks_prefill`` (bool: may split a prompt across batches). A policy without them is treated as
-"unknown": no stability guarantee is claimed for it.
+``name`` (str), ``work_conserving`` (bool: every batch holds ``min(b, demand)`` tokens),
+``chunks_prefill`` (bool: may split a prompt across batches) and ``repeats_plan`` (bool: without
+arrivals, the same plan comes back as long as each planned decoder has a token left and each
+planned prompt has at least its chunk left; this lets the fast engine skip identical iterations).
+A policy without them is treated as "unknown": no stability guarantee is claimed for it, and it
+runs on the reference engine.
 """
 
 from __future__ import annotations
@@ -156,6 +159,12 @@ class KFCFS:
         """Whether prompts may be split across batches."""
         return self.chunked
 
+    @property
+    def repeats_plan(self) -> bool:
+        """Without arrivals the plan repeats while its requests keep their phase and chunk size
+        (what the fast engine relies on: docs/fastpath.md)."""
+        return True
+
     def __call__(self, view: EngineView) -> Plan:
         plan: Plan = {}
         slots = len(view.prefilling) + len(view.decoding) if view.k_max is None else view.k_max
@@ -189,15 +198,16 @@ class VLLMChunked:
     name: str = "vllm-chunked"
     work_conserving: bool = True
     chunks_prefill: bool = True
+    repeats_plan: bool = True
 
     def __call__(self, view: EngineView) -> Plan:
         plan: Plan = {}
         tokens = view.budget
         started = [r for r in view.prefilling if r.prefill_left < r.prefill_tokens]
         waiting = [r for r in view.prefilling if r.prefill_left == r.prefill_tokens]
-        running = sorted((*view.decoding, *started), key=lambda r: r.id) if started else list(
-            view.decoding
-        )
+        # admission order: with FCFS admission every decoder was admitted before any prompt
+        # still in progress (requests that arrive with no prompt count as admitted first)
+        running = [*view.decoding, *started]
         max_seqs = len(running) + len(waiting) if view.k_max is None else view.k_max
         for r in running:
             if tokens == 0 or len(plan) >= max_seqs:

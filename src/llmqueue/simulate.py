@@ -11,16 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from llmqueue import theory
 from llmqueue.batchtime import BatchTime
 from llmqueue.engine import Batch, Engine, PolicyFn
 from llmqueue.errors import ConfigError
+from llmqueue.fastengine import FastEngine, needs_reference
 from llmqueue.metrics import Recorder, RequestRecord, RunMetrics
 from llmqueue.policies import chunks_prefill, is_work_conserving, policy_name
 from llmqueue.stability import Observation, Prediction, observe, predict
 from llmqueue.workload import Request, TraceArrivals, Workload
 
+EngineKind = Literal["auto", "fast", "reference"]
 MIN_DRAIN_MS = 60_000.0
 WARMUP_FRACTION = 0.2
 """The first 20 % of the arrival window is left out of the backlog trend test."""
@@ -155,12 +158,23 @@ def simulate(
     keep_requests: bool = True,
     keep_batches: bool = False,
     progress: Callable[[int], None] | None = None,
+    engine: EngineKind = "auto",
 ) -> RunResult:
     """Run ``source`` (a workload, or requests in arrival order) through one engine.
 
     Arrivals stop after ``max_requests`` or at ``duration_s``; the run then drains for at most
-    ``drain_s`` (default: the arrival window, at least 60 s).
+    ``drain_s`` (default: the arrival window, at least 60 s). ``engine``: ``"fast"`` books runs
+    of identical iterations at once (policies declaring ``repeats_plan``), ``"reference"`` steps
+    every iteration, ``"auto"`` takes the fast engine whenever the policy allows it. Both give
+    the same results.
     """
+    if engine not in ("auto", "fast", "reference"):
+        raise ConfigError("engine", engine, "must be 'auto', 'fast' or 'reference'")
+    if engine == "fast" and needs_reference(policy):
+        raise ConfigError(
+            "engine", engine, f"policy '{policy_name(policy)}' does not declare repeats_plan"
+        )
+    use_fast = engine == "fast" or (engine == "auto" and not needs_reference(policy))
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("requests", max_requests, "must be an integer >= 1")
     if duration_s is not None and not (duration_s > 0 and math.isfinite(duration_s)):
@@ -178,7 +192,8 @@ def simulate(
         arrivals = _bounded(iter(source), max_requests, duration_ms)
 
     recorder = Recorder(keep_requests=keep_requests)
-    engine = Engine(policy, batch_time, budget, k_max, recorder=recorder, keep_batches=keep_batches)
+    engine_class = FastEngine if use_fast else Engine
+    eng = engine_class(policy, batch_time, budget, k_max, recorder=recorder, keep_batches=keep_batches)
     never_chunks = chunks_prefill(policy) is False
     unservable = 0
     prefill_sum = decode_sum = 0
@@ -189,13 +204,13 @@ def simulate(
     horizon = math.inf
     steps = 0
     while True:
-        t = engine.next_event_ms()
+        t = eng.next_event_ms()
         if nxt is not None and nxt.arrival_ms <= t:
             if never_chunks and nxt.prefill_tokens > budget:
                 unservable += 1
             prefill_sum += nxt.prefill_tokens
             decode_sum += nxt.decode_tokens
-            engine.submit(nxt)
+            eng.submit(nxt)
             nxt = next(arrivals, None)
             if nxt is None:  # arrivals are over: the drain allowance starts
                 end = arrival_end_ms()
@@ -204,16 +219,18 @@ def simulate(
             continue
         if t >= horizon or (nxt is None and math.isinf(t)):
             break
-        engine.step()
+        eng.step()
         steps += 1
         if progress is not None and steps % 4096 == 0:
             progress(recorder.arrivals)
     if progress is not None:
         progress(recorder.arrivals)
 
-    cut = math.isfinite(engine.next_event_ms()) and engine.next_event_ms() >= horizon
-    end_ms = horizon if cut else max(engine.now_ms, recorder.last_arrival_ms)
-    blocked_since = engine.blocked_since_ms
+    cut = math.isfinite(eng.next_event_ms()) and eng.next_event_ms() >= horizon
+    if cut:
+        eng.stop(horizon)
+    end_ms = horizon if cut else max(eng.now_ms, recorder.last_arrival_ms)
+    blocked_since = eng.blocked_since_ms
     if blocked_since is not None:
         recorder.stall(end_ms - blocked_since)
     metrics = recorder.finish(end_ms)
@@ -245,9 +262,14 @@ def simulate(
             f"{unservable} request(s) have more prefill tokens than the budget {budget} and "
             f"policy '{policy_name(policy)}' never chunks prompts: they can never be served"
         )
-    if blocked_since is not None and engine.in_system:
+    if blocked_since is not None and eng.in_system:
         notes.append(
-            f"the engine stalled: {engine.in_system} request(s) wait but the policy forms no batch"
+            f"the engine stalled: {eng.in_system} request(s) wait but the policy forms no batch"
+        )
+    if engine == "auto" and not use_fast:
+        notes.append(
+            "the policy does not declare repeats_plan: it ran on the reference per-iteration "
+            "engine (exact, slower)"
         )
     if is_work_conserving(policy) is None:
         notes.append("the policy does not declare work_conserving: no stability guarantee claimed")
@@ -262,7 +284,7 @@ def simulate(
     records = None
     if keep_requests:
         done = list(recorder.completed_records())
-        pending = [job.record() for job in engine.jobs()]
+        pending = [job.record() for job in eng.jobs()]
         records = tuple(sorted(done + pending, key=lambda r: r.id))
     return RunResult(
         policy=policy_name(policy),
@@ -277,7 +299,7 @@ def simulate(
         observed=observation,
         notes=tuple(notes),
         requests=records,
-        batches=None if engine.batches is None else tuple(engine.batches),
+        batches=None if eng.batches is None else tuple(eng.batches),
     )
 
 

@@ -1,0 +1,151 @@
+"""The fast engine against the reference engine: same requests' times, iterations and audit.
+
+Hypothesis draws random workloads (bursts, ties at batch boundaries, long prompts, long outputs),
+policies (the four systems, current vLLM, random (K_p, K_d)-FCFS knobs) and k_max; both engines
+must agree on every request's first-token and finish time (relative 1e-9), on every batch, and on
+the work-conservation audit. A user policy without ``repeats_plan`` runs on the reference engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
+from llmqueue.errors import ConfigError
+from llmqueue.fastengine import FastEngine
+from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED
+from llmqueue.simulate import simulate
+from llmqueue.workload import Request, make_workload
+
+SHIPPED = [FASTERTRANSFORMER, VLLM, ORCA, SARATHI, VLLM_CHUNKED]
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> list[Request]:
+    n = draw(st.integers(1, 40))
+    t = 0.0
+    out = []
+    for i in range(n):
+        t += draw(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 7.25, 40.0]))
+        prefill = draw(st.integers(1, 90))
+        decode = draw(st.integers(1, 60))
+        out.append(Request(i, t, prefill, decode))
+    return out
+
+
+policies = st.one_of(
+    st.sampled_from(SHIPPED),
+    st.builds(
+        KFCFS,
+        priority=st.sampled_from(["prefill", "decode"]),
+        mixed=st.booleans(),
+        chunked=st.booleans(),
+        k_p=st.none() | st.integers(1, 3),
+        k_d=st.none() | st.integers(1, 5),
+    ),
+)
+batch_times = st.sampled_from(
+    [ConstantTime(1.0), LinearTime(0.5, 0.0625), StaircaseTime(1.0, 3.0, 8), LinearTime(0.3, 0.01)]
+)
+
+
+def both(requests, policy, batch_time, budget, k_max, **kwargs):
+    ref = simulate(requests, policy, batch_time, budget, k_max=k_max, engine="reference", **kwargs)
+    fast = simulate(requests, policy, batch_time, budget, k_max=k_max, engine="fast", **kwargs)
+    return ref, fast
+
+
+def assert_same(ref, fast) -> None:
+    assert fast.requests is not None and ref.requests is not None
+    for a, b in zip(ref.requests, fast.requests, strict=True):
+        assert a.id == b.id
+        for field in ("first_token_ms", "finish_ms"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (math.isnan(x) and math.isnan(y)) or y == pytest.approx(x, rel=1e-9)
+    m, f = ref.metrics, fast.metrics
+    assert (f.num_batches, f.wc_violations, f.wc_wasted_tokens) == (
+        m.num_batches, m.wc_violations, m.wc_wasted_tokens
+    )
+    assert (f.completed, f.incomplete, f.arrivals) == (m.completed, m.incomplete, m.arrivals)
+    for key, value in m.as_dict().items():
+        other = f.as_dict()[key]
+        if isinstance(value, float):
+            assert (math.isnan(value) and math.isnan(other)) or other == pytest.approx(
+                value, rel=1e-9, abs=1e-9
+            ), key
+        elif key != "backlog_series":
+            assert other == value, key
+    for (t1, b1), (t2, b2) in zip(m.backlog_series, f.backlog_series, strict=True):
+        assert t2 == pytest.approx(t1) and b2 == pytest.approx(b1, rel=1e-9, abs=1e-6)
+
+
+@given(
+    requests=workloads(),
+    policy=policies,
+    budget=st.integers(1, 64),
+    k_max=st.none() | st.integers(1, 9),
+    batch_time=batch_times,
+)
+def test_fast_engine_matches_the_reference(requests, policy, budget, k_max, batch_time) -> None:
+    ref, fast = both(requests, policy, batch_time, budget, k_max, keep_batches=True, drain_s=1e6)
+    assert_same(ref, fast)
+    assert ref.batches == fast.batches
+
+
+@given(requests=workloads(), policy=st.sampled_from(SHIPPED), budget=st.integers(8, 64))
+def test_fast_engine_matches_when_cut_at_the_horizon(requests, policy, budget) -> None:
+    """A short drain cuts a run of repeats mid-way; both engines stop at the same batch."""
+    ref, fast = both(requests, policy, ConstantTime(1.0), budget, None, keep_batches=True, drain_s=3.0)
+    assert_same(ref, fast)
+    assert ref.batches == fast.batches
+
+
+@pytest.mark.parametrize("policy", SHIPPED)
+def test_fast_engine_matches_on_a_long_poisson_run(policy) -> None:
+    """Thousands of requests, real staircase, 0.95 of capacity: identical to the reference."""
+    workload = make_workload("poisson", "poisson:129", "geometric:112", 13.0)
+    t = StaircaseTime(11.28, 35.47, 128)
+    ref, fast = both(workload, policy, t, 512, 64 if policy is VLLM_CHUNKED else None,
+                     seed=7, max_requests=1500)
+    assert_same(ref, fast)
+    assert ref.observed.verdict == fast.observed.verdict
+    assert fast.observed.slope_tokens_per_s == pytest.approx(
+        ref.observed.slope_tokens_per_s, rel=1e-6, abs=1e-6
+    )
+
+
+def test_undeclared_policy_runs_on_the_reference_engine_with_a_note() -> None:
+    def mine(view):
+        return {r.id: 1 for r in view.decoding[: view.budget]} or {
+            view.prefilling[0].id: min(view.prefilling[0].prefill_left, view.budget)
+        }
+
+    requests = [Request(i, float(i), 5, 3) for i in range(10)]
+    result = simulate(requests, mine, ConstantTime(1.0), 8)
+    assert result.metrics.completed == 10
+    assert any("reference per-iteration engine" in note for note in result.notes)
+    with pytest.raises(ConfigError, match="repeats_plan"):
+        simulate(requests, mine, ConstantTime(1.0), 8, engine="fast")
+
+
+def test_shipped_policies_run_fast_by_default() -> None:
+    requests = [Request(i, float(i), 5, 3) for i in range(10)]
+    for policy in SHIPPED:
+        result = simulate(requests, policy, ConstantTime(1.0), 8)
+        assert not any("reference" in note for note in result.notes)
+
+
+def test_a_run_of_repeats_is_booked_in_one_step() -> None:
+    """One request of 1 + 1000 tokens: 1001 iterations, but only a handful of engine events."""
+    engine = FastEngine(SARATHI, ConstantTime(1.0), 8)
+    engine.submit(Request(0, 0.0, 1, 1000))
+    events = 0
+    while engine.next_event_ms() < math.inf:
+        engine.step()
+        events += 1
+    assert engine.now_ms == 1001.0
+    assert events <= 3

@@ -375,7 +375,8 @@ class Engine:
         self._plan = [(jobs[rid], tokens) for rid, tokens in plan.items()]
         self._batch_end_ms = self.now_ms + duration
         if self.recorder is not None:
-            self.recorder.batches(duration, prefill, decode, len(plan), (target,))
+            short = max(target - n, 0)
+            self.recorder.batches(1, duration, prefill, decode, len(plan), (target, int(short > 0), short))
         if self.batches is not None:
             self.batches.append(
                 Batch(

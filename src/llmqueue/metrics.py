@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -264,15 +264,16 @@ class Recorder:
 
     def batches(
         self,
+        count: int,
         busy_ms: float,
         prefill_tokens: int,
         decode_tokens: int,
         requests: int,
-        fill_targets: Sequence[int] | np.ndarray,
+        audit: tuple[int, int, int],
     ) -> None:
-        """``len(fill_targets)`` identical batches started, together busy ``busy_ms``; each
-        target is what the batch rules allowed that batch to hold (the work-conservation audit)."""
-        count = len(fill_targets)
+        """``count`` identical batches started, together busy ``busy_ms``. ``audit`` is (sum of
+        their fill targets, how many fell short of theirs, tokens short in all): the fill target
+        is what the batch rules allowed a batch to hold (the work-conservation audit)."""
         n = prefill_tokens + decode_tokens
         self.batches_started += count
         self.batch_tokens += n * count
@@ -280,11 +281,10 @@ class Recorder:
         self.batch_prefill += prefill_tokens * count
         self.batch_decode += decode_tokens * count
         self.busy_ms += busy_ms
-        targets = np.asarray(fill_targets, dtype=np.int64)
-        self.wc_target += int(targets.sum())
-        short = targets[targets > n]
-        self.wc_violations += len(short)
-        self.wc_wasted += int(short.sum()) - n * len(short)
+        target_sum, violations, wasted = audit
+        self.wc_target += target_sum
+        self.wc_violations += violations
+        self.wc_wasted += wasted
 
     def tokens_done(self, t_ms: float, tokens: int) -> None:
         """A batch of ``tokens`` tokens ended at ``t_ms``."""

@@ -1,0 +1,98 @@
+"""Fast engine against the reference engine: one table of simulated requests per wall second.
+
+    python bench/bench_fast.py            # every workload (minutes)
+    python bench/bench_fast.py --quick    # 1/10 of the requests
+
+Workloads (each case runs in its own process, so peak RSS is per case):
+- W1: Poisson 1.5 requests/s, 290 + 990 tokens, staircase c=11.28, a=35.47, b0=128 (CodeLlama-34B
+  on one A100), Sarathi-Serve b=128.
+- W1x10: W1 with 10x the tokens and 1/10 the rate (same load): length independence.
+- W2: the Azure conversation trace (one hour, 19,366 requests) with a staircase fitted to
+  Llama-2-70B on 4 H100s (shared/data/profiles/splitwise_perf_model.csv, prefill and decode points,
+  b0 = 128: c = 12.82 ms, a = 13.70 ms, R^2 0.999), Sarathi b=2048 and current vLLM with chunked
+  prefill (max_num_batched_tokens 2048, max_num_seqs 256).
+- W3: vanilla vLLM at 1.2x capacity (129 + 112 tokens, b = 512, CodeLlama staircase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmqueue import SARATHI, VLLM, VLLM_CHUNKED, StaircaseTime, make_workload, simulate, theory
+
+ROOT = Path(__file__).resolve().parents[1]
+AZURE = ROOT.parent / "shared" / "data" / "traces" / "azure_conv_2023.csv"
+CODELLAMA = StaircaseTime(11.28, 35.47, 128)
+LLAMA70B_H100_TP4 = StaircaseTime(12.82, 13.70, 128)
+
+# name: (workload args, policy, batch time, budget, k_max, requests by engine)
+CASES = {
+    "W1": (("poisson", "290", "990", 1.5), SARATHI, CODELLAMA, 128, None,
+           {"fast": 200_000, "reference": 20_000}),
+    "W1x10": (("poisson", "2900", "9900", 0.15), SARATHI, CODELLAMA, 128, None,
+              {"fast": 20_000, "reference": 2_000}),
+    "W2-sarathi": ((f"trace:{AZURE}", None, None, None), SARATHI, LLAMA70B_H100_TP4, 2048, None,
+                   {"fast": None, "reference": None}),
+    "W2-vllm-chunked": ((f"trace:{AZURE}", None, None, None), VLLM_CHUNKED, LLAMA70B_H100_TP4,
+                        2048, 256, {"fast": None, "reference": None}),
+    "W3": (("poisson", "129", "112", None), VLLM, CODELLAMA, 512, None,
+           {"fast": 1_000_000, "reference": 20_000}),
+}
+
+
+def run_case(name: str, engine: str, scale: float) -> dict[str, object]:
+    """Run one case in this process and return its figures."""
+    args, policy, batch_time, budget, k_max, sizes = CASES[name]
+    arrival, prefill, decode, rate = args
+    if name == "W3":
+        rate = 1.2 * theory.critical_rate_per_s(batch_time, budget, 241)
+    workload = make_workload(arrival, prefill, decode, rate)
+    requests = sizes[engine]
+    if requests is not None:
+        requests = max(1, int(requests * scale))
+    start = time.perf_counter()
+    result = simulate(workload, policy, batch_time, budget, k_max=k_max, seed=0,
+                      max_requests=requests, engine=engine, keep_requests=False)
+    wall = time.perf_counter() - start
+    m = result.metrics
+    return {
+        "workload": name, "engine": engine, "requests": m.arrivals, "wall_s": wall,
+        "requests_per_s": m.arrivals / wall, "iterations_per_s": m.num_batches / wall,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "observed": result.observed.verdict, "mean_e2el_s": m.latency["mean_e2el_ms"] / 1000,
+        "load": result.theory.load,
+    }
+
+
+def main() -> None:
+    """Run every case in a child process and print one table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1/10 of the requests")
+    parser.add_argument("--only", default=None, help="comma-separated workload names")
+    parser.add_argument("--case", nargs=2, metavar=("WORKLOAD", "ENGINE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    scale = 0.1 if args.quick else 1.0
+    if args.case:
+        print(json.dumps(run_case(args.case[0], args.case[1], scale)))
+        return
+    names = args.only.split(",") if args.only else list(CASES)
+    print(f"{'workload':<16} {'engine':<10} {'requests':>9} {'wall s':>8} {'requests/s':>11} "
+          f"{'iterations/s':>13} {'peak RSS MiB':>13} {'load':>6} {'observed':>9} {'E2EL s':>9}")
+    for name in names:
+        for engine in ("fast", "reference"):
+            cmd = [sys.executable, __file__, "--case", name, engine] + (["--quick"] if args.quick else [])
+            out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            print(f"{name:<16} {engine:<10} {out['requests']:>9} {out['wall_s']:>8.2f} "
+                  f"{out['requests_per_s']:>11,.0f} {out['iterations_per_s']:>13,.0f} "
+                  f"{out['peak_rss_mib']:>13,.0f} {out['load']:>6.2f} {out['observed']:>9} "
+                  f"{out['mean_e2el_s']:>9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

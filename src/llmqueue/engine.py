@@ -59,7 +59,9 @@ class Job:
     """A request inside the engine with its progress (the policy sees it read-only)."""
 
     __slots__ = (
+        "activation",
         "arrival_ms",
+        "c0",
         "decode_left",
         "decode_tokens",
         "first_token_ms",
@@ -80,6 +82,8 @@ class Job:
         self.decode_left = request.decode_tokens
         self.first_token_ms = math.nan if request.prefill_tokens else request.arrival_ms
         self.last_token_ms = self.first_token_ms
+        self.c0 = 0  # fast engine: decode counter when this decoder joined the served prefix
+        self.activation = 0  # fast engine: bumped whenever it joins or leaves that prefix
 
     def record(self, finish_ms: float = math.nan) -> RequestRecord:
         """This request's outcome as a plain record."""
@@ -271,7 +275,7 @@ class Engine:
             self._prefill_left_tokens += job.prefill_left
             self._prefilling.append(job)
         else:
-            insort(self._decoding, job, key=_seq)
+            self._enter_decode(job)
 
     def step(self) -> list[RequestRecord]:
         """Process the next event: end the running batch (if any), then start the next one.
@@ -306,7 +310,7 @@ class Engine:
                     prefill_done = True
                     job.first_token_ms = job.last_token_ms = now
                     if job.decode_left:
-                        insort(self._decoding, job, key=_seq)
+                        self._enter_decode(job)
                     else:
                         finished.append(job.record(now))
             else:
@@ -325,6 +329,10 @@ class Engine:
             recorder.tokens_done(now, total)
         self._settle(finished, prefill_done, decode_done)
         return finished
+
+    def _enter_decode(self, job: Job) -> None:
+        """A request starts decoding: it joins the decoders in arrival order."""
+        insort(self._decoding, job, key=_seq)
 
     def _settle(self, finished: list[RequestRecord], prefill_done: bool, decode_done: bool) -> None:
         """Drop finished phases from the phase lists and finished requests from the engine."""

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, insort
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Sequence
+from heapq import heappop, heappush
 from itertools import accumulate, repeat
 from operator import sub
 
 import numpy as np
 
-from llmqueue.engine import Batch, Engine, Job, _seq
+from llmqueue.engine import Batch, Engine, Job, ReadOnlyList, _seq
+from llmqueue.errors import ConfigError, PlanError
 from llmqueue.metrics import RequestRecord
-from llmqueue.policies import EngineView
+from llmqueue.policies import CompactPlan, CompactView, EngineView, policy_name
 from llmqueue.workload import Request
 
 MAX_REPEAT = 1 << 16
@@ -105,63 +108,197 @@ class ListTargets:
 
 
 def fill_targets(
-    view: EngineView, entries: list[tuple[Job, int]], prefill_left_tokens: int, k: int
+    budget: int,
+    k_max: int | None,
+    prefilling: Sequence[Job],
+    decoders: int,
+    entries: list[tuple[Job, int]],
+    prefill_left_tokens: int,
+    k: int,
 ) -> LinearTargets | ListTargets:
-    """The work-conservation fill targets of ``k`` repeats of a plan, from the view at the first
-    one (see ``llmqueue.engine.fill_target``): only the planned prompts' remaining tokens change
-    over the repeats, by their chunk per iteration."""
-    n_pre, n_dec = len(view.prefilling), len(view.decoding)
-    chunked = [(job.prefill_left, tokens) for job, tokens in entries if job.prefill_left]
-    if view.k_max is None or n_pre + n_dec <= view.k_max:
-        per_iteration = sum(tokens for _, tokens in chunked)
-        return LinearTargets(view.budget, prefill_left_tokens + n_dec, per_iteration)
+    """The work-conservation fill targets of ``k`` repeats of a plan (see
+    ``llmqueue.engine.fill_target``): only the planned prompts' remaining tokens change over the
+    repeats, by their chunk per iteration."""
+    if k_max is None or len(prefilling) + decoders <= k_max:
+        per_iteration = sum(tokens for _, tokens in entries)
+        return LinearTargets(budget, prefill_left_tokens + decoders, per_iteration)
     # Top-k_max demands: the planned prompts shrink, the rest (other prompts, decoders at 1) stay.
     j = np.arange(k, dtype=np.int64)
-    planned = {id(job) for job, tokens in entries if job.prefill_left}
+    planned = {id(job) for job, _ in entries}
     constant = sorted(
-        [r.prefill_left for r in view.prefilling if id(r) not in planned] + [1] * n_dec,
+        [r.prefill_left for r in prefilling if id(r) not in planned] + [1] * decoders,
         reverse=True,
     )
     best_constant = np.concatenate(([0], np.cumsum(constant, dtype=np.int64)))
-    shrinking = np.array([p for p, _ in chunked], dtype=np.int64)[:, None] - np.array(
-        [x for _, x in chunked], dtype=np.int64
-    )[:, None] * j[None, :]
+    left = np.array([job.prefill_left for job, _ in entries], dtype=np.int64).reshape(-1, 1)
+    chunk = np.array([tokens for _, tokens in entries], dtype=np.int64).reshape(-1, 1)
+    shrinking = left - chunk * j[None, :]
     best_shrinking = np.vstack(
         [np.zeros(k, dtype=np.int64), np.cumsum(-np.sort(-shrinking, axis=0), axis=0)]
     )
     top = np.zeros(k, dtype=np.int64)
-    for t in range(min(len(chunked), view.k_max) + 1):
-        rest = min(view.k_max - t, len(constant))
+    for t in range(min(len(entries), k_max) + 1):
+        rest = min(k_max - t, len(constant))
         top = np.maximum(top, best_shrinking[t] + best_constant[rest])
-    return ListTargets(np.minimum(view.budget, top).tolist())
+    return ListTargets(np.minimum(budget, top).tolist())
 
 
 class FastEngine(Engine):
     """An ``Engine`` that books each run of identical iterations in one step (same results).
 
-    Same interface and semantics as the reference ``Engine``; the policy must declare
-    ``repeats_plan = True``.
+    Decoders are kept implicit. The shipped policies give decode tokens to the oldest ``L``
+    decoders (a compact plan), so the engine keeps those ``L`` as the *served prefix*, counts how
+    often the whole prefix got a token, and finds the next decoder to finish with a heap keyed by
+    that count. A run of repeats then costs O(prompts in the plan + decoders that join, leave or
+    finish), not O(decoders). The policy must provide ``plan_compact`` and ``repeats_plan``.
     """
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        planner = getattr(self.policy, "plan_compact", None)
+        if planner is None or needs_reference(self.policy):
+            raise ConfigError(
+                "engine", "fast",
+                f"policy '{policy_name(self.policy)}' does not provide plan_compact/repeats_plan",
+            )
+        self._planner = planner
+        self._served: list[Job] = []  # the served prefix of the decoders, arrival order
+        self._waiting: deque[Job] = deque()  # the other decoders, arrival order
+        self._finish_heap: list[tuple[int, int, int, Job]] = []
+        self._serves = 0  # how many times the served prefix got a token
+        self._served_ms = 0.0  # when it last did
+        self._last_tokens: dict[float, int] = {}  # last-token times in the served prefix
+        self._decoders = 0
+        self._prompts: list[tuple[Job, int]] = []
+        self._decode_first = True
+        self._stopped = False
+
+    # -- decoders kept implicit ----------------------------------------------------------------
+    def _sync(self, job: Job) -> None:
+        """Write a served decoder's counts back into its record (decode_left, last token)."""
+        if self._serves > job.c0:
+            job.decode_left -= self._serves - job.c0
+            job.last_token_ms = self._served_ms
+            job.c0 = self._serves
+
+    def _serve(self, count: int) -> None:
+        """Make the served prefix exactly the oldest ``count`` decoders."""
+        served, last = self._served, self._last_tokens
+        while len(served) > count:
+            job = served.pop()
+            self._sync(job)
+            job.activation += 1
+            last[job.last_token_ms] -= 1
+            if not last[job.last_token_ms]:
+                del last[job.last_token_ms]
+            self._waiting.appendleft(job)
+        while len(served) < count:
+            job = self._waiting.popleft()
+            job.c0 = self._serves
+            job.activation += 1
+            served.append(job)
+            last[job.last_token_ms] = last.get(job.last_token_ms, 0) + 1
+            heappush(
+                self._finish_heap, (self._serves + job.decode_left, job.seq, job.activation, job)
+            )
+
+    def _next_finish(self) -> int:
+        """The serve count at which the next served decoder finishes."""
+        heap = self._finish_heap
+        while heap[0][2] != heap[0][3].activation:
+            heappop(heap)
+        return heap[0][0]
+
+    def _enter_decode(self, job: Job) -> None:
+        newest = self._waiting[-1] if self._waiting else (self._served[-1] if self._served else None)
+        if newest is None or job.seq > newest.seq:
+            self._waiting.append(job)
+        else:  # an older request starts decoding (it had no prompt): rebuild the order
+            for other in self._served:
+                self._sync(other)
+                other.activation += 1
+            everyone = [*self._served, *self._waiting]
+            insort(everyone, job, key=_seq)
+            self._served, self._waiting = [], deque(everyone)
+            self._last_tokens, self._finish_heap = {}, []
+        self._decoders += 1
+
+    def view(self) -> EngineView:
+        """The read-only view of the reference engine (built on demand: O(requests))."""
+        for job in self._served:
+            self._sync(job)
+        return EngineView(
+            now_ms=self.now_ms,
+            budget=self.budget,
+            k_max=self.k_max,
+            prefilling=ReadOnlyList(self._prefilling),
+            decoding=ReadOnlyList([*self._served, *self._waiting]),
+        )
+
+    # -- planning --------------------------------------------------------------------------------
+    def _check(self, plan: CompactPlan) -> list[tuple[Job, int]]:
+        """The batch rules for a compact plan; returns the planned prompts as (job, tokens)."""
+        if not isinstance(plan.decoders, int) or not 0 <= plan.decoders <= self._decoders:
+            raise PlanError(
+                "known request", f"{plan.decoders!r} decoders planned, {self._decoders} decoding"
+            )
+        entries: list[tuple[Job, int]] = []
+        seen: set[int] = set()
+        prefill = 0
+        for rid, tokens in plan.prompts:
+            job = self._jobs.get(rid)
+            if job is None or rid in seen:
+                raise PlanError("known request", f"request {rid!r} is not a prompt in the engine")
+            seen.add(rid)
+            if not isinstance(tokens, int) or tokens < 1:
+                raise PlanError("positive tokens", f"request {rid} given {tokens!r} tokens")
+            if tokens > job.prefill_left:
+                raise PlanError(
+                    "prefill before decode",
+                    f"request {rid} has {job.prefill_left} prefill tokens left, given {tokens}",
+                )
+            entries.append((job, tokens))
+            prefill += tokens
+        if self.k_max is not None and plan.decoders + len(entries) > self.k_max:
+            raise PlanError(
+                "batch-size limit", f"{plan.decoders + len(entries)} requests > k_max={self.k_max}"
+            )
+        if prefill + plan.decoders > self.budget:
+            raise PlanError(
+                "token budget", f"{prefill + plan.decoders} tokens > budget={self.budget}"
+            )
+        return entries
+
     def _start_batch(self) -> None:
-        formed = self._form_plan()
-        if formed is None:
+        if not self._jobs:
             return
-        view, plan, prefill, decode = formed
-        n = prefill + decode
-        duration = self._duration(n)
-        jobs = self._jobs
-        entries = [(jobs[rid], tokens) for rid, tokens in plan.items()]
+        view = CompactView(
+            self.now_ms, self.budget, self.k_max, ReadOnlyList(self._prefilling), self._decoders
+        )
+        plan = self._planner(view)
+        if not plan.decoders and not plan.prompts:
+            self._blocked_since = self.now_ms
+            return
+        entries = self._check(plan)
+        prefill = sum(tokens for _, tokens in entries)
+        decoders = plan.decoders
+        duration = self._duration(prefill + decoders)
         k = MAX_REPEAT
         for job, tokens in entries:
-            repeats = job.prefill_left // tokens if job.prefill_left else job.decode_left
-            if repeats < k:
-                k = repeats
+            k = min(k, job.prefill_left // tokens)
+        if decoders:
+            self._serve(decoders)
+            k = min(k, self._next_finish() - self._serves)
         # batch ends by the same sequential float additions as the reference engine's clock
         self._ends = list(accumulate(repeat(duration, k), initial=self.now_ms))[1:]
-        self._plan = entries
-        self._targets = fill_targets(view, entries, self._prefill_left_tokens, k)
-        self._shape = (prefill, decode, duration)
+        self._targets = fill_targets(
+            self.budget, self.k_max, self._prefilling, self._decoders, entries,
+            self._prefill_left_tokens, k,
+        )
+        self._plan = entries  # type: ignore[assignment]
+        self._prompts = entries
+        self._decode_first = plan.decode_first
+        self._shape = (prefill, decoders, duration)
         self._stopped = False
         self._batch_end_ms = self._ends[-1]
 
@@ -198,16 +335,18 @@ class FastEngine(Engine):
         self._keep_batches(1)
         audit = self._targets.audit(1, prefill + decode)
         if self.recorder is not None:
-            self.recorder.batches(1, duration, prefill, decode, len(self._plan), audit)
+            requests = len(self._prompts) + decode
+            self.recorder.batches(1, duration, prefill, decode, requests, audit)
         self._stopped = True
 
     def _keep_batches(self, m: int) -> None:
         """Append the next ``m`` repeats to ``self.batches`` when batches are kept."""
         if self.batches is None:
             return
-        assert self._plan is not None
         prefill, decode, _ = self._shape
-        plan = tuple((job.id, tokens) for job, tokens in self._plan)
+        prompts = tuple((job.id, tokens) for job, tokens in self._prompts)
+        decoders = tuple((job.id, 1) for job in self._served[:decode])
+        plan = decoders + prompts if self._decode_first else prompts + decoders
         start = self.now_ms
         for end, target in zip(self._ends[:m], self._targets.values(m), strict=True):
             self.batches.append(
@@ -226,43 +365,54 @@ class FastEngine(Engine):
 
     def _book(self, m: int) -> list[RequestRecord]:
         """Apply the first ``m`` running repeats: tokens, timestamps, metrics; advance the clock."""
-        entries = self._plan
-        assert entries is not None
         ends = self._ends
         prefill, decode, duration = self._shape
         n = prefill + decode
         now = ends[m - 1]
-        first_end = ends[0]
         recorder = self.recorder
         self._keep_batches(m)
         intervals: dict[float, int] = {}
         finished: list[RequestRecord] = []
-        prefill_done = decode_done = False
-        for job, tokens in entries:
-            if job.prefill_left:
-                job.prefill_left -= tokens * m
-                if job.prefill_left == 0:
-                    prefill_done = True
-                    job.first_token_ms = job.last_token_ms = now
-                    if job.decode_left:
-                        insort(self._decoding, job, key=_seq)
-                    else:
-                        finished.append(job.record(now))
-            else:
-                gap = first_end - job.last_token_ms
-                intervals[gap] = intervals.get(gap, 0) + 1
-                job.decode_left -= m
+        if decode:
+            first_end = ends[0]
+            for last, count in self._last_tokens.items():
+                gap = first_end - last
+                intervals[gap] = intervals.get(gap, 0) + count
+            if m > 1:  # every served decoder waited each of these batch times
+                for gap, count in Counter(map(sub, ends[1:m], ends[: m - 1])).items():
+                    intervals[gap] = intervals.get(gap, 0) + count * decode
+            self._serves += m
+            self._served_ms = now
+            heap = self._finish_heap
+            done = 0
+            while heap and heap[0][0] <= self._serves:
+                _, _, activation, job = heappop(heap)
+                if activation != job.activation:
+                    continue
+                job.decode_left = 0
                 job.last_token_ms = now
-                if job.decode_left == 0:
-                    decode_done = True
+                job.activation += 1
+                self._served.remove(job)
+                finished.append(job.record(now))
+                done += 1
+            self._decoders -= done
+            self._last_tokens = {now: decode - done} if decode > done else {}
+        prompts_done = 0
+        for job, tokens in self._prompts:
+            job.prefill_left -= tokens * m
+            if job.prefill_left == 0:
+                prompts_done += 1
+                job.first_token_ms = job.last_token_ms = now
+                if job.decode_left:
+                    self._enter_decode(job)
+                else:
                     finished.append(job.record(now))
+        if prompts_done:
+            self._drop_prompts(prompts_done)
         self.backlog_tokens -= n * m
         self._prefill_left_tokens -= prefill * m
         audit = self._targets.audit(m, n)
         if recorder is not None:
-            if decode and m > 1:  # every planned decoder waited each of these batch times
-                for gap, count in Counter(map(sub, ends[1:m], ends[: m - 1])).items():
-                    intervals[gap] = intervals.get(gap, 0) + count * decode
             for gap, count in intervals.items():
                 recorder.itl.add(gap, count)
             if m < VECTOR_FROM:
@@ -270,17 +420,32 @@ class FastEngine(Engine):
                     recorder.tokens_done(end, n)
             else:
                 recorder.tokens_done_steps(np.array(ends[:m]), n)
-            recorder.batches(m, duration * m, prefill, decode, len(entries), audit)
+            requests = len(self._prompts) + decode
+            recorder.batches(m, duration * m, prefill, decode, requests, audit)
         self.now_ms = now
         del ends[:m]
         if not ends:
             self._plan = None
             self._batch_end_ms = math.inf
-        self._settle(finished, prefill_done, decode_done)
+        self._settle(finished, False, False)
         return finished
+
+    def _drop_prompts(self, count: int) -> None:
+        """Remove ``count`` prompts that finished prefill (usually the oldest ones)."""
+        prompts = self._prefilling
+        head = 0
+        while head < len(prompts) and not prompts[head].prefill_left:
+            head += 1
+        if head == count:
+            del prompts[:head]
+        else:
+            self._prefilling = [j for j in prompts if j.prefill_left]
 
 
 def needs_reference(policy: object) -> bool:
-    """Whether ``policy`` lacks the declaration the fast engine relies on."""
-    return getattr(policy, "repeats_plan", None) is not True
+    """Whether ``policy`` lacks what the fast engine relies on (``repeats_plan`` and a compact
+    planner ``plan_compact``)."""
+    return getattr(policy, "repeats_plan", None) is not True or not callable(
+        getattr(policy, "plan_compact", None)
+    )
 

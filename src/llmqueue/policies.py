@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Literal, Protocol, runtime_checkable
 
 from llmqueue.errors import ConfigError
@@ -92,36 +93,77 @@ def chunks_prefill(policy: object) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def _take_decode(view: EngineView, plan: Plan, tokens: int, slots: int, k_d: int | None) -> int:
-    """Add one decode token per decoding request, FCFS; return the tokens used."""
-    limit = min(tokens, slots, len(view.decoding))
+@dataclass(frozen=True, slots=True)
+class CompactView:
+    """An ``EngineView`` with the decoding requests given only by their number.
+
+    Enough for policies that serve decoders as a first-come first-served prefix; it lets the fast
+    engine keep decoders implicit (docs/fastpath.md).
+    """
+
+    now_ms: float
+    budget: int
+    k_max: int | None
+    prefilling: Sequence[RequestView]
+    decoders: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompactPlan:
+    """A plan in which the decode tokens go to the oldest ``decoders`` decoding requests.
+
+    ``prompts`` lists (request id, prefill tokens) in plan order; ``decode_first`` says whether
+    the decode tokens come before the prompts (only the order of the expanded plan depends on it).
+    """
+
+    decoders: int
+    prompts: tuple[tuple[int, int], ...]
+    decode_first: bool
+
+    def expand(self, decoding: Sequence[RequestView]) -> Plan:
+        """The ordinary plan, given the decoding requests in arrival order."""
+        plan: Plan = {}
+        if not self.decode_first:
+            plan.update(self.prompts)
+        for r in decoding[: self.decoders]:
+            plan[r.id] = 1
+        if self.decode_first:
+            plan.update(self.prompts)
+        return plan
+
+
+def compact(view: EngineView) -> CompactView:
+    """The compact view of an engine view."""
+    return CompactView(view.now_ms, view.budget, view.k_max, view.prefilling, len(view.decoding))
+
+
+def _decode_count(view: CompactView, tokens: int, slots: int, k_d: int | None) -> int:
+    """How many decoding requests (oldest first) get a token: one each, within the limits."""
+    limit = min(tokens, slots, view.decoders)
     if k_d is not None:
         limit = min(limit, k_d)
-    for r in view.decoding[:limit]:
-        plan[r.id] = 1
     return max(limit, 0)
 
 
 def _take_prefill(
-    view: EngineView, plan: Plan, tokens: int, slots: int, k_p: int | None, chunked: bool
-) -> int:
-    """Add prefill tokens FCFS: chunks filling the budget, or whole prompts while they fit."""
-    used = 0
+    view: CompactView, tokens: int, slots: int, k_p: int | None, chunked: bool
+) -> list[tuple[int, int]]:
+    """Prefill tokens FCFS: chunks filling the budget, or whole prompts while they fit."""
+    taken: list[tuple[int, int]] = []
     max_count = slots if k_p is None else min(slots, k_p)
-    for r in view.prefilling[:max(max_count, 0)]:
-        left = tokens - used
-        if left <= 0:
+    for r in islice(view.prefilling, max(max_count, 0)):
+        if tokens <= 0:
             break
         need = r.prefill_left
-        if need <= left:
+        if need <= tokens:
             take = need
         elif chunked:
-            take = left
+            take = tokens
         else:
             break  # whole prompts only, FCFS: the head does not fit, so nothing behind it goes
-        plan[r.id] = take
-        used += take
-    return used
+        taken.append((r.id, take))
+        tokens -= take
+    return taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,24 +207,26 @@ class KFCFS:
         (what the fast engine relies on: docs/fastpath.md)."""
         return True
 
-    def __call__(self, view: EngineView) -> Plan:
-        plan: Plan = {}
-        slots = len(view.prefilling) + len(view.decoding) if view.k_max is None else view.k_max
-        order: tuple[Phase, Phase] = (
-            ("prefill", "decode") if self.priority == "prefill" else ("decode", "prefill")
-        )
+    def plan_compact(self, view: CompactView) -> CompactPlan:
+        """The plan with decoders as a count (the fast engine's entry point)."""
+        slots = len(view.prefilling) + view.decoders if view.k_max is None else view.k_max
         tokens = view.budget
-        for phase in order:
+        decoders = 0
+        prompts: list[tuple[int, int]] = []
+        decode_first = self.priority == "decode"
+        for phase in ("decode", "prefill") if decode_first else ("prefill", "decode"):
             if phase == "decode":
-                used = _take_decode(view, plan, tokens, slots - len(plan), self.k_d)
+                decoders = _decode_count(view, tokens, slots - len(prompts), self.k_d)
+                tokens -= decoders
             else:
-                used = _take_prefill(
-                    view, plan, tokens, slots - len(plan), self.k_p, self.chunked
-                )
-            tokens -= used
-            if plan and not self.mixed:
+                prompts = _take_prefill(view, tokens, slots - decoders, self.k_p, self.chunked)
+                tokens -= sum(take for _, take in prompts)
+            if (decoders or prompts) and not self.mixed:
                 break
-        return plan
+        return CompactPlan(decoders, tuple(prompts), decode_first)
+
+    def __call__(self, view: EngineView) -> Plan:
+        return self.plan_compact(compact(view)).expand(view.decoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,30 +244,37 @@ class VLLMChunked:
     chunks_prefill: bool = True
     repeats_plan: bool = True
 
-    def __call__(self, view: EngineView) -> Plan:
-        plan: Plan = {}
+    def plan_compact(self, view: CompactView) -> CompactPlan:
+        """The plan with decoders as a count (the fast engine's entry point)."""
         tokens = view.budget
         started = [r for r in view.prefilling if r.prefill_left < r.prefill_tokens]
         waiting = [r for r in view.prefilling if r.prefill_left == r.prefill_tokens]
         # admission order: with FCFS admission every decoder was admitted before any prompt
         # still in progress (requests that arrive with no prompt count as admitted first)
-        running = [*view.decoding, *started]
-        max_seqs = len(running) + len(waiting) if view.k_max is None else view.k_max
-        for r in running:
-            if tokens == 0 or len(plan) >= max_seqs:
-                break
-            take = min(r.prefill_left, tokens) if r.prefill_left else 1
-            plan[r.id] = take
-            tokens -= take
-        admitted = len(running)
+        running = view.decoders + len(started)
+        max_seqs = running + len(waiting) if view.k_max is None else view.k_max
+        decoders = max(min(view.decoders, tokens, max_seqs), 0)
+        tokens -= decoders
+        prompts: list[tuple[int, int]] = []
+        if decoders == view.decoders:
+            for r in started:
+                if tokens == 0 or decoders + len(prompts) >= max_seqs:
+                    break
+                take = min(r.prefill_left, tokens)
+                prompts.append((r.id, take))
+                tokens -= take
+        admitted = running
         for r in waiting:
             if tokens == 0 or admitted >= max_seqs:
                 break
             take = min(r.prefill_left, tokens)
-            plan[r.id] = take
+            prompts.append((r.id, take))
             tokens -= take
             admitted += 1
-        return plan
+        return CompactPlan(decoders, tuple(prompts), True)
+
+    def __call__(self, view: EngineView) -> Plan:
+        return self.plan_compact(compact(view)).expand(view.decoding)
 
 
 FASTERTRANSFORMER = KFCFS(priority="decode", mixed=False, chunked=False, name="fastertransformer")

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, insort
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 from heapq import heappop, heappush
 from itertools import accumulate, repeat
-from operator import sub
 
 import numpy as np
 
@@ -33,9 +32,6 @@ from llmqueue.workload import Request
 
 MAX_REPEAT = 1 << 16
 """Most iterations booked in one step (bounds the per-step lists; longer runs take more steps)."""
-
-VECTOR_FROM = 32
-"""Runs at least this long have their backlog integral booked with numpy, shorter ones in Python."""
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -123,8 +119,20 @@ def fill_targets(
         per_iteration = sum(tokens for _, tokens in entries)
         return LinearTargets(budget, prefill_left_tokens + decoders, per_iteration)
     # Top-k_max demands: the planned prompts shrink, the rest (other prompts, decoders at 1) stay.
-    j = np.arange(k, dtype=np.int64)
     planned = {id(job) for job, _ in entries}
+    # Cheap case first: any k_max requests whose demand fills the budget even at the last repeat
+    # bound the top-k_max demand from below, so every target is then the budget.
+    lower = sum(job.prefill_left - tokens * (k - 1) for job, tokens in entries)
+    slots = k_max - len(entries)
+    for r in prefilling:
+        if lower >= budget or slots <= 0:
+            break
+        if id(r) not in planned:
+            lower += r.prefill_left
+            slots -= 1
+    if lower + min(max(slots, 0), decoders) >= budget:
+        return LinearTargets(budget, budget, 0)
+    j = np.arange(k, dtype=np.int64)
     constant = sorted(
         [r.prefill_left for r in prefilling if id(r) not in planned] + [1] * decoders,
         reverse=True,
@@ -379,8 +387,7 @@ class FastEngine(Engine):
                 gap = first_end - last
                 intervals[gap] = intervals.get(gap, 0) + count
             if m > 1:  # every served decoder waited each of these batch times
-                for gap, count in Counter(map(sub, ends[1:m], ends[: m - 1])).items():
-                    intervals[gap] = intervals.get(gap, 0) + count * decode
+                intervals[duration] = intervals.get(duration, 0) + (m - 1) * decode
             self._serves += m
             self._served_ms = now
             heap = self._finish_heap
@@ -415,11 +422,10 @@ class FastEngine(Engine):
         if recorder is not None:
             for gap, count in intervals.items():
                 recorder.itl.add(gap, count)
-            if m < VECTOR_FROM:
-                for end in ends[:m]:
-                    recorder.tokens_done(end, n)
+            if m == 1:
+                recorder.tokens_done(now, n)
             else:
-                recorder.tokens_done_steps(np.array(ends[:m]), n)
+                recorder.tokens_done_steps(ends[:m], n)
             requests = len(self._prompts) + decode
             recorder.batches(m, duration * m, prefill, decode, requests, audit)
         self.now_ms = now

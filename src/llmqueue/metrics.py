@@ -218,8 +218,7 @@ def _summary(name: str, values: np.ndarray) -> dict[str, float]:
 class Recorder:
     """Collects what the engine reports and produces ``RunMetrics``; one per run, no shared state."""
 
-    def __init__(self, *, keep_requests: bool = True, max_bins: int = 2048) -> None:
-        self.keep_requests = keep_requests
+    def __init__(self, *, max_bins: int = 2048) -> None:
         self.last_ms = 0.0
         self.backlog_tokens = 0
         self.in_system = 0
@@ -291,17 +290,27 @@ class Recorder:
         self._advance(t_ms)
         self.backlog_tokens -= tokens
 
-    def tokens_done_steps(self, ends_ms: np.ndarray, tokens: int) -> None:
-        """Identical batches of ``tokens`` tokens ended at each of ``ends_ms`` (increasing)."""
+    def tokens_done_steps(self, ends_ms: list[float], tokens: int) -> None:
+        """Identical batches of ``tokens`` tokens ended at each of ``ends_ms`` (increasing): the
+        backlog steps down by ``tokens`` at each end. Integrated in closed form (and, when the
+        steps straddle time bins, bin by bin with numpy)."""
         steps = len(ends_ms)
         if steps == 0:
             return
-        values = self.backlog_tokens - tokens * np.arange(steps, dtype=np.float64)
-        spans = np.diff(np.concatenate(([self.last_ms], ends_ms)))
-        self.backlog_area += float(values @ spans)
-        self.in_system_area += self.in_system * (float(ends_ms[-1]) - self.last_ms)
-        self.backlog_bins.add_steps(self.last_ms, ends_ms, values)
-        self.last_ms = float(ends_ms[-1])
+        t0, t1 = self.last_ms, ends_ms[-1]
+        # area under B, B - n, ..., B - (m - 1) n over [t0, e_0), [e_0, e_1), ..., [e_{m-2}, t1)
+        inner = (steps - 1) * t1 - math.fsum(ends_ms[:-1])
+        area = self.backlog_tokens * (t1 - t0) - tokens * inner
+        self.backlog_area += area
+        self.in_system_area += self.in_system * (t1 - t0)
+        bins = self.backlog_bins
+        bins._fit(t1)
+        if int(t0 // bins.width_ms) == min(int(t1 // bins.width_ms), bins.max_bins - 1):
+            bins.sums[int(t0 // bins.width_ms)] += area
+        else:
+            values = self.backlog_tokens - tokens * np.arange(steps, dtype=np.float64)
+            bins.add_steps(t0, np.array(ends_ms), values)
+        self.last_ms = t1
         self.backlog_tokens -= tokens * steps
 
     def stall(self, duration_ms: float) -> None:
@@ -311,9 +320,8 @@ class Recorder:
     def request_done(self, record: RequestRecord) -> None:
         """A request finished its last token."""
         self.in_system -= 1
-        if self.keep_requests:
-            for name, column in self.done.items():
-                column.append(getattr(record, name))
+        for name, column in self.done.items():
+            column.append(getattr(record, name))
 
     def finish(self, end_ms: float, max_points: int = 512) -> RunMetrics:
         """Close the integrals at ``end_ms`` and compute every metric."""

@@ -166,7 +166,8 @@ def simulate(
     ``drain_s`` (default: the arrival window, at least 60 s). ``engine``: ``"fast"`` books runs
     of identical iterations at once (policies declaring ``repeats_plan``), ``"reference"`` steps
     every iteration, ``"auto"`` takes the fast engine whenever the policy allows it. Both give
-    the same results.
+    the same results. ``keep_requests``: return every request's record in ``RunResult.requests``
+    (the metrics are computed either way).
     """
     if engine not in ("auto", "fast", "reference"):
         raise ConfigError("engine", engine, "must be 'auto', 'fast' or 'reference'")
@@ -191,7 +192,7 @@ def simulate(
     else:
         arrivals = _bounded(iter(source), max_requests, duration_ms)
 
-    recorder = Recorder(keep_requests=keep_requests)
+    recorder = Recorder()
     engine_class = FastEngine if use_fast else Engine
     eng = engine_class(policy, batch_time, budget, k_max, recorder=recorder, keep_batches=keep_batches)
     never_chunks = chunks_prefill(policy) is False

@@ -8,13 +8,18 @@ the work-conservation audit. A user policy without ``repeats_plan`` runs on the 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
+from itertools import pairwise
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
+from llmqueue.cli import main
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine
 from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED
@@ -149,3 +154,46 @@ def test_a_run_of_repeats_is_booked_in_one_step() -> None:
         events += 1
     assert engine.now_ms == 1001.0
     assert events <= 3
+
+
+@given(requests=workloads(), policy=policies, budget=st.integers(1, 64),
+       k_max=st.none() | st.integers(1, 9))
+def test_declared_repeats_plan_holds(requests, policy, budget, k_max) -> None:
+    """The property the fast engine relies on, checked on the reference engine's own batches:
+    when no request arrived in between and every planned request kept more than its share, the
+    next batch has the same plan."""
+    result = simulate(requests, policy, ConstantTime(1.0), budget, k_max=k_max,
+                      engine="reference", keep_batches=True, drain_s=1e6)
+    prefill_left = {r.id: r.prefill_tokens for r in requests}
+    decode_left = {r.id: r.decode_tokens for r in requests}
+    arrivals = sorted(r.arrival_ms for r in requests)
+    batches = result.batches or ()
+    for this, after in pairwise(batches):
+        keeps = all(
+            prefill_left[rid] >= 2 * n if prefill_left[rid] else decode_left[rid] >= 2
+            for rid, n in this.plan
+        )
+        for rid, n in this.plan:
+            if prefill_left[rid]:
+                prefill_left[rid] -= n
+            else:
+                decode_left[rid] -= 1
+        quiet = not any(this.start_ms < a <= after.start_ms for a in arrivals)
+        if keeps and quiet and after.start_ms == this.end_ms:
+            assert after.plan == this.plan
+
+
+def test_cli_engines_agree() -> None:
+    """`--engine fast` and `--engine reference` print the same figures (up to float rounding)."""
+    outputs = []
+    for engine in ("fast", "reference"):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert main(["simulate", "--policy", "vllm", "--requests", "400", "--json",
+                         "--engine", engine, "--seed", "3"]) == 0
+        outputs.append(json.loads(buffer.getvalue()))
+    fast, ref = outputs
+    for key in ("completed", "num_batches", "wc_violations", "wc_wasted_tokens", "stable_observed"):
+        assert fast[key] == ref[key]
+    for key in ("mean_ttft_ms", "p99_e2el_ms", "median_itl_ms", "mean_backlog_tokens"):
+        assert fast[key] == pytest.approx(ref[key], rel=1e-9)

@@ -160,6 +160,12 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="kfcfs: at most K_d decoders per batch."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bar (default: on when stderr is a terminal)."),
+        click.option(
+            "--engine", type=click.Choice(["auto", "fast", "reference"]), default="auto",
+            show_default=True,
+            help="fast: book runs of identical iterations at once; reference: every iteration "
+            "(same results); auto: fast when the policy allows it.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -228,6 +234,7 @@ def _run(name: str, workload: Workload, opts: dict[str, Any], keep_requests: boo
         duration_s=opts["duration_s"],
         drain_s=opts["drain_s"],
         keep_requests=keep_requests,
+        engine=opts["engine"],
     )
     policy = _policy(name, opts)
     if not show:

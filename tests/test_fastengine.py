@@ -22,11 +22,11 @@ from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
 from llmqueue.cli import main
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine
-from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED
+from llmqueue.policies import SARATHI, VLLM_CHUNKED
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request, make_workload
 
-SHIPPED = [FASTERTRANSFORMER, VLLM, ORCA, SARATHI, VLLM_CHUNKED]
+from .strategies import SHIPPED, policies
 
 
 @st.composite
@@ -42,17 +42,6 @@ def workloads(draw: st.DrawFn) -> list[Request]:
     return out
 
 
-policies = st.one_of(
-    st.sampled_from(SHIPPED),
-    st.builds(
-        KFCFS,
-        priority=st.sampled_from(["prefill", "decode"]),
-        mixed=st.booleans(),
-        chunked=st.booleans(),
-        k_p=st.none() | st.integers(1, 3),
-        k_d=st.none() | st.integers(1, 5),
-    ),
-)
 batch_times = st.sampled_from(
     [ConstantTime(1.0), LinearTime(0.5, 0.0625), StaircaseTime(1.0, 3.0, 8), LinearTime(0.3, 0.01)]
 )

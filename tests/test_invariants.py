@@ -18,7 +18,6 @@ from llmqueue.engine import Engine
 from llmqueue.errors import PlanError
 from llmqueue.policies import (
     FASTERTRANSFORMER,
-    KFCFS,
     ORCA,
     SARATHI,
     VLLM,
@@ -28,7 +27,7 @@ from llmqueue.policies import (
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request
 
-SHIPPED = [FASTERTRANSFORMER, VLLM, ORCA, SARATHI, VLLM_CHUNKED]
+from .strategies import policies
 
 
 @st.composite
@@ -44,17 +43,6 @@ def requests_strategy(draw: st.DrawFn) -> list[Request]:
     return out
 
 
-policy_strategy = st.one_of(
-    st.sampled_from(SHIPPED),
-    st.builds(
-        KFCFS,
-        priority=st.sampled_from(["prefill", "decode"]),
-        mixed=st.booleans(),
-        chunked=st.booleans(),
-        k_p=st.none() | st.integers(1, 4),
-        k_d=st.none() | st.integers(1, 6),
-    ),
-)
 batch_time_strategy = st.sampled_from(
     [ConstantTime(1.0), LinearTime(2.0, 0.25), StaircaseTime(1.0, 3.0, 8)]
 )
@@ -123,7 +111,7 @@ def replay(
 
 @given(
     requests=requests_strategy(),
-    policy=policy_strategy,
+    policy=policies,
     budget=st.integers(1, 48),
     k_max=st.none() | st.integers(1, 8),
     batch_time=batch_time_strategy,

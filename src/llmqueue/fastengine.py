@@ -5,12 +5,12 @@ tokens dropping below its chunk) the shipped schedulers form the same plan at ev
 the engine asks the policy once, works out how many iterations ``k`` that plan repeats, and books
 all ``k`` at once: batch end times by the same sequence of float additions as the reference
 engine (so times agree to the bit), inter-token latencies, backlog integrals, batch statistics and
-the work-conservation audit, each vectorised over the ``k`` iterations. An arrival inside such a
-run cuts it at the first boundary after the arrival, exactly where the reference engine would
+the work-conservation audit, each in closed form over the ``k`` iterations. An arrival inside such
+a run cuts it at the first boundary after the arrival, exactly where the reference engine would
 form a new plan. See docs/fastpath.md for why this is exact and what it costs.
 
-A policy opts in by declaring ``repeats_plan = True`` (see ``llmqueue.policies``); ``simulate``
-runs every other policy on the reference engine.
+A policy opts in with ``repeats_plan = True`` and a compact planner ``plan_compact`` (see
+``llmqueue.policies``); ``simulate`` runs every other policy on the reference engine.
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ class FastEngine(Engine):
             self.budget, self.k_max, self._prefilling, self._decoders, entries,
             self._prefill_left_tokens, k,
         )
-        self._plan = entries  # type: ignore[assignment]
+        self._plan = entries
         self._prompts = entries
         self._decode_first = plan.decode_first
         self._shape = (prefill, decoders, duration)

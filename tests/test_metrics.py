@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmqueue.batchtime import ConstantTime, StaircaseTime
-from llmqueue.metrics import TimeBins, ValueCounts
+from llmqueue.metrics import LogHistogram, Recorder, TimeBins, ValueCounts
 from llmqueue.policies import SARATHI, VLLM
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request, make_workload
@@ -96,3 +96,41 @@ def test_empty_metrics_are_nan_not_errors() -> None:
     lat = result.metrics.latency
     assert math.isnan(lat["mean_tpot_ms"]) and math.isnan(lat["p99_itl_ms"])
     assert lat["mean_ttft_ms"] == 1.0 and lat["mean_e2el_ms"] == 1.0
+
+
+@given(
+    st.lists(st.floats(0.0, 1e9) | st.sampled_from([0.0, 1.0, 46.75]), min_size=1, max_size=300),
+    st.sampled_from([0.0, 1.0, 37.5, 50.0, 90.0, 99.0, 100.0]),
+)
+def test_log_histogram_percentiles_are_within_alpha(values, q) -> None:
+    """Every percentile lies within relative alpha of numpy's exact one (values above 1e-6 ms)."""
+    histogram = LogHistogram(alpha=1e-4)
+    histogram.add(np.array(values))
+    exact = float(np.percentile(values, q))
+    got = histogram.percentile(q)
+    assert got == pytest.approx(exact, rel=1e-4, abs=1e-6)
+    assert histogram.mean() == pytest.approx(float(np.mean(values)), rel=1e-12)
+
+
+def test_recorder_folds_into_histograms_without_keeping_requests() -> None:
+    """The same run with and without per-request columns: equal counts, percentiles within 1e-4."""
+    workload = make_workload("poisson", "poisson:129", "geometric:112", 12.0)
+    t = StaircaseTime(11.28, 35.47, 128)
+    kept = simulate(workload, SARATHI, t, 512, seed=3, max_requests=4000)
+    folded = simulate(workload, SARATHI, t, 512, seed=3, max_requests=4000, keep_requests=False)
+    assert kept.metrics.latency_exact and folded.metrics.latency_exact  # under the limit
+    recorder = Recorder(keep_requests=False, exact_limit=500)
+    for record in kept.requests or ():
+        recorder.in_system += 1
+        recorder.request_done(record)
+    small = recorder.finish(kept.metrics.duration_s * 1000.0)
+    assert not small.latency_exact
+    assert recorder.histograms is not None and len(recorder.done["id"]) < 500
+    assert small.completed == kept.metrics.completed
+    assert small.output_throughput == kept.metrics.output_throughput
+    for name in ("ttft", "tpot", "e2el"):
+        for label in ("mean", "median", "p90", "p99"):
+            key = f"{label}_{name}_ms"
+            assert small.latency[key] == pytest.approx(kept.metrics.latency[key], rel=1e-4), key
+    with pytest.raises(ValueError, match="folded"):
+        list(recorder.completed_records())

@@ -161,10 +161,11 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--progress/--no-progress", default=None,
                      help="Progress bar (default: on when stderr is a terminal)."),
         click.option(
-            "--engine", type=click.Choice(["auto", "fast", "reference"]), default="auto",
+            "--engine", type=click.Choice(["auto", "compiled", "fast", "reference"]), default="auto",
             show_default=True,
-            help="fast: book runs of identical iterations at once; reference: every iteration "
-            "(same results); auto: fast when the policy allows it.",
+            help="compiled: the numba event loop (shipped policies, the 'fast' extra); fast: the "
+            "same in Python; reference: every iteration (all give the same results); auto: the "
+            "fastest the policy allows.",
         ),
     ]
     for option in reversed(options):

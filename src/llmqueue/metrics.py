@@ -17,6 +17,7 @@ import numpy as np
 
 PERCENTILES = (("mean", None), ("median", 50.0), ("p90", 90.0), ("p99", 99.0))
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
+_LATENCY_KEYS = tuple(f"{label}_{name}_ms" for name in LATENCIES for label, _ in PERCENTILES)
 
 
 class TimeBins:
@@ -132,6 +133,58 @@ class ValueCounts:
         return self.sum / self.total if self.total else math.nan
 
 
+class LogHistogram:
+    """Fixed log-spaced histogram of non-negative values: percentiles within relative ``alpha``.
+
+    Bin i holds values in (m g^(i-1), m g^i] with g = (1 + alpha) / (1 - alpha), and reports the
+    value 2 m g^i / (g + 1), within relative ``alpha`` of every value in the bin (the DDSketch
+    mapping, with a fixed range instead of a growing one). Values up to ``min_ms`` count as 0
+    and values above ``max_ms`` as ``max_ms``. About 1.6 MB for the defaults; the mean is exact.
+    """
+
+    def __init__(self, alpha: float = 1e-4, min_ms: float = 1e-6, max_ms: float = 1e12) -> None:
+        self.alpha = alpha
+        self.min_ms = min_ms
+        self.max_ms = max_ms
+        self.log_gamma = math.log((1.0 + alpha) / (1.0 - alpha))
+        self.bins = math.ceil(math.log(max_ms / min_ms) / self.log_gamma) + 1
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.total = 0
+        self.sum = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        """Count every value of ``values``."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.size == 0:
+            return
+        self.total += int(values.size)
+        self.sum += float(values.sum())
+        scaled = np.clip(values, self.min_ms, self.max_ms) / self.min_ms
+        index = np.ceil(np.log(scaled) / self.log_gamma).astype(np.int64)
+        self.counts += np.bincount(np.clip(index, 0, self.bins - 1), minlength=self.bins)
+
+    def _value(self, i: int) -> float:
+        if i == 0:
+            return 0.0
+        gamma = math.exp(self.log_gamma)
+        return 2.0 * self.min_ms * math.exp(i * self.log_gamma) / (gamma + 1.0)
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile with numpy's default (linear) interpolation between the ranks."""
+        if self.total == 0:
+            return math.nan
+        cum = np.cumsum(self.counts)
+        pos = q / 100.0 * (self.total - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        v_lo = self._value(int(np.searchsorted(cum, lo + 1)))
+        v_hi = self._value(int(np.searchsorted(cum, hi + 1)))
+        return v_lo + (v_hi - v_lo) * (pos - lo)
+
+    def mean(self) -> float:
+        """Exact mean of the values added."""
+        return self.sum / self.total if self.total else math.nan
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
     """One request's outcome; ``first_token_ms``/``finish_ms`` are NaN if not reached."""
@@ -169,6 +222,7 @@ class RunMetrics:
     wc_wasted_fraction: float
     stall_ms: float
     itl_exact: bool
+    latency_exact: bool
     backlog_series: tuple[tuple[float, float], ...] = field(repr=False)
 
     def as_dict(self) -> dict[str, object]:
@@ -197,6 +251,7 @@ class RunMetrics:
             wc_wasted_fraction=self.wc_wasted_fraction,
             stall_ms=self.stall_ms,
             itl_exact=self.itl_exact,
+            latency_exact=self.latency_exact,
             backlog_series=[[t, b] for t, b in self.backlog_series],
         )
         return out
@@ -216,9 +271,22 @@ def _summary(name: str, values: np.ndarray) -> dict[str, float]:
 
 
 class Recorder:
-    """Collects what the engine reports and produces ``RunMetrics``; one per run, no shared state."""
+    """Collects what the engine reports and produces ``RunMetrics``; one per run, no shared state.
 
-    def __init__(self, *, max_bins: int = 2048) -> None:
+    Finished requests are kept as compact columns (exact percentiles, and the records for
+    ``--requests-out``). With ``keep_requests=False``, once ``exact_limit`` requests have
+    finished the columns are folded into ``LogHistogram``s (relative accuracy 1e-4) and emptied
+    again at every ``exact_limit``, so memory stays fixed however long the run;
+    ``RunMetrics.latency_exact`` then says False.
+    """
+
+    def __init__(
+        self, *, max_bins: int = 2048, keep_requests: bool = True, exact_limit: int = 100_000
+    ) -> None:
+        self.keep_requests = keep_requests
+        self.exact_limit = exact_limit
+        self.histograms: dict[str, LogHistogram] | None = None
+        self.folded = {"completed": 0, "prefill_tokens": 0, "decode_tokens": 0}
         self.last_ms = 0.0
         self.backlog_tokens = 0
         self.in_system = 0
@@ -322,27 +390,75 @@ class Recorder:
         self.in_system -= 1
         for name, column in self.done.items():
             column.append(getattr(record, name))
+        if not self.keep_requests and len(self.done["id"]) >= self.exact_limit:
+            self._fold()
+
+    def _columns(self) -> tuple[np.ndarray, ...]:
+        """(arrival, first token, finish, prefill, decode) of the requests held as columns."""
+        return tuple(
+            np.frombuffer(self.done[name], dtype=float if name.endswith("_ms") else np.int64)
+            for name in ("arrival_ms", "first_token_ms", "finish_ms", "prefill_tokens", "decode_tokens")
+        )
+
+    def _fold(self) -> None:
+        """Move the held columns into the latency histograms and empty them."""
+        if self.histograms is None:
+            self.histograms = {name: LogHistogram() for name in ("ttft", "tpot", "e2el")}
+        arrival, first, finish, prefill, decode = self._columns()
+        has_decode = decode > 0
+        self.histograms["ttft"].add(first - arrival)
+        self.histograms["tpot"].add((finish[has_decode] - first[has_decode]) / decode[has_decode])
+        self.histograms["e2el"].add(finish - arrival)
+        self.folded["completed"] += len(arrival)
+        self.folded["prefill_tokens"] += int(prefill.sum())
+        self.folded["decode_tokens"] += int(decode.sum())
+        self.done = {name: array(column.typecode) for name, column in self.done.items()}
+
+    def requests_done(
+        self,
+        ids: np.ndarray,
+        arrival_ms: np.ndarray,
+        first_token_ms: np.ndarray,
+        finish_ms: np.ndarray,
+        prefill_tokens: np.ndarray,
+        decode_tokens: np.ndarray,
+    ) -> None:
+        """Many requests finished (columns of equal length, any order)."""
+        self.in_system -= len(ids)
+        columns = (ids, arrival_ms, first_token_ms, finish_ms, prefill_tokens, decode_tokens)
+        for (name, column), values in zip(self.done.items(), columns, strict=True):
+            dtype = np.float64 if name.endswith("_ms") else np.int64
+            column.frombytes(np.ascontiguousarray(values, dtype=dtype).tobytes())
+        if not self.keep_requests and len(self.done["id"]) >= self.exact_limit:
+            self._fold()
 
     def finish(self, end_ms: float, max_points: int = 512) -> RunMetrics:
         """Close the integrals at ``end_ms`` and compute every metric."""
         self._advance(end_ms)
-        arrival, first, finish, prefill, decode = (
-            np.frombuffer(self.done[name], dtype=float if name.endswith("_ms") else np.int64)
-            for name in (
-                "arrival_ms", "first_token_ms", "finish_ms", "prefill_tokens", "decode_tokens"
-            )
-        )
-        completed = len(arrival)
-        duration_s = end_ms / 1000.0
-        has_decode = decode > 0
         latency: dict[str, float] = {}
-        latency.update(_summary("ttft", first - arrival))
-        latency.update(
-            _summary("tpot", (finish[has_decode] - first[has_decode]) / decode[has_decode])
-        )
+        if self.histograms is None:
+            arrival, first, finish, prefill, decode = self._columns()
+            completed = len(arrival)
+            prefill_sum, decode_sum = float(prefill.sum()), float(decode.sum())
+            has_decode = decode > 0
+            latency.update(_summary("ttft", first - arrival))
+            latency.update(
+                _summary("tpot", (finish[has_decode] - first[has_decode]) / decode[has_decode])
+            )
+            latency.update(_summary("e2el", finish - arrival))
+        else:
+            self._fold()
+            completed = self.folded["completed"]
+            prefill_sum = float(self.folded["prefill_tokens"])
+            decode_sum = float(self.folded["decode_tokens"])
+            for name, histogram in self.histograms.items():
+                for label, q in PERCENTILES:
+                    value = histogram.mean() if q is None else histogram.percentile(q)
+                    latency[f"{label}_{name}_ms"] = value
         for label, q in PERCENTILES:
             latency[f"{label}_itl_ms"] = self.itl.mean() if q is None else self.itl.percentile(q)
-        latency.update(_summary("e2el", finish - arrival))
+        latency = {key: latency[key] for key in _LATENCY_KEYS}
+        duration_s = end_ms / 1000.0
 
         def per_s(x: float) -> float:
             return x / duration_s if duration_s > 0 else math.nan
@@ -358,8 +474,8 @@ class Recorder:
             incomplete=self.arrivals - completed,
             duration_s=duration_s,
             request_throughput=per_s(completed),
-            output_throughput=per_s(float(decode.sum())),
-            total_token_throughput=per_s(float(decode.sum() + prefill.sum())),
+            output_throughput=per_s(decode_sum),
+            total_token_throughput=per_s(decode_sum + prefill_sum),
             latency=latency,
             mean_requests_in_system=self.in_system_area / end_ms if end_ms > 0 else math.nan,
             mean_backlog_tokens=self.backlog_area / end_ms if end_ms > 0 else math.nan,
@@ -374,11 +490,14 @@ class Recorder:
             wc_wasted_fraction=self.wc_wasted / self.wc_target if self.wc_target else 0.0,
             stall_ms=self.stall_ms,
             itl_exact=self.itl.exact,
+            latency_exact=self.histograms is None,
             backlog_series=series,
         )
 
     def completed_records(self) -> Iterable[RequestRecord]:
-        """Records of the completed requests, in completion order."""
+        """Records of the completed requests, in completion order (needs ``keep_requests``)."""
+        if self.histograms is not None:
+            raise ValueError("the request records were folded into histograms (keep_requests off)")
         for values in zip(*self.done.values(), strict=True):
             yield RequestRecord(*values)
 

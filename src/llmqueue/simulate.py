@@ -11,19 +11,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Literal
 
-from llmqueue import theory
+import numpy as np
+
+from llmqueue import compiled, theory
 from llmqueue.batchtime import BatchTime
 from llmqueue.engine import Batch, Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine, needs_reference
 from llmqueue.metrics import Recorder, RequestRecord, RunMetrics
-from llmqueue.policies import chunks_prefill, is_work_conserving, policy_name
+from llmqueue.policies import KFCFS, VLLMChunked, chunks_prefill, is_work_conserving, policy_name
 from llmqueue.stability import Observation, Prediction, observe, predict
 from llmqueue.workload import Request, TraceArrivals, Workload
 
-EngineKind = Literal["auto", "fast", "reference"]
+EngineKind = Literal["auto", "compiled", "fast", "reference"]
+ENGINES = ("auto", "compiled", "fast", "reference")
 MIN_DRAIN_MS = 60_000.0
 WARMUP_FRACTION = 0.2
 """The first 20 % of the arrival window is left out of the backlog trend test."""
@@ -169,12 +173,21 @@ def simulate(
     the same results. ``keep_requests``: return every request's record in ``RunResult.requests``
     (the metrics are computed either way).
     """
-    if engine not in ("auto", "fast", "reference"):
-        raise ConfigError("engine", engine, "must be 'auto', 'fast' or 'reference'")
-    if engine == "fast" and needs_reference(policy):
+    if engine not in ENGINES:
+        raise ConfigError("engine", engine, f"must be one of {', '.join(ENGINES)}")
+    if engine in ("fast", "compiled") and needs_reference(policy):
         raise ConfigError(
             "engine", engine, f"policy '{policy_name(policy)}' does not declare repeats_plan"
         )
+    if engine == "compiled" and not compiled.supports(policy, budget, keep_batches):
+        raise ConfigError(
+            "engine", engine,
+            "needs numba (pip install 'llmqueue[fast]'), a shipped policy, a budget <= "
+            f"{compiled.MAX_BUDGET} and keep_batches off",
+        )
+    use_compiled = engine == "compiled" or (
+        engine == "auto" and compiled.supports(policy, budget, keep_batches)
+    )
     use_fast = engine == "fast" or (engine == "auto" and not needs_reference(policy))
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("requests", max_requests, "must be an integer >= 1")
@@ -183,58 +196,51 @@ def simulate(
     if drain_s is not None and not (drain_s >= 0 and math.isfinite(drain_s)):
         raise ConfigError("drain_s", drain_s, "must be >= 0 seconds")
     duration_ms = None if duration_s is None else duration_s * 1000.0
-    if isinstance(source, Workload):
-        if max_requests is None and duration_ms is None and not isinstance(source.arrival, TraceArrivals):
-            raise ConfigError("requests", None, "give a number of requests or a duration")
-        arrivals: Iterator[Request] = source.requests(
-            seed, max_requests=max_requests, duration_ms=duration_ms
-        )
-    else:
-        arrivals = _bounded(iter(source), max_requests, duration_ms)
+    unbounded = max_requests is None and duration_ms is None
+    if isinstance(source, Workload) and unbounded and not isinstance(source.arrival, TraceArrivals):
+        raise ConfigError("requests", None, "give a number of requests or a duration")
 
-    recorder = Recorder()
-    engine_class = FastEngine if use_fast else Engine
-    eng = engine_class(policy, batch_time, budget, k_max, recorder=recorder, keep_batches=keep_batches)
-    never_chunks = chunks_prefill(policy) is False
-    unservable = 0
-    prefill_sum = decode_sum = 0
+    def horizon_for(last_arrival_ms: float) -> float:
+        """End of the arrivals plus the drain allowance."""
+        end = duration_ms if duration_ms is not None else last_arrival_ms
+        drain = max(end, MIN_DRAIN_MS) if drain_s is None else drain_s * 1000.0
+        return end + drain
+
+    recorder = Recorder(keep_requests=keep_requests)
+    tally = _Tally(budget, chunks_prefill(policy) is False)
+    if use_compiled:
+        if isinstance(source, Workload):
+            chunks = source.chunks(seed, max_requests=max_requests, duration_ms=duration_ms)
+        else:
+            chunks = _chunked(_bounded(iter(source), max_requests, duration_ms))
+        assert isinstance(policy, KFCFS | VLLMChunked)
+        outcome = compiled.run(
+            tally.count(chunks), policy, batch_time, budget, k_max, recorder, horizon_for,
+            progress, keep_pending=keep_requests,
+        )
+        batches = None
+    else:
+        if isinstance(source, Workload):
+            arrivals: Iterator[Request] = source.requests(
+                seed, max_requests=max_requests, duration_ms=duration_ms
+            )
+        else:
+            arrivals = _bounded(iter(source), max_requests, duration_ms)
+        engine_class = FastEngine if use_fast else Engine
+        eng = engine_class(
+            policy, batch_time, budget, k_max, recorder=recorder, keep_batches=keep_batches
+        )
+        outcome = _run_engine(eng, tally.each(arrivals), recorder, horizon_for, progress, keep_requests)
+        batches = None if eng.batches is None else tuple(eng.batches)
+    end_ms = outcome.end_ms
+    cut = outcome.cut
+    if outcome.blocked_since_ms is not None:
+        recorder.stall(end_ms - outcome.blocked_since_ms)
+    metrics = recorder.finish(end_ms)
+    unservable, prefill_sum, decode_sum = tally.unservable, tally.prefill_sum, tally.decode_sum
+
     def arrival_end_ms() -> float:
         return duration_ms if duration_ms is not None else recorder.last_arrival_ms
-
-    nxt = next(arrivals, None)
-    horizon = math.inf
-    steps = 0
-    while True:
-        t = eng.next_event_ms()
-        if nxt is not None and nxt.arrival_ms <= t:
-            if never_chunks and nxt.prefill_tokens > budget:
-                unservable += 1
-            prefill_sum += nxt.prefill_tokens
-            decode_sum += nxt.decode_tokens
-            eng.submit(nxt)
-            nxt = next(arrivals, None)
-            if nxt is None:  # arrivals are over: the drain allowance starts
-                end = arrival_end_ms()
-                drain = max(end, MIN_DRAIN_MS) if drain_s is None else drain_s * 1000.0
-                horizon = end + drain
-            continue
-        if t >= horizon or (nxt is None and math.isinf(t)):
-            break
-        eng.step()
-        steps += 1
-        if progress is not None and steps % 4096 == 0:
-            progress(recorder.arrivals)
-    if progress is not None:
-        progress(recorder.arrivals)
-
-    cut = math.isfinite(eng.next_event_ms()) and eng.next_event_ms() >= horizon
-    if cut:
-        eng.stop(horizon)
-    end_ms = horizon if cut else max(eng.now_ms, recorder.last_arrival_ms)
-    blocked_since = eng.blocked_since_ms
-    if blocked_since is not None:
-        recorder.stall(end_ms - blocked_since)
-    metrics = recorder.finish(end_ms)
 
     arrivals_n = max(recorder.arrivals, 1)
     if isinstance(source, Workload):
@@ -263,9 +269,9 @@ def simulate(
             f"{unservable} request(s) have more prefill tokens than the budget {budget} and "
             f"policy '{policy_name(policy)}' never chunks prompts: they can never be served"
         )
-    if blocked_since is not None and eng.in_system:
+    if outcome.blocked_since_ms is not None and outcome.in_system:
         notes.append(
-            f"the engine stalled: {eng.in_system} request(s) wait but the policy forms no batch"
+            f"the engine stalled: {outcome.in_system} request(s) wait but the policy forms no batch"
         )
     if engine == "auto" and not use_fast:
         notes.append(
@@ -285,8 +291,7 @@ def simulate(
     records = None
     if keep_requests:
         done = list(recorder.completed_records())
-        pending = [job.record() for job in eng.jobs()]
-        records = tuple(sorted(done + pending, key=lambda r: r.id))
+        records = tuple(sorted(done + list(outcome.pending), key=lambda r: r.id))
     return RunResult(
         policy=policy_name(policy),
         budget=budget,
@@ -300,8 +305,90 @@ def simulate(
         observed=observation,
         notes=tuple(notes),
         requests=records,
-        batches=None if eng.batches is None else tuple(eng.batches),
+        batches=batches,
     )
+
+
+class _Tally:
+    """Counts what arrived: token sums and prompts that a never-chunking policy cannot serve."""
+
+    def __init__(self, budget: int, never_chunks: bool) -> None:
+        self.budget = budget
+        self.never_chunks = never_chunks
+        self.unservable = 0
+        self.prefill_sum = 0
+        self.decode_sum = 0
+
+    def each(self, requests: Iterator[Request]) -> Iterator[Request]:
+        for r in requests:
+            if self.never_chunks and r.prefill_tokens > self.budget:
+                self.unservable += 1
+            self.prefill_sum += r.prefill_tokens
+            self.decode_sum += r.decode_tokens
+            yield r
+
+    def count(self, chunks: Iterable[compiled.Chunk]) -> Iterator[compiled.Chunk]:
+        for chunk in chunks:
+            _, _, prefill, decode = chunk
+            if self.never_chunks:
+                self.unservable += int(np.count_nonzero(prefill > self.budget))
+            self.prefill_sum += int(prefill.sum())
+            self.decode_sum += int(decode.sum())
+            yield chunk
+
+
+def _run_engine(
+    eng: Engine,
+    arrivals: Iterator[Request],
+    recorder: Recorder,
+    horizon_for: Callable[[float], float],
+    progress: Callable[[int], None] | None,
+    keep_pending: bool,
+) -> compiled.Outcome:
+    """The event loop over a Python engine: submit arrivals in time order, step between them."""
+    nxt = next(arrivals, None)
+    horizon = math.inf
+    steps = 0
+    while True:
+        t = eng.next_event_ms()
+        if nxt is not None and nxt.arrival_ms <= t:
+            eng.submit(nxt)
+            nxt = next(arrivals, None)
+            if nxt is None:  # arrivals are over: the drain allowance starts
+                horizon = horizon_for(recorder.last_arrival_ms)
+            continue
+        if t >= horizon or (nxt is None and math.isinf(t)):
+            break
+        eng.step()
+        steps += 1
+        if progress is not None and steps % 4096 == 0:
+            progress(recorder.arrivals)
+    if progress is not None:
+        progress(recorder.arrivals)
+    cut = math.isfinite(eng.next_event_ms()) and eng.next_event_ms() >= horizon
+    if cut:
+        eng.stop(horizon)
+    return compiled.Outcome(
+        end_ms=horizon if cut else max(eng.now_ms, recorder.last_arrival_ms),
+        cut=cut,
+        blocked_since_ms=eng.blocked_since_ms,
+        in_system=eng.in_system,
+        pending=tuple(job.record() for job in eng.jobs()) if keep_pending else (),
+    )
+
+
+def _chunked(requests: Iterator[Request], size: int = 4096) -> Iterator[compiled.Chunk]:
+    """Requests as numpy chunks (ids, arrival_ms, prefill, decode)."""
+    while True:
+        block = list(islice(requests, size))
+        if not block:
+            return
+        yield (
+            np.fromiter((r.id for r in block), np.int64, len(block)),
+            np.fromiter((r.arrival_ms for r in block), np.float64, len(block)),
+            np.fromiter((r.prefill_tokens for r in block), np.int64, len(block)),
+            np.fromiter((r.decode_tokens for r in block), np.int64, len(block)),
+        )
 
 
 def _bounded(

@@ -103,7 +103,13 @@ def max_throughput(bt: BatchTime, budget: int) -> tuple[int, float]:
     """
     b = _budget(budget)
     n = np.arange(1, b + 1, dtype=np.int64)
-    rate = n / bt.times_ms(n)
+    times = np.asarray(bt.times_ms(n), dtype=np.float64)
+    bad = ~((times > 0) & np.isfinite(times))
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ConfigError("batch-time", float(times[first]),
+                          f"t({first + 1}) must be a positive finite time")
+    rate = n / times
     best = float(rate.max())
     i = int(np.argmax(rate >= best * (1.0 - _REL_TOL)))
     return int(n[i]), best

@@ -968,6 +968,13 @@ class Workload:
 
         Same seed, same stream; the first k requests do not depend on the stopping rule.
         """
+        return _as_requests(self.chunks(seed, max_requests, duration_ms))
+
+    def chunks(self, seed: int, max_requests: int | None = None,
+               duration_ms: float | None = None) -> Iterator[tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray, np.ndarray]]:
+        """The same stream as ``requests`` as numpy chunks (ids, arrival_ms, prefill, decode):
+        no Python object per request (for the compiled engine)."""
         if not _is_int(seed) or int(seed) < 0:
             raise ConfigError("seed", seed, "must be a non-negative integer")
         if max_requests is not None and (not _is_int(max_requests) or max_requests < 0):
@@ -984,7 +991,8 @@ class Workload:
         horizon_ms = math.inf if duration_ms is None else float(duration_ms)
         return self._stream(int(seed), limit, horizon_ms)
 
-    def _stream(self, seed: int, limit: float, horizon_ms: float) -> Iterator[Request]:
+    def _stream(self, seed: int, limit: float, horizon_ms: float
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         seeds = np.random.SeedSequence(seed).spawn(3)
         rng_arrival, rng_prefill, rng_decode = (np.random.Generator(np.random.PCG64(s))
                                                 for s in seeds)
@@ -993,11 +1001,18 @@ class Workload:
         for times in self.arrival.chunks_ms(rng_arrival, CHUNK_SIZE):
             prefill, decode = self._sizes(rng_prefill, rng_decode, offset, times.shape[0])
             offset += times.shape[0]
-            for t, p, d in zip(times.tolist(), prefill.tolist(), decode.tolist(), strict=True):
-                if next_id >= limit or t >= horizon_ms:
-                    return
-                yield Request(next_id, t, p, d)
-                next_id += 1
+            n = times.shape[0]
+            if limit - next_id < n:
+                n = int(limit - next_id)
+            if math.isfinite(horizon_ms):
+                n = min(n, int(np.searchsorted(times[:n], horizon_ms, side="left")))
+            if n > 0:
+                ids = np.arange(next_id, next_id + n, dtype=np.int64)
+                yield (ids, np.asarray(times[:n], dtype=np.float64),
+                       np.asarray(prefill[:n], dtype=np.int64), np.asarray(decode[:n], dtype=np.int64))
+                next_id += n
+            if n < times.shape[0]:
+                return
 
     def _sizes(self, rng_prefill: np.random.Generator, rng_decode: np.random.Generator,
                offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1016,6 +1031,14 @@ class Workload:
         assert isinstance(self.arrival, TraceArrivals)
         column = self.arrival.prefill if which == "prefill" else self.arrival.decode
         return column[offset:offset + n]
+
+
+def _as_requests(chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+                 ) -> Iterator[Request]:
+    for ids, times, prefill, decode in chunks:
+        for i, t, p, d in zip(ids.tolist(), times.tolist(), prefill.tolist(), decode.tolist(),
+                              strict=True):
+            yield Request(i, t, p, d)
 
 
 def _same_file(a: str, b: str) -> bool:

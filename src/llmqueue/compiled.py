@@ -1,0 +1,299 @@
+"""Driver of the compiled event loop (``llmqueue.kernel``): feeds arrivals, collects outputs.
+
+``simulate(..., engine="auto")`` uses it for the shipped policies (``KFCFS`` and ``VLLMChunked``
+instances, not subclasses) when numba is installed (``pip install 'llmqueue[fast]'``); otherwise
+the pure-Python fast engine runs, with the same results. Arrivals come in numpy chunks and
+finished requests leave in numpy chunks, so the loop never builds a Python object per request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from importlib.util import find_spec
+
+import numpy as np
+
+from llmqueue.batchtime import BatchTime
+from llmqueue.errors import ConfigError
+from llmqueue.metrics import Recorder, RequestRecord
+from llmqueue.policies import KFCFS, VLLMChunked
+
+MAX_BUDGET = 1 << 17
+"""Largest token budget the compiled loop takes (it tabulates t(n) for n = 1..budget)."""
+
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Arrivals in time order: (ids int64, arrival_ms float64, prefill int64, decode int64)."""
+
+
+def available() -> bool:
+    """Whether numba is installed (the ``fast`` extra)."""
+    return find_spec("numba") is not None
+
+
+def supports(policy: object, budget: int, keep_batches: bool) -> bool:
+    """Whether the compiled loop can run this setting (else the Python fast engine does)."""
+    return (
+        type(policy) in (KFCFS, VLLMChunked)
+        and not keep_batches
+        and isinstance(budget, int)
+        and 1 <= budget <= MAX_BUDGET
+        and available()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a compiled run ended (what ``simulate`` needs besides the recorder)."""
+
+    end_ms: float
+    cut: bool
+    blocked_since_ms: float | None
+    in_system: int
+    pending: tuple[RequestRecord, ...]
+
+
+def _policy_params(policy: KFCFS | VLLMChunked, budget: int, k_max: int | None) -> np.ndarray:
+    from llmqueue import kernel as K
+
+    pol = np.zeros(K.N_POL, dtype=np.int64)
+    pol[K.P_BUDGET] = budget
+    pol[K.P_KMAX] = 0 if k_max is None else k_max
+    if isinstance(policy, KFCFS):
+        pol[K.P_KIND] = K.KIND_KFCFS
+        pol[K.P_DECODE_FIRST] = int(policy.priority == "decode")
+        pol[K.P_MIXED] = int(policy.mixed)
+        pol[K.P_CHUNKED] = int(policy.chunked)
+        pol[K.P_KP] = 0 if policy.k_p is None else policy.k_p
+        pol[K.P_KD] = 0 if policy.k_d is None else policy.k_d
+    else:
+        pol[K.P_KIND] = K.KIND_VLLM_CHUNKED
+    return pol
+
+
+def _batch_time_table(batch_time: BatchTime, budget: int) -> np.ndarray:
+    """t(n) for n = 0..budget; NaN where the model fails (reported only if such a batch runs)."""
+    table = np.full(budget + 1, math.nan)
+    for n in range(1, budget + 1):
+        try:
+            table[n] = float(batch_time(n))
+        except Exception:
+            table[n] = math.nan
+    return table
+
+
+class _State:
+    """The kernel's arrays (see ``llmqueue.kernel`` for the layout), growable."""
+
+    def __init__(self, policy: KFCFS | VLLMChunked, batch_time: BatchTime, budget: int,
+                 k_max: int | None, capacity: int = 1024) -> None:
+        from llmqueue import kernel as K
+
+        self.K = K
+        self.si = np.zeros(K.N_SI, dtype=np.int64)
+        self.sf = np.zeros(K.N_SF)
+        self.sf[K.BATCH_END] = math.inf
+        self.sf[K.HORIZON] = math.inf
+        self.sf[K.BIN_WIDTH] = 1.0
+        self.si[K.A_FINAL] = 0
+        self.cap = 0
+        self.slot_i = np.zeros((0, K.N_RI), dtype=np.int64)
+        self.slot_f = np.zeros((0, K.N_RF))
+        self.q = np.zeros((K.N_Q, 0), dtype=np.int64)
+        self.heap = np.zeros((4, 0), dtype=np.int64)
+        self.grow(capacity)
+        self.pol = _policy_params(policy, budget, k_max)
+        self.t_table = _batch_time_table(batch_time, budget)
+        self.ends = np.zeros(K.MAX_REPEAT)
+        self.targets = np.zeros(K.MAX_REPEAT, dtype=np.int64)
+        self.bins = np.zeros(2048)
+        room = max(1 << 14, 4 * budget + 64)
+        self.out_f = np.zeros((room, 3))
+        self.out_i = np.zeros((room, 4), dtype=np.int64)
+        self.itl = np.zeros((2, room))
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` requests present at once (rings are unwrapped)."""
+        K, si, old = self.K, self.si, self.cap
+        slot_i = np.zeros((capacity, K.N_RI), dtype=np.int64)
+        slot_i[:old] = self.slot_i
+        slot_f = np.zeros((capacity, K.N_RF))
+        slot_f[:old] = self.slot_f
+        q = np.zeros((K.N_Q, capacity), dtype=np.int64)
+        for row in (K.Q_SERVED, K.Q_JOIN, K.Q_PLAN_SLOT, K.Q_PLAN_TOK):
+            q[row, :old] = self.q[row]
+        for row, head, length in ((K.Q_PREFILL, K.PQ_HEAD, K.PQ_LEN), (K.Q_WAIT, K.WQ_HEAD, K.WQ_LEN)):
+            n = si[length]
+            if n:
+                q[row, :n] = self.q[row, (si[head] + np.arange(n)) % old]
+            si[head] = 0
+        free = si[K.N_FREE]
+        q[K.Q_FREE, :free] = self.q[K.Q_FREE, :free]
+        q[K.Q_FREE, free : free + capacity - old] = np.arange(capacity - 1, old - 1, -1)
+        si[K.N_FREE] = free + capacity - old
+        heap = np.zeros((4, 2 * capacity), dtype=np.int64)
+        heap[:, : si[K.HP_LEN]] = self.heap[:, : si[K.HP_LEN]]
+        self.slot_i, self.slot_f, self.q, self.heap, self.cap = slot_i, slot_f, q, heap, capacity
+
+    def args(self) -> tuple[np.ndarray, ...]:
+        return (self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol)
+
+    def outputs(self) -> tuple[np.ndarray, ...]:
+        return (self.ends, self.targets, self.bins, self.out_f, self.out_i, self.itl)
+
+
+def _drain(state: _State, recorder: Recorder) -> None:
+    """Move finished requests and inter-token latencies into the recorder."""
+    K, si = state.K, state.si
+    n = int(si[K.N_OUT])
+    if n:
+        recorder.requests_done(
+            state.out_i[:n, 1], state.out_f[:n, 0], state.out_f[:n, 1], state.out_f[:n, 2],
+            state.out_i[:n, 2], state.out_i[:n, 3],
+        )
+        si[K.N_OUT] = 0
+    g = int(si[K.N_ITL])
+    if g:
+        values, inverse = np.unique(state.itl[0, :g], return_inverse=True)
+        counts = np.bincount(inverse, weights=state.itl[1, :g])
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            recorder.itl.add(value, int(count))
+        si[K.N_ITL] = 0
+
+
+def _load_recorder(state: _State, recorder: Recorder) -> None:
+    """Copy the kernel's integrals and counters into the recorder (same fields, same meaning)."""
+    K, si, sf = state.K, state.si, state.sf
+    recorder.last_ms = float(sf[K.REC_LAST])
+    recorder.backlog_tokens = int(si[K.BACKLOG])
+    recorder.in_system = int(si[K.IN_SYSTEM])
+    recorder.backlog_area = float(sf[K.BACKLOG_AREA])
+    recorder.in_system_area = float(sf[K.IN_SYSTEM_AREA])
+    recorder.backlog_bins.sums[:] = state.bins
+    recorder.backlog_bins.width_ms = float(sf[K.BIN_WIDTH])
+    recorder.arrivals = int(si[K.ARRIVALS])
+    recorder.arrived_tokens = int(si[K.ARRIVED_TOKENS])
+    recorder.last_arrival_ms = float(sf[K.LAST_ARRIVAL])
+    recorder.batches_started = int(si[K.BATCHES])
+    recorder.batch_tokens = int(si[K.BATCH_TOKENS])
+    recorder.batch_requests = int(si[K.BATCH_REQUESTS])
+    recorder.batch_prefill = int(si[K.BATCH_PREFILL])
+    recorder.batch_decode = int(si[K.BATCH_DECODE])
+    recorder.busy_ms = float(sf[K.BUSY])
+    recorder.wc_target = int(si[K.WC_TARGET])
+    recorder.wc_violations = int(si[K.WC_VIOL])
+    recorder.wc_wasted = int(si[K.WC_WASTED])
+    recorder.stall_ms = float(sf[K.STALL])
+
+
+def run(
+    chunks: Iterable[Chunk],
+    policy: KFCFS | VLLMChunked,
+    batch_time: BatchTime,
+    budget: int,
+    k_max: int | None,
+    recorder: Recorder,
+    horizon_for: Callable[[float], float],
+    progress: Callable[[int], None] | None = None,
+    keep_pending: bool = True,
+) -> Outcome:
+    """Run arrivals through one engine with the compiled loop; fills ``recorder``.
+
+    ``horizon_for(last_arrival_ms)`` gives the horizon once the arrivals are over (the same rule
+    as ``simulate``'s Python loop).
+    """
+    from llmqueue import kernel as K
+
+    state = _State(policy, batch_time, budget, k_max)
+    si, sf = state.si, state.sf
+    empty: Chunk = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    source: Iterator[Chunk] = iter(chunks)
+    current = next(source, None)
+    done = False
+    while not done:
+        chunk = empty if current is None else current
+        upcoming = None if current is None else next(source, None)
+        final = upcoming is None
+        ids, arrival_ms, prefill, decode = (
+            _plain(a, t) for a, t in zip(chunk, (np.int64, np.float64, np.int64, np.int64), strict=True)
+        )
+        si[K.A_POS] = 0
+        si[K.A_FINAL] = int(final)
+        if final:
+            last = float(arrival_ms[-1]) if arrival_ms.size else float(sf[K.LAST_ARRIVAL])
+            sf[K.HORIZON] = horizon_for(last)
+        while True:
+            code = K.run(*state.args(), state.t_table, *state.outputs(), arrival_ms, prefill, decode, ids)
+            if code == K.NEED_ROOM:
+                if si[K.N_OUT] == 0 and si[K.N_ITL] == 0:  # a single step needs more room
+                    state.out_f = np.zeros((2 * len(state.out_f), 3))
+                    state.out_i = np.zeros((2 * len(state.out_i), 4), dtype=np.int64)
+                    state.itl = np.zeros((2, 2 * state.itl.shape[1]))
+                _drain(state, recorder)
+            elif code == K.NEED_SLOTS:
+                state.grow(2 * state.cap)
+                si, sf = state.si, state.sf
+            elif code == K.BAD_BATCH_TIME:
+                n = int(si[K.ERR_N])
+                value = batch_time(n)  # re-raises the model's own error, if it has one
+                raise ConfigError("batch-time", value, f"t({n}) must be a positive finite time")
+            elif code == K.NEED_ARRIVALS:
+                break
+            else:
+                done = True
+                break
+        if progress is not None:
+            progress(int(si[K.ARRIVALS]))
+        current = upcoming
+        if final:
+            done = True
+
+    _drain(state, recorder)
+    horizon = float(sf[K.HORIZON])
+    t_next = float(sf[K.BATCH_END]) if si[K.ACTIVE] else (
+        float(sf[K.NOW]) if si[K.IN_SYSTEM] and not si[K.BLOCKED] else math.inf
+    )
+    cut = math.isfinite(t_next) and t_next >= horizon
+    if cut:
+        room = int(si[K.SV_LEN] + si[K.PP_LEN] + si[K.JN_LEN] + 4)
+        if len(state.out_f) < room or state.itl.shape[1] < room:
+            raise AssertionError("output buffers smaller than one step")  # sized at >= 4 budget
+        K.stop(*state.args(), *state.outputs(), horizon)
+        _drain(state, recorder)
+    _load_recorder(state, recorder)
+    end_ms = horizon if cut else max(float(sf[K.NOW]), float(sf[K.LAST_ARRIVAL]))
+    return Outcome(
+        end_ms=end_ms,
+        cut=cut,
+        blocked_since_ms=float(sf[K.BLOCKED_SINCE]) if si[K.BLOCKED] else None,
+        in_system=int(si[K.IN_SYSTEM]),
+        pending=_pending(state) if keep_pending else (),
+    )
+
+
+def _plain(values: np.ndarray, dtype: type) -> np.ndarray:
+    """A writable contiguous array of ``dtype``: one compiled signature for every source (numba
+    compiles a new one for read-only or strided arrays)."""
+    out = np.ascontiguousarray(values, dtype=dtype)
+    return out if out.flags.writeable else out.copy()
+
+
+def _pending(state: _State) -> tuple[RequestRecord, ...]:
+    """Records of the requests still present (first token if reached, no finish), by arrival."""
+    K, si = state.K, state.si
+    free = np.zeros(state.cap, dtype=bool)
+    free[state.q[K.Q_FREE, : si[K.N_FREE]]] = True
+    slots = np.flatnonzero(~free)
+    slots = slots[np.argsort(state.slot_i[slots, K.R_SEQ], kind="stable")]
+    return tuple(
+        RequestRecord(
+            id=int(state.slot_i[s, K.R_ID]),
+            arrival_ms=float(state.slot_f[s, K.R_ARR]),
+            first_token_ms=float(state.slot_f[s, K.R_FIRST]),
+            finish_ms=math.nan,
+            prefill_tokens=int(state.slot_i[s, K.R_PRE]),
+            decode_tokens=int(state.slot_i[s, K.R_DEC]),
+        )
+        for s in slots.tolist()
+    )

@@ -1,0 +1,155 @@
+"""The compiled event loop against the reference engine: same requests' times, same metrics.
+
+The compiled loop (``llmqueue.kernel``) ports the fast engine and the shipped policies to numba;
+hypothesis checks it against the reference per-iteration engine on random workloads, including
+prompt-less requests (they reorder the decoders), horizon cuts, k_max and every policy knob, and
+the driver paths that only long runs reach (slot growth, output drains, chunked arrivals).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmqueue import compiled
+from llmqueue.batchtime import ConstantTime, StaircaseTime
+from llmqueue.errors import ConfigError
+from llmqueue.policies import KFCFS, SARATHI, VLLM, VLLM_CHUNKED, make_policy
+from llmqueue.simulate import simulate
+from llmqueue.workload import Request, make_workload
+
+from .strategies import SHIPPED, policies
+from .test_fastengine import assert_same, batch_times
+
+
+@st.composite
+def workloads(draw: st.DrawFn, min_prefill: int = 0) -> list[Request]:
+    n = draw(st.integers(1, 40))
+    t = 0.0
+    out = []
+    for i in range(n):
+        t += draw(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 7.25, 40.0]))
+        prefill = draw(st.integers(min_prefill, 90))
+        decode = draw(st.integers(0 if prefill else 1, 60))
+        out.append(Request(i, t, prefill, decode))
+    return out
+
+
+def against_reference(requests, policy, batch_time, budget, k_max, **kwargs):
+    ref = simulate(requests, policy, batch_time, budget, k_max=k_max, engine="reference", **kwargs)
+    fast = simulate(requests, policy, batch_time, budget, k_max=k_max, engine="compiled", **kwargs)
+    assert_same(ref, fast)
+    assert fast.notes == ref.notes
+    return ref, fast
+
+
+@given(
+    requests=workloads(),
+    policy=policies,
+    budget=st.integers(1, 64),
+    k_max=st.none() | st.integers(1, 9),
+    batch_time=batch_times,
+)
+def test_compiled_matches_the_reference(requests, policy, budget, k_max, batch_time) -> None:
+    against_reference(requests, policy, batch_time, budget, k_max, drain_s=1e6)
+
+
+@given(requests=workloads(), policy=st.sampled_from(SHIPPED), budget=st.integers(4, 64),
+       k_max=st.none() | st.integers(1, 9), drain_s=st.sampled_from([0.0, 0.5, 3.0, 20.0]))
+def test_compiled_matches_when_cut_at_the_horizon(requests, policy, budget, k_max, drain_s) -> None:
+    against_reference(requests, policy, ConstantTime(1.0), budget, k_max, drain_s=drain_s)
+
+
+@pytest.mark.parametrize("policy", [*SHIPPED, KFCFS(k_p=2, k_d=40), KFCFS(priority="prefill",
+                                                                            chunked=False)])
+@pytest.mark.parametrize("k_max", [None, 24])
+def test_compiled_matches_on_long_poisson_runs(policy, k_max) -> None:
+    """Thousands of requests near capacity, hundreds present at once (slots grow past their
+    first 1024), output buffers drained mid-run: identical to the reference."""
+    workload = make_workload("poisson", "poisson:129", "geometric:112", 14.5)
+    ref, fast = against_reference(workload, policy, StaircaseTime(11.28, 35.47, 128), 512, k_max,
+                                  seed=7, max_requests=2500)
+    assert ref.observed.verdict == fast.observed.verdict
+
+
+def test_slots_grow_and_outputs_drain() -> None:
+    """20,000 requests arrive at once: 20x the first slot capacity, outputs drained repeatedly."""
+    requests = [Request(i, 0.0, 3, 2) for i in range(20_000)]
+    _, fast = against_reference(requests, SARATHI, ConstantTime(1.0), 64, None)
+    assert fast.metrics.completed == 20_000
+
+
+def test_arrival_chunks_equal_the_request_stream() -> None:
+    workload = make_workload("gamma:2.5", "lognormal:100,1.0", "geometric:50", 3.0)
+    chunks = list(workload.chunks(4, max_requests=10_000))
+    ids, times, prefill, decode = (np.concatenate(c) for c in zip(*chunks, strict=True))
+    stream = list(workload.requests(4, max_requests=10_000))
+    assert ids.tolist() == [r.id for r in stream]
+    assert times.tolist() == [r.arrival_ms for r in stream]
+    assert prefill.tolist() == [r.prefill_tokens for r in stream]
+    assert decode.tolist() == [r.decode_tokens for r in stream]
+    timed = list(workload.requests(4, duration_ms=60_000.0))
+    chunked = np.concatenate([c[1] for c in workload.chunks(4, duration_ms=60_000.0)])
+    assert chunked.tolist() == [r.arrival_ms for r in timed]
+
+
+def test_auto_picks_the_compiled_loop_for_shipped_policies_only() -> None:
+    assert compiled.supports(SARATHI, 128, keep_batches=False)
+    assert compiled.supports(make_policy("kfcfs", k_p=3), 128, keep_batches=False)
+    assert not compiled.supports(SARATHI, 128, keep_batches=True)
+    assert not compiled.supports(SARATHI, compiled.MAX_BUDGET + 1, keep_batches=False)
+
+    class Mine(KFCFS):  # a subclass may plan differently: not ported
+        pass
+
+    assert not compiled.supports(Mine(), 128, keep_batches=False)
+
+
+def test_compiled_refuses_what_it_cannot_run() -> None:
+    requests = [Request(0, 0.0, 5, 3)]
+    with pytest.raises(ConfigError, match=r"^engine: .*numba"):
+        simulate(requests, SARATHI, ConstantTime(1.0), 8, engine="compiled", keep_batches=True)
+    with pytest.raises(ConfigError, match=r"^engine:"):
+        simulate(requests, lambda view: {}, ConstantTime(1.0), 8, engine="compiled")
+
+
+def test_a_bad_batch_time_is_the_same_error_on_both_engines() -> None:
+    """A user's t(n) must be positive: the first batch of such n stops the run, one line."""
+
+    class ZeroForOneToken:
+        spec = "user"
+
+        def __call__(self, n: int) -> float:
+            return 0.0 if n == 1 else 1.0
+
+        def times_ms(self, n: np.ndarray) -> np.ndarray:
+            return np.where(n == 1, 0.0, 1.0)
+
+    zero_for_one_token = ZeroForOneToken()
+
+    requests = [Request(0, 0.0, 4, 1)]
+    messages = []
+    for engine in ("reference", "compiled"):
+        with pytest.raises(ConfigError, match=r"^batch-time: .*t\(1\)") as caught:
+            simulate(requests, SARATHI, zero_for_one_token, 8, engine=engine)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+
+
+def test_unstable_overload_stops_at_the_horizon() -> None:
+    """Vanilla vLLM at twice capacity: the run ends at the horizon with requests left over."""
+    workload = make_workload("poisson", "129", "112", 2 * 13.87)
+    _, fast = against_reference(workload, VLLM, StaircaseTime(11.28, 35.47, 128), 512, None,
+                                  seed=1, max_requests=3000, drain_s=5.0)
+    assert fast.metrics.incomplete > 0
+    assert math.isclose(fast.metrics.duration_s, 3000 / 27.74 + 5.0, rel_tol=0.1)
+
+
+def test_vllm_chunked_with_k_max_matches_on_a_trace_like_mix() -> None:
+    workload = make_workload("poisson", "lognormal:900,1.2", "lognormal:200,1.0", 6.0)
+    against_reference(workload, VLLM_CHUNKED, StaircaseTime(12.82, 13.70, 128), 2048, 16,
+                      seed=2, max_requests=1500)

@@ -1,4 +1,4 @@
-"""The ``llmqueue`` command line: ``simulate``, ``capacity`` and ``compare``.
+"""The ``llmqueue`` command line: ``simulate``, ``capacity``, ``compare``, ``sweep``, ``results``.
 
 Every option can also come from a TOML or YAML file given with ``--config`` (keys are the option
 names; flags on the command line win). Bad input exits with code 2 and one line on stderr.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -18,7 +19,14 @@ from typing import Any
 import click
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from llmqueue import theory
@@ -26,6 +34,10 @@ from llmqueue.batchtime import BatchTime, parse_batch_time
 from llmqueue.errors import LLMQueueError
 from llmqueue.policies import KFCFS, POLICY_NAMES, VLLMChunked, make_policy
 from llmqueue.simulate import RunResult, simulate, summarize_theory
+from llmqueue.store import Store, parse_where, run_key, select, to_csv, to_json
+from llmqueue.sweep import expand as expand_sweep
+from llmqueue.sweep import load_config as load_sweep
+from llmqueue.sweep import run_sweep
 from llmqueue.workload import TraceArrivals, Workload, make_workload
 
 DEFAULT_BATCH_TIME = "staircase:c=11.28,a=35.47,b0=128"
@@ -486,6 +498,122 @@ def compare_cmd(policies: str, plot_path: str, **opts: Any) -> None:
         console.print(f"backlog plot: {plot_path}")
 
 
+SWEEP_COLUMNS = (
+    "policy", "budget", "k_max", "rate", "load", "seed", "completed", "request_throughput",
+    "mean_ttft_ms", "p99_ttft_ms", "p99_tpot_ms", "mean_e2el_ms", "backlog_slope_tokens_per_s",
+    "stable_predicted", "stable_observed",
+)
+
+
+@cli.command("sweep")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--db", "db_path", default=None,
+              help="Results file (SQLite; default: CONFIG with the suffix .sqlite).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes (default: the number of CPUs).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: run on a Ray cluster (pip install 'llmqueue[ray]').")
+@click.option("--ray-address", "ray_address", default=None,
+              help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--dry-run", "dry_run", is_flag=True, help="Validate and count the runs; run none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar with ETA (default: on when stderr is a terminal).")
+def sweep_cmd(config_path: str, db_path: str | None, workers: int | None, backend: str,
+              ray_address: str | None, dry_run: bool, as_json: bool, progress: bool | None) -> None:
+    """Run a grid of simulations from a config file; every finished run is stored at once.
+
+    Rerunning the same command resumes: runs already in the results file are skipped.
+    """
+    config = load_sweep(config_path)
+    path = Path(db_path) if db_path else Path(config_path).with_suffix(".sqlite")
+    workers = workers or os.cpu_count() or 1
+    show = progress if progress is not None else sys.stderr.isatty()
+    with Store(path) as store:
+        if dry_run:
+            total = sum(1 for _ in expand_sweep(config))
+            done = len({run_key(r) for r in expand_sweep(config)} & store.keys())
+            doc = {"runs": total, "already_stored": done, "to_run": total - done, "db": str(path)}
+            _dump(doc) if as_json else click.echo(
+                f"{total} runs: {done} already in {path}, {total - done} to run"
+            )
+            return
+        bar = Progress(
+            TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True),
+            transient=True, disable=not show,
+        )
+        with bar:
+            task = bar.add_task("sweep", total=None)
+
+            def start(total: int, todo: int) -> None:
+                bar.update(task, total=todo)
+
+            outcome = run_sweep(
+                config, store, workers=workers, backend=backend,  # type: ignore[arg-type]
+                ray_address=ray_address, on_start=start,
+                on_done=lambda run, result: bar.advance(task),
+            )
+    doc = {
+        "runs": outcome.total, "already_stored": outcome.already_done, "ran": outcome.ran,
+        "interrupted": outcome.interrupted, "wall_s": outcome.wall_s, "db": str(path),
+    }
+    if as_json:
+        _dump(doc)
+    else:
+        click.echo(
+            f"{outcome.total} runs: {outcome.already_done} already stored, {outcome.ran} ran in "
+            f"{outcome.wall_s:.1f} s; results in {path} (llmqueue results {path})"
+        )
+    if outcome.interrupted:
+        click.echo("llmqueue: interrupted: finished runs are stored; rerun to resume", err=True)
+        raise click.exceptions.Exit(130)
+
+
+@cli.command("results")
+@click.argument("db_path", metavar="DB", type=click.Path(exists=True, dir_okay=False))
+@click.option("--where", "where", multiple=True,
+              help="Filter: field=value, field!=value, field<value, field>value (repeatable).")
+@click.option("--columns", default=None,
+              help="Comma-separated fields (default for the table: a summary set; csv/json: all).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+@click.option("--out", "out_path", default=None, help="Write to this file instead of stdout.")
+def results_cmd(db_path: str, where: tuple[str, ...], columns: str | None, fmt: str,
+                out_path: str | None) -> None:
+    """Query and export the runs stored by `llmqueue sweep`."""
+    clauses = parse_where(where)
+    chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    if chosen is None and fmt == "table":
+        chosen = list(SWEEP_COLUMNS)
+    with Store(db_path) as store:
+        rows = select(store.rows(), clauses, chosen)
+    if fmt == "csv":
+        text = to_csv(rows)
+    elif fmt == "json":
+        text = to_json(rows)
+    else:
+        table = Table(show_header=True, header_style="bold")
+        names = chosen or []
+        for name in names:
+            table.add_column(name, justify="left" if name == "policy" else "right")
+        for row in rows:
+            table.add_row(*(_fmt(row.get(n), 3) if isinstance(row.get(n), float)
+                            else ("-" if row.get(n) is None else str(row.get(n))) for n in names))
+        console = _console() if out_path is None else Console(
+            file=open(out_path, "w", encoding="utf-8"), width=250  # noqa: SIM115
+        )
+        console.print(table)
+        console.print(f"{len(rows)} run(s)")
+        if out_path is not None:
+            console.file.close()
+        return
+    if out_path is None:
+        click.echo(text, nl=False)
+    else:
+        Path(out_path).write_text(text, encoding="utf-8")
+
+
 def _plot(results: Sequence[RunResult], path: str) -> None:
     try:
         import matplotlib
@@ -521,7 +649,9 @@ def _plot(results: Sequence[RunResult], path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI; bad input gives one line on stderr and exit code 2."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        code = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        if isinstance(code, int):  # click returns the code of an Exit in this mode
+            return code
     except click.exceptions.NoArgsIsHelpError as err:
         click.echo(err.ctx.get_help() if err.ctx else str(err))
         return 0

@@ -1,0 +1,240 @@
+"""Sweeps and the results store: validation before any run, resume after a kill, queries.
+
+The kill test starts a real ``llmqueue sweep`` process, kills it (SIGKILL, its workers too) once
+some runs are stored, and reruns it: no finished run is lost and none is made twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmqueue.batchtime import parse_batch_time
+from llmqueue.cli import main
+from llmqueue.errors import ConfigError
+from llmqueue.policies import make_policy
+from llmqueue.simulate import simulate
+from llmqueue.store import Store, run_key
+from llmqueue.sweep import expand, parse_config, run_sweep
+from llmqueue.workload import make_workload
+
+from .test_cli import run_cli
+
+SMALL = """
+[grid]
+policies = ["sarathi", "vllm", {name = "kfcfs", priority = "prefill", k_p = 2}]
+loads = [0.6, 1.2]
+seeds = [0, 1]
+k_max = ["none", 64]
+
+[run]
+requests = 400
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def rows_in(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db, timeout=30) as con:
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[grid]\npolices = ['sarathi']\nloads = [0.5]\n", r"grid\.polices: unknown key"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nbudgets = '512'\n", r"grid\.budgets"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nseeds = []\n", r"grid\.seeds: .*at least 1"),
+        ("[grid]\npolicies = []\nloads = [0.5]\n", r"grid\.policies"),
+        ("[grid]\npolicies = ['sarathi']\n", r"grid: give exactly one of rates and loads"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nrates = [1.0]\n",
+         r"grid: give exactly one of rates and loads"),
+        ("[grid]\npolicies = ['nope']\nloads = [0.5]\n", r"grid\.policies: unknown policy.*'nope'"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nbatch_times = ['linear:c=1']\n",
+         r"grid\.batch_times"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [-0.5]\n", r"grid\.loads"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\n[run]\nrequests = 0\n", r"run\.requests"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\n[run]\nengine = 'warp'\n", r"run\.engine"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\n[[grid.workloads]]\nprefill = 'zipf:3'\n",
+         r"grid\.workloads"),
+        ("grid = 3\n", r"grid"),
+    ],
+)
+def test_bad_configs_fail_before_any_run_naming_the_key(tmp_path, capsys, text, message) -> None:
+    config = write(tmp_path, text)
+    db = tmp_path / "out.sqlite"
+    code, _, err = run_cli(capsys, "sweep", str(config), "--db", str(db), "--workers", "1")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("llmqueue: error: ")
+
+    assert re.search(message, err), err
+    assert rows_in(db) == 0
+
+
+def test_grid_expands_to_every_combination() -> None:
+    config = parse_config({"grid": {"policies": ["sarathi", "orca"], "rates": {"start": 1.0,
+                           "stop": 3.0, "num": 3}, "seeds": [0, 1], "budgets": [128, 512]}})
+    runs = list(expand(config))
+    assert len(runs) == 2 * 3 * 2 * 2
+    assert len({run_key(r) for r in runs}) == len(runs)
+    assert sorted({r["rate"] for r in runs}) == [1.0, 2.0, 3.0]
+
+
+def test_a_stored_run_equals_the_same_simulate_call(tmp_path) -> None:
+    config = parse_config({"grid": {"policies": ["orca"], "rates": [11.0], "seeds": [5]},
+                           "run": {"requests": 800}})
+    with Store(tmp_path / "r.sqlite") as store:
+        outcome = run_sweep(config, store, workers=1)
+        (row,) = list(store.rows())
+    assert outcome.ran == 1 and outcome.total == 1
+    direct = simulate(make_workload("poisson", "129", "112", 11.0), make_policy("orca"),
+                      parse_batch_time("staircase:c=11.28,a=35.47,b0=128"), 512, seed=5,
+                      max_requests=800, keep_requests=False)
+    expected = json.loads(json.dumps(direct.metrics.as_dict(), allow_nan=True))
+    for key in ("completed", "mean_ttft_ms", "p99_e2el_ms", "num_batches", "mean_backlog_tokens"):
+        assert row[key] == expected[key]
+    assert row["stable_observed"] == direct.observed.verdict
+
+
+def test_resume_skips_stored_runs_and_workers_give_identical_results(tmp_path, capsys) -> None:
+    config = write(tmp_path, SMALL)
+    one, two = tmp_path / "one.sqlite", tmp_path / "two.sqlite"
+    code, out, _ = run_cli(capsys, "sweep", str(config), "--db", str(one), "--workers", "1", "--json")
+    assert code == 0 and json.loads(out)["ran"] == 24
+    code, out, _ = run_cli(capsys, "sweep", str(config), "--db", str(one), "--json")
+    assert code == 0 and json.loads(out) | {"wall_s": 0} == {
+        "runs": 24, "already_stored": 24, "ran": 0, "interrupted": False, "wall_s": 0, "db": str(one)
+    }
+    code, _, _ = run_cli(capsys, "sweep", str(config), "--db", str(two), "--workers", "2")
+    assert code == 0
+    with Store(one) as a, Store(two) as b:
+        left = {r["key"]: r for r in a.rows()}
+        right = {r["key"]: r for r in b.rows()}
+    assert left.keys() == right.keys()
+    for key, row in left.items():
+        assert {k: v for k, v in row.items() if k != "wall_s"} == {
+            k: v for k, v in right[key].items() if k != "wall_s"
+        }
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating_runs(tmp_path) -> None:
+    """A real process is killed (SIGKILL, with its workers) halfway; the rerun completes it."""
+    config = write(tmp_path, """
+[grid]
+policies = ["sarathi", "orca", "vllm", "fastertransformer"]
+loads = {start = 0.5, stop = 1.1, num = 10}
+seeds = [0]
+
+[run]
+requests = 30000
+""")
+    db = tmp_path / "kill.sqlite"
+    script = Path(sys.executable).with_name("llmqueue")
+    proc = subprocess.Popen(
+        [str(script), "sweep", str(config), "--db", str(db), "--workers", "2", "--no-progress"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while rows_in(db) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stored_before = rows_in(db)
+    assert 3 <= stored_before < 40, "the kill must land halfway through the sweep"
+    with Store(db) as store:
+        keys_before = store.keys()
+    rerun = subprocess.run(
+        [str(script), "sweep", str(config), "--db", str(db), "--workers", "2", "--json",
+         "--no-progress"], capture_output=True, text=True, check=True,
+    )
+    outcome = json.loads(rerun.stdout)
+    assert outcome["already_stored"] == stored_before
+    assert outcome["ran"] == 40 - stored_before  # nothing finished is made again
+    with Store(db) as store:
+        assert len(store) == 40
+        assert keys_before <= store.keys()
+        config_keys = {run_key(r) for r in expand(parse_config(
+            {"grid": {"policies": ["sarathi", "orca", "vllm", "fastertransformer"],
+                      "loads": {"start": 0.5, "stop": 1.1, "num": 10}, "seeds": [0]},
+             "run": {"requests": 30000}}))}
+        assert store.keys() == config_keys
+
+
+def test_interrupt_keeps_finished_runs(tmp_path) -> None:
+    """Ctrl-C (SIGINT to the process group) ends the sweep with code 130 and a resume hint."""
+    config = write(tmp_path, """
+[grid]
+policies = ["sarathi", "orca"]
+loads = {start = 0.5, stop = 1.0, num = 20}
+
+[run]
+requests = 30000
+""")
+    db = tmp_path / "int.sqlite"
+    script = Path(sys.executable).with_name("llmqueue")
+    proc = subprocess.Popen(
+        [str(script), "sweep", str(config), "--db", str(db), "--workers", "1", "--no-progress"],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while rows_in(db) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted: finished runs are stored; rerun to resume" in err
+    assert 2 <= rows_in(db) < 40
+
+
+def test_results_query_and_export(tmp_path, capsys) -> None:
+    config = write(tmp_path, SMALL)
+    db = tmp_path / "q.sqlite"
+    assert main(["sweep", str(config), "--db", str(db), "--workers", "1", "--no-progress"]) == 0
+    code, out, _ = run_cli(capsys, "results", str(db), "--format", "json", "--where",
+                           "policy=sarathi", "--where", "load>1", "--columns", "policy,load,k_max")
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) == 4 and all(r["policy"] == "sarathi" and r["load"] == 1.2 for r in rows)
+    assert sorted(str(r["k_max"]) for r in rows) == ["64", "64", "None", "None"]
+    csv_path = tmp_path / "all.csv"
+    code, _, _ = run_cli(capsys, "results", str(db), "--format", "csv", "--out", str(csv_path))
+    lines = csv_path.read_text().splitlines()
+    assert code == 0 and len(lines) == 25 and "p99_ttft_ms" in lines[0]
+    code, out, _ = run_cli(capsys, "results", str(db), "--where", "k_max=none")
+    assert code == 0 and "12 run(s)" in out
+    code, _, err = run_cli(capsys, "results", str(db), "--columns", "policy,nonsense")
+    assert code == 2 and "columns: unknown column" in err
+    code, _, err = run_cli(capsys, "results", str(db), "--where", "load>>x")
+    assert code == 2 and err.startswith("llmqueue: error: where")
+
+
+def test_ray_backend_without_ray_names_the_extra(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    config = write(tmp_path, SMALL)
+    code, _, err = run_cli(capsys, "sweep", str(config), "--db", str(tmp_path / "r.sqlite"),
+                           "--backend", "ray")
+    assert code == 2 and "pip install 'llmqueue[ray]'" in err
+
+
+def test_workers_must_be_positive(tmp_path) -> None:
+    config = parse_config({"grid": {"policies": ["sarathi"], "rates": [1.0]}})
+    with Store(tmp_path / "w.sqlite") as store, pytest.raises(ConfigError, match=r"^workers"):
+        run_sweep(config, store, workers=0)

@@ -1,4 +1,5 @@
-"""The ``llmqueue`` command line: ``simulate``, ``capacity``, ``compare``, ``sweep``, ``results``.
+"""The ``llmqueue`` command line: ``simulate``, ``capacity``, ``compare``, ``sweep``, ``results``,
+``region`` and ``reproduce``.
 
 Every option can also come from a TOML or YAML file given with ``--config`` (keys are the option
 names; flags on the command line win). Bad input exits with code 2 and one line on stderr.
@@ -33,7 +34,11 @@ from llmqueue import theory
 from llmqueue.batchtime import BatchTime, parse_batch_time
 from llmqueue.errors import LLMQueueError
 from llmqueue.policies import KFCFS, POLICY_NAMES, VLLMChunked, make_policy
+from llmqueue.region import OperatingPoint, plot_region, region
+from llmqueue.reproduce import TARGETS, reproduce
 from llmqueue.simulate import RunResult, simulate, summarize_theory
+from llmqueue.slo import best_budget_for_slo, max_rate_under_slo, parse_slo
+from llmqueue.slo import claim as slo_claim
 from llmqueue.store import Store, parse_where, run_key, select, to_csv, to_json
 from llmqueue.sweep import expand as expand_sweep
 from llmqueue.sweep import load_config as load_sweep
@@ -405,8 +410,28 @@ def _print_result(console: Console, result: RunResult) -> None:
     "--max-iteration-ms", "max_iteration_ms", type=click.FloatRange(min=0, min_open=True),
     default=None, help="Also find the budget with the best b/t(b) under this iteration-time cap.",
 )
-def capacity_cmd(max_iteration_ms: float | None, **opts: Any) -> None:
-    """Theory only: capacity, critical rate, load and fluid slope of a setting."""
+@click.option("--slo", default=None,
+              help="Latency targets in ms, e.g. p99_ttft_ms=500,p99_tpot_ms=50: find the highest "
+              "rate that is stable and meets them (simulation, replicated seeds).")
+@click.option("--policies", default="sarathi", show_default=True,
+              help="With --slo: comma-separated policies to search.")
+@click.option("--budgets", default=None,
+              help="With --slo: comma-separated budgets to search (default: --budget).")
+@click.option("--best-budget", "best_budget", is_flag=True,
+              help="With --slo: at the given --rate/--load, pick the best of --budgets instead.")
+@click.option("--slo-seeds", "slo_seeds", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Replicated seeds per evaluated rate.")
+@click.option("--slo-requests", "slo_requests", type=click.IntRange(min=1), default=5000,
+              show_default=True, help="Requests per replicated run.")
+@click.option("--confidence", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              default=0.95, show_default=True, help="Level of the one-sided upper bounds.")
+@click.option("--tolerance", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              default=0.01, show_default=True, help="Relative width at which the search stops.")
+def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
+                 budgets: str | None, best_budget: bool, slo_seeds: int, slo_requests: int,
+                 confidence: float, tolerance: float, **opts: Any) -> None:
+    """Capacity, critical rate, load and fluid slope of a setting (theory); with --slo, the
+    highest rate that is stable and meets latency targets (simulation)."""
     workload = _workload(opts)
     bt, budget, k_max = opts["batch_time"], opts["budget"], opts["k_max"]
     summary = summarize_theory(
@@ -436,12 +461,112 @@ def capacity_cmd(max_iteration_ms: float | None, **opts: Any) -> None:
             best_budget_t_ms=choice.t_ms,
             best_budget_tokens_per_s=choice.tokens_per_s,
         )
+    if slo is None:
+        if best_budget or budgets is not None or policies != "sarathi":
+            raise click.UsageError("--policies, --budgets and --best-budget need --slo")
+        _print_doc(doc, opts["as_json"])
+        return
+    targets = parse_slo(slo)
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names:
+        raise click.BadParameter("no policy named", param_hint="--policies")
+    for name in names:
+        _policy(name, opts)
+    sizes = _sizes(opts)
+    budget_list = [budget] if budgets is None else _int_list(budgets, "--budgets")
+    seeds = tuple(range(slo_seeds))
+    rows: list[dict[str, Any]] = []
+    statement = ""
+    for name in names:
+        policy = _policy(name, opts)
+        if best_budget:
+            search = best_budget_for_slo(
+                sizes, policy, bt, budget_list, workload.rate_per_s, targets, k_max=k_max,
+                seeds=seeds, max_requests=slo_requests, confidence=confidence,
+            )
+            statement = search.statement
+            for c in search.candidates:
+                rows.append({
+                    "policy": name, "budget": c.budget, "rate": search.rate_per_s,
+                    "passed": c.passed, "worst_ratio": c.worst_ratio,
+                    "best": search.best is not None and c.budget == search.best.budget,
+                    "bound_rate": c.bound_rate_per_s,
+                    **({} if c.point is None else {f"{k}_upper": v for k, v in c.point.upper_bounds.items()}),
+                    "reasons": list(c.reasons),
+                })
+            continue
+        for b in budget_list:
+            cap = max_rate_under_slo(
+                sizes, policy, bt, b, targets, k_max=k_max, seeds=seeds,
+                max_requests=slo_requests, tolerance=tolerance, confidence=confidence,
+            )
+            statement = cap.statement
+            rows.append({
+                "policy": name, "budget": b, "slo_rate": cap.max_rate_per_s,
+                "fraction_of_critical": cap.fraction_of_critical,
+                "critical_rate": cap.critical_rate_per_s, "bound_rate": cap.bound_rate_per_s,
+                "lowest_failing_rate": cap.lowest_failing_rate_per_s, "runs": cap.runs,
+            })
+    doc["slo"] = targets
+    doc["slo_results"] = rows
+    doc["slo_statement"] = statement
     if opts["as_json"]:
+        _dump(doc)
+        return
+    console = _console()
+    table = Table(show_header=True, header_style="bold")
+    columns = (["policy", "budget", "passed", "worst ratio", "best", "reasons"] if best_budget else
+               ["policy", "budget", "SLO rate req/s", "of lambda*", "lambda* req/s",
+                "lowest failing", "runs"])
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("policy", "reasons") else "right")
+    for r in rows:
+        if best_budget:
+            table.add_row(r["policy"], str(r["budget"]), "yes" if r["passed"] else "no",
+                          _fmt(r["worst_ratio"], 3), "<-" if r["best"] else "",
+                          "; ".join(r["reasons"]))
+        else:
+            table.add_row(r["policy"], str(r["budget"]),
+                          "none" if r["slo_rate"] is None else _fmt(r["slo_rate"], 3),
+                          _fmt(r["fraction_of_critical"], 3), _fmt(r["critical_rate"], 3),
+                          _fmt(r["lowest_failing_rate"], 3), str(r["runs"]))
+    targets_text = ", ".join(f"{k} <= {v:g}" for k, v in targets.items())
+    where = f" at {workload.rate_per_s:.4g} req/s" if best_budget else ""
+    console.print(f"SLO {targets_text}{where}; {len(seeds)} seeds x {slo_requests} requests per rate")
+    console.print(table)
+    console.print(
+        "claim, for each passing row at its rate: "
+        f"{slo_claim(targets, seeds, slo_requests, confidence)}"
+    )
+
+
+def _print_doc(doc: dict[str, Any], as_json: bool) -> None:
+    """A flat document as JSON or as aligned key/value lines."""
+    if as_json:
         _dump(doc)
         return
     width = max(len(k) for k in doc)
     for key, value in doc.items():
         click.echo(f"{key:<{width}}  {_fmt(value, 4)}")
+
+
+def _sizes(opts: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """(arrival, prefill, decode) specs with the command's defaults."""
+    arrival = opts["arrival"]
+    is_trace = arrival.strip().startswith("trace:")
+    prefill = opts["prefill"] if opts["prefill"] is not None else (None if is_trace else DEFAULT_PREFILL)
+    decode = opts["decode"] if opts["decode"] is not None else (None if is_trace else DEFAULT_DECODE)
+    return arrival, prefill, decode
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} must be comma-separated integers", param_hint=option) from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{text!r} must name integers >= 1", param_hint=option)
+    return values
 
 
 @cli.command("compare")
@@ -496,6 +621,115 @@ def compare_cmd(policies: str, plot_path: str, **opts: Any) -> None:
     console.print(table)
     if plot_path:
         console.print(f"backlog plot: {plot_path}")
+
+
+@cli.command("region")
+@_shared_options
+@click.option("--region-load", "region_load", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Move the operating point along its ray to this load against the region.")
+@click.option("--margin", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+              show_default=True, help="Inside means region load <= 1 - margin.")
+@click.option("--plot", "plot_path", default=None, help="Write a PNG of the region here.")
+def region_cmd(region_load: float | None, margin: float, plot_path: str | None, **opts: Any) -> None:
+    """The batch-size-limit stability region (§4): vertices, vertex C, the operating point's load."""
+    if plot_path:
+        _check_out_path(plot_path, (".png",), "--plot")
+    workload = _workload(opts)
+    reg = region(opts["batch_time"], opts["budget"], opts["k_max"])
+    point = OperatingPoint(
+        workload.rate_per_s, workload.mean_prefill_tokens, workload.mean_decode_tokens
+    )
+    if region_load is not None:
+        point = OperatingPoint(
+            reg.rate_at_load(point, region_load), point.mean_prefill_tokens, point.mean_decode_tokens
+        )
+    exit_ = reg.exit(point)
+    rates = point.token_rates_per_s
+    doc: dict[str, Any] = {
+        "budget": reg.budget,
+        "k_max": reg.k_max,
+        "batch_time": opts["batch_time"].spec,
+        "capacity_tokens_per_s": reg.capacity_tokens_per_s,
+        "max_capacity_tokens_per_s": reg.max_capacity_tokens_per_s,
+        "vertices": [
+            {"prefill_tokens_per_s": v[0], "decode_tokens_per_s": v[1],
+             "batch_prefill_tokens": b[0], "batch_decode_tokens": b[1]}
+            for v, b in zip(reg.vertices_tokens_per_s, reg.vertex_batches, strict=True)
+        ],
+        "vertex_c": None if reg.vertex_c is None else {
+            "prefill_tokens_per_s": reg.vertex_c[0], "decode_tokens_per_s": reg.vertex_c[1],
+            "batch": list(reg.vertex_c_batch or ()),
+        },
+        "rate": point.rate_per_s,
+        "mean_prefill_tokens": point.mean_prefill_tokens,
+        "mean_decode_tokens": point.mean_decode_tokens,
+        "prefill_tokens_per_s": rates[0],
+        "decode_tokens_per_s": rates[1],
+        "region_load": exit_.load,
+        "margin": margin,
+        "inside": reg.contains(point, margin),
+        "exit_batch": list(exit_.batch),
+        "exit_at_vertex": exit_.at_vertex,
+    }
+    if plot_path:
+        plot_region(reg, plot_path, {f"{point.rate_per_s:.4g} req/s": point})
+        doc["plot"] = plot_path
+    if opts["as_json"]:
+        _dump(doc)
+        return
+    console = _console()
+    console.print(
+        f"region: b={reg.budget}  k_max={reg.k_max or '-'}  t(n)={doc['batch_time']}  "
+        f"b/t(b)={reg.capacity_tokens_per_s:,.1f} tokens/s  max n/t(n)="
+        f"{reg.max_capacity_tokens_per_s:,.1f} tokens/s"
+    )
+    table = Table(show_header=True, header_style="bold")
+    for col in ("vertex", "prefill tokens/s", "decode tokens/s", "batch (prefill + decode)"):
+        table.add_column(col, justify="right")
+    for i, (v, b) in enumerate(zip(reg.vertices_tokens_per_s, reg.vertex_batches, strict=True)):
+        name = f"{i}" + (" (C)" if i == reg.vertex_c_index else "")
+        table.add_row(name, _fmt(v[0], 1), _fmt(v[1], 1), f"{b[0]} + {b[1]}")
+    console.print(table)
+    where = "inside" if doc["inside"] else "outside"
+    if abs(exit_.load - 1.0) <= 1e-9:
+        where = "on the boundary"
+    console.print(
+        f"operating point: {point.rate_per_s:.6g} req/s x ({point.mean_prefill_tokens:g} + "
+        f"{point.mean_decode_tokens:g}) tokens = ({rates[0]:,.1f}, {rates[1]:,.1f}) tokens/s; "
+        f"region load {exit_.load:.9f}: {where}"
+        + (f" (margin {margin:g})" if margin else "")
+    )
+    console.print(
+        f"its ray leaves the region {'through vertex' if exit_.at_vertex else 'near vertex'} "
+        f"{exit_.vertex}: batches of {exit_.batch[0]} prefill + {exit_.batch[1]} decode tokens "
+        "carry the load there"
+    )
+    if plot_path:
+        console.print(f"region plot: {plot_path}")
+
+
+@cli.command("reproduce")
+@click.argument("name", type=click.Choice([*TARGETS, "all"]))
+@click.option("--out", "out_dir", default="reproduce", show_default=True,
+              help="Folder for the PNG figures and the markdown report.")
+@click.option("--quick", is_flag=True, help="Fewer requests per run (a quick look, not the report).")
+def reproduce_cmd(name: str, out_dir: str, quick: bool) -> None:
+    """Reproduce the paper: fig1 | example | theorem | vertex-c | all (figures + a markdown report).
+
+    Exits with code 1 if a claim of the paper does not hold in the measurement.
+    """
+    report = reproduce(name, out_dir, quick=quick)
+    console = _console()
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("claim")
+    table.add_column("holds", justify="center")
+    for claim, holds in report.claims:
+        table.add_row(claim, "yes" if holds else "[bold red]NO[/]")
+    console.print(table)
+    for path in report.files:
+        console.print(f"wrote {path}")
+    if not report.all_hold:
+        raise click.exceptions.Exit(1)
 
 
 SWEEP_COLUMNS = (

@@ -8,13 +8,21 @@ limit. *Observed* is a trend test on the time-averaged backlog over the run's ar
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy import stats
 
+from llmqueue.errors import ConfigError
 from llmqueue.metrics import TimeBins
+
+if TYPE_CHECKING:
+    from llmqueue.batchtime import BatchTime
+    from llmqueue.engine import PolicyFn
+    from llmqueue.simulate import RunResult
+    from llmqueue.workload import Workload
 
 Predicted = Literal["stable", "unstable", "no guarantee"]
 Observed = Literal["stable", "unstable", "inconclusive"]
@@ -151,3 +159,150 @@ def observe(
     else:
         verdict = "inconclusive"
     return Observation(verdict, slope, lo, hi, threshold, i0 * w / 1e3, i1 * w / 1e3, k)
+
+
+# ---------------------------------------------------------------- replicated (calibrated) test
+
+DEFAULT_REPLICATES = 5
+DEFAULT_REPLICATE_REQUESTS = 5000
+"""Requests per replicate run of :func:`test_instability` (the calibrated default, see docs)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicatedVerdict:
+    """The backlog drift tested across R independent replicate runs of one configuration.
+
+    ``mean_slope_tokens_per_s`` is the mean of the replicates' slopes; ``ci_low``/``ci_high`` are
+    its one-sided (1 - alpha) Student-t bounds (together a two-sided 1 - 2 alpha interval);
+    ``threshold_tokens_per_s`` the materiality level (mean of the replicates' thresholds);
+    ``p_value`` that of the one-sided test of H0 "mean slope <= threshold". ``fluid_ratio`` is the
+    mean slope over the theory's fluid slope when that is positive (a work-conserving policy
+    above capacity), else None.
+    """
+
+    verdict: Observed
+    mean_slope_tokens_per_s: float
+    ci_low_tokens_per_s: float
+    ci_high_tokens_per_s: float
+    threshold_tokens_per_s: float
+    p_value: float
+    replicates: int
+    alpha: float
+    fluid_slope_tokens_per_s: float | None
+    fluid_ratio: float | None
+    slopes_tokens_per_s: tuple[float, ...]
+
+
+def replicated_verdict(
+    replicates: Sequence[Observation | RunResult],
+    *,
+    alpha: float = 0.05,
+    fluid_slope_tokens_per_s: float | None = None,
+) -> ReplicatedVerdict:
+    """One-sided t test of the backlog drift over R >= 2 independent replicates (different seeds).
+
+    Each replicate contributes its single-run slope (:func:`observe`: mean increment of the block
+    means over the same relative window). Replicates are independent, so the across-replicate mean
+    has an honest Student-t interval with R - 1 degrees of freedom, whatever the correlation of
+    the backlog inside a run. H0: mean slope <= threshold (the materiality level, 2 % of the
+    offered token rate), H1: above it. Verdict ``unstable`` when H0 is rejected at ``alpha``;
+    ``stable`` when the one-sided upper bound is below the threshold (a drift, if any, is
+    immaterial at level alpha); ``inconclusive`` otherwise. Replicates that are exactly equal (a
+    deterministic setting) give p = 0 or 1 by the sign of mean - threshold.
+
+    ``replicates`` are :class:`Observation` or run results (anything with ``observed`` and
+    ``theory``); the fluid slope comes from the runs' theory unless given.
+    """
+    try:
+        items = list(replicates)
+    except TypeError:
+        raise ConfigError("replicates", replicates, "must be a sequence of runs or observations") from None
+    if len(items) < 2:
+        raise ConfigError("replicates", len(items), "need at least 2 independent replicates")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ConfigError("alpha", alpha, "must lie strictly between 0 and 1")
+    observations: list[Observation] = []
+    fluids: list[float] = []
+    for i, item in enumerate(items):
+        obs = item if isinstance(item, Observation) else getattr(item, "observed", None)
+        if not isinstance(obs, Observation):
+            raise ConfigError("replicates", type(item).__name__,
+                              f"replicate {i} is neither a run result nor an observation")
+        if not math.isfinite(obs.slope_tokens_per_s):
+            raise ConfigError("replicates", obs.verdict,
+                              f"replicate {i} has no backlog slope (run too short for the trend test)")
+        observations.append(obs)
+        th = getattr(item, "theory", None)
+        if th is not None:
+            fluids.append(float(th.fluid_slope_tokens_per_s))
+    fluid = fluid_slope_tokens_per_s
+    if fluid is None and fluids:
+        fluid = float(np.mean(fluids))
+    slopes = np.array([o.slope_tokens_per_s for o in observations], dtype=np.float64)
+    threshold = float(np.mean([o.threshold_tokens_per_s for o in observations]))
+    r = len(slopes)
+    mean = float(slopes.mean())
+    se = float(slopes.std(ddof=1)) / math.sqrt(r)
+    quantile = float(stats.t.ppf(1 - alpha, r - 1))
+    if se > 0:
+        p_value = float(stats.t.sf((mean - threshold) / se, r - 1))
+    else:
+        p_value = 0.0 if mean > threshold else 1.0
+    lo, hi = mean - quantile * se, mean + quantile * se
+    if p_value < alpha:
+        verdict: Observed = "unstable"
+    elif hi < threshold:
+        verdict = "stable"
+    else:
+        verdict = "inconclusive"
+    ratio = mean / fluid if fluid is not None and math.isfinite(fluid) and fluid > 0 else None
+    return ReplicatedVerdict(
+        verdict=verdict,
+        mean_slope_tokens_per_s=mean,
+        ci_low_tokens_per_s=lo,
+        ci_high_tokens_per_s=hi,
+        threshold_tokens_per_s=threshold,
+        p_value=p_value,
+        replicates=r,
+        alpha=float(alpha),
+        fluid_slope_tokens_per_s=fluid,
+        fluid_ratio=ratio,
+        slopes_tokens_per_s=tuple(float(s) for s in slopes),
+    )
+
+
+def test_instability(
+    workload: Workload,
+    policy: PolicyFn,
+    batch_time: BatchTime,
+    budget: int,
+    *,
+    k_max: int | None = None,
+    replicates: int = DEFAULT_REPLICATES,
+    max_requests: int = DEFAULT_REPLICATE_REQUESTS,
+    alpha: float = 0.05,
+    first_seed: int = 0,
+) -> ReplicatedVerdict:
+    """Run ``replicates`` independent runs (seeds first_seed .. first_seed + R - 1) and test them.
+
+    See :func:`replicated_verdict`. The default run length (5000 requests) is the one calibrated
+    in docs/stability.md ("Calibrated instability test"); shorter runs raise the false-alarm rate
+    near load 1 (the warm-up's rise biases the slope upwards).
+    """
+    from llmqueue.simulate import simulate  # simulate imports this module
+
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
+        raise ConfigError("replicates", replicates, "need an integer >= 2 independent replicates")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ConfigError("alpha", alpha, "must lie strictly between 0 and 1")
+    if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
+        raise ConfigError("first_seed", first_seed, "must be a non-negative integer")
+    runs = [
+        simulate(workload, policy, batch_time, budget, k_max=k_max, seed=first_seed + i,
+                 max_requests=max_requests, keep_requests=False)
+        for i in range(replicates)
+    ]
+    return replicated_verdict(runs, alpha=alpha)
+
+
+test_instability.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name

@@ -1,5 +1,5 @@
 """The ``llmqueue`` command line: ``simulate``, ``capacity``, ``compare``, ``sweep``, ``results``,
-``region`` and ``reproduce``.
+``region``, ``reproduce`` and ``network analyze|simulate``.
 
 Every option can also come from a TOML or YAML file given with ``--config`` (keys are the option
 names; flags on the command line win). Bad input exits with code 2 and one line on stderr.
@@ -33,6 +33,9 @@ from rich.table import Table
 from llmqueue import theory
 from llmqueue.batchtime import BatchTime, parse_batch_time
 from llmqueue.errors import LLMQueueError
+from llmqueue.netsim import NetworkResult, predict_network, simulate_network
+from llmqueue.network import Analysis, Network, load_network
+from llmqueue.network import analyze as analyze_network
 from llmqueue.policies import KFCFS, POLICY_NAMES, VLLMChunked, make_policy
 from llmqueue.region import OperatingPoint, plot_region, region
 from llmqueue.reproduce import TARGETS, reproduce
@@ -730,6 +733,158 @@ def reproduce_cmd(name: str, out_dir: str, quick: bool) -> None:
         console.print(f"wrote {path}")
     if not report.all_hold:
         raise click.exceptions.Exit(1)
+
+
+@cli.group("network")
+def network_group() -> None:
+    """Networks of engines (AI agents): analysis from the traffic equations, and simulation."""
+
+
+def _print_analysis(console: Console, analysis: Analysis, net: Network) -> None:
+    table = Table(show_header=True, header_style="bold")
+    for col in ("engine", "policy", "b", "k_max", "prefill tok/s", "decode tok/s", "capacity tok/s",
+                "load (rho)"):
+        table.add_column(col, justify="left" if col in ("engine", "policy") else "right")
+    for name, load in analysis.engines.items():
+        spec = net.engines[name]
+        mark = " <- bottleneck" if name == analysis.bottleneck else ""
+        table.add_row(name, spec.policy, str(spec.budget), str(spec.k_max or "-"),
+                      _fmt(load.prefill_tokens_per_s), _fmt(load.decode_tokens_per_s),
+                      _fmt(load.capacity_tokens_per_s), f"{load.rho:.3f}{mark}")
+    console.print(table)
+    rates = ", ".join(f"{c.name} {c.rate_per_s:g}/s" for c in net.classes.values())
+    console.print(
+        f"arrivals: {rates}; critical scale {analysis.critical_scale:.4g} (every rate x it puts "
+        f"{analysis.bottleneck} at load 1)"
+    )
+    for name, visits in analysis.visits.items():
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in visits.items())
+        console.print(f"visits per {name} request: {shown}")
+    for warning in analysis.warnings:
+        console.print(f"warning: {warning}")
+
+
+@network_group.command("analyze")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Multiply every class's arrival rate by this.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def network_analyze_cmd(path: str, scale: float, as_json: bool) -> None:
+    """Per-engine loads, the bottleneck and the critical scaling of the arrival rates (no simulation)."""
+    net = load_network(path).scaled(scale)
+    analysis = analyze_network(net)
+    if as_json:
+        _dump({
+            "engines": {n: {"rho": e.rho, "prefill_tokens_per_s": e.prefill_tokens_per_s,
+                            "decode_tokens_per_s": e.decode_tokens_per_s,
+                            "capacity_tokens_per_s": e.capacity_tokens_per_s, "buffers": list(e.buffers)}
+                        for n, e in analysis.engines.items()},
+            "bottleneck": analysis.bottleneck,
+            "critical_scale": analysis.critical_scale,
+            "cyclic": analysis.cyclic,
+            "cycle": list(analysis.cycle),
+            "visits": analysis.visits,
+            "virtual_stations": [{"buffers": list(v.buffers), "engines": list(v.engines), "load": v.load}
+                                 for v in analysis.virtual_stations],
+            "warnings": list(analysis.warnings),
+            "predicted": predict_network(net, analysis).verdict,
+        })
+        return
+    console = _console()
+    _print_analysis(console, analysis, net)
+    prediction = predict_network(net, analysis)
+    console.print(f"predicted: [bold]{prediction.verdict}[/] ({prediction.reason})")
+
+
+@network_group.command("simulate")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Multiply every class's arrival rate by this.")
+@click.option("--requests", "requests_", type=click.IntRange(min=1), default=None,
+              help="External arrivals over all classes (default 20000 unless --duration-s).")
+@click.option("--duration-s", "duration_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Arrivals stop at this simulated time (s).")
+@click.option("--drain-s", "drain_s", type=click.FloatRange(min=0), default=None,
+              help="After the last arrival, run at most this long (default: the arrival window, "
+              "at least 60 s).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--plot", "plot_path", default=None, help="PNG of the backlog per engine over time.")
+def network_simulate_cmd(path: str, scale: float, requests_: int | None, duration_s: float | None,
+                         drain_s: float | None, seed: int, as_json: bool, plot_path: str | None) -> None:
+    """Simulate the network: per-engine metrics, per-class end-to-end latency, verdicts."""
+    if plot_path:
+        _check_out_path(plot_path, (".png",), "--plot")
+    net = load_network(path).scaled(scale)
+    if requests_ is None and duration_s is None:
+        requests_ = 20000
+    result = simulate_network(net, seed=seed, max_requests=requests_, duration_s=duration_s,
+                              drain_s=drain_s)
+    if plot_path:
+        _plot_network(result, plot_path)
+    if as_json:
+        _dump(result.to_dict())
+        return
+    console = _console()
+    _print_analysis(console, result.analysis, net)
+    table = Table(show_header=True, header_style="bold")
+    for col in ("engine", "policy", "visits done", "tok/s", "mean TTFT ms", "p99 TTFT ms",
+                "mean TPOT ms", "mean backlog", "slope tok/s", "observed"):
+        table.add_column(col, justify="left" if col in ("engine", "policy") else "right")
+    for e in result.engines.values():
+        m = e.metrics
+        table.add_row(e.name, e.policy, f"{m.completed}/{m.arrivals}", _fmt(m.total_token_throughput),
+                      _fmt(m.latency["mean_ttft_ms"]), _fmt(m.latency["p99_ttft_ms"]),
+                      _fmt(m.latency["mean_tpot_ms"]), _fmt(m.mean_backlog_tokens, 0),
+                      _fmt(e.observed.slope_tokens_per_s), e.observed.verdict)
+    console.print(table)
+    table = Table(show_header=True, header_style="bold")
+    for col in ("class", "completed", "req/s", "mean E2EL ms", "p50", "p90", "p99", "in network"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c in result.classes.values():
+        table.add_row(c.name, f"{c.completed}/{c.arrivals}", _fmt(c.request_throughput, 3),
+                      _fmt(c.latency["mean_e2el_ms"]), _fmt(c.latency["median_e2el_ms"]),
+                      _fmt(c.latency["p90_e2el_ms"]), _fmt(c.latency["p99_e2el_ms"]),
+                      _fmt(c.mean_requests_in_network))
+    console.print(table)
+    console.print(
+        f"network: predicted [bold]{result.predicted.verdict}[/] ({result.predicted.reason}); "
+        f"observed [bold]{result.observed.verdict}[/] (backlog slope "
+        f"{_fmt(result.observed.slope_tokens_per_s)} tokens/s); {result.visits} engine visits in "
+        f"{result.duration_s:,.1f} s"
+    )
+    for note in result.notes:
+        console.print(f"note: {note}")
+    if plot_path:
+        console.print(f"backlog plot: {plot_path}")
+
+
+def _plot_network(result: NetworkResult, path: str) -> None:
+    """Backlog per engine (tokens) and requests in the network per class, over time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.UsageError("--plot needs matplotlib: pip install 'llmqueue[plot]'") from None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for e in result.engines.values():
+        series = e.metrics.backlog_series
+        top.plot([t for t, _ in series], [b for _, b in series], label=f"{e.name} ({e.observed.verdict})")
+    top.set_ylabel("backlog (tokens)")
+    top.legend(fontsize=8)
+    for c in result.classes.values():
+        bottom.plot([t for t, _ in c.series], [n for _, n in c.series], label=c.name)
+    bottom.set_ylabel("requests in network")
+    bottom.set_xlabel("time (s)")
+    bottom.legend(fontsize=8)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"network: {result.observed.verdict} (predicted {result.predicted.verdict})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 SWEEP_COLUMNS = (

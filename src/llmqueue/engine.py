@@ -62,6 +62,7 @@ class Job:
         "activation",
         "arrival_ms",
         "c0",
+        "cls",
         "decode_left",
         "decode_tokens",
         "first_token_ms",
@@ -74,6 +75,7 @@ class Job:
 
     def __init__(self, request: Request, seq: int) -> None:
         self.id = request.id
+        self.cls = request.cls
         self.seq = seq
         self.arrival_ms = request.arrival_ms
         self.prefill_tokens = request.prefill_tokens
@@ -276,6 +278,30 @@ class Engine:
             self._prefilling.append(job)
         else:
             self._enter_decode(job)
+
+    def end_batch(self) -> list[RequestRecord]:
+        """The first half of ``step``: end the running batch (if any) at its end time; returns
+        the records of the requests that finished. A network routes them before ``start_batch``,
+        so a request routed at a batch boundary joins the batch that starts there."""
+        if self._plan is None:
+            return []
+        self.now_ms = self._batch_end_ms
+        return self._end_batch()
+
+    def wake(self, t_ms: float) -> None:
+        """Let a blocked engine ask its policy again at ``t_ms`` (a network calls this when the
+        state a policy reads outside the engine changed, e.g. downstream buffers for
+        max-pressure). The idle time since it blocked counts as stall."""
+        if self._plan is None and self._blocked_since is not None and self._jobs and t_ms >= self.now_ms:
+            if self.recorder is not None:
+                self.recorder.stall(t_ms - self._blocked_since)
+            self._blocked_since = None
+            self.now_ms = t_ms
+
+    def start_batch(self) -> None:
+        """The second half of ``step``: start the next batch now, unless one is running."""
+        if self._plan is None:
+            self._start_batch()
 
     def step(self) -> list[RequestRecord]:
         """Process the next event: end the running batch (if any), then start the next one.

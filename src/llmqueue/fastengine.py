@@ -318,6 +318,12 @@ class FastEngine(Engine):
         self._start_batch()
         return finished
 
+    def end_batch(self) -> list[RequestRecord]:
+        """Book the running repeats (all of them: the next event is the end of the run)."""
+        if self._plan is None:
+            return []
+        return self._book(len(self._ends))
+
     def _cut(self, t_ms: float) -> None:
         """Keep only the repeats that start before ``t_ms`` and book all but the last of them."""
         # repeat i starts at ends[i - 1] (repeat 0 at now): count the starts before t_ms

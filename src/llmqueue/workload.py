@@ -118,16 +118,22 @@ def _fmt(x: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One request: arrival time and token counts (the paper's P_i, D_i)."""
+    """One request: arrival time and token counts (the paper's P_i, D_i).
+
+    ``cls`` labels the request's class (in a network: its buffer, ``class.node``); single-engine
+    runs leave it empty. Class-aware policies (priority, max-pressure) read it.
+    """
 
     id: int
     arrival_ms: float
     prefill_tokens: int
     decode_tokens: int
+    cls: str = ""
 
     def __post_init__(self) -> None:
         if type(self.id) is int and type(self.arrival_ms) is float \
                 and type(self.prefill_tokens) is int and type(self.decode_tokens) is int \
+                and type(self.cls) is str \
                 and self.id >= 0 and 0.0 <= self.arrival_ms < math.inf \
                 and self.prefill_tokens >= 0 and self.decode_tokens >= 0 \
                 and self.prefill_tokens + self.decode_tokens >= 1:
@@ -145,6 +151,8 @@ class Request:
         if self.prefill_tokens + self.decode_tokens < 1:
             raise ConfigError("request.tokens", (self.prefill_tokens, self.decode_tokens),
                               "a request needs at least one prefill or decode token")
+        if not isinstance(self.cls, str):
+            raise ConfigError("request.cls", self.cls, "must be a string")
 
 
 def fixed_requests(items: Sequence[tuple[float, int, int]]) -> list[Request]:

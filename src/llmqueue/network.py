@@ -1,0 +1,648 @@
+"""Networks of engines (AI agents, PAPER.md §5): their description, validation and analysis.
+
+A network has **engines** (budget, k_max, batch-time model, policy, optional class priority) and
+request **classes**. Each class has an arrival process and a route: a graph of nodes starting at
+``start``. A ``visit`` node names an engine and that visit's prefill/decode size distributions.
+A ``fork`` node sends one sub-request down each of its branches; they meet again at the
+``join`` node that names the fork, and the request goes on from there once every branch is done.
+``next`` is a node id, ``"exit"``, or a mapping of them to probabilities (a critic that sends
+work back with probability p). Cycles are allowed as long as the route ends with probability 1.
+
+The buffer of a visit is ``class.node``: requests of that class waiting at or served by that
+visit. The analysis solves the traffic equations (expected visits per request of each node)
+to get every engine's token load, its load against capacity, the bottleneck and the critical
+scaling of all arrival rates. It also warns when the routing between engines is cyclic, where
+the throughput-optimality theorem does not apply, and flags the virtual stations of two-engine
+priority networks such as the Rybko–Stolyar network of §5.4.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmqueue import theory
+from llmqueue.batchtime import BatchTime, parse_batch_time
+from llmqueue.errors import ConfigError
+from llmqueue.workload import ArrivalProcess, SizeDist, parse_arrival, parse_size
+
+EXIT = "exit"
+ABSORB_TOLERANCE = 1e-9
+
+# -- the file format (validated by pydantic; errors name the key) ----------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineModel(_Model):
+    """One engine in a network file."""
+
+    budget: Annotated[int, Field(strict=True, ge=1)]
+    k_max: Annotated[int, Field(strict=True, ge=1)] | None = None
+    batch_time: str = "staircase:c=11.28,a=35.47,b0=128"
+    policy: str = "sarathi"
+    priority: list[str] | None = None
+
+
+class NodeModel(_Model):
+    """One route node: a visit (``engine``), a fork (``fork``) or a join (``join``)."""
+
+    engine: str | None = None
+    prefill: str | None = None
+    decode: str | None = None
+    fork: list[str] | None = None
+    join: str | None = None
+    next: str | dict[str, Annotated[float, Field(ge=0, le=1)]] | None = None
+
+
+class ClassModel(_Model):
+    """One request class: arrivals and route."""
+
+    arrival: str = "poisson"
+    rate: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    start: str
+    nodes: dict[str, NodeModel]
+
+
+class NetworkModel(_Model):
+    """A whole network file."""
+
+    engines: Annotated[dict[str, EngineModel], Field(min_length=1)]
+    classes: Annotated[dict[str, ClassModel], Field(min_length=1)]
+
+
+# -- the validated network ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """An engine of the network."""
+
+    name: str
+    budget: int
+    k_max: int | None
+    batch_time: BatchTime
+    policy: str
+    priority: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A route node. ``next`` holds (target, probability) pairs (targets are node ids or exit)."""
+
+    id: str
+    kind: Literal["visit", "fork", "join"]
+    engine: str | None
+    prefill: SizeDist | None
+    decode: SizeDist | None
+    next: tuple[tuple[str, float], ...]
+    branches: tuple[str, ...]
+    fork: str | None  # for a join: the fork it closes
+
+    @property
+    def mean_tokens(self) -> float:
+        """Mean prefill + decode tokens of a visit (0 for forks and joins)."""
+        if self.prefill is None or self.decode is None:
+            return 0.0
+        return self.prefill.mean + self.decode.mean
+
+
+@dataclass(frozen=True, slots=True)
+class ClassSpec:
+    """A request class: arrival process (rate in requests/s), start node, nodes by id."""
+
+    name: str
+    arrival: ArrivalProcess
+    rate_per_s: float
+    start: str
+    nodes: Mapping[str, Node]
+
+    def join_of(self, fork_id: str) -> str:
+        """The join node that closes ``fork_id``."""
+        return next(n.id for n in self.nodes.values() if n.kind == "join" and n.fork == fork_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """A validated network: engines and classes by name."""
+
+    engines: Mapping[str, EngineSpec]
+    classes: Mapping[str, ClassSpec]
+
+    def buffers(self) -> list[str]:
+        """Every visit buffer ``class.node``."""
+        return [f"{c.name}.{n.id}" for c in self.classes.values() for n in c.nodes.values()
+                if n.kind == "visit"]
+
+    def scaled(self, factor: float) -> Network:
+        """The same network with every class's arrival rate multiplied by ``factor``."""
+        if not (factor > 0 and math.isfinite(factor)):
+            raise ConfigError("scale", factor, "must be a positive number")
+        classes = {
+            name: ClassSpec(c.name, _arrival(_spec_of(c.arrival), c.rate_per_s * factor, name),
+                            c.rate_per_s * factor, c.start, c.nodes)
+            for name, c in self.classes.items()
+        }
+        return Network(self.engines, classes)
+
+
+def _spec_of(arrival: ArrivalProcess) -> str:
+    return arrival.spec
+
+
+def _arrival(spec: str, rate: float, cls: str) -> ArrivalProcess:
+    try:
+        return parse_arrival(spec, rate)
+    except ConfigError as err:
+        raise ConfigError(f"classes.{cls}.arrival", err.value, err.problem) from None
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+
+def load_network(path: str | Path) -> Network:
+    """Read and validate a network file (TOML or YAML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError("network", str(path), f"cannot read: {err.strerror}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError("network", str(path), "must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError("network", str(path), f"not valid: {str(err).splitlines()[0]}") from None
+    return parse_network(data)
+
+
+def parse_network(data: Any) -> Network:
+    """Validate a network given as a mapping (the file's content) and build it."""
+    if not isinstance(data, dict):
+        raise ConfigError("network", type(data).__name__, "must be a table with engines and classes")
+    try:
+        model = NetworkModel.model_validate(data)
+    except ValidationError as err:
+        errors = err.errors()
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[")))
+        problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(loc or "network", first.get("input"), problem) from None
+    engines = {name: _engine(name, e) for name, e in model.engines.items()}
+    classes = {name: _class(name, c, engines) for name, c in model.classes.items()}
+    net = Network(engines, classes)
+    for e in engines.values():  # priority entries must name buffers or classes of the network
+        known = set(net.buffers()) | set(classes)
+        for entry in e.priority:
+            if entry not in known:
+                raise ConfigError(f"engines.{e.name}.priority", entry,
+                                  f"names no class or buffer (class.node); known: {sorted(known)}")
+    return net
+
+
+def _engine(name: str, e: EngineModel) -> EngineSpec:
+    where = f"engines.{name}"
+    try:
+        bt = parse_batch_time(e.batch_time)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.batch_time", e.batch_time, err.problem) from None
+    policy = e.policy.strip().lower()
+    if policy not in NETWORK_POLICIES:
+        raise ConfigError(f"{where}.policy", e.policy, f"choose from {', '.join(NETWORK_POLICIES)}")
+    if policy == "priority" and not e.priority:
+        raise ConfigError(f"{where}.priority", e.priority, "policy 'priority' needs a priority list")
+    if e.priority and policy != "priority":
+        raise ConfigError(f"{where}.priority", e.priority, "only policy 'priority' takes a priority")
+    return EngineSpec(name, e.budget, e.k_max, bt, policy, tuple(e.priority or ()))
+
+
+NETWORK_POLICIES = (
+    "sarathi", "orca", "vllm", "fastertransformer", "vllm-chunked", "priority", "max-pressure"
+)
+
+
+def _targets(where: str, value: str | dict[str, float] | None) -> tuple[tuple[str, float], ...]:
+    if value is None:
+        raise ConfigError(f"{where}.next", None, "a visit or join needs next (a node id or exit)")
+    if isinstance(value, str):
+        return ((value, 1.0),)
+    if not value:
+        raise ConfigError(f"{where}.next", value, "needs at least one target")
+    total = sum(value.values())
+    if abs(total - 1.0) > 1e-9:
+        raise ConfigError(f"{where}.next", value, f"probabilities must sum to 1 (they sum to {total:g})")
+    return tuple((k, float(p)) for k, p in value.items() if p > 0)
+
+
+def _class(name: str, c: ClassModel, engines: Mapping[str, EngineSpec]) -> ClassSpec:
+    where = f"classes.{name}"
+    if not c.nodes:
+        raise ConfigError(f"{where}.nodes", c.nodes, "a class needs at least one node")
+    if EXIT in c.nodes or "." in name or any("." in n for n in c.nodes):
+        raise ConfigError(where, name, "class and node names must not contain '.' nor be 'exit'")
+    nodes: dict[str, Node] = {}
+    for nid, n in c.nodes.items():
+        at = f"{where}.nodes.{nid}"
+        kinds = [k for k, v in (("visit", n.engine), ("fork", n.fork), ("join", n.join)) if v is not None]
+        if len(kinds) != 1:
+            raise ConfigError(at, nid, "a node has exactly one of engine (visit), fork or join")
+        kind = kinds[0]
+        if kind == "visit":
+            if n.engine not in engines:
+                raise ConfigError(f"{at}.engine", n.engine, f"unknown engine; known: {sorted(engines)}")
+            sizes = []
+            for field in ("prefill", "decode"):
+                spec = getattr(n, field)
+                if spec is None:
+                    raise ConfigError(f"{at}.{field}", None, "a visit needs prefill and decode sizes")
+                try:
+                    sizes.append(parse_size(spec, field))
+                except ConfigError as err:
+                    raise ConfigError(f"{at}.{field}", spec, err.problem) from None
+            nodes[nid] = Node(nid, "visit", n.engine, sizes[0], sizes[1], _targets(at, n.next), (), None)
+        elif kind == "fork":
+            if n.next is not None or n.prefill or n.decode:
+                raise ConfigError(at, nid, "a fork takes only its branches (its join says what follows)")
+            if len(n.fork or []) < 2:
+                raise ConfigError(f"{at}.fork", n.fork, "a fork needs at least 2 branches")
+            nodes[nid] = Node(nid, "fork", None, None, None, (), tuple(n.fork or ()), None)
+        else:
+            if n.prefill or n.decode:
+                raise ConfigError(at, nid, "a join has no sizes")
+            nodes[nid] = Node(nid, "join", None, None, None, _targets(at, n.next), (), n.join)
+    for node in nodes.values():
+        for target, _ in node.next:
+            if target != EXIT and target not in nodes:
+                raise ConfigError(f"{where}.nodes.{node.id}.next", target, "unknown node")
+        for branch in node.branches:
+            if branch not in nodes:
+                raise ConfigError(f"{where}.nodes.{node.id}.fork", branch, "unknown node")
+    if c.start not in nodes:
+        raise ConfigError(f"{where}.start", c.start, "unknown node")
+    spec = ClassSpec(name, _arrival(c.arrival, c.rate, name), c.rate, c.start, nodes)
+    _check_forks(spec)
+    _check_reachable(spec)
+    _check_ends(spec)
+    return spec
+
+
+def _check_forks(c: ClassSpec) -> None:
+    """Every join names a fork; every fork has exactly one join; branches reach only their join."""
+    where = f"classes.{c.name}.nodes"
+    joins: dict[str, list[str]] = {}
+    for n in c.nodes.values():
+        if n.kind == "join":
+            if n.fork not in c.nodes or c.nodes[n.fork].kind != "fork":
+                raise ConfigError(f"{where}.{n.id}.join", n.fork, "a join must name its fork node")
+            joins.setdefault(n.fork, []).append(n.id)
+    for n in c.nodes.values():
+        if n.kind != "fork":
+            continue
+        found = joins.get(n.id, [])
+        if len(found) != 1:
+            raise ConfigError(f"{where}.{n.id}", n.id, f"a fork needs exactly one join naming it "
+                              f"(found {len(found)})")
+        join = found[0]
+        for branch in n.branches:  # the branch's nodes, up to the join
+            seen, stack = set(), [branch]
+            while stack:
+                node = stack.pop()
+                if node == join or node in seen:
+                    continue
+                if node == EXIT:
+                    raise ConfigError(f"{where}.{n.id}.fork", branch,
+                                      f"branch can leave the network before its join '{join}'")
+                if node == n.id:
+                    raise ConfigError(f"{where}.{n.id}.fork", branch, "branch leads back to its fork")
+                seen.add(node)
+                stack.extend(_successors(c, node))
+
+
+def _successors(c: ClassSpec, node_id: str) -> list[str]:
+    """Where a request goes after ``node_id`` (a fork continues at its join, not its branches)."""
+    node = c.nodes[node_id]
+    if node.kind == "fork":
+        return [c.join_of(node.id)]
+    return [t for t, _ in node.next]
+
+
+def _check_reachable(c: ClassSpec) -> None:
+    seen, stack = set(), [c.start]
+    while stack:
+        node = stack.pop()
+        if node == EXIT or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(_successors(c, node))
+        stack.extend(c.nodes[node].branches)
+    unreachable = sorted(set(c.nodes) - seen)
+    if unreachable:
+        raise ConfigError(f"classes.{c.name}.nodes", unreachable[0], "unreachable from start")
+
+
+def _transition(c: ClassSpec) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Node ids, the sub-stochastic matrix between them (a fork moves to its join), exit column."""
+    ids = list(c.nodes)
+    index = {nid: i for i, nid in enumerate(ids)}
+    p = np.zeros((len(ids), len(ids)))
+    out = np.zeros(len(ids))
+    for nid in ids:
+        node = c.nodes[nid]
+        if node.kind == "fork":
+            p[index[nid], index[c.join_of(nid)]] = 1.0
+            continue
+        for target, prob in node.next:
+            if target == EXIT:
+                out[index[nid]] += prob
+            else:
+                p[index[nid], index[target]] += prob
+    return ids, p, out
+
+
+def _check_ends(c: ClassSpec) -> None:
+    """The route ends (reaches exit, and every branch its join) with probability 1."""
+    ids, p, out = _transition(c)
+    n = len(ids)
+    # probability of ever exiting from each node: (I - P) x = out on the nodes that can exit
+    try:
+        absorb = np.linalg.lstsq(np.eye(n) - p, out, rcond=None)[0]
+    except np.linalg.LinAlgError:  # pragma: no cover - lstsq does not raise on singular input
+        absorb = np.zeros(n)
+    reach = absorb[ids.index(c.start)]
+    closed = _closed_loop(c)
+    if closed is not None or not reach > 1 - ABSORB_TOLERANCE:
+        node = closed or c.start
+        raise ConfigError(f"classes.{c.name}", node,
+                          "route can loop forever with probability 1 (a cycle with no way out)")
+
+
+def _closed_loop(c: ClassSpec) -> str | None:
+    """A reachable node from which exit cannot be reached at all (None if there is none)."""
+    can_exit: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for nid in c.nodes:
+            if nid in can_exit:
+                continue
+            if any(t == EXIT or t in can_exit for t in _successors(c, nid)):
+                can_exit.add(nid)
+                changed = True
+    for nid in c.nodes:
+        if nid not in can_exit:
+            return nid
+    return None
+
+
+# -- analysis without simulation -----------------------------------------------------------------------
+
+
+def visit_counts(c: ClassSpec) -> dict[str, float]:
+    """Expected visits of each node per request of class ``c`` (the traffic equations).
+
+    ``v = e_start + v P``, where P follows ``next`` probabilities, a fork sends a copy to each
+    branch head and continues at its join once (the branch tails' edges into the join carry no
+    extra visit).
+    """
+    ids = list(c.nodes)
+    index = {nid: i for i, nid in enumerate(ids)}
+    n = len(ids)
+    a = np.zeros((n, n))  # a[i, j]: visits of j caused by one visit of i
+    closing = {node.fork: node.id for node in c.nodes.values() if node.kind == "join"}
+    for nid in ids:
+        node = c.nodes[nid]
+        if node.kind == "fork":
+            for branch in node.branches:
+                a[index[nid], index[branch]] += 1.0
+            a[index[nid], index[closing[nid]]] += 1.0
+            continue
+        for target, prob in node.next:
+            if target == EXIT:
+                continue
+            if c.nodes[target].kind == "join" and _inside_fork(c, nid, c.nodes[target].fork):
+                continue  # a branch tail reaching its join: the fork already counted the join
+            a[index[nid], index[target]] += prob
+    e = np.zeros(n)
+    e[index[c.start]] = 1.0
+    v = np.linalg.solve(np.eye(n) - a.T, e)
+    return {nid: float(v[index[nid]]) for nid in ids}
+
+
+def _inside_fork(c: ClassSpec, node_id: str, fork_id: str | None) -> bool:
+    """Whether ``node_id`` lies on a branch of ``fork_id`` (reachable from a branch head)."""
+    if fork_id is None:
+        return False
+    fork = c.nodes[fork_id]
+    join = c.join_of(fork_id)
+    seen, stack = set(), list(fork.branches)
+    while stack:
+        node = stack.pop()
+        if node in seen or node in (join, EXIT):
+            continue
+        if node == node_id:
+            return True
+        seen.add(node)
+        stack.extend(_successors(c, node))
+        stack.extend(c.nodes[node].branches)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One engine's offered load from the traffic equations (token rates per second)."""
+
+    engine: str
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    capacity_tokens_per_s: float
+    rho: float
+    buffers: tuple[str, ...]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.prefill_tokens_per_s + self.decode_tokens_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualStation:
+    """Two top-priority buffers on two engines that feed each other's low-priority work (§5.4)."""
+
+    buffers: tuple[str, str]
+    engines: tuple[str, str]
+    load: float
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What the traffic equations say about a network."""
+
+    visits: Mapping[str, Mapping[str, float]]
+    engines: Mapping[str, EngineLoad]
+    bottleneck: str
+    critical_scale: float
+    cyclic: bool
+    cycle: tuple[str, ...]
+    virtual_stations: tuple[VirtualStation, ...]
+    warnings: tuple[str, ...]
+    buffer_tokens_per_s: Mapping[str, float]
+
+
+def analyze(net: Network) -> Analysis:
+    """Traffic equations, loads, bottleneck, critical scaling and warnings (no simulation)."""
+    visits = {name: visit_counts(c) for name, c in net.classes.items()}
+    prefill = dict.fromkeys(net.engines, 0.0)
+    decode = dict.fromkeys(net.engines, 0.0)
+    buffers: dict[str, list[str]] = {e: [] for e in net.engines}
+    buffer_rate: dict[str, float] = {}
+    for name, c in net.classes.items():
+        for nid, node in c.nodes.items():
+            if node.kind != "visit" or node.engine is None:
+                continue
+            assert node.prefill is not None and node.decode is not None
+            rate = c.rate_per_s * visits[name][nid]
+            prefill[node.engine] += rate * node.prefill.mean
+            decode[node.engine] += rate * node.decode.mean
+            buffers[node.engine].append(f"{name}.{nid}")
+            buffer_rate[f"{name}.{nid}"] = rate * node.mean_tokens
+    loads = {}
+    for e in net.engines.values():
+        capacity = theory.capacity_tokens_per_ms(e.batch_time, e.budget) * 1000.0
+        if e.k_max is None:
+            rho = (prefill[e.name] + decode[e.name]) / capacity
+        else:
+            rho = theory.kmax_load(prefill[e.name] / 1000.0, decode[e.name] / 1000.0,
+                                   e.batch_time, e.budget, e.k_max)
+        loads[e.name] = EngineLoad(e.name, prefill[e.name], decode[e.name], capacity, rho,
+                                   tuple(buffers[e.name]))
+    bottleneck = max(loads, key=lambda k: loads[k].rho)
+    top = loads[bottleneck].rho
+    cycle = _engine_cycle(net)
+    warnings: list[str] = []
+    if cycle:
+        warnings.append(
+            "routing between engines is cyclic (" + " -> ".join(cycle) + "): the throughput-"
+            "optimality theorem (DAG and fork-join networks) does not apply, and engines below "
+            "their nominal load can still be unstable (the RS network, §5.4)"
+        )
+    stations = _virtual_stations(net, loads, buffer_rate)
+    for vs in stations:
+        if vs.load > 1:
+            warnings.append(
+                f"the priorities make {vs.buffers[0]} and {vs.buffers[1]} a virtual station "
+                f"(Rybko-Stolyar) with load {vs.load:.3f} > 1: expect instability although every "
+                "engine is below capacity; reverse the priorities or use max-pressure"
+            )
+    for e in net.engines.values():
+        if e.policy in ("vllm", "fastertransformer"):
+            warnings.append(f"engine {e.name}: policy '{e.policy}' is not work-conserving: no "
+                            "stability guarantee below nominal load (Fig. 1)")
+    return Analysis(visits, loads, bottleneck, 1.0 / top if top > 0 else math.inf, bool(cycle),
+                    cycle, stations, tuple(warnings), buffer_rate)
+
+
+def _engine_edges(net: Network) -> set[tuple[str, str]]:
+    """Engine-to-engine moves of requests (through forks and joins); a revisit is a self-loop."""
+    edges: set[tuple[str, str]] = set()
+    for c in net.classes.values():
+        for nid, node in c.nodes.items():
+            if node.kind != "visit":
+                continue
+            for nxt in _next_visits(c, nid):
+                edges.add((node.engine or "", c.nodes[nxt].engine or ""))
+    return edges
+
+
+def _next_visits(c: ClassSpec, node_id: str) -> set[str]:
+    """The visit nodes a request can reach next from ``node_id`` (through forks and joins)."""
+    out: set[str] = set()
+    seen: set[str] = set()
+    stack = list(_successors(c, node_id))
+    while stack:
+        nid = stack.pop()
+        if nid == EXIT or nid in seen:
+            continue
+        seen.add(nid)
+        node = c.nodes[nid]
+        if node.kind == "visit":
+            out.add(nid)
+        elif node.kind == "fork":
+            stack.extend(node.branches)
+        else:
+            stack.extend(_successors(c, nid))
+    return out
+
+
+def _engine_cycle(net: Network) -> tuple[str, ...]:
+    """A cycle of engines in the routing graph, as engine names (empty if acyclic)."""
+    edges = _engine_edges(net)
+    graph: dict[str, list[str]] = {e: [] for e in net.engines}
+    for a, b in sorted(edges):
+        graph[a].append(b)
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(u: str) -> tuple[str, ...]:
+        state[u] = 1
+        path.append(u)
+        for v in graph[u]:
+            if state.get(v) == 1:
+                return (*path[path.index(v):], v)
+            if v not in state:
+                found = visit(v)
+                if found:
+                    return found
+        path.pop()
+        state[u] = 2
+        return ()
+
+    for u in graph:
+        if u not in state:
+            found = visit(u)
+            if found:
+                return found
+    return ()
+
+
+def _virtual_stations(net: Network, loads: Mapping[str, EngineLoad],
+                      buffer_rate: Mapping[str, float]) -> tuple[VirtualStation, ...]:
+    """Pairs of top-priority buffers x (engine j) and y (engine k) such that x is fed by a
+    lower-priority buffer at k and y by a lower-priority buffer at j (the RS pattern)."""
+    tops: dict[str, set[str]] = {}
+    for e in net.engines.values():
+        if e.policy != "priority" or not e.priority:
+            continue
+        first = e.priority[0]
+        tops[e.name] = {b for b in loads[e.name].buffers if b == first or b.startswith(first + ".")}
+    feeders: dict[str, set[str]] = {}  # buffer -> buffers that feed it
+    for c in net.classes.values():
+        for nid, node in c.nodes.items():
+            if node.kind == "visit":
+                for nxt in _next_visits(c, nid):
+                    feeders.setdefault(f"{c.name}.{nxt}", set()).add(f"{c.name}.{nid}")
+    engine_of = {b: e for e, load in loads.items() for b in load.buffers}
+    out = []
+    names = sorted(tops)
+    for i, j in enumerate(names):
+        for k in names[i + 1:]:
+            for x in sorted(tops[j]):
+                for y in sorted(tops[k]):
+                    x_fed = any(engine_of.get(f) == k and f not in tops[k] for f in feeders.get(x, ()))
+                    y_fed = any(engine_of.get(f) == j and f not in tops[j] for f in feeders.get(y, ()))
+                    if x_fed and y_fed:
+                        load = (buffer_rate[x] / loads[j].capacity_tokens_per_s
+                                + buffer_rate[y] / loads[k].capacity_tokens_per_s)
+                        out.append(VirtualStation((x, y), (j, k), load))
+    return tuple(out)

@@ -1,0 +1,265 @@
+"""Networks of engines: validation, traffic equations against simulation, the RS contrast,
+fork-join stability up to nominal capacity, conservation through forks and joins, determinism."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+
+from llmqueue.cli import main
+from llmqueue.errors import ConfigError
+from llmqueue.netsim import simulate_network
+from llmqueue.network import analyze, parse_network, visit_counts
+from llmqueue.reproduce import BAD, GOOD, rs_network
+
+from .test_cli import run_cli
+
+LINEAR = "linear:c=2,a=0.01"  # t(n) = 2 + 0.01 n ms: capacity about 1 token per 0.01 ms at large b
+
+
+def fork_join(rate: float, *, policy: str = "sarathi", p_back: float = 0.0) -> dict:
+    """planner -> fork(tool, sub) -> join -> critic -> back to planner (p_back) or exit."""
+    critic_next: str | dict[str, float] = "exit" if p_back == 0 else {"plan": p_back, "exit": 1 - p_back}
+    return {
+        "engines": {
+            "planner": {"budget": 512, "batch_time": LINEAR, "policy": policy},
+            "tools": {"budget": 512, "batch_time": LINEAR, "policy": policy},
+            "sub": {"budget": 512, "batch_time": LINEAR, "policy": policy},
+            "critic": {"budget": 512, "batch_time": LINEAR, "policy": policy},
+        },
+        "classes": {
+            "task": {
+                "rate": rate, "start": "plan", "nodes": {
+                    "plan": {"engine": "planner", "prefill": "poisson:200", "decode": "poisson:40",
+                             "next": "split"},
+                    "split": {"fork": ["tool", "research"]},
+                    "tool": {"engine": "tools", "prefill": "poisson:100", "decode": "poisson:20",
+                             "next": "merge"},
+                    "research": {"engine": "sub", "prefill": "poisson:300", "decode": "poisson:60",
+                                 "next": "merge"},
+                    "merge": {"join": "split", "next": "review"},
+                    "review": {"engine": "critic", "prefill": "poisson:400", "decode": "poisson:10",
+                               "next": critic_next},
+                },
+            },
+        },
+    }
+
+
+def capacity_tokens_per_s(budget: int = 512) -> float:
+    return budget / (2 + 0.01 * budget) * 1000.0
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def _broken(path: list[str], value: object) -> dict:
+    data = fork_join(1.0)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    if value is None:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return data
+
+
+NODES = ["classes", "task", "nodes"]
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "problem"),
+    [
+        (_broken([*NODES, "tool", "engine"], "gpu9"), "classes.task.nodes.tool.engine", "unknown engine"),
+        (_broken([*NODES, "orphan"], {"engine": "tools", "prefill": "1", "decode": "1", "next": "exit"}),
+         "classes.task.nodes", "unreachable"),
+        (_broken([*NODES, "merge", "join"], "plan"), "classes.task.nodes.merge.join", "must name its fork"),
+        (_broken([*NODES, "review", "next"], "plan"), "classes.task", "loop forever"),
+        (_broken([*NODES, "review", "next"], {"plan": 0.5, "exit": 0.4}), "classes.task.nodes.review.next",
+         "sum to 1"),
+        (_broken([*NODES, "tool", "next"], "exit"), "classes.task.nodes.split.fork", "before its join"),
+        (_broken([*NODES, "plan", "next"], "nowhere"), "classes.task.nodes.plan.next", "unknown node"),
+        (_broken(["engines", "tools", "policy"], "fifo"), "engines.tools.policy", "choose from"),
+        (_broken(["engines", "tools", "colour"], "red"), "engines.tools.colour", "unknown key"),
+        (_broken(["engines", "tools", "policy"], "priority"), "engines.tools.priority", "needs a priority"),
+        (_broken([*NODES, "tool", "prefill"], "zipf:2"), "classes.task.nodes.tool.prefill", ""),
+        (_broken(["classes", "task", "start"], "begin"), "classes.task.start", "unknown node"),
+        (_broken([*NODES, "split", "fork"], ["tool"]), "classes.task.nodes.split.fork", "at least 2"),
+    ],
+)
+def test_bad_networks_are_refused_naming_the_key(data, field, problem) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_network(data)
+    assert err.value.field == field
+    assert problem in err.value.problem
+
+
+def test_a_join_without_its_fork_and_a_fork_without_its_join() -> None:
+    data = fork_join(1.0)
+    del data["classes"]["task"]["nodes"]["merge"]
+    with pytest.raises(ConfigError, match="unknown node"):
+        parse_network(data)
+    data = fork_join(1.0)
+    data["classes"]["task"]["nodes"]["extra"] = {"join": "split", "next": "exit"}
+    with pytest.raises(ConfigError, match="exactly one join"):
+        parse_network(data)
+
+
+def test_priority_must_name_known_buffers() -> None:
+    data = copy.deepcopy(fork_join(1.0))
+    data["engines"]["tools"].update(policy="priority", priority=["task.nope"])
+    with pytest.raises(ConfigError) as err:
+        parse_network(data)
+    assert err.value.field == "engines.tools.priority"
+
+
+# -- traffic equations -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 0.9])
+def test_visit_counts_solve_the_traffic_equations(p) -> None:
+    net = parse_network(fork_join(1.0, p_back=p))
+    v = visit_counts(net.classes["task"])
+    expected = 1 / (1 - p)
+    for node in ("plan", "split", "tool", "research", "merge", "review"):
+        assert v[node] == pytest.approx(expected)
+
+
+def test_loads_bottleneck_and_critical_scale() -> None:
+    rate = 2.0
+    net = parse_network(fork_join(rate, p_back=0.5))
+    a = analyze(net)
+    visits = 2.0  # 1 / (1 - 0.5)
+    tokens = {"planner": 240, "tools": 120, "sub": 360, "critic": 410}
+    cap = capacity_tokens_per_s()
+    for engine, t in tokens.items():
+        assert a.engines[engine].rho == pytest.approx(rate * visits * t / cap)
+    assert a.bottleneck == "critic"
+    assert a.critical_scale == pytest.approx(cap / (rate * visits * 410))
+    assert a.cyclic  # planner -> ... -> critic -> planner
+    assert any("cyclic" in w for w in a.warnings)
+    assert not analyze(parse_network(fork_join(rate))).cyclic
+
+
+def test_rs_analysis_finds_the_virtual_station() -> None:
+    bad, good = analyze(rs_network(0.9, "priority", BAD)), analyze(rs_network(0.9, "priority", GOOD))
+    assert [round(e.rho, 12) for e in bad.engines.values()] == [0.9, 0.9]
+    (vs,) = bad.virtual_stations
+    assert set(vs.buffers) == {"A.long", "B.long"}
+    assert vs.load == pytest.approx(2 * 0.9 * 544 / 608)
+    assert not good.virtual_stations
+    assert bad.cyclic and good.cyclic
+
+
+def test_engine_loads_match_simulation() -> None:
+    """Each engine's processed token rate equals its analytic offered rate (stable, long run)."""
+    rate = 3.0
+    net = parse_network(fork_join(rate, p_back=0.3))
+    a = analyze(net)
+    r = simulate_network(net, seed=4, max_requests=6000)
+    for name, e in r.engines.items():
+        offered = a.engines[name].tokens_per_s
+        processed = e.metrics.total_token_throughput
+        # relative error of a Poisson count of ~6000 tasks x visits: well under 5 % at 3 sigma
+        assert processed == pytest.approx(offered, rel=0.05), name
+    visits = r.engines["planner"].metrics.arrivals / r.classes["task"].arrivals
+    assert visits == pytest.approx(1 / 0.7, rel=0.05)
+
+
+# -- stability ------------------------------------------------------------------------------------
+
+
+def test_fork_join_network_is_stable_up_to_nominal_capacity() -> None:
+    """Work-conserving K-FCFS engines on a fork-join DAG: stable at 0.9 of the critical scale,
+    the bottleneck unstable at 1.15 (v3 §5)."""
+    base = parse_network(fork_join(1.0))
+    scale = analyze(base).critical_scale
+    stable = simulate_network(base.scaled(0.9 * scale), seed=2, max_requests=20000)
+    assert stable.predicted.verdict == "stable"
+    assert stable.observed.verdict == "stable"
+    assert all(e.observed.verdict != "unstable" for e in stable.engines.values())
+    over = simulate_network(base.scaled(1.15 * scale), seed=2, max_requests=20000)
+    assert over.predicted.verdict == "unstable"
+    assert over.engines[analyze(base).bottleneck].observed.verdict == "unstable"
+
+
+def _done(r) -> float:
+    return sum(c.completed for c in r.classes.values()) / sum(c.arrivals for c in r.classes.values())
+
+
+def test_rs_contrast_bad_priority_diverges_good_and_max_pressure_do_not() -> None:
+    bad = simulate_network(rs_network(0.9, "priority", BAD), seed=1, duration_s=3.0, drain_s=0.0)
+    good = simulate_network(rs_network(0.9, "priority", GOOD), seed=1, duration_s=3.0, drain_s=0.0)
+    pressure = simulate_network(rs_network(0.95, "max-pressure"), seed=1, duration_s=3.0, drain_s=0.0)
+    assert _done(bad) < 0.85
+    assert _done(good) > 0.95 and _done(pressure) > 0.95
+    peak = {name: max(b for _, b in r.backlog_series) for name, r in
+            (("bad", bad), ("good", good), ("pressure", pressure))}
+    assert peak["bad"] > 10 * max(peak["good"], peak["pressure"])
+    assert good.observed.verdict == "stable" and pressure.observed.verdict == "stable"
+
+
+# -- conservation and determinism -------------------------------------------------------------------------
+
+
+def test_requests_are_conserved_through_forks_and_joins() -> None:
+    net = parse_network(fork_join(4.0, p_back=0.3))
+    r = simulate_network(net, seed=7, max_requests=3000, drain_s=0.5)
+    task = r.classes["task"]
+    for e in r.engines.values():
+        assert e.metrics.arrivals == e.metrics.completed + e.metrics.incomplete
+    visits = sum(e.metrics.arrivals for e in r.engines.values())
+    assert visits == r.visits
+    # every finished planner visit forked exactly one tool and one research visit at once
+    planner, tools, sub = (r.engines[n].metrics for n in ("planner", "tools", "sub"))
+    assert tools.arrivals == sub.arrivals == planner.completed
+    in_network = task.arrivals - task.completed
+    assert in_network >= 0
+    drained = simulate_network(net, seed=7, max_requests=3000)  # default drain: everything ends
+    assert drained.classes["task"].completed == drained.classes["task"].arrivals == 3000
+
+
+def test_same_seed_same_result_and_seeds_differ() -> None:
+    net = parse_network(fork_join(3.0, p_back=0.3))
+    one = json.dumps(simulate_network(net, seed=5, max_requests=1500).to_dict(), sort_keys=True)
+    two = json.dumps(simulate_network(net, seed=5, max_requests=1500).to_dict(), sort_keys=True)
+    other = json.dumps(simulate_network(net, seed=6, max_requests=1500).to_dict(), sort_keys=True)
+    assert one == two and one != other
+
+
+def test_bad_run_arguments() -> None:
+    net = parse_network(fork_join(1.0))
+    with pytest.raises(ConfigError, match=r"^requests"):
+        simulate_network(net)
+    with pytest.raises(ConfigError, match=r"^policies"):
+        simulate_network(net, max_requests=10, policies={"gpu9": object()})  # type: ignore[dict-item]
+
+
+# -- CLI -----------------------------------------------------------------------------------------------
+
+
+def test_network_cli(tmp_path, capsys) -> None:
+    path = tmp_path / "net.json.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(fork_join(2.0, p_back=0.2)), encoding="utf-8")
+    code, out, _ = run_cli(capsys, "network", "analyze", str(path), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["bottleneck"] == "critic" and doc["cyclic"]
+    code, out, _ = run_cli(capsys, "network", "simulate", str(path), "--requests", "500", "--json")
+    doc = json.loads(out)
+    assert code == 0 and set(doc["engines"]) == {"planner", "tools", "sub", "critic"}
+    assert doc["classes"]["task"]["completed"] == 500
+    assert not math.isnan(doc["classes"]["task"]["p99_e2el_ms"])
+    png = tmp_path / "n.png"
+    code, out, _ = run_cli(capsys, "network", "simulate", str(path), "--requests", "200", "--plot", str(png))
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engines.a]\nbudget = 0\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "network", "analyze", str(bad))
+    assert code == 2 and err.count("\n") == 1 and "engines.a.budget" in err
+    assert main(["network", "analyze", str(tmp_path / "missing.toml")]) == 2

@@ -263,3 +263,23 @@ def test_network_cli(tmp_path, capsys) -> None:
     code, _, err = run_cli(capsys, "network", "analyze", str(bad))
     assert code == 2 and err.count("\n") == 1 and "engines.a.budget" in err
     assert main(["network", "analyze", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_overrides_and_oversized_prompts_are_in_the_analysis() -> None:
+    """A run with vanilla vLLM put in by override is warned about like one from the file, and a
+    prompt that can exceed the budget of a non-chunking engine is named."""
+    from llmqueue.policies import make_policy
+
+    data = fork_join(1.0)
+    data["classes"]["task"]["nodes"]["review"]["prefill"] = "uniform:100,700"  # > b = 512 possible
+    net = parse_network(data)
+    plain = simulate_network(net, seed=1, max_requests=50, policies={"critic": make_policy("sarathi")})
+    assert plain.predicted.verdict == "stable"
+    assert not any("critic" in w for w in plain.analysis.warnings)
+    run = simulate_network(net, seed=1, max_requests=50, drain_s=5.0,
+                           policies={"critic": make_policy("vllm")})
+    assert run.predicted.verdict == "no guarantee"
+    assert any("engine critic: policy 'vllm' is not work-conserving" in w for w in run.analysis.warnings)
+    assert any("prompts of task.review can exceed the budget 512" in w for w in run.analysis.warnings)
+    assert any("critic stalled" in n for n in run.notes)
+    assert run.classes["task"].in_network > 0

@@ -118,6 +118,11 @@ class ClassResult:
     mean_requests_in_network: float
     series: tuple[tuple[float, float], ...]
 
+    @property
+    def in_network(self) -> int:
+        """Requests of this class still in the network at the end of the run."""
+        return self.arrivals - self.completed
+
 
 @dataclass(frozen=True, slots=True)
 class NetworkResult:
@@ -153,7 +158,7 @@ class NetworkResult:
                 for name, e in self.engines.items()
             },
             "classes": {
-                name: {"arrivals": c.arrivals, "completed": c.completed,
+                name: {"arrivals": c.arrivals, "completed": c.completed, "in_network": c.in_network,
                        "request_throughput": c.request_throughput,
                        "mean_requests_in_network": c.mean_requests_in_network, **c.latency}
                 for name, c in self.classes.items()
@@ -232,7 +237,7 @@ def simulate_network(
     for name in policies or {}:
         if name not in net.engines:
             raise ConfigError("policies", name, f"unknown engine; known: {sorted(net.engines)}")
-    analysis = analyze(net)
+    analysis = analyze(net, {name: policy_name(p) for name, p in (policies or {}).items()})
     duration_ms = None if duration_s is None else duration_s * 1000.0
     return _Run(net, analysis, seed, max_requests, duration_ms, drain_s, policies or {}).result()
 
@@ -482,6 +487,11 @@ class _Run:
         backlog = tuple((float(starts[i] / 1000.0), float(np.nanmean(means[i:i + step])))
                         for i in range(0, len(starts), step))
         notes = []
+        blocked = [n for n in self.engine_names
+                   if self.engines[n].blocked_since_ms is not None and self.engines[n].in_system]
+        if blocked:
+            notes.append(f"engine(s) {', '.join(blocked)} stalled: requests wait but the policy forms "
+                         "no batch (a prompt larger than the budget under a non-chunking policy?)")
         if observed.verdict == "unstable":
             notes.append("the network's backlog grows: latency percentiles are not steady-state values")
         unfinished = sum(self.class_arrivals.values()) - sum(self.class_done.values())
@@ -492,7 +502,7 @@ class _Run:
             engines=engine_results,
             classes=classes,
             duration_s=duration_s,
-            predicted=predict_network(self.net, self.analysis),
+            predicted=predict_network(self.net, self.analysis, self.policy_names),
             observed=observed,
             backlog_series=backlog,
             visits=self.visit_total,
@@ -500,9 +510,11 @@ class _Run:
         )
 
 
-def predict_network(net: Network, analysis: Analysis) -> Prediction:
+def predict_network(net: Network, analysis: Analysis,
+                    policy_names: Mapping[str, str] | None = None) -> Prediction:
     """The theory's verdict for the network (v3: work-conserving K-FCFS engines are throughput-
-    optimal for DAG and fork-join networks; nothing is promised for cyclic routing)."""
+    optimal for DAG and fork-join networks; nothing is promised for cyclic routing).
+    ``policy_names`` gives the policies actually run, when they differ from the file's."""
     top = analysis.engines[analysis.bottleneck].rho
     if top > 1 + 1e-9:
         return Prediction("unstable", f"engine {analysis.bottleneck} is loaded at {top:.3f} > 1: "
@@ -510,9 +522,11 @@ def predict_network(net: Network, analysis: Analysis) -> Prediction:
     if abs(top - 1) <= 1e-9:
         return Prediction("no guarantee", "the bottleneck is at load 1: the theorems do not decide")
     if analysis.cyclic:
-        return Prediction("no guarantee", "cyclic routing: the throughput-optimality theorem does "
-                          "not apply (every engine is below capacity, yet the RS network diverges)")
-    kfcfs = all(e.policy in K_FCFS_WORK_CONSERVING and e.k_max is None for e in net.engines.values())
+        return Prediction("no guarantee", "cyclic routing: the throughput-optimality theorem (DAG "
+                          "and fork-join networks) does not apply")
+    names = {name: (policy_names or {}).get(name, e.policy) for name, e in net.engines.items()}
+    kfcfs = all(names[e.name] in K_FCFS_WORK_CONSERVING and e.k_max is None
+                for e in net.engines.values())
     if kfcfs:
         return Prediction("stable", f"work-conserving K-FCFS engines on a feed-forward network, "
                           f"bottleneck {analysis.bottleneck} at load {top:.3f} < 1 (v3, §5)")

@@ -1,0 +1,91 @@
+"""Time a network run of the agent example: end-to-end tasks and engine visits per wall second.
+
+Runs ``simulate_network`` on ``examples/networks/agent.toml`` (or ``--file``) for ``--requests``
+end-to-end requests (default 100,000) in this process, then prints the wall time, end-to-end
+requests per wall second, engine visits per wall second, the peak resident set size
+(``resource.getrusage``, the whole process: interpreter, numpy and the run) and the network verdict.
+
+    .venv/bin/python bench/bench_network.py [--requests 100000] [--seed 0] [--drain-s S] [--json]
+
+Run it in its own process (as above): the peak RSS is the process's high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmqueue.netsim import simulate_network
+from llmqueue.network import load_network
+
+AGENT_FILE = Path(__file__).resolve().parent.parent / "examples" / "networks" / "agent.toml"
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set size in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def run(path: Path, requests: int, seed: int, drain_s: float | None) -> dict[str, object]:
+    """Simulate ``requests`` end-to-end requests of the network at ``path``; return the figures."""
+    net = load_network(path)
+    started = time.perf_counter()
+    result = simulate_network(net, seed=seed, max_requests=requests, drain_s=drain_s)
+    wall = time.perf_counter() - started
+    arrivals = sum(c.arrivals for c in result.classes.values())
+    completed = sum(c.completed for c in result.classes.values())
+    return {
+        "file": os.path.relpath(path),
+        "requests": requests,
+        "seed": seed,
+        "arrivals": arrivals,
+        "completed": completed,
+        "visits": result.visits,
+        "simulated_s": result.duration_s,
+        "wall_s": wall,
+        "requests_per_wall_s": completed / wall,
+        "visits_per_wall_s": result.visits / wall,
+        "peak_rss_mib": peak_rss_mib(),
+        "stable_predicted": result.predicted.verdict,
+        "stable_observed": result.observed.verdict,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, run once, print the figures; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--file", type=Path, default=AGENT_FILE, help="network file")
+    parser.add_argument("--requests", type=int, default=100_000, help="end-to-end requests")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--drain-s", type=float, default=None,
+                        help="drain after the last arrival (default: the simulator's)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error("--requests must be >= 1")
+    figures = run(args.file, args.requests, args.seed, args.drain_s)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    print(f"network {figures['file']}: {figures['requests']:,} end-to-end requests, seed {figures['seed']}")
+    print(f"  completed            {figures['completed']:,} of {figures['arrivals']:,}")
+    print(f"  engine visits        {figures['visits']:,}")
+    print(f"  simulated time       {figures['simulated_s']:,.0f} s")
+    print(f"  wall                 {figures['wall_s']:.1f} s")
+    print(f"  requests / wall s    {figures['requests_per_wall_s']:,.0f}")
+    print(f"  visits / wall s      {figures['visits_per_wall_s']:,.0f}")
+    print(f"  peak RSS             {figures['peak_rss_mib']:.0f} MiB")
+    print(f"  verdict              predicted {figures['stable_predicted']}, "
+          f"observed {figures['stable_observed']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -293,9 +293,9 @@ def test_pressure_respects_budget_and_k_max() -> None:
 @pytest.mark.parametrize(
     ("routes", "sizes", "field"),
     [
-        ({"A": (("B", 1.5),)}, {"A": 1.0}, "routes"),
+        ({"A": (("B", float("nan")),)}, {"A": 1.0}, "routes"),
         ({"A": (("B", -0.5), ("C", 1.5))}, {"A": 1.0}, "routes"),
-        ({"A": (("B", 0.5), ("C", 0.4))}, {"A": 1.0}, "routes"),
+        ({"A": (("B", float("inf")),)}, {"A": 1.0}, "routes"),
         ({"A": ((3, 1.0),)}, {"A": 1.0}, "routes"),
         ({"A": (("B",),)}, {"A": 1.0}, "routes"),
         ({"A": 5}, {"A": 1.0}, "routes"),

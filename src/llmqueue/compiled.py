@@ -19,6 +19,7 @@ from llmqueue.batchtime import BatchTime
 from llmqueue.errors import ConfigError
 from llmqueue.metrics import Recorder, RequestRecord
 from llmqueue.policies import KFCFS, VLLMChunked
+from llmqueue.workload import Request
 
 MAX_BUDGET = 1 << 17
 """Largest token budget the compiled loop takes (it tabulates t(n) for n = 1..budget)."""
@@ -297,3 +298,168 @@ def _pending(state: _State) -> tuple[RequestRecord, ...]:
         )
         for s in slots.tolist()
     )
+
+
+_NO_ARRIVALS = (np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+class KernelEngine:
+    """One engine of a network run by the compiled loop, with the engine interface the network
+    simulator uses (``submit``, ``next_event_ms``, ``end_batch``/``start_at`` at a shared
+    instant, ``stop``), plus ``advance``: run alone up to a time limit, stopping after a batch that
+    finished requests so they are routed before the next batch starts.
+
+    Arrivals handed in wait in a list until the next call; the kernel takes them in time order,
+    exactly as ``FastEngine.submit`` would have at that moment (the engine's state does not change
+    in between). Results equal those of ``FastEngine`` (tests/test_network.py).
+    """
+
+    def __init__(self, policy: KFCFS | VLLMChunked, batch_time: BatchTime, budget: int,
+                 k_max: int | None, recorder: Recorder) -> None:
+        from llmqueue import kernel as K
+
+        self.K = K
+        self.batch_time = batch_time
+        self.state = _State(policy, batch_time, budget, k_max)
+        self.state.si[K.NET] = 1
+        self.state.si[K.A_FINAL] = 1
+        self.recorder = recorder
+        self._times: list[float] = []
+        self._prefill: list[int] = []
+        self._decode: list[int] = []
+        self._ids: list[int] = []
+        self._stopped = False
+        self._read = 0  # output records already handed to the router (drained only when full)
+        finite = self.state.t_table[1:][np.isfinite(self.state.t_table[1:])]
+        self._t_min = float(finite.min()) if finite.size else math.inf
+
+    # -- the engine interface ---------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Hand in an arrival (taken by the kernel at its next call)."""
+        self._times.append(request.arrival_ms)
+        self._prefill.append(request.prefill_tokens)
+        self._decode.append(request.decode_tokens)
+        self._ids.append(request.id)
+
+    def next_event_ms(self) -> float:
+        """The engine's next event: a batch end, an immediate start, a pending arrival, or inf."""
+        K, si, sf = self.K, self.state.si, self.state.sf
+        if si[K.ACTIVE]:
+            t = float(sf[K.BATCH_END])
+        elif si[K.IN_SYSTEM] and not si[K.BLOCKED]:
+            t = float(sf[K.NOW])
+        else:
+            t = math.inf
+        return min(t, self._times[0]) if self._times else t
+
+    @property
+    def now_ms(self) -> float:
+        return float(self.state.sf[self.K.NOW])
+
+    @property
+    def in_system(self) -> int:
+        return int(self.state.si[self.K.IN_SYSTEM])
+
+    @property
+    def blocked_since_ms(self) -> float | None:
+        K = self.K
+        return float(self.state.sf[K.BLOCKED_SINCE]) if self.state.si[K.BLOCKED] else None
+
+    def completion_bound_ms(self) -> float:
+        """No request can finish here before this time: completions happen only where a run of
+        repeats ends naturally. A pending arrival may cut the current run, but the part it keeps
+        finishes nothing, and a new run lasts at least min t(n)."""
+        K, si, sf = self.K, self.state.si, self.state.sf
+        end = float(sf[K.BATCH_END]) if si[K.ACTIVE] else math.inf
+        start = self._times[0] if self._times else math.inf
+        if not si[K.ACTIVE] and si[K.IN_SYSTEM] and not si[K.BLOCKED]:
+            start = min(start, float(sf[K.NOW]))
+        return min(end, start + self._t_min)
+
+    def ends_at(self, t_ms: float) -> bool:
+        """Whether a batch run ends exactly at ``t_ms``."""
+        K = self.K
+        return bool(self.state.si[K.ACTIVE]) and float(self.state.sf[K.BATCH_END]) == t_ms
+
+    def advance(self, limit_ms: float) -> tuple[list[int], float]:
+        """Run events before ``limit_ms``; stop early after a batch that finished requests.
+        Returns the finished requests' ids and the time they finished."""
+        return self._call(math.nextafter(limit_ms, -math.inf), end_only=False, start_only=False)
+
+    def end_batch(self) -> list[int]:
+        """At a shared instant (this engine is due now): end the batch due now (if any), without
+        starting the next."""
+        return self._call(self.next_event_ms(), end_only=True, start_only=False)[0]
+
+    def start_at(self, t_ms: float) -> None:
+        """At the shared instant ``t_ms``: take the arrivals due then and start the next batch
+        (nothing later: a batch ending after the instant is another event)."""
+        finished, _ = self._call(t_ms, end_only=False, start_only=True)
+        assert not finished, "start_at ended a batch"
+
+    def stop(self, horizon_ms: float) -> None:
+        """End at the horizon: book what ends before it and count the batch running."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.K.stop(*self.state.args(), *self.state.outputs(), horizon_ms)
+        self._take()
+        self._flush()
+
+    def finish(self) -> None:
+        """Move the kernel's totals into the recorder (before ``Recorder.finish``)."""
+        self._take()
+        self._flush()
+        _load_recorder(self.state, self.recorder)
+
+    # -- the call -----------------------------------------------------------------------------
+    def _call(self, limit_ms: float, *, end_only: bool, start_only: bool) -> tuple[list[int], float]:
+        K, state = self.K, self.state
+        si, sf = state.si, state.sf
+        sf[K.LIMIT] = limit_ms
+        si[K.END_ONLY] = int(end_only)
+        si[K.START_ONLY] = int(start_only)
+        n = len(self._times)
+        if n:
+            arrival_ms = np.array(self._times, dtype=np.float64)
+            prefill = np.array(self._prefill, dtype=np.int64)
+            decode = np.array(self._decode, dtype=np.int64)
+            ids = np.array(self._ids, dtype=np.int64)
+        else:
+            arrival_ms, prefill, decode, ids = _NO_ARRIVALS
+        si[K.A_POS] = 0
+        finished: list[int] = []
+        while True:
+            code = K.run(*state.args(), state.t_table, *state.outputs(), arrival_ms, prefill, decode, ids)
+            if code == K.NEED_ROOM:
+                finished.extend(self._take())
+                self._flush()
+            elif code == K.NEED_SLOTS:
+                state.grow(2 * state.cap)
+                si, sf = state.si, state.sf
+            elif code == K.BAD_BATCH_TIME:
+                bad = int(si[K.ERR_N])
+                value = self.batch_time(bad)
+                raise ConfigError("batch-time", value, f"t({bad}) must be a positive finite time")
+            else:
+                break
+        taken = int(si[K.A_POS])
+        if taken:
+            del self._times[:taken], self._prefill[:taken], self._decode[:taken], self._ids[:taken]
+        finished.extend(self._take())
+        assert taken <= n
+        return finished, float(sf[K.NOW])
+
+    def _take(self) -> list[int]:
+        """Ids of the finished requests not yet handed out (they stay buffered for the recorder)."""
+        count = int(self.state.si[self.K.N_OUT])
+        if count == self._read:
+            return []
+        out = self.state.out_i[self._read:count, 1].tolist()
+        self._read = count
+        return out
+
+    def _flush(self) -> None:
+        """Move the buffered records and inter-token latencies into the recorder."""
+        _drain(self.state, self.recorder)
+        self._read = 0

@@ -27,17 +27,19 @@ NEED_ARRIVALS = 1
 NEED_ROOM = 2  # output buffers nearly full: drain them and call again
 NEED_SLOTS = 3  # request slots exhausted: grow the state and call again
 BAD_BATCH_TIME = 4  # t(n) not positive and finite; n in si[ERR_N]
+PAUSED = 5  # network mode: the next event is past the time limit (or the requested step is done)
+ENDED = 6  # network mode: a batch run ended (it finished requests, or only ending was asked for)
 
 # -- integer scalars (si) ------------------------------------------------------------------------
 (N_FREE, PQ_HEAD, PQ_LEN, WQ_HEAD, WQ_LEN, SV_LEN, JN_LEN, PP_LEN, HP_LEN, DECODERS, SERVES, SEQ,
  ACTIVE, P_DEC, P_PRE, RUN_OFF, RUN_LEN, T_LIST, T_OFF, T_BASE, T_X, STOPPED, BLOCKED, IN_SYSTEM,
  BACKLOG, PREFILL_LEFT, ARRIVALS, ARRIVED_TOKENS, BATCHES, BATCH_TOKENS, BATCH_REQUESTS,
  BATCH_PREFILL, BATCH_DECODE, WC_TARGET, WC_VIOL, WC_WASTED, N_OUT, N_ITL, A_POS, A_FINAL, ERR_N,
- N_CONT, PLAN_NO, CAP, N_SI) = range(45)
+ N_CONT, PLAN_NO, CAP, NET, END_ONLY, START_ONLY, N_SI) = range(48)
 
 # -- float scalars (sf) --------------------------------------------------------------------------
 (NOW, BATCH_END, BLOCKED_SINCE, SERVED_MS, DURATION, REC_LAST, BACKLOG_AREA, IN_SYSTEM_AREA, BUSY,
- STALL, LAST_ARRIVAL, HORIZON, BIN_WIDTH, N_SF) = range(14)
+ STALL, LAST_ARRIVAL, HORIZON, BIN_WIDTH, LIMIT, N_SF) = range(15)
 
 # -- per-slot integers (slot_i columns) and floats (slot_f columns) ------------------------------
 R_ID, R_PRE, R_DEC, R_PLEFT, R_DLEFT, R_C0, R_ACT, R_SEQ, R_MARK, N_RI = range(10)
@@ -745,6 +747,25 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
         if si[A_POS] >= n_arr and si[A_FINAL] == 1 and (t >= sf[HORIZON] or math.isinf(t)):
             return DONE
         # -- step --
+        if si[NET] == 1:  # network mode: stop where the driver must route (see compiled.py)
+            if t > sf[LIMIT]:
+                return PAUSED
+            if si[ACTIVE] == 1:
+                before = si[N_OUT]
+                _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl,
+                      si[RUN_LEN])
+                if si[END_ONLY] == 1 or si[N_OUT] > before:
+                    return ENDED
+            elif si[END_ONLY] == 1:
+                return PAUSED
+            next_arrival = a_ms[si[A_POS]] if si[A_POS] < n_arr else np.inf
+            code = _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets,
+                                next_arrival)
+            if code != 0:
+                return code
+            if si[START_ONLY] == 1:
+                return PAUSED
+            continue
         if si[ACTIVE] == 1:
             _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl,
                   si[RUN_LEN])

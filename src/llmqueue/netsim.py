@@ -17,24 +17,30 @@ from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from heapq import heappop, heappush
+from typing import Literal
 
 import numpy as np
 
+from llmqueue import compiled
+from llmqueue.compiled import KernelEngine
 from llmqueue.engine import Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine, needs_reference
 from llmqueue.metrics import PERCENTILES, Recorder, RunMetrics, TimeBins
 from llmqueue.network import EXIT, Analysis, ClassSpec, Network, Node, analyze
 from llmqueue.policies import (
+    KFCFS,
     ClassPriority,
     EngineView,
     MaxPressure,
+    VLLMChunked,
     make_policy,
     policy_name,
 )
 from llmqueue.stability import Observation, Prediction, observe
 from llmqueue.workload import CHUNK_SIZE, Request
 
+EngineKind = Literal["auto", "compiled", "fast", "reference"]
 MIN_DRAIN_MS = 60_000.0
 WARMUP_FRACTION = 0.2
 K_FCFS_WORK_CONSERVING = ("sarathi", "orca", "vllm-chunked")
@@ -220,10 +226,16 @@ def simulate_network(
     duration_s: float | None = None,
     drain_s: float | None = None,
     policies: Mapping[str, PolicyFn] | None = None,
+    engine: EngineKind = "auto",
 ) -> NetworkResult:
     """Run the network: external arrivals of every class in time order until ``max_requests``
     (over all classes) or ``duration_s``; then drain for at most ``drain_s`` (default: as long as
-    the arrival window, at least 60 s). ``policies`` overrides engines' policies by name."""
+    the arrival window, at least 60 s). ``policies`` overrides engines' policies by name.
+    ``engine``: ``auto`` runs each engine in the compiled loop when its policy allows it (numba
+    installed), else in the Python fast engine, else in the reference engine; ``fast`` and
+    ``reference`` force those. All give the same results."""
+    if engine not in ("auto", "compiled", "fast", "reference"):
+        raise ConfigError("engine", engine, "must be 'auto', 'compiled', 'fast' or 'reference'")
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("requests", max_requests, "must be an integer >= 1")
     if duration_s is not None and not (duration_s > 0 and math.isfinite(duration_s)):
@@ -239,7 +251,8 @@ def simulate_network(
             raise ConfigError("policies", name, f"unknown engine; known: {sorted(net.engines)}")
     analysis = analyze(net, {name: policy_name(p) for name, p in (policies or {}).items()})
     duration_ms = None if duration_s is None else duration_s * 1000.0
-    return _Run(net, analysis, seed, max_requests, duration_ms, drain_s, policies or {}).result()
+    return _Run(net, analysis, seed, max_requests, duration_ms, drain_s, policies or {},
+                engine).result()
 
 
 class _Run:
@@ -247,7 +260,7 @@ class _Run:
 
     def __init__(self, net: Network, analysis: Analysis, seed: int, max_requests: int | None,
                  duration_ms: float | None, drain_s: float | None,
-                 policies: Mapping[str, PolicyFn]) -> None:
+                 policies: Mapping[str, PolicyFn], engine: EngineKind = "auto") -> None:
         self.net = net
         self.analysis = analysis
         self.max_requests = max_requests
@@ -257,21 +270,30 @@ class _Run:
         names = sorted(net.engines)
         self.engine_names = names
         self.recorders = {n: Recorder(keep_requests=False) for n in names}
-        self.engines: dict[str, Engine] = {}
+        self.engines: dict[str, Engine | KernelEngine] = {}
         self.policy_names: dict[str, str] = {}
         for n in names:
             spec = net.engines[n]
             policy = policies.get(n) or network_policy(net, n)
             self.policy_names[n] = policy_name(policy)
             args = (policy, spec.batch_time, spec.budget, spec.k_max)
+            supported = compiled.supports(policy, spec.budget, False)
+            if engine == "compiled" and not supported:
+                raise ConfigError("engine", engine, f"engine {n}: policy '{policy_name(policy)}' "
+                                  "has no compiled form (or numba is not installed)")
             if isinstance(policy, MaxPressure):
                 self.engines[n] = _BufferedEngine(*args, recorder=self.recorders[n], buffers=self.counts)
-            elif needs_reference(policy):
+            elif engine in ("auto", "compiled") and supported:
+                assert isinstance(policy, KFCFS | VLLMChunked)
+                self.engines[n] = KernelEngine(policy, spec.batch_time, spec.budget, spec.k_max,
+                                               self.recorders[n])
+            elif engine == "reference" or needs_reference(policy):
                 self.engines[n] = Engine(*args, recorder=self.recorders[n])
             else:
                 self.engines[n] = FastEngine(*args, recorder=self.recorders[n])
         self.engine_list = [self.engines[n] for n in names]
         self.pressure_engines = [e for e in self.engine_list if isinstance(e, _BufferedEngine)]
+        self.kernels = [e for e in self.engine_list if isinstance(e, KernelEngine)]
         # one RNG stream per purpose, in a fixed order (same seed, same run)
         streams = iter(np.random.SeedSequence(seed).spawn(
             len(net.classes) + 3 * sum(len(c.nodes) for c in net.classes.values())
@@ -395,7 +417,8 @@ class _Run:
         horizon = math.inf if nxt is not None else self._horizon()
         engines = self.engine_list
         while True:
-            t_engine = min(e.next_event_ms() for e in engines)
+            times = [e.next_event_ms() for e in engines]
+            t_engine = min(times)
             if nxt is not None and nxt[0] <= t_engine:
                 t, cname = nxt
                 self.class_arrivals[cname] += 1
@@ -412,23 +435,52 @@ class _Run:
                 continue
             if t_engine >= horizon or math.isinf(t_engine):
                 break
-            due = [e for e in engines if e.next_event_ms() == t_engine]
-            finished = [r for e in due for r in e.end_batch()]
-            for record in finished:
-                token, node_id, buffer = self.visits.pop(record.id)
-                self.counts[buffer] -= 1
-                node = self.net.classes[token.cls].nodes[node_id]
-                self._advance(token, self._choose(token.cls, node), t_engine)
+            first = times.index(t_engine)
+            if isinstance(engines[first], KernelEngine):
+                # a compiled engine runs alone until another engine could finish a request (only
+                # that can send it work), the next external arrival or the horizon; it stops
+                # after a batch that finished requests, so they are routed first
+                alone = min((e.completion_bound_ms() if isinstance(e, KernelEngine) else t
+                             for e, t in zip(engines, times, strict=True) if e is not engines[first]),
+                            default=math.inf)
+                if alone > t_engine:
+                    until = min(alone, horizon, math.inf if nxt is None else nxt[0])
+                    ids, at = engines[first].advance(until)
+                    self._route(ids, at)
+                    continue
+            due = [e for e, t in zip(engines, times, strict=True) if t == t_engine]
+            finished: list[int] = []
             for e in due:
-                e.start_batch()
-            for e in self.pressure_engines:  # downstream counts changed: idle engines look again
-                e.wake(t_engine)
+                if isinstance(e, KernelEngine):
+                    if e.ends_at(t_engine):
+                        finished.extend(e.end_batch())
+                else:
+                    finished.extend(r.id for r in e.end_batch())
+            self._route(finished, t_engine)
+            for e in due:
+                if isinstance(e, KernelEngine):
+                    e.start_at(t_engine)
+                else:
+                    e.start_batch()
         cut = any(math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon for e in engines)
         end_ms = horizon if cut else max([self.last_arrival_ms, *(e.now_ms for e in engines)])
         for e in engines:
             if math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon:
                 e.stop(horizon)
+        for k in self.kernels:
+            k.finish()
         return self._collect(end_ms)
+
+    def _route(self, finished: list[int], t_ms: float) -> None:
+        """Send finished visits on, then let idle max-pressure engines look again."""
+        for vid in finished:
+            token, node_id, buffer = self.visits.pop(vid)
+            self.counts[buffer] -= 1
+            node = self.net.classes[token.cls].nodes[node_id]
+            self._advance(token, self._choose(token.cls, node), t_ms)
+        if finished:
+            for e in self.pressure_engines:  # downstream counts changed: idle engines look again
+                e.wake(t_ms)
 
     def _horizon(self) -> float:
         end = self.duration_ms if self.duration_ms is not None else self.last_arrival_ms

@@ -332,6 +332,22 @@ class KernelEngine:
         self._read = 0  # output records already handed to the router (drained only when full)
         finite = self.state.t_table[1:][np.isfinite(self.state.t_table[1:])]
         self._t_min = float(finite.min()) if finite.size else math.inf
+        self._args = self._arguments()
+        # the kernel's next batch end and immediate start, cached as floats after every call
+        # (the network loop asks for them at every event)
+        self._end = math.inf
+        self._start = math.inf
+
+    def _arguments(self) -> tuple[np.ndarray, ...]:
+        state = self.state
+        return (*state.args(), state.t_table, *state.outputs())
+
+    def _refresh(self) -> None:
+        K, si, sf = self.K, self.state.si, self.state.sf
+        active = bool(si[K.ACTIVE])
+        self._end = float(sf[K.BATCH_END]) if active else math.inf
+        idle_with_work = not active and si[K.IN_SYSTEM] and not si[K.BLOCKED]
+        self._start = float(sf[K.NOW]) if idle_with_work else math.inf
 
     # -- the engine interface ---------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -343,14 +359,10 @@ class KernelEngine:
 
     def next_event_ms(self) -> float:
         """The engine's next event: a batch end, an immediate start, a pending arrival, or inf."""
-        K, si, sf = self.K, self.state.si, self.state.sf
-        if si[K.ACTIVE]:
-            t = float(sf[K.BATCH_END])
-        elif si[K.IN_SYSTEM] and not si[K.BLOCKED]:
-            t = float(sf[K.NOW])
-        else:
-            t = math.inf
-        return min(t, self._times[0]) if self._times else t
+        t = self._end if self._end < self._start else self._start
+        if self._times and self._times[0] < t:
+            return self._times[0]
+        return t
 
     @property
     def now_ms(self) -> float:
@@ -369,17 +381,15 @@ class KernelEngine:
         """No request can finish here before this time: completions happen only where a run of
         repeats ends naturally. A pending arrival may cut the current run, but the part it keeps
         finishes nothing, and a new run lasts at least min t(n)."""
-        K, si, sf = self.K, self.state.si, self.state.sf
-        end = float(sf[K.BATCH_END]) if si[K.ACTIVE] else math.inf
-        start = self._times[0] if self._times else math.inf
-        if not si[K.ACTIVE] and si[K.IN_SYSTEM] and not si[K.BLOCKED]:
-            start = min(start, float(sf[K.NOW]))
-        return min(end, start + self._t_min)
+        start = self._start
+        if self._times and self._times[0] < start:
+            start = self._times[0]
+        start += self._t_min
+        return self._end if self._end < start else start
 
     def ends_at(self, t_ms: float) -> bool:
         """Whether a batch run ends exactly at ``t_ms``."""
-        K = self.K
-        return bool(self.state.si[K.ACTIVE]) and float(self.state.sf[K.BATCH_END]) == t_ms
+        return self._end == t_ms
 
     def advance(self, limit_ms: float) -> tuple[list[int], float]:
         """Run events before ``limit_ms``; stop early after a batch that finished requests.
@@ -405,6 +415,7 @@ class KernelEngine:
         self.K.stop(*self.state.args(), *self.state.outputs(), horizon_ms)
         self._take()
         self._flush()
+        self._refresh()
 
     def finish(self) -> None:
         """Move the kernel's totals into the recorder (before ``Recorder.finish``)."""
@@ -429,14 +440,16 @@ class KernelEngine:
             arrival_ms, prefill, decode, ids = _NO_ARRIVALS
         si[K.A_POS] = 0
         finished: list[int] = []
+        run = K.run
         while True:
-            code = K.run(*state.args(), state.t_table, *state.outputs(), arrival_ms, prefill, decode, ids)
+            code = run(*self._args, arrival_ms, prefill, decode, ids)
             if code == K.NEED_ROOM:
                 finished.extend(self._take())
                 self._flush()
             elif code == K.NEED_SLOTS:
                 state.grow(2 * state.cap)
                 si, sf = state.si, state.sf
+                self._args = self._arguments()
             elif code == K.BAD_BATCH_TIME:
                 bad = int(si[K.ERR_N])
                 value = self.batch_time(bad)
@@ -447,7 +460,7 @@ class KernelEngine:
         if taken:
             del self._times[:taken], self._prefill[:taken], self._decode[:taken], self._ids[:taken]
         finished.extend(self._take())
-        assert taken <= n
+        self._refresh()
         return finished, float(sf[K.NOW])
 
     def _take(self) -> list[int]:

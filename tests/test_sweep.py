@@ -238,3 +238,13 @@ def test_workers_must_be_positive(tmp_path) -> None:
     config = parse_config({"grid": {"policies": ["sarathi"], "rates": [1.0]}})
     with Store(tmp_path / "w.sqlite") as store, pytest.raises(ConfigError, match=r"^workers"):
         run_sweep(config, store, workers=0)
+
+
+def test_rows_keep_the_config_window_apart_from_the_run_length(tmp_path) -> None:
+    config = parse_config({"grid": {"policies": ["sarathi"], "rates": [5.0]}, "run": {"requests": 300}})
+    with Store(tmp_path / "d.sqlite") as store:
+        run_sweep(config, store, workers=1)
+        (row,) = list(store.rows())
+    assert row["duration_s"] is None  # no arrival window was configured
+    assert row["run_duration_s"] > 60.0  # the run itself: arrivals plus the drain
+    assert row["rate"] == 5.0 and row["load"] == pytest.approx(5.0 / row["critical_rate"])

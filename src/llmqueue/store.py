@@ -104,7 +104,9 @@ class Store:
                 row["policy_spec"] = row["policy"]
                 row["policy"] = outcome.get("policy", row["policy_spec"].get("name"))
             for name, value in outcome.items():
-                if row.get(name) is None:  # e.g. the rate a load turned into
+                if name == "duration_s":  # the run's length, not the config's arrival window
+                    row["run_duration_s"] = value
+                elif row.get(name) is None:  # e.g. the rate a load turned into
                     row[name] = value
             row["wall_s"] = wall_s
             yield row

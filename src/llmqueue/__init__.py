@@ -1,7 +1,8 @@
 """llmqueue: queueing theory of LLM serving.
 
-Exact batched-queue simulation of LLM engines, the paper's schedulers as pure policies, batch-time
-models, capacity theory and stability verdicts (Dai, Deng, Li, Peng, arXiv 2504.07347).
+Exact batched-queue simulation of LLM engines and networks of them (AI agents), the paper's
+schedulers as pure policies, batch-time models, capacity theory and stability verdicts (Dai, Deng,
+Li, Peng, arXiv 2504.07347).
 """
 
 from llmqueue.batchtime import (
@@ -16,6 +17,8 @@ from llmqueue.batchtime import (
 from llmqueue.engine import Batch, Engine, check_plan
 from llmqueue.errors import ConfigError, LLMQueueError, PlanError
 from llmqueue.metrics import RequestRecord, RunMetrics
+from llmqueue.netsim import NetworkResult, simulate_network
+from llmqueue.network import Network, analyze, load_network, parse_network
 from llmqueue.policies import (
     FASTERTRANSFORMER,
     KFCFS,
@@ -23,7 +26,9 @@ from llmqueue.policies import (
     SARATHI,
     VLLM,
     VLLM_CHUNKED,
+    ClassPriority,
     EngineView,
+    MaxPressure,
     Plan,
     RequestView,
     VLLMChunked,
@@ -41,12 +46,16 @@ __all__ = [
     "VLLM_CHUNKED",
     "Batch",
     "BatchTime",
+    "ClassPriority",
     "ConfigError",
     "ConstantTime",
     "Engine",
     "EngineView",
     "LLMQueueError",
     "LinearTime",
+    "MaxPressure",
+    "Network",
+    "NetworkResult",
     "PiecewiseTime",
     "Plan",
     "PlanError",
@@ -60,11 +69,15 @@ __all__ = [
     "TheorySummary",
     "VLLMChunked",
     "Workload",
+    "analyze",
     "check_plan",
+    "load_network",
     "make_policy",
     "make_workload",
     "parse_batch_time",
+    "parse_network",
     "simulate",
+    "simulate_network",
     "summarize_theory",
 ]
 

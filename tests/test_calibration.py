@@ -36,7 +36,7 @@ def _obs(slope: float, threshold: float = 10.0) -> Observation:
 
 
 def _test(workload: Workload, policy: object, **kw: object) -> ReplicatedVerdict:
-    return stability.test_instability(workload, policy, CODELLAMA, BUDGET, **kw)  # type: ignore[arg-type]
+    return stability.check_instability(workload, policy, CODELLAMA, BUDGET, **kw)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- arithmetic and inputs

@@ -23,20 +23,13 @@ from llmqueue.simulate import simulate
 from llmqueue.workload import Request, make_workload
 
 from .strategies import SHIPPED, policies
+from .strategies import workloads as shared_workloads
 from .test_fastengine import assert_same, batch_times
 
 
-@st.composite
-def workloads(draw: st.DrawFn, min_prefill: int = 0) -> list[Request]:
-    n = draw(st.integers(1, 40))
-    t = 0.0
-    out = []
-    for i in range(n):
-        t += draw(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 7.25, 40.0]))
-        prefill = draw(st.integers(min_prefill, 90))
-        decode = draw(st.integers(0 if prefill else 1, 60))
-        out.append(Request(i, t, prefill, decode))
-    return out
+def workloads() -> st.SearchStrategy[list[Request]]:
+    """Random workloads with prompt-less and prompt-only requests (they reorder the decoders)."""
+    return shared_workloads(prefill_min=0, decode_min=0)
 
 
 def against_reference(requests, policy, batch_time, budget, k_max, **kwargs):

@@ -26,21 +26,7 @@ from llmqueue.policies import SARATHI, VLLM_CHUNKED
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request, make_workload
 
-from .strategies import SHIPPED, policies
-
-
-@st.composite
-def workloads(draw: st.DrawFn) -> list[Request]:
-    n = draw(st.integers(1, 40))
-    t = 0.0
-    out = []
-    for i in range(n):
-        t += draw(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 7.25, 40.0]))
-        prefill = draw(st.integers(1, 90))
-        decode = draw(st.integers(1, 60))
-        out.append(Request(i, t, prefill, decode))
-    return out
-
+from .strategies import SHIPPED, policies, workloads
 
 batch_times = st.sampled_from(
     [ConstantTime(1.0), LinearTime(0.5, 0.0625), StaircaseTime(1.0, 3.0, 8), LinearTime(0.3, 0.01)]

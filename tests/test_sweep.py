@@ -24,7 +24,7 @@ from llmqueue.errors import ConfigError
 from llmqueue.policies import make_policy
 from llmqueue.simulate import simulate
 from llmqueue.store import Store, run_key
-from llmqueue.sweep import expand, parse_config, run_sweep
+from llmqueue.sweep import expand, load_config, parse_config, run_sweep
 from llmqueue.workload import make_workload
 
 from .test_cli import run_cli
@@ -55,6 +55,24 @@ def rows_in(db: Path) -> int:
             return int(con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
         except sqlite3.OperationalError:
             return 0
+
+
+SCRIPT = Path(sys.executable).with_name("llmqueue")
+
+
+def start_sweep(config: Path, db: Path, *, workers: int, rows: int) -> subprocess.Popen[str]:
+    """A real ``llmqueue sweep`` in its own process group, once ``rows`` runs are stored (or it
+    ended; polled every 20 ms, 6000 times at most: the suite cannot hang here)."""
+    proc = subprocess.Popen(
+        [str(SCRIPT), "sweep", str(config), "--db", str(db), "--workers", str(workers),
+         "--no-progress"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    for _ in range(6000):
+        if rows_in(db) >= rows or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    return proc
 
 
 @pytest.mark.parametrize(
@@ -147,14 +165,7 @@ seeds = [0]
 requests = 30000
 """)
     db = tmp_path / "kill.sqlite"
-    script = Path(sys.executable).with_name("llmqueue")
-    proc = subprocess.Popen(
-        [str(script), "sweep", str(config), "--db", str(db), "--workers", "2", "--no-progress"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while rows_in(db) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc = start_sweep(config, db, workers=2, rows=3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     stored_before = rows_in(db)
@@ -162,7 +173,7 @@ requests = 30000
     with Store(db) as store:
         keys_before = store.keys()
     rerun = subprocess.run(
-        [str(script), "sweep", str(config), "--db", str(db), "--workers", "2", "--json",
+        [str(SCRIPT), "sweep", str(config), "--db", str(db), "--workers", "2", "--json",
          "--no-progress"], capture_output=True, text=True, check=True,
     )
     outcome = json.loads(rerun.stdout)
@@ -171,11 +182,7 @@ requests = 30000
     with Store(db) as store:
         assert len(store) == 40
         assert keys_before <= store.keys()
-        config_keys = {run_key(r) for r in expand(parse_config(
-            {"grid": {"policies": ["sarathi", "orca", "vllm", "fastertransformer"],
-                      "loads": {"start": 0.5, "stop": 1.1, "num": 10}, "seeds": [0]},
-             "run": {"requests": 30000}}))}
-        assert store.keys() == config_keys
+        assert store.keys() == {run_key(r) for r in expand(load_config(config))}
 
 
 def test_interrupt_keeps_finished_runs(tmp_path) -> None:
@@ -189,14 +196,7 @@ loads = {start = 0.5, stop = 1.0, num = 20}
 requests = 30000
 """)
     db = tmp_path / "int.sqlite"
-    script = Path(sys.executable).with_name("llmqueue")
-    proc = subprocess.Popen(
-        [str(script), "sweep", str(config), "--db", str(db), "--workers", "1", "--no-progress"],
-        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 120
-    while rows_in(db) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc = start_sweep(config, db, workers=1, rows=2)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

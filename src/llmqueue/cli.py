@@ -12,13 +12,11 @@ import json
 import math
 import os
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,17 +30,19 @@ from rich.table import Table
 
 from llmqueue import theory
 from llmqueue.batchtime import BatchTime, parse_batch_time
-from llmqueue.errors import LLMQueueError
+from llmqueue.configfile import read_table
+from llmqueue.errors import ConfigError, LLMQueueError
 from llmqueue.netsim import NetworkResult, predict_network, simulate_network
 from llmqueue.network import Analysis, Network, load_network
 from llmqueue.network import analyze as analyze_network
+from llmqueue.plotting import pyplot, save
 from llmqueue.policies import KFCFS, POLICY_NAMES, VLLMChunked, make_policy
 from llmqueue.region import OperatingPoint, plot_region, region
 from llmqueue.reproduce import TARGETS, reproduce
 from llmqueue.simulate import RunResult, simulate, summarize_theory
 from llmqueue.slo import best_budget_for_slo, max_rate_under_slo, parse_slo
 from llmqueue.slo import claim as slo_claim
-from llmqueue.store import Store, parse_where, run_key, select, to_csv, to_json
+from llmqueue.store import Store, jsonable, parse_where, run_key, select, to_csv, to_json
 from llmqueue.sweep import expand as expand_sweep
 from llmqueue.sweep import load_config as load_sweep
 from llmqueue.sweep import run_sweep
@@ -69,21 +69,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     """Read a TOML/YAML file into the command's defaults (eager: before the other options)."""
     if value is None:
         return
-    path = Path(value)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise click.BadParameter(f"cannot read {value!r}: {err.strerror}", ctx, param) from None
-    try:
-        if path.suffix.lower() == ".toml":
-            data: Any = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            raise click.BadParameter(f"{value!r} must end in .toml, .yaml or .yml", ctx, param)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        first = str(err).splitlines()[0]
-        raise click.BadParameter(f"{value!r} is not valid: {first}", ctx, param) from None
+        data = read_table(value, "config")
+    except ConfigError as err:
+        raise click.BadParameter(f"{value!r} {err.problem}", ctx, param) from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value!r} must hold a table of option = value", ctx, param)
     # keys are the long option names (``load``, ``json``, ``requests``), not the Python names
@@ -280,19 +269,8 @@ def _run(name: str, workload: Workload, opts: dict[str, Any], keep_requests: boo
         )
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN and inf become null so the output is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _dump(document: Any) -> None:
-    click.echo(json.dumps(_jsonable(document), allow_nan=False))
+    click.echo(json.dumps(jsonable(document), allow_nan=False))
 
 
 def _console() -> Console:
@@ -313,7 +291,7 @@ def _write_requests(path: str, result: RunResult) -> None:
     """One record per request: CSV or JSON lines by the file's extension."""
     fields = ("id", "arrival_ms", "first_token_ms", "finish_ms", "prefill_tokens", "decode_tokens")
     rows = [
-        {f: _jsonable(getattr(r, f)) for f in fields} for r in (result.requests or ())
+        {f: jsonable(getattr(r, f)) for f in fields} for r in (result.requests or ())
     ]
     with open(path, "w", encoding="utf-8", newline="") as out:
         if path.endswith(".csv"):
@@ -861,13 +839,7 @@ def network_simulate_cmd(path: str, scale: float, requests_: int | None, duratio
 
 def _plot_network(result: NetworkResult, path: str) -> None:
     """Backlog per engine (tokens) and requests in the network per class, over time."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise click.UsageError("--plot needs matplotlib: pip install 'llmqueue[plot]'") from None
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for e in result.engines.values():
         series = e.metrics.backlog_series
@@ -882,9 +854,7 @@ def _plot_network(result: NetworkResult, path: str) -> None:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     fig.suptitle(f"network: {result.observed.verdict} (predicted {result.predicted.verdict})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 SWEEP_COLUMNS = (
@@ -1004,15 +974,7 @@ def results_cmd(db_path: str, where: tuple[str, ...], columns: str | None, fmt: 
 
 
 def _plot(results: Sequence[RunResult], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise click.UsageError(
-            "--plot needs matplotlib: pip install 'llmqueue[plot]' (or pass --plot '')"
-        ) from None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in results:
         series = r.metrics.backlog_series
@@ -1030,9 +992,7 @@ def _plot(results: Sequence[RunResult], path: str) -> None:
     )
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from importlib.util import find_spec
 
 import numpy as np
@@ -26,10 +27,12 @@ MAX_BUDGET = 1 << 17
 
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """Arrivals in time order: (ids int64, arrival_ms float64, prefill int64, decode int64)."""
+_NO_ARRIVALS: Chunk = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
+@cache
 def available() -> bool:
-    """Whether numba is installed (the ``fast`` extra)."""
+    """Whether numba is installed (the ``fast`` extra; looked up once per process)."""
     return find_spec("numba") is not None
 
 
@@ -92,6 +95,7 @@ class _State:
         from llmqueue import kernel as K
 
         self.K = K
+        self.batch_time = batch_time
         self.si = np.zeros(K.N_SI, dtype=np.int64)
         self.sf = np.zeros(K.N_SF)
         self.sf[K.BATCH_END] = math.inf
@@ -109,10 +113,13 @@ class _State:
         self.ends = np.zeros(K.MAX_REPEAT)
         self.targets = np.zeros(K.MAX_REPEAT, dtype=np.int64)
         self.bins = np.zeros(2048)
+        # one step writes at most (served decoders + planned prompts + joiners + 4) <= 3 b + 4
+        # records and ITL entries, so the kernel's "need room" always leaves room once drained
         room = max(1 << 14, 4 * budget + 64)
         self.out_f = np.zeros((room, 3))
         self.out_i = np.zeros((room, 4), dtype=np.int64)
         self.itl = np.zeros((2, room))
+        self.kernel_args = self._kernel_args()
 
     def grow(self, capacity: int) -> None:
         """Room for ``capacity`` requests present at once (rings are unwrapped)."""
@@ -137,11 +144,42 @@ class _State:
         heap[:, : si[K.HP_LEN]] = self.heap[:, : si[K.HP_LEN]]
         self.slot_i, self.slot_f, self.q, self.heap, self.cap = slot_i, slot_f, q, heap, capacity
 
-    def args(self) -> tuple[np.ndarray, ...]:
-        return (self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol)
+    def _kernel_args(self) -> tuple[np.ndarray, ...]:
+        return (self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.t_table,
+                self.ends, self.targets, self.bins, self.out_f, self.out_i, self.itl)
 
-    def outputs(self) -> tuple[np.ndarray, ...]:
-        return (self.ends, self.targets, self.bins, self.out_f, self.out_i, self.itl)
+    def call(self, arrivals: Chunk, on_room: Callable[[], None]) -> int:
+        """Run the kernel on ``arrivals`` (ids, arrival_ms, prefill, decode) until it needs the
+        caller: slots are grown and output room made (``on_room`` drains) here; returns the code."""
+        K = self.K
+        ids, arrival_ms, prefill, decode = arrivals
+        while True:
+            code = K.run(*self.kernel_args, arrival_ms, prefill, decode, ids)
+            if code == K.NEED_ROOM:
+                on_room()
+            elif code == K.NEED_SLOTS:
+                self.grow(2 * self.cap)
+                self.kernel_args = self._kernel_args()
+            elif code == K.BAD_BATCH_TIME:
+                n = int(self.si[K.ERR_N])
+                value = self.batch_time(n)  # re-raises the model's own error, if it has one
+                raise ConfigError("batch-time", value, f"t({n}) must be a positive finite time")
+            else:
+                return code
+
+    def stop(self, horizon_ms: float) -> None:
+        """The kernel's ``stop`` at the horizon (the output buffers were drained before)."""
+        args = self.kernel_args
+        self.K.stop(*args[:7], *args[8:], horizon_ms)
+
+    def next_times(self) -> tuple[float, float]:
+        """(end of the running batch run, immediate start): each inf when there is none."""
+        K, si, sf = self.K, self.si, self.sf
+        if si[K.ACTIVE]:
+            return float(sf[K.BATCH_END]), math.inf
+        if si[K.IN_SYSTEM] and not si[K.BLOCKED]:
+            return math.inf, float(sf[K.NOW])
+        return math.inf, math.inf
 
 
 def _drain(state: _State, recorder: Recorder) -> None:
@@ -163,29 +201,29 @@ def _drain(state: _State, recorder: Recorder) -> None:
         si[K.N_ITL] = 0
 
 
+_INT_TOTALS = (
+    ("backlog_tokens", "BACKLOG"), ("in_system", "IN_SYSTEM"), ("arrivals", "ARRIVALS"),
+    ("arrived_tokens", "ARRIVED_TOKENS"), ("batches_started", "BATCHES"),
+    ("batch_tokens", "BATCH_TOKENS"), ("batch_requests", "BATCH_REQUESTS"),
+    ("batch_prefill", "BATCH_PREFILL"), ("batch_decode", "BATCH_DECODE"),
+    ("wc_target", "WC_TARGET"), ("wc_violations", "WC_VIOL"), ("wc_wasted", "WC_WASTED"),
+)
+_FLOAT_TOTALS = (
+    ("last_ms", "REC_LAST"), ("backlog_area", "BACKLOG_AREA"), ("in_system_area", "IN_SYSTEM_AREA"),
+    ("last_arrival_ms", "LAST_ARRIVAL"), ("busy_ms", "BUSY"), ("stall_ms", "STALL"),
+)
+"""Recorder field -> the kernel's scalar holding it (same meaning)."""
+
+
 def _load_recorder(state: _State, recorder: Recorder) -> None:
-    """Copy the kernel's integrals and counters into the recorder (same fields, same meaning)."""
+    """Copy the kernel's integrals and counters into the recorder."""
     K, si, sf = state.K, state.si, state.sf
-    recorder.last_ms = float(sf[K.REC_LAST])
-    recorder.backlog_tokens = int(si[K.BACKLOG])
-    recorder.in_system = int(si[K.IN_SYSTEM])
-    recorder.backlog_area = float(sf[K.BACKLOG_AREA])
-    recorder.in_system_area = float(sf[K.IN_SYSTEM_AREA])
+    for field, index in _INT_TOTALS:
+        setattr(recorder, field, int(si[getattr(K, index)]))
+    for field, index in _FLOAT_TOTALS:
+        setattr(recorder, field, float(sf[getattr(K, index)]))
     recorder.backlog_bins.sums[:] = state.bins
     recorder.backlog_bins.width_ms = float(sf[K.BIN_WIDTH])
-    recorder.arrivals = int(si[K.ARRIVALS])
-    recorder.arrived_tokens = int(si[K.ARRIVED_TOKENS])
-    recorder.last_arrival_ms = float(sf[K.LAST_ARRIVAL])
-    recorder.batches_started = int(si[K.BATCHES])
-    recorder.batch_tokens = int(si[K.BATCH_TOKENS])
-    recorder.batch_requests = int(si[K.BATCH_REQUESTS])
-    recorder.batch_prefill = int(si[K.BATCH_PREFILL])
-    recorder.batch_decode = int(si[K.BATCH_DECODE])
-    recorder.busy_ms = float(sf[K.BUSY])
-    recorder.wc_target = int(si[K.WC_TARGET])
-    recorder.wc_violations = int(si[K.WC_VIOL])
-    recorder.wc_wasted = int(si[K.WC_WASTED])
-    recorder.stall_ms = float(sf[K.STALL])
 
 
 def run(
@@ -208,59 +246,32 @@ def run(
 
     state = _State(policy, batch_time, budget, k_max)
     si, sf = state.si, state.sf
-    empty: Chunk = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
     source: Iterator[Chunk] = iter(chunks)
-    current = next(source, None)
-    done = False
-    while not done:
-        chunk = empty if current is None else current
-        upcoming = None if current is None else next(source, None)
+    current = next(source, _NO_ARRIVALS)
+    while True:
+        upcoming = next(source, None)
         final = upcoming is None
         ids, arrival_ms, prefill, decode = (
-            _plain(a, t) for a, t in zip(chunk, (np.int64, np.float64, np.int64, np.int64), strict=True)
+            _plain(a, t) for a, t in zip(current, (np.int64, np.float64, np.int64, np.int64), strict=True)
         )
         si[K.A_POS] = 0
         si[K.A_FINAL] = int(final)
         if final:
             last = float(arrival_ms[-1]) if arrival_ms.size else float(sf[K.LAST_ARRIVAL])
             sf[K.HORIZON] = horizon_for(last)
-        while True:
-            code = K.run(*state.args(), state.t_table, *state.outputs(), arrival_ms, prefill, decode, ids)
-            if code == K.NEED_ROOM:
-                if si[K.N_OUT] == 0 and si[K.N_ITL] == 0:  # a single step needs more room
-                    state.out_f = np.zeros((2 * len(state.out_f), 3))
-                    state.out_i = np.zeros((2 * len(state.out_i), 4), dtype=np.int64)
-                    state.itl = np.zeros((2, 2 * state.itl.shape[1]))
-                _drain(state, recorder)
-            elif code == K.NEED_SLOTS:
-                state.grow(2 * state.cap)
-                si, sf = state.si, state.sf
-            elif code == K.BAD_BATCH_TIME:
-                n = int(si[K.ERR_N])
-                value = batch_time(n)  # re-raises the model's own error, if it has one
-                raise ConfigError("batch-time", value, f"t({n}) must be a positive finite time")
-            elif code == K.NEED_ARRIVALS:
-                break
-            else:
-                done = True
-                break
+        code = state.call((ids, arrival_ms, prefill, decode), lambda: _drain(state, recorder))
         if progress is not None:
             progress(int(si[K.ARRIVALS]))
+        if upcoming is None or code != K.NEED_ARRIVALS:
+            break
         current = upcoming
-        if final:
-            done = True
 
     _drain(state, recorder)
     horizon = float(sf[K.HORIZON])
-    t_next = float(sf[K.BATCH_END]) if si[K.ACTIVE] else (
-        float(sf[K.NOW]) if si[K.IN_SYSTEM] and not si[K.BLOCKED] else math.inf
-    )
+    t_next = min(state.next_times())
     cut = math.isfinite(t_next) and t_next >= horizon
     if cut:
-        room = int(si[K.SV_LEN] + si[K.PP_LEN] + si[K.JN_LEN] + 4)
-        if len(state.out_f) < room or state.itl.shape[1] < room:
-            raise AssertionError("output buffers smaller than one step")  # sized at >= 4 budget
-        K.stop(*state.args(), *state.outputs(), horizon)
+        state.stop(horizon)
         _drain(state, recorder)
     _load_recorder(state, recorder)
     end_ms = horizon if cut else max(float(sf[K.NOW]), float(sf[K.LAST_ARRIVAL]))
@@ -300,9 +311,6 @@ def _pending(state: _State) -> tuple[RequestRecord, ...]:
     )
 
 
-_NO_ARRIVALS = (np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
-
-
 class KernelEngine:
     """One engine of a network run by the compiled loop, with the engine interface the network
     simulator uses (``submit``, ``next_event_ms``, ``end_batch``/``start_at`` at a shared
@@ -319,7 +327,6 @@ class KernelEngine:
         from llmqueue import kernel as K
 
         self.K = K
-        self.batch_time = batch_time
         self.state = _State(policy, batch_time, budget, k_max)
         self.state.si[K.NET] = 1
         self.state.si[K.A_FINAL] = 1
@@ -332,22 +339,9 @@ class KernelEngine:
         self._read = 0  # output records already handed to the router (drained only when full)
         finite = self.state.t_table[1:][np.isfinite(self.state.t_table[1:])]
         self._t_min = float(finite.min()) if finite.size else math.inf
-        self._args = self._arguments()
         # the kernel's next batch end and immediate start, cached as floats after every call
         # (the network loop asks for them at every event)
-        self._end = math.inf
-        self._start = math.inf
-
-    def _arguments(self) -> tuple[np.ndarray, ...]:
-        state = self.state
-        return (*state.args(), state.t_table, *state.outputs())
-
-    def _refresh(self) -> None:
-        K, si, sf = self.K, self.state.si, self.state.sf
-        active = bool(si[K.ACTIVE])
-        self._end = float(sf[K.BATCH_END]) if active else math.inf
-        idle_with_work = not active and si[K.IN_SYSTEM] and not si[K.BLOCKED]
-        self._start = float(sf[K.NOW]) if idle_with_work else math.inf
+        self._end, self._start = math.inf, math.inf
 
     # -- the engine interface ---------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -412,10 +406,10 @@ class KernelEngine:
         if self._stopped:
             return
         self._stopped = True
-        self.K.stop(*self.state.args(), *self.state.outputs(), horizon_ms)
+        self.state.stop(horizon_ms)
         self._take()
         self._flush()
-        self._refresh()
+        self._end, self._start = self.state.next_times()
 
     def finish(self) -> None:
         """Move the kernel's totals into the recorder (before ``Recorder.finish``)."""
@@ -432,35 +426,25 @@ class KernelEngine:
         si[K.START_ONLY] = int(start_only)
         n = len(self._times)
         if n:
+            ids = np.array(self._ids, dtype=np.int64)
             arrival_ms = np.array(self._times, dtype=np.float64)
             prefill = np.array(self._prefill, dtype=np.int64)
             decode = np.array(self._decode, dtype=np.int64)
-            ids = np.array(self._ids, dtype=np.int64)
         else:
-            arrival_ms, prefill, decode, ids = _NO_ARRIVALS
+            ids, arrival_ms, prefill, decode = _NO_ARRIVALS
         si[K.A_POS] = 0
         finished: list[int] = []
-        run = K.run
-        while True:
-            code = run(*self._args, arrival_ms, prefill, decode, ids)
-            if code == K.NEED_ROOM:
-                finished.extend(self._take())
-                self._flush()
-            elif code == K.NEED_SLOTS:
-                state.grow(2 * state.cap)
-                si, sf = state.si, state.sf
-                self._args = self._arguments()
-            elif code == K.BAD_BATCH_TIME:
-                bad = int(si[K.ERR_N])
-                value = self.batch_time(bad)
-                raise ConfigError("batch-time", value, f"t({bad}) must be a positive finite time")
-            else:
-                break
+
+        def drain() -> None:
+            finished.extend(self._take())
+            self._flush()
+
+        state.call((ids, arrival_ms, prefill, decode), drain)
         taken = int(si[K.A_POS])
         if taken:
             del self._times[:taken], self._prefill[:taken], self._decode[:taken], self._ids[:taken]
         finished.extend(self._take())
-        self._refresh()
+        self._end, self._start = state.next_times()
         return finished, float(sf[K.NOW])
 
     def _take(self) -> list[int]:

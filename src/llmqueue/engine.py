@@ -303,16 +303,27 @@ class Engine:
         if self._plan is None:
             self._start_batch()
 
+    # -- what a network loop asks of every engine (llmqueue.netsim) ----------------------------
+    def completion_bound_ms(self) -> float:
+        """No request finishes here before this time: the next event (a safe bound; the compiled
+        engine gives a later one)."""
+        return self.next_event_ms()
+
+    def ends_at(self, t_ms: float) -> bool:
+        """Whether the running batch (run of batches, for the fast engine) ends exactly at ``t_ms``."""
+        return self._plan is not None and self._batch_end_ms == t_ms
+
+    def start_at(self, t_ms: float) -> None:
+        """``start_batch`` at the shared instant ``t_ms`` (the engine's clock is there already)."""
+        self.start_batch()
+
     def step(self) -> list[RequestRecord]:
         """Process the next event: end the running batch (if any), then start the next one.
 
         Returns the records of the requests that finished at this event.
         """
-        finished: list[RequestRecord] = []
-        if self._plan is not None:
-            self.now_ms = self._batch_end_ms
-            finished = self._end_batch()
-        self._start_batch()
+        finished = self.end_batch()
+        self.start_batch()
         return finished
 
     def _end_batch(self) -> list[RequestRecord]:

@@ -310,14 +310,6 @@ class FastEngine(Engine):
         self._stopped = False
         self._batch_end_ms = self._ends[-1]
 
-    def step(self) -> list[RequestRecord]:
-        """Process the next event: book the running repeats (if any), then plan the next ones."""
-        finished: list[RequestRecord] = []
-        if self._plan is not None:
-            finished = self._book(len(self._ends))
-        self._start_batch()
-        return finished
-
     def end_batch(self) -> list[RequestRecord]:
         """Book the running repeats (all of them: the next event is the end of the run)."""
         if self._plan is None:

@@ -99,22 +99,37 @@ def _advance(si, sf, bins, t_ms):
 
 
 @njit(cache=True)
+def _earlier(key_a, seq_a, key_b, seq_b):
+    """Heap order: by finish count, then arrival (seq)."""
+    return key_a < key_b or (key_a == key_b and seq_a < seq_b)
+
+
+@njit(cache=True)
+def _heap_move(heap, dst, src):
+    for r in range(4):
+        heap[r, dst] = heap[r, src]
+
+
+@njit(cache=True)
+def _heap_put(heap, i, key, seq, act, slot):
+    heap[0, i] = key
+    heap[1, i] = seq
+    heap[2, i] = act
+    heap[3, i] = slot
+
+
+@njit(cache=True)
 def _heap_push(heap, si, key, seq, act, slot):
     """Push (finish count, seq, activation, slot) on the min-heap ordered by (key, seq)."""
     i = si[HP_LEN]
     si[HP_LEN] = i + 1
     while i > 0:
         parent = (i - 1) // 2
-        pk, ps = heap[0, parent], heap[1, parent]
-        if pk < key or (pk == key and ps < seq):
+        if _earlier(heap[0, parent], heap[1, parent], key, seq):
             break
-        for r in range(4):
-            heap[r, i] = heap[r, parent]
+        _heap_move(heap, i, parent)
         i = parent
-    heap[0, i] = key
-    heap[1, i] = seq
-    heap[2, i] = act
-    heap[3, i] = slot
+    _heap_put(heap, i, key, seq, act, slot)
 
 
 @njit(cache=True)
@@ -131,20 +146,14 @@ def _heap_pop(heap, si):
         child = 2 * i + 1
         if child >= n:
             break
-        if child + 1 < n and (
-            heap[0, child + 1] < heap[0, child]
-            or (heap[0, child + 1] == heap[0, child] and heap[1, child + 1] < heap[1, child])
-        ):
+        if child + 1 < n and _earlier(heap[0, child + 1], heap[1, child + 1], heap[0, child],
+                                      heap[1, child]):
             child += 1
-        if key < heap[0, child] or (key == heap[0, child] and seq < heap[1, child]):
+        if _earlier(key, seq, heap[0, child], heap[1, child]):
             break
-        for r in range(4):
-            heap[r, i] = heap[r, child]
+        _heap_move(heap, i, child)
         i = child
-    heap[0, i] = key
-    heap[1, i] = seq
-    heap[2, i] = act
-    heap[3, i] = slot
+    _heap_put(heap, i, key, seq, act, slot)
 
 
 @njit(cache=True)
@@ -154,8 +163,7 @@ def _heap_compact(heap, si, slot_i):
     keep = 0
     for i in range(n):
         if heap[2, i] == slot_i[heap[3, i], R_ACT]:
-            for r in range(4):
-                heap[r, keep] = heap[r, i]
+            _heap_move(heap, keep, i)
             keep += 1
     kept = heap[:, :keep].copy()
     si[HP_LEN] = 0
@@ -256,6 +264,14 @@ def _enter_decode(si, sf, slot_i, slot_f, q, heap, s):
 
 
 @njit(cache=True)
+def _plan_prompt(si, q, s, take):
+    """Append ``take`` prefill tokens of slot ``s`` to the plan."""
+    q[Q_PLAN_SLOT, si[PP_LEN]] = s
+    q[Q_PLAN_TOK, si[PP_LEN]] = take
+    si[PP_LEN] += 1
+
+
+@njit(cache=True)
 def _plan_kfcfs(si, slot_i, q, pol):
     """KFCFS.plan_compact: fills the planned prompts (q rows) and returns the decoder count."""
     cap = q.shape[1]
@@ -289,9 +305,7 @@ def _plan_kfcfs(si, slot_i, q, pol):
                     take = tokens
                 else:
                     break
-                q[Q_PLAN_SLOT, si[PP_LEN]] = s
-                q[Q_PLAN_TOK, si[PP_LEN]] = take
-                si[PP_LEN] += 1
+                _plan_prompt(si, q, s, take)
                 tokens -= take
         if (decoders > 0 or si[PP_LEN] > 0) and pol[P_MIXED] == 0:
             break
@@ -323,9 +337,7 @@ def _plan_vllm_chunked(si, slot_i, q, pol):
                 break
             s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
             take = min(slot_i[s, R_PLEFT], tokens)
-            q[Q_PLAN_SLOT, si[PP_LEN]] = s
-            q[Q_PLAN_TOK, si[PP_LEN]] = take
-            si[PP_LEN] += 1
+            _plan_prompt(si, q, s, take)
             tokens -= take
     admitted = running
     for i in range(started, n_queue):
@@ -333,9 +345,7 @@ def _plan_vllm_chunked(si, slot_i, q, pol):
             break
         s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
         take = min(slot_i[s, R_PLEFT], tokens)
-        q[Q_PLAN_SLOT, si[PP_LEN]] = s
-        q[Q_PLAN_TOK, si[PP_LEN]] = take
-        si[PP_LEN] += 1
+        _plan_prompt(si, q, s, take)
         tokens -= take
         admitted += 1
     return decoders

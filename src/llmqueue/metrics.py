@@ -257,7 +257,7 @@ class RunMetrics:
         return out
 
 
-def _summary(name: str, values: np.ndarray) -> dict[str, float]:
+def summary(name: str, values: np.ndarray) -> dict[str, float]:
     """mean/median/p90/p99 of ``values`` under vLLM-style keys (NaN when empty)."""
     out: dict[str, float] = {}
     for label, q in PERCENTILES:
@@ -441,11 +441,11 @@ class Recorder:
             completed = len(arrival)
             prefill_sum, decode_sum = float(prefill.sum()), float(decode.sum())
             has_decode = decode > 0
-            latency.update(_summary("ttft", first - arrival))
+            latency.update(summary("ttft", first - arrival))
             latency.update(
-                _summary("tpot", (finish[has_decode] - first[has_decode]) / decode[has_decode])
+                summary("tpot", (finish[has_decode] - first[has_decode]) / decode[has_decode])
             )
-            latency.update(_summary("e2el", finish - arrival))
+            latency.update(summary("e2el", finish - arrival))
         else:
             self._fold()
             completed = self.folded["completed"]
@@ -467,7 +467,7 @@ class Recorder:
             return x / self.batches_started if self.batches_started else math.nan
 
         starts, means = self.backlog_bins.series(end_ms)
-        series = _downsample(starts / 1000.0, means, max_points)
+        series = downsample(starts / 1000.0, means, max_points)
         return RunMetrics(
             arrivals=self.arrivals,
             completed=completed,
@@ -502,7 +502,7 @@ class Recorder:
             yield RequestRecord(*values)
 
 
-def _downsample(
+def downsample(
     times_s: np.ndarray, values: np.ndarray, max_points: int
 ) -> tuple[tuple[float, float], ...]:
     """Average consecutive bins so at most ``max_points`` (time, value) pairs remain."""

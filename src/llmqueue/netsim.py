@@ -26,7 +26,7 @@ from llmqueue.compiled import KernelEngine
 from llmqueue.engine import Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine, needs_reference
-from llmqueue.metrics import PERCENTILES, Recorder, RunMetrics, TimeBins
+from llmqueue.metrics import Recorder, RunMetrics, TimeBins, downsample, summary
 from llmqueue.network import EXIT, Analysis, ClassSpec, Network, Node, analyze
 from llmqueue.policies import (
     KFCFS,
@@ -37,12 +37,11 @@ from llmqueue.policies import (
     make_policy,
     policy_name,
 )
+from llmqueue.simulate import WARMUP_FRACTION, horizon_ms
 from llmqueue.stability import Observation, Prediction, observe
 from llmqueue.workload import CHUNK_SIZE, Request
 
 EngineKind = Literal["auto", "compiled", "fast", "reference"]
-MIN_DRAIN_MS = 60_000.0
-WARMUP_FRACTION = 0.2
 K_FCFS_WORK_CONSERVING = ("sarathi", "orca", "vllm-chunked")
 
 
@@ -435,33 +434,28 @@ class _Run:
                 continue
             if t_engine >= horizon or math.isinf(t_engine):
                 break
-            first = times.index(t_engine)
-            if isinstance(engines[first], KernelEngine):
+            first = engines[times.index(t_engine)]
+            if isinstance(first, KernelEngine):
                 # a compiled engine runs alone until another engine could finish a request (only
                 # that can send it work), the next external arrival or the horizon; it stops
                 # after a batch that finished requests, so they are routed first
-                alone = min((e.completion_bound_ms() if isinstance(e, KernelEngine) else t
-                             for e, t in zip(engines, times, strict=True) if e is not engines[first]),
+                alone = min((e.completion_bound_ms() for e in engines if e is not first),
                             default=math.inf)
                 if alone > t_engine:
                     until = min(alone, horizon, math.inf if nxt is None else nxt[0])
-                    ids, at = engines[first].advance(until)
+                    ids, at = first.advance(until)
                     self._route(ids, at)
                     continue
+            # a shared instant: every due engine ends its batch, the finished are routed, then
+            # they all start (a request routed now joins the batch that starts now)
             due = [e for e, t in zip(engines, times, strict=True) if t == t_engine]
             finished: list[int] = []
             for e in due:
-                if isinstance(e, KernelEngine):
-                    if e.ends_at(t_engine):
-                        finished.extend(e.end_batch())
-                else:
-                    finished.extend(r.id for r in e.end_batch())
+                if e.ends_at(t_engine):
+                    finished.extend(r if isinstance(r, int) else r.id for r in e.end_batch())
             self._route(finished, t_engine)
             for e in due:
-                if isinstance(e, KernelEngine):
-                    e.start_at(t_engine)
-                else:
-                    e.start_batch()
+                e.start_at(t_engine)
         cut = any(math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon for e in engines)
         end_ms = horizon if cut else max([self.last_arrival_ms, *(e.now_ms for e in engines)])
         for e in engines:
@@ -483,9 +477,7 @@ class _Run:
                 e.wake(t_ms)
 
     def _horizon(self) -> float:
-        end = self.duration_ms if self.duration_ms is not None else self.last_arrival_ms
-        drain = max(end, MIN_DRAIN_MS) if self.drain_s is None else self.drain_s * 1000.0
-        return end + drain
+        return horizon_ms(self.duration_ms, self.last_arrival_ms, self.drain_s)
 
     # -- results ----------------------------------------------------------------------------
     def _collect(self, end_ms: float) -> NetworkResult:
@@ -515,29 +507,16 @@ class _Run:
         duration_s = end_ms / 1000.0
         for cname in sorted(self.net.classes):
             self._present(cname, end_ms, 0)
-            latencies = np.frombuffer(self.class_latency[cname], dtype=float)
-            latency: dict[str, float] = {}
-            for label, q in PERCENTILES:
-                key = f"{label}_e2el_ms"
-                if latencies.size == 0:
-                    latency[key] = math.nan
-                else:
-                    latency[key] = float(latencies.mean() if q is None else np.percentile(latencies, q))
+            latency = summary("e2el", np.frombuffer(self.class_latency[cname], dtype=float))
             starts, means = self.class_bins[cname].series(end_ms)
-            step = max(1, math.ceil(len(starts) / 512))
-            series = tuple(
-                (float(starts[i] / 1000.0), float(np.nanmean(means[i:i + step])))
-                for i in range(0, len(starts), step)
-            )
+            series = downsample(starts / 1000.0, means, 512)
             classes[cname] = ClassResult(
                 cname, self.class_arrivals[cname], self.class_done[cname],
                 self.class_done[cname] / duration_s if duration_s > 0 else math.nan,
                 latency, self.class_area[cname] / end_ms if end_ms > 0 else math.nan, series,
             )
         starts, means = total.series(end_ms)
-        step = max(1, math.ceil(len(starts) / 512))
-        backlog = tuple((float(starts[i] / 1000.0), float(np.nanmean(means[i:i + step])))
-                        for i in range(0, len(starts), step))
+        backlog = downsample(starts / 1000.0, means, 512)
         notes = []
         blocked = [n for n in self.engine_names
                    if self.engines[n].blocked_since_ms is not None and self.engines[n].in_system]

@@ -19,18 +19,17 @@ priority networks such as the Rybko–Stolyar network of §5.4.
 from __future__ import annotations
 
 import math
-import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmqueue import theory
 from llmqueue.batchtime import BatchTime, parse_batch_time
+from llmqueue.configfile import first_error, read_table
 from llmqueue.errors import ConfigError
 from llmqueue.workload import ArrivalProcess, SizeDist, parse_arrival, parse_size
 
@@ -149,15 +148,11 @@ class Network:
         if not (factor > 0 and math.isfinite(factor)):
             raise ConfigError("scale", factor, "must be a positive number")
         classes = {
-            name: ClassSpec(c.name, _arrival(_spec_of(c.arrival), c.rate_per_s * factor, name),
+            name: ClassSpec(c.name, _arrival(c.arrival.spec, c.rate_per_s * factor, name),
                             c.rate_per_s * factor, c.start, c.nodes)
             for name, c in self.classes.items()
         }
         return Network(self.engines, classes)
-
-
-def _spec_of(arrival: ArrivalProcess) -> str:
-    return arrival.spec
 
 
 def _arrival(spec: str, rate: float, cls: str) -> ArrivalProcess:
@@ -172,21 +167,7 @@ def _arrival(spec: str, rate: float, cls: str) -> ArrivalProcess:
 
 def load_network(path: str | Path) -> Network:
     """Read and validate a network file (TOML or YAML)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError("network", str(path), f"cannot read: {err.strerror}") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            data: Any = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError("network", str(path), "must end in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise ConfigError("network", str(path), f"not valid: {str(err).splitlines()[0]}") from None
-    return parse_network(data)
+    return parse_network(read_table(path, "network"))
 
 
 def parse_network(data: Any) -> Network:
@@ -196,11 +177,7 @@ def parse_network(data: Any) -> Network:
     try:
         model = NetworkModel.model_validate(data)
     except ValidationError as err:
-        errors = err.errors()
-        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[")))
-        problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise ConfigError(loc or "network", first.get("input"), problem) from None
+        raise first_error(err) from None
     engines = {name: _engine(name, e) for name, e in model.engines.items()}
     classes = {name: _class(name, c, engines) for name, c in model.classes.items()}
     net = Network(engines, classes)
@@ -317,18 +294,12 @@ def _check_forks(c: ClassSpec) -> None:
                               f"(found {len(found)})")
         join = found[0]
         for branch in n.branches:  # the branch's nodes, up to the join
-            seen, stack = set(), [branch]
-            while stack:
-                node = stack.pop()
-                if node == join or node in seen:
-                    continue
-                if node == EXIT:
-                    raise ConfigError(f"{where}.{n.id}.fork", branch,
-                                      f"branch can leave the network before its join '{join}'")
-                if node == n.id:
-                    raise ConfigError(f"{where}.{n.id}.fork", branch, "branch leads back to its fork")
-                seen.add(node)
-                stack.extend(_successors(c, node))
+            reached = list(_reach(c, [branch], stop=join, branches=False))
+            if n.id in reached:
+                raise ConfigError(f"{where}.{n.id}.fork", branch, "branch leads back to its fork")
+            if any(EXIT in _successors(c, node) for node in reached):
+                raise ConfigError(f"{where}.{n.id}.fork", branch,
+                                  f"branch can leave the network before its join '{join}'")
 
 
 def _successors(c: ClassSpec, node_id: str) -> list[str]:
@@ -339,16 +310,25 @@ def _successors(c: ClassSpec, node_id: str) -> list[str]:
     return [t for t, _ in node.next]
 
 
-def _check_reachable(c: ClassSpec) -> None:
-    seen, stack = set(), [c.start]
+def _reach(c: ClassSpec, starts: list[str], *, stop: str | None = None,
+           branches: bool = True) -> Iterator[str]:
+    """The nodes reachable from ``starts`` (each once, depth first), not going past exit nor
+    ``stop``; ``branches``: also into forks' branches (else a fork leads to its join only)."""
+    seen: set[str] = set()
+    stack = list(starts)
     while stack:
         node = stack.pop()
-        if node == EXIT or node in seen:
+        if node in (EXIT, stop) or node in seen:
             continue
         seen.add(node)
+        yield node
         stack.extend(_successors(c, node))
-        stack.extend(c.nodes[node].branches)
-    unreachable = sorted(set(c.nodes) - seen)
+        if branches:
+            stack.extend(c.nodes[node].branches)
+
+
+def _check_reachable(c: ClassSpec) -> None:
+    unreachable = sorted(set(c.nodes) - set(_reach(c, [c.start])))
     if unreachable:
         raise ConfigError(f"classes.{c.name}.nodes", unreachable[0], "unreachable from start")
 
@@ -376,11 +356,9 @@ def _check_ends(c: ClassSpec) -> None:
     """The route ends (reaches exit, and every branch its join) with probability 1."""
     ids, p, out = _transition(c)
     n = len(ids)
-    # probability of ever exiting from each node: (I - P) x = out on the nodes that can exit
-    try:
-        absorb = np.linalg.lstsq(np.eye(n) - p, out, rcond=None)[0]
-    except np.linalg.LinAlgError:  # pragma: no cover - lstsq does not raise on singular input
-        absorb = np.zeros(n)
+    # probability of ever exiting from each node: (I - P) x = out (least squares: I - P is
+    # singular when a cycle has no way out, which _closed_loop names)
+    absorb = np.linalg.lstsq(np.eye(n) - p, out, rcond=None)[0]
     reach = absorb[ids.index(c.start)]
     closed = _closed_loop(c)
     if closed is not None or not reach > 1 - ABSORB_TOLERANCE:
@@ -445,19 +423,7 @@ def _inside_fork(c: ClassSpec, node_id: str, fork_id: str | None) -> bool:
     """Whether ``node_id`` lies on a branch of ``fork_id`` (reachable from a branch head)."""
     if fork_id is None:
         return False
-    fork = c.nodes[fork_id]
-    join = c.join_of(fork_id)
-    seen, stack = set(), list(fork.branches)
-    while stack:
-        node = stack.pop()
-        if node in seen or node in (join, EXIT):
-            continue
-        if node == node_id:
-            return True
-        seen.add(node)
-        stack.extend(_successors(c, node))
-        stack.extend(c.nodes[node].branches)
-    return False
+    return node_id in _reach(c, list(c.nodes[fork_id].branches), stop=c.join_of(fork_id))
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,17 +9,16 @@ Without ``k_max`` it is the triangle ``x + y <= max_n n / t(n)``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from llmqueue import theory
 from llmqueue.batchtime import BatchTime
 from llmqueue.errors import ConfigError
+from llmqueue.plotting import pyplot, save
 
 __all__ = ["Exit", "OperatingPoint", "Point", "Region", "plot_region", "region"]
 
@@ -30,16 +29,10 @@ _ON_BOUNDARY = 1e-9
 
 
 def _rate(value: object, field_name: str) -> float:
-    """``value`` as a finite float >= 0, else ConfigError naming ``field_name``."""
+    """``value`` as a finite float >= 0 (not a bool), else ConfigError naming ``field_name``."""
     if isinstance(value, bool):
         raise ConfigError(field_name, value, "must be a finite number >= 0")
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(field_name, value, "must be a number") from None
-    if not math.isfinite(x) or x < 0:
-        raise ConfigError(field_name, value, "must be a finite number >= 0")
-    return x
+    return theory._nonneg(value, field_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,18 +273,6 @@ def _labelled(points: Mapping[str, Point] | Sequence[Point]) -> list[tuple[str, 
     return [(f"point {i + 1}", p) for i, p in enumerate(points)]
 
 
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend, or ConfigError when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plot", None, "needs matplotlib: pip install 'llmqueue[plot]'") from None
-    return plt
-
-
 def plot_region(
     reg: Region,
     path: str | Path,
@@ -306,7 +287,7 @@ def plot_region(
     """
     out = _check_png_path(path)
     labelled = [(label, _token_rates(p), reg.load(p)) for label, p in _labelled(operating_points)]
-    plt = _pyplot()
+    plt = pyplot()
     v = reg.vertices
     poly = np.vstack([[0.0, 0.0], [0.0, v[0, 1]], v, [v[-1, 0], 0.0]])
     fig, ax = plt.subplots(figsize=(10, 6))
@@ -341,7 +322,4 @@ def plot_region(
     ax.set_ylim(0, 1.1 * max(cap, float(v[:, 1].max()), *(float(r[1]) for _, r, _ in labelled)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out)

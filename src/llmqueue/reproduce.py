@@ -25,8 +25,9 @@ from llmqueue.errors import ConfigError
 from llmqueue.netsim import NetworkResult, simulate_network
 from llmqueue.network import Network, parse_network
 from llmqueue.network import analyze as analyze_network
+from llmqueue.plotting import pyplot, save
 from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM
-from llmqueue.region import OperatingPoint, _pyplot, plot_region, region
+from llmqueue.region import OperatingPoint, plot_region, region
 from llmqueue.simulate import RunResult, simulate
 from llmqueue.workload import Request, make_workload
 
@@ -144,7 +145,7 @@ def _plot_backlog(
     results: Sequence[tuple[str, RunResult]], path: Path, title: str, log_y: bool = False
 ) -> Path:
     """Backlog (unprocessed tokens) over time, one line per labelled run (``log_y``: symlog axis)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, r in results:
         series = r.metrics.backlog_series
@@ -156,10 +157,7 @@ def _plot_backlog(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 # ---------------------------------------------------------------- fig1
@@ -318,7 +316,7 @@ def _example(out: Path, quick: bool) -> Report:
 
 def _plot_example(measured: dict[str, tuple[list[list[str]], list[int]]], path: Path) -> Path:
     """One row of batches per system, each batch a column of its tokens."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(measured), 1, figsize=(8, 1.6 * len(measured)), sharex=True)
     colour = {"A": "#9ecae1", "B": "#6baed6", "C": "#4292c6", "D": "#fdae6b", "E": "#e6550d"}
     for ax, (name, (batches, non_wc)) in zip(axes, measured.items(), strict=True):
@@ -336,10 +334,7 @@ def _plot_example(measured: dict[str, tuple[list[list[str]], list[int]]], path: 
     axes[-1].set_xlim(0, max(len(b) for b, _ in measured.values()))
     axes[-1].set_xlabel("batch (t = 1 ms each)")
     fig.suptitle("Worked example: batches per system (hatched: not work-conserving)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 # ---------------------------------------------------------------- theorem
@@ -480,7 +475,7 @@ def _plot_sweep(
     tokens_per_s: Callable[[RunResult], float], path: Path,
 ) -> Path:
     """Request and token throughput against offered rate, y = x, lambda* and b/t(b) marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     offered = np.array(loads) * lam
     tokens = offered * (PREFILL + DECODE)
@@ -500,15 +495,12 @@ def _plot_sweep(
         ax.legend(fontsize=8)
     fig.suptitle(f"Throughput against offered load: b={BUDGET}, {PREFILL}+{DECODE} tokens, {CODELLAMA.spec}",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _plot_budgets(budgets: Sequence[int], runs: Sequence[RunResult], rate: float, path: Path) -> Path:
     """Sarathi's mean/p99 TTFT and TPOT against the token budget at a fixed rate."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, ax in (("ttft", ax1), ("tpot", ax2)):
         for stat in ("mean", "p99"):
@@ -522,10 +514,7 @@ def _plot_budgets(budgets: Sequence[int], runs: Sequence[RunResult], rate: float
     ax1.set_yscale("log")
     fig.suptitle(f"Sarathi-Serve at {rate:g} req/s, {PREFILL}+{DECODE} tokens: latency against budget",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 # ---------------------------------------------------------------- vertex C
@@ -734,7 +723,7 @@ def _rs(out: Path, quick: bool) -> Report:
     body = table + "\n\nMean end-to-end latency (average of the two classes, ms): " + ", ".join(
         f"{label}: {e2e(label):,.1f}" for label, _ in runs if "bad" not in label
     ) + "."
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, r in runs:
         ax.plot([t for t, _ in r.backlog_series], [b for _, b in r.backlog_series], label=label)
@@ -744,10 +733,7 @@ def _rs(out: Path, quick: bool) -> Report:
     ax.set_title("RS network (§5.4): b = 768, t(n) = 1 ms, short (32, 32), long (512, 32)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    figure = out / "rs_backlog.png"
-    fig.savefig(figure, dpi=120)
-    plt.close(fig)
+    figure = save(fig, out / "rs_backlog.png")
     intro = (
         f"Setting: two engines S1, S2 with Sarathi batches (b = {RS_BUDGET}, t(n) = 1 ms); class A "
         "does a short task (32, 32) at S1 then a long task (512, 32) at S2, class B the mirror; "

@@ -33,6 +33,14 @@ WARMUP_FRACTION = 0.2
 """The first 20 % of the arrival window is left out of the backlog trend test."""
 
 
+def horizon_ms(duration_ms: float | None, last_arrival_ms: float, drain_s: float | None) -> float:
+    """When a run stops: the end of the arrivals (the duration, else the last arrival) plus the
+    drain allowance (``drain_s``, default as long as the arrival window, at least 60 s)."""
+    end = duration_ms if duration_ms is not None else last_arrival_ms
+    drain = max(end, MIN_DRAIN_MS) if drain_s is None else drain_s * 1000.0
+    return end + drain
+
+
 @dataclass(frozen=True, slots=True)
 class TheorySummary:
     """The capacity theory of a setting (§3, §4); rates in requests/s, token rates per second."""
@@ -179,15 +187,14 @@ def simulate(
         raise ConfigError(
             "engine", engine, f"policy '{policy_name(policy)}' does not declare repeats_plan"
         )
-    if engine == "compiled" and not compiled.supports(policy, budget, keep_batches):
+    can_compile = compiled.supports(policy, budget, keep_batches)
+    if engine == "compiled" and not can_compile:
         raise ConfigError(
             "engine", engine,
             "needs numba (pip install 'llmqueue[fast]'), a shipped policy, a budget <= "
             f"{compiled.MAX_BUDGET} and keep_batches off",
         )
-    use_compiled = engine == "compiled" or (
-        engine == "auto" and compiled.supports(policy, budget, keep_batches)
-    )
+    use_compiled = can_compile and engine in ("auto", "compiled")
     use_fast = engine == "fast" or (engine == "auto" and not needs_reference(policy))
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("requests", max_requests, "must be an integer >= 1")
@@ -201,10 +208,7 @@ def simulate(
         raise ConfigError("requests", None, "give a number of requests or a duration")
 
     def horizon_for(last_arrival_ms: float) -> float:
-        """End of the arrivals plus the drain allowance."""
-        end = duration_ms if duration_ms is not None else last_arrival_ms
-        drain = max(end, MIN_DRAIN_MS) if drain_s is None else drain_s * 1000.0
-        return end + drain
+        return horizon_ms(duration_ms, last_arrival_ms, drain_s)
 
     recorder = Recorder(keep_requests=keep_requests)
     tally = _Tally(budget, chunks_prefill(policy) is False)

@@ -353,10 +353,7 @@ def evaluate_rate(
     Public so that a user (or a test) can re-check a rate the search reported: same seeds and
     requests give the same runs, hence the same outcome.
     """
-    targets = _check_slo(slo)
-    seed_list = _check_seeds(seeds)
-    n = _check_requests(max_requests)
-    level = _check_fraction(confidence, "confidence", 0.0, 1.0)
+    targets, seed_list, n, level = _check_common(slo, seeds, max_requests, confidence)
     pol, bt = _resolve(policy, batch_time)
     rate = _check_rate(rate_per_s)
     return _evaluate(_workload_at(workload), pol, bt, budget, k_max, rate, targets, seed_list, n, level)
@@ -439,6 +436,13 @@ def claim(slo: Mapping[str, float], seeds: tuple[int, ...], max_requests: int, c
     )
 
 
+def _check_common(slo: Mapping[str, float] | str, seeds: Sequence[int], max_requests: int,
+                  confidence: float) -> tuple[dict[str, float], tuple[int, ...], int, float]:
+    """The arguments every search shares, checked: targets, seeds, requests per run, level."""
+    return (_check_slo(slo), _check_seeds(seeds), _check_requests(max_requests),
+            _check_fraction(confidence, "confidence", 0.0, 1.0))
+
+
 # ---------------------------------------------------------------- the searches
 
 
@@ -464,11 +468,8 @@ def max_rate_under_slo(
     search assumes passing is monotone in the rate; the same seeds at every rate (common random
     numbers) make the metrics nearly monotone, and a tighter SLO never yields a higher rate.
     """
-    targets = _check_slo(slo)
-    seed_list = _check_seeds(seeds)
-    n = _check_requests(max_requests)
+    targets, seed_list, n, level = _check_common(slo, seeds, max_requests, confidence)
     tol = _check_fraction(tolerance, "tolerance", 0.0, 1.0)
-    level = _check_fraction(confidence, "confidence", 0.0, 1.0)
     pol, bt = _resolve(policy, batch_time)
     workload_at = _workload_at(workload)
     probe = _build(workload_at, 1.0)
@@ -539,10 +540,7 @@ def best_budget_for_slo(
     None when no candidate passes. A candidate whose analytic bound is at or below the rate is
     failed without running (no policy is stable there).
     """
-    targets = _check_slo(slo)
-    seed_list = _check_seeds(seeds)
-    n = _check_requests(max_requests)
-    level = _check_fraction(confidence, "confidence", 0.0, 1.0)
+    targets, seed_list, n, level = _check_common(slo, seeds, max_requests, confidence)
     rate = _check_rate(rate_per_s)
     candidates = _check_budgets(budgets)
     pol, bt = _resolve(policy, batch_time)

@@ -165,7 +165,7 @@ def observe(
 
 DEFAULT_REPLICATES = 5
 DEFAULT_REPLICATE_REQUESTS = 5000
-"""Requests per replicate run of :func:`test_instability` (the calibrated default, see docs)."""
+"""Requests per replicate run of :func:`check_instability` (the calibrated default, see docs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +191,11 @@ class ReplicatedVerdict:
     fluid_slope_tokens_per_s: float | None
     fluid_ratio: float | None
     slopes_tokens_per_s: tuple[float, ...]
+
+
+def _check_alpha(alpha: object) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ConfigError("alpha", alpha, "must lie strictly between 0 and 1")
 
 
 def replicated_verdict(
@@ -219,8 +224,7 @@ def replicated_verdict(
         raise ConfigError("replicates", replicates, "must be a sequence of runs or observations") from None
     if len(items) < 2:
         raise ConfigError("replicates", len(items), "need at least 2 independent replicates")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
-        raise ConfigError("alpha", alpha, "must lie strictly between 0 and 1")
+    _check_alpha(alpha)
     observations: list[Observation] = []
     fluids: list[float] = []
     for i, item in enumerate(items):
@@ -271,7 +275,7 @@ def replicated_verdict(
     )
 
 
-def test_instability(
+def check_instability(
     workload: Workload,
     policy: PolicyFn,
     batch_time: BatchTime,
@@ -293,8 +297,7 @@ def test_instability(
 
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
         raise ConfigError("replicates", replicates, "need an integer >= 2 independent replicates")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
-        raise ConfigError("alpha", alpha, "must lie strictly between 0 and 1")
+    _check_alpha(alpha)
     if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
         raise ConfigError("first_seed", first_seed, "must be a non-negative integer")
     runs = [
@@ -303,6 +306,3 @@ def test_instability(
         for i in range(replicates)
     ]
     return replicated_verdict(runs, alpha=alpha)
-
-
-test_instability.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name

@@ -39,14 +39,14 @@ def run_key(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN and inf become None so the stored JSON is strict."""
+def jsonable(value: Any) -> Any:
+    """NaN and inf become None (JSON null), in nested dicts and lists: strict JSON."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -83,8 +83,8 @@ class Store:
         self._db.execute(
             "INSERT OR IGNORE INTO runs (key, config, result, wall_s, finished_at, version) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (run_key(config), json.dumps(_jsonable(dict(config)), sort_keys=True),
-             json.dumps(_jsonable(dict(result))), wall_s, time.time(), version),
+            (run_key(config), json.dumps(jsonable(dict(config)), sort_keys=True),
+             json.dumps(jsonable(dict(result))), wall_s, time.time(), version),
         )
         self._db.commit()
 
@@ -180,4 +180,4 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def to_json(rows: Sequence[Mapping[str, Any]]) -> str:
     """A JSON array of the rows."""
-    return json.dumps([_jsonable(dict(r)) for r in rows], indent=1)
+    return json.dumps([jsonable(dict(r)) for r in rows], indent=1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -22,11 +21,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmqueue import theory
 from llmqueue.batchtime import parse_batch_time
+from llmqueue.configfile import first_error, read_table
 from llmqueue.errors import ConfigError, LLMQueueError
 from llmqueue.policies import make_policy, policy_name
 from llmqueue.simulate import simulate
@@ -112,35 +111,9 @@ class SweepConfig(_Model):
     run: RunSettings = RunSettings()
 
 
-def _validation_error(err: ValidationError, source: str) -> ConfigError:
-    """The first pydantic error as one ConfigError line naming the key path."""
-    errors = err.errors()
-    # an unknown key is usually a typo of a missing one: name the typo
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "list[")))
-    problem = first["msg"]
-    if first["type"] == "extra_forbidden":
-        problem = "unknown key"
-    return ConfigError(f"{source}: {loc}" if loc else source, first.get("input"), problem)
-
-
 def load_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep file (TOML or YAML)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError("config", str(path), f"cannot read: {err.strerror}") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            data: Any = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError("config", str(path), "must end in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise ConfigError("config", str(path), f"not valid: {str(err).splitlines()[0]}") from None
-    return parse_config(data, source=path.name)
+    return parse_config(read_table(path, "config"), source=Path(path).name)
 
 
 def parse_config(data: Any, source: str = "config") -> SweepConfig:
@@ -150,7 +123,7 @@ def parse_config(data: Any, source: str = "config") -> SweepConfig:
     try:
         config = SweepConfig.model_validate(data)
     except ValidationError as err:
-        raise _validation_error(err, source) from None
+        raise first_error(err, source) from None
     grid = config.grid
     if (grid.rates is None) == (grid.loads is None) and not _all_traces(grid):
         raise ConfigError(f"{source}: grid", "rates/loads", "give exactly one of rates and loads")
@@ -379,12 +352,3 @@ def _run_ray(todo: list[dict[str, Any]], engine: str,
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
-
-
-def describe(run: Mapping[str, Any]) -> str:
-    """A short label of a run for progress lines."""
-    level = f"rate {run['rate']:g}" if run["rate"] is not None else (
-        f"load {run['load']:g}" if run["load"] is not None else "trace rate"
-    )
-    return f"{run['policy']['name']} b={run['budget']} {level} seed {run['seed']}"
-

@@ -2,6 +2,11 @@
 
 Every model is a frozen dataclass with a fast scalar ``__call__`` (simulator hot path), a
 vectorised ``times_ms`` and a canonical ``spec`` string that :func:`parse_batch_time` reads back.
+
+Composition-aware models (:class:`ShapeTime`, e.g. :class:`CompositionTime`) time a whole
+:class:`BatchShape` instead: prefill and decode tokens, prefill chunks, KV tokens read and logit
+rows. The engine builds the shape of every batch for them; the theory uses
+:func:`mix_batch_time`, their token-count view for a given workload mix.
 """
 
 from __future__ import annotations
@@ -22,14 +27,21 @@ from scipy.optimize import nnls
 from llmqueue.errors import ConfigError
 
 __all__ = [
+    "BatchShape",
     "BatchTime",
+    "CompositionTime",
     "ConstantTime",
     "LinearTime",
+    "MixTime",
     "PiecewiseTime",
+    "ShapeTime",
     "StaircaseTime",
     "TableTime",
+    "decode_context_tokens",
     "fit_piecewise",
     "fit_staircase",
+    "is_shape_model",
+    "mix_batch_time",
     "parse_batch_time",
 ]
 
@@ -56,6 +68,53 @@ class BatchTime(Protocol):
     def times_ms(self, n: np.ndarray) -> np.ndarray:
         """Vectorised t(n) in ms for an integer array of token counts."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """What a composition-aware model sees of one batch (built by the engine).
+
+    ``chunk_tokens[i]`` prompt tokens of chunk ``i`` attend to ``chunk_prefix_tokens[i]`` KV
+    entries computed before it (0 for a prompt's first chunk). Each decoder reads its whole
+    context, its own new token included: ``decode_kv_tokens`` is the sum over decoders.
+    ``logit_rows`` counts the rows through the LM head: decoders plus chunks ending a prompt.
+    """
+
+    prefill_tokens: int
+    decode_tokens: int
+    chunk_tokens: tuple[int, ...] = ()
+    chunk_prefix_tokens: tuple[int, ...] = ()
+    decode_kv_tokens: int = 0
+    logit_rows: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the batch."""
+        return self.prefill_tokens + self.decode_tokens
+
+    @property
+    def prefill_chunks(self) -> int:
+        """Requests with prompt tokens in the batch."""
+        return len(self.chunk_tokens)
+
+
+@runtime_checkable
+class ShapeTime(Protocol):
+    """A composition-aware model: the time in ms of a batch of a given :class:`BatchShape`."""
+
+    @property
+    def spec(self) -> str:
+        """Canonical text that :func:`parse_batch_time` turns back into an equal model."""
+        ...
+
+    def shape_time_ms(self, shape: BatchShape) -> float:
+        """Time in ms of one batch of this shape."""
+        ...
+
+
+def is_shape_model(model: object) -> bool:
+    """Whether ``model`` times batch shapes (the engine must build a :class:`BatchShape`)."""
+    return callable(getattr(model, "shape_time_ms", None))
 
 
 # ---------------------------------------------------------------- helpers
@@ -262,6 +321,135 @@ class TableTime:
         return f"table:{self.source}"
 
 
+_COMPOSITION_KEYS = ("c", "prefill", "decode", "kv", "chunk", "logit", "floor")
+
+
+@dataclass(frozen=True, slots=True)
+class CompositionTime:
+    """t = max(floor, c + prefill*P + decode*D + kv*KV + chunk*C + logit*L) ms for a batch of
+    P prompt tokens in C chunks, D decode tokens reading KV cached tokens, and L logit rows.
+
+    Mid-size models need more than the token count: at a fixed count, the decoders' KV reads
+    and the per-chunk cost change the time (data/gpu: up to 2x for an 8B model near 256 tokens).
+    All coefficients are >= 0 (ms per unit); ``floor`` is the host-side minimum of a batch.
+    """
+
+    c: float
+    prefill: float
+    decode: float
+    kv: float = 0.0
+    chunk: float = 0.0
+    logit: float = 0.0
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in _COMPOSITION_KEYS:
+            value = _real(key, getattr(self, key))
+            if value < 0:
+                raise ConfigError(_FIELD, value, f"composition {key} must be >= 0")
+            object.__setattr__(self, key, value)
+        if not max(self.c, self.floor) >= MIN_BATCH_MS:
+            raise ConfigError(
+                _FIELD, self.c, f"composition needs c or floor of at least {MIN_BATCH_MS} ms"
+            )
+
+    def shape_time_ms(self, shape: BatchShape) -> float:
+        t = (
+            self.c
+            + self.prefill * shape.prefill_tokens
+            + self.decode * shape.decode_tokens
+            + self.kv * shape.decode_kv_tokens
+            + self.chunk * len(shape.chunk_tokens)
+            + self.logit * shape.logit_rows
+        )
+        return t if t > self.floor else self.floor
+
+    @property
+    def spec(self) -> str:
+        body = ",".join(f"{k}={_fmt(getattr(self, k))}" for k in _COMPOSITION_KEYS)
+        return f"composition:{body}"
+
+
+@dataclass(frozen=True, slots=True)
+class MixTime:
+    """A shape model seen as t(n) for one workload mix: the time of an ``n``-token batch whose
+    tokens split between prompts and decoders as the workload's work does.
+
+    Of ``n`` tokens, ``n * d / (p + d)`` are decode tokens (mean prompt ``p``, mean output ``d``
+    tokens); each decoder reads ``decode_context`` cached tokens on average (token-weighted); the
+    prompt tokens come in ``ceil(P / p)`` chunks starting fresh, each ending its prompt. This is
+    the steady mix of a saturated work-conserving engine; the simulator times each real batch.
+    """
+
+    model: ShapeTime
+    mean_prefill_tokens: float
+    mean_decode_tokens: float
+    decode_context_tokens: float
+
+    def __call__(self, n: int) -> float:
+        return self.model.shape_time_ms(self.shape(n))
+
+    def shape(self, n: int) -> BatchShape:
+        """The mix's batch of ``n`` tokens."""
+        p, d = self.mean_prefill_tokens, self.mean_decode_tokens
+        dec = round(n * d / (p + d)) if p + d > 0 else 0
+        pre = n - dec
+        chunks = math.ceil(pre / p) if pre > 0 and p > 0 else 0
+        sizes = tuple([pre // chunks + (1 if i < pre % chunks else 0) for i in range(chunks)])
+        return BatchShape(
+            prefill_tokens=pre,
+            decode_tokens=dec,
+            chunk_tokens=sizes,
+            chunk_prefix_tokens=(0,) * chunks,
+            decode_kv_tokens=round(dec * self.decode_context_tokens),
+            logit_rows=dec + chunks,
+        )
+
+    def times_ms(self, n: np.ndarray) -> np.ndarray:
+        return np.array([self(int(k)) for k in np.asarray(n).ravel()], dtype=float).reshape(
+            np.shape(n)
+        )
+
+    @property
+    def spec(self) -> str:
+        return (
+            f"mix({self.model.spec};p={_fmt(float(self.mean_prefill_tokens))},"
+            f"d={_fmt(float(self.mean_decode_tokens))},kv={_fmt(float(self.decode_context_tokens))})"
+        )
+
+
+def mix_batch_time(
+    model: BatchTime | ShapeTime, mean_prefill_tokens: float, mean_decode_tokens: float,
+    decode_context_tokens: float | None = None,
+) -> BatchTime:
+    """The token-count model the theory uses: ``model`` itself, or a shape model's :class:`MixTime`.
+
+    ``decode_context_tokens`` defaults to ``p + (d + 1) / 2`` (a decoder halfway through a mean
+    request); :func:`decode_context_tokens` gives the exact token-weighted mean for a workload.
+    """
+    if not is_shape_model(model):
+        return model  # type: ignore[return-value]
+    if decode_context_tokens is None:
+        decode_context_tokens = mean_prefill_tokens + (mean_decode_tokens + 1) / 2
+    return MixTime(model, float(mean_prefill_tokens), float(mean_decode_tokens),  # type: ignore[arg-type]
+                   float(decode_context_tokens))
+
+
+def decode_context_tokens(prefill_tokens: np.ndarray, decode_tokens: np.ndarray) -> float:
+    """Mean KV context read per decode token over a sample of requests (token-weighted).
+
+    The ``k``-th decode token (k = 1..d) of a request with ``p`` prompt tokens reads
+    ``p + k`` entries, its own included; the mean over all decode tokens is
+    ``sum(d * p + d * (d + 1) / 2) / sum(d)``.
+    """
+    p = np.asarray(prefill_tokens, dtype=float)
+    d = np.asarray(decode_tokens, dtype=float)
+    total = float(d.sum())
+    if total == 0:
+        return 0.0
+    return float((d * p + d * (d + 1) / 2).sum() / total)
+
+
 # ---------------------------------------------------------------- parsing
 
 _PARAMS: dict[str, tuple[str, ...]] = {
@@ -303,8 +491,10 @@ def parse_batch_time(spec: str) -> BatchTime:
         raise ConfigError(_FIELD, spec, "expected KIND:key=value,... (e.g. 'constant:c=1')")
     if kind == "table":
         return _parse_table(spec, body)
+    if kind == "composition":
+        return _parse_composition(spec, body)  # type: ignore[return-value]
     if kind not in _PARAMS:
-        known = ", ".join([*_PARAMS, "table"])
+        known = ", ".join([*_PARAMS, "composition", "table"])
         raise ConfigError(_FIELD, spec, f"unknown kind {kind!r} (known: {known})")
     wanted = _PARAMS[kind]
     pairs = _split_items(spec, body) if body.strip() else []
@@ -332,6 +522,28 @@ def parse_batch_time(spec: str) -> BatchTime:
         if kind == "piecewise":
             return PiecewiseTime(values["c"], values["a"], b0)  # type: ignore[arg-type]
         return StaircaseTime(values["c"], values["a"], b0)  # type: ignore[arg-type]
+    except ConfigError as err:
+        raise ConfigError(_FIELD, spec, err.problem) from None
+
+
+def _parse_composition(spec: str, body: str) -> CompositionTime:
+    """``composition:c=..,prefill=..,decode=..[,kv=..,chunk=..,logit=..,floor=..]``."""
+    given = dict(_split_items(spec, body)) if body.strip() else {}
+    extra = [k for k in given if k not in _COMPOSITION_KEYS]
+    if extra:
+        raise ConfigError(_FIELD, spec, f"unknown key {extra[0]!r} for composition "
+                          f"(keys: {', '.join(_COMPOSITION_KEYS)})")
+    for key in ("c", "prefill", "decode"):
+        if key not in given:
+            raise ConfigError(_FIELD, spec, f"missing key {key!r} for composition")
+    values: dict[str, float] = {}
+    for key, text in given.items():
+        try:
+            values[key] = float(text)
+        except ValueError:
+            raise ConfigError(_FIELD, spec, f"{key} must be a number, not {text!r}") from None
+    try:
+        return CompositionTime(**values)
     except ConfigError as err:
         raise ConfigError(_FIELD, spec, err.problem) from None
 

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, overload
 
-from llmqueue.batchtime import BatchTime
+from llmqueue.batchtime import BatchShape, BatchTime, ShapeTime, is_shape_model
 from llmqueue.errors import ConfigError, PlanError
+from llmqueue.memory import KVCache
 from llmqueue.metrics import Recorder, RequestRecord
 from llmqueue.policies import EngineView
 from llmqueue.workload import Request
@@ -61,13 +62,16 @@ class Job:
     __slots__ = (
         "activation",
         "arrival_ms",
+        "blocks",
         "c0",
+        "cached",
         "cls",
         "decode_left",
         "decode_tokens",
         "first_token_ms",
         "id",
         "last_token_ms",
+        "preemptions",
         "prefill_left",
         "prefill_tokens",
         "seq",
@@ -86,6 +90,9 @@ class Job:
         self.last_token_ms = self.first_token_ms
         self.c0 = 0  # fast engine: decode counter when this decoder joined the served prefix
         self.activation = 0  # fast engine: bumped whenever it joins or leaves that prefix
+        self.cached = 0  # tokens whose KV this request holds (prompt, then one per decoded token)
+        self.blocks = 0  # KV blocks it holds (memory-limited engines)
+        self.preemptions = 0
 
     def record(self, finish_ms: float = math.nan) -> RequestRecord:
         """This request's outcome as a plain record."""
@@ -172,25 +179,38 @@ def check_plan(
 
 
 class Engine:
-    """One engine: a policy, a batch-time model ``t(n)`` (ms), a token budget and an optional
-    per-batch request limit ``k_max``. Reports to a ``Recorder`` if given."""
+    """One engine: a policy, a batch-time model (``t(n)`` ms, or a composition-aware model timing
+    each batch's shape), a token budget, an optional per-batch request limit ``k_max`` and an
+    optional KV-cache ``memory``. Reports to a ``Recorder`` if given.
+
+    Memory is the engine's, not the policy's: policies plan as if memory were unlimited and the
+    engine fits each plan into the cache (``_fit_memory``), as vLLM's block manager does.
+    """
 
     def __init__(
         self,
         policy: PolicyFn,
-        batch_time: BatchTime,
+        batch_time: BatchTime | ShapeTime,
         budget: int,
         k_max: int | None = None,
         *,
         recorder: Recorder | None = None,
         keep_batches: bool = False,
+        memory: KVCache | None = None,
     ) -> None:
         if not isinstance(budget, int) or budget < 1:
             raise ConfigError("budget", budget, "must be an integer >= 1")
         if k_max is not None and (not isinstance(k_max, int) or k_max < 1):
             raise ConfigError("k_max", k_max, "must be an integer >= 1")
+        if memory is not None and not isinstance(memory, KVCache):
+            raise ConfigError("memory", memory, "must be a KVCache (see llmqueue.memory)")
         self.policy = policy
         self.batch_time = batch_time
+        self.memory = memory
+        self._shape_time = batch_time.shape_time_ms if is_shape_model(batch_time) else None  # type: ignore[union-attr]
+        self._free_blocks = memory.total_blocks if memory is not None else 0
+        self._resident: dict[int, Job] = {}  # requests holding KV blocks, by id
+        self.rejected = 0
         self.budget = budget
         self.k_max = k_max
         self.recorder = recorder
@@ -266,6 +286,13 @@ class Engine:
                     self.recorder.stall(request.arrival_ms - self._blocked_since)
                 self._blocked_since = None
             self.now_ms = request.arrival_ms
+        if self.memory is not None and not self.memory.fits_alone(
+            request.prefill_tokens + request.decode_tokens
+        ):
+            self.rejected += 1  # vLLM refuses such a request too: its KV can never fit
+            if self.recorder is not None:
+                self.recorder.rejected(request.arrival_ms)
+            return
         job = Job(request, self._seq)
         self._seq += 1
         self._jobs[job.id] = job
@@ -340,12 +367,15 @@ class Engine:
         total = prefill_total = 0
         for job, tokens in plan:
             total += tokens
+            job.cached += tokens
             if job.prefill_left:
                 prefill_total += tokens
                 job.prefill_left -= tokens
                 if job.prefill_left == 0:
                     prefill_done = True
-                    job.first_token_ms = job.last_token_ms = now
+                    if job.first_token_ms != job.first_token_ms:  # NaN: not a recomputation
+                        job.first_token_ms = now
+                    job.last_token_ms = now
                     if job.decode_left:
                         self._enter_decode(job)
                     else:
@@ -378,15 +408,22 @@ class Engine:
         if decode_done:
             self._decoding = [j for j in self._decoding if j.decode_left]
         for record in finished:
-            del self._jobs[record.id]
+            job = self._jobs.pop(record.id)
+            if job.blocks:
+                self._free_blocks += job.blocks
+                job.blocks = 0
+                del self._resident[job.id]
         if self.recorder is not None:
             for record in finished:
                 self.recorder.request_done(record)
 
-    def _form_plan(self) -> tuple[EngineView, Mapping[int, int], int, int] | None:
-        """Ask the policy for the next batch and check it: (view, plan, prefill, decode tokens).
+    def _form_plan(self) -> tuple[EngineView, list[tuple[Job, int]], int, int] | None:
+        """Ask the policy for the next batch, check it and fit it into memory: (view, entries,
+        prefill, decode tokens).
 
         None when nothing is present, or when the policy forms no batch (the engine blocks).
+        With memory, a plan whose every entry memory refuses is asked for again with only the
+        requests that hold KV blocks in view (vLLM then runs its running requests).
         """
         if not self._jobs:
             return None
@@ -396,11 +433,112 @@ class Engine:
             self._blocked_since = self.now_ms
             return None
         prefill, decode = check_plan(plan, view, self._jobs)
-        return view, plan, prefill, decode
+        jobs = self._jobs
+        if self.memory is None:
+            return view, [(jobs[rid], tokens) for rid, tokens in plan.items()], prefill, decode
+        entries = self._fit_memory(plan)
+        if not entries and self._resident:
+            resident = self._resident_view(view)
+            plan = self.policy(resident)
+            if plan:
+                check_plan(plan, resident, jobs)
+                entries = self._fit_memory(plan)
+        if not entries:
+            self._blocked_since = self.now_ms
+            return None
+        prefill = sum(tokens for job, tokens in entries if job.prefill_left)
+        return view, entries, prefill, sum(1 for job, _ in entries if not job.prefill_left)
 
-    def _duration(self, n: int) -> float:
-        """t(n) in ms, refused unless positive and finite (a run must always move forward)."""
-        duration = self.batch_time(n)
+    def _resident_view(self, view: EngineView) -> EngineView:
+        """``view`` without the requests that hold no KV blocks."""
+        return EngineView(
+            now_ms=view.now_ms,
+            budget=view.budget,
+            k_max=view.k_max,
+            prefilling=ReadOnlyList([j for j in self._prefilling if j.blocks]),
+            decoding=ReadOnlyList([j for j in self._decoding if j.blocks]),
+        )
+
+    def _fit_memory(self, plan: Mapping[int, int]) -> list[tuple[Job, int]]:
+        """The part of ``plan`` that memory allows, allocating its blocks (vLLM's rules).
+
+        Requests already holding blocks come first, in plan order: each grows by the blocks its
+        tokens need; when none are free, the newest resident request is preempted (it frees its
+        blocks and must recompute its whole context later), possibly itself. Then new requests,
+        in plan order, are admitted while their first chunk leaves the watermark free; the first
+        refusal stops admission (FCFS head of line), and a round that preempted admits nobody.
+        """
+        memory = self.memory
+        assert memory is not None
+        jobs = self._jobs
+        kept: list[tuple[Job, int]] = []
+        fresh: list[tuple[Job, int]] = []
+        resident: list[tuple[Job, int]] = []
+        for rid, tokens in plan.items():
+            job = jobs[rid]
+            (resident if job.blocks else fresh).append((job, tokens))
+        preempted: set[int] = set()
+        for job, tokens in resident:
+            if job.id in preempted:
+                continue
+            need = memory.blocks_for(job.cached + tokens) - job.blocks
+            while need > self._free_blocks:
+                victim = max(self._resident.values(), key=_seq)
+                self._preempt(victim)
+                preempted.add(victim.id)
+                if victim is job:
+                    break
+                kept = [(j, t) for j, t in kept if j is not victim]
+            if job.id in preempted:
+                continue
+            job.blocks += need
+            self._free_blocks -= need
+            kept.append((job, tokens))
+        if preempted:  # vLLM admits no new request in a step that preempted one
+            fresh = []
+        floor = memory.watermark_blocks
+        for job, tokens in fresh:
+            need = memory.blocks_for(tokens)
+            if self._free_blocks - need < floor:
+                break
+            job.blocks = need
+            self._free_blocks -= need
+            self._resident[job.id] = job
+            kept.append((job, tokens))
+        if len(kept) > 1:
+            order = {rid: i for i, rid in enumerate(plan)}
+            kept.sort(key=lambda entry: order[entry[0].id])
+        return kept
+
+    def _preempt(self, job: Job) -> None:
+        """Recompute preemption: ``job`` frees its blocks and must prefill its whole context
+        again (prompt and decoded tokens) before it decodes on."""
+        self._free_blocks += job.blocks
+        job.blocks = 0
+        del self._resident[job.id]
+        lost = job.cached
+        job.cached = 0
+        job.preemptions += 1
+        if not job.prefill_left:
+            self._decoding.remove(job)
+            self._decoder_left(job)
+            insort(self._prefilling, job, key=_seq)
+        job.prefill_left += lost
+        self._prefill_left_tokens += lost
+        self.backlog_tokens += lost
+        if self.recorder is not None:
+            self.recorder.preempted(self.now_ms, lost)
+
+    def _decoder_left(self, job: Job) -> None:
+        """Hook: a decoder was preempted (the fast engine drops it from its served prefix)."""
+
+    def _duration(self, n: int, entries: list[tuple[Job, int]] | None = None) -> float:
+        """The batch's time in ms (``t(n)``, or the shape model's time of ``entries``), refused
+        unless positive and finite (a run must always move forward)."""
+        if self._shape_time is not None and entries is not None:
+            duration = self._shape_time(batch_shape(entries))
+        else:
+            duration = self.batch_time(n)  # type: ignore[operator]
         if not duration > 0 or math.isinf(duration):
             raise ConfigError("batch-time", duration, f"t({n}) must be a positive finite time")
         return duration
@@ -412,23 +550,24 @@ class Engine:
         formed = self._form_plan()
         if formed is None:
             return
-        view, plan, prefill, decode = formed
+        view, entries, prefill, decode = formed
         n = prefill + decode
-        duration = self._duration(n)
+        duration = self._duration(n, entries)
         target = fill_target(view, self._prefill_left_tokens)
-        jobs = self._jobs
-        self._plan = [(jobs[rid], tokens) for rid, tokens in plan.items()]
+        self._plan = entries
         self._batch_end_ms = self.now_ms + duration
         if self.recorder is not None:
             short = max(target - n, 0)
-            self.recorder.batches(1, duration, prefill, decode, len(plan), (target, int(short > 0), short))
+            self.recorder.batches(1, duration, prefill, decode, len(entries), (target, int(short > 0), short))
+            if self.memory is not None:
+                self.recorder.kv_used(self.memory.total_blocks - self._free_blocks, self.memory.total_blocks)
         if self.batches is not None:
             self.batches.append(
                 Batch(
                     index=self._batch_count,
                     start_ms=self.now_ms,
                     end_ms=self._batch_end_ms,
-                    plan=tuple((rid, tokens) for rid, tokens in plan.items()),
+                    plan=tuple((job.id, tokens) for job, tokens in entries),
                     prefill_tokens=prefill,
                     decode_tokens=decode,
                     fill_target_tokens=target,
@@ -439,3 +578,27 @@ class Engine:
 
 def _seq(job: Job) -> int:
     return job.seq
+
+
+def batch_shape(entries: Sequence[tuple[Job, int]]) -> BatchShape:
+    """The shape of a batch of (request, tokens) entries, from the requests' progress."""
+    chunks: list[int] = []
+    prefixes: list[int] = []
+    decode = kv = rows = 0
+    for job, tokens in entries:
+        if job.prefill_left:
+            chunks.append(tokens)
+            prefixes.append(job.cached)
+            if tokens == job.prefill_left:
+                rows += 1
+        else:
+            decode += 1
+            kv += job.cached + 1
+    return BatchShape(
+        prefill_tokens=sum(chunks),
+        decode_tokens=decode,
+        chunk_tokens=tuple(chunks),
+        chunk_prefix_tokens=tuple(prefixes),
+        decode_kv_tokens=kv,
+        logit_rows=rows + decode,
+    )

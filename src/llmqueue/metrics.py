@@ -224,6 +224,11 @@ class RunMetrics:
     itl_exact: bool
     latency_exact: bool
     backlog_series: tuple[tuple[float, float], ...] = field(repr=False)
+    preemptions: int = 0
+    recomputed_tokens: int = 0
+    rejected_requests: int = 0
+    peak_kv_usage: float = math.nan
+    mean_kv_usage: float = math.nan
 
     def as_dict(self) -> dict[str, object]:
         """Flat mapping with vLLM-style keys (``mean_ttft_ms``...); the series as [s, tokens]."""
@@ -252,6 +257,11 @@ class RunMetrics:
             stall_ms=self.stall_ms,
             itl_exact=self.itl_exact,
             latency_exact=self.latency_exact,
+            preemptions=self.preemptions,
+            recomputed_tokens=self.recomputed_tokens,
+            rejected_requests=self.rejected_requests,
+            peak_kv_usage=self.peak_kv_usage,
+            mean_kv_usage=self.mean_kv_usage,
             backlog_series=[[t, b] for t, b in self.backlog_series],
         )
         return out
@@ -306,6 +316,12 @@ class Recorder:
         self.wc_wasted = 0
         self.wc_target = 0
         self.stall_ms = 0.0
+        self.preemptions = 0
+        self.recomputed_tokens = 0
+        self.rejected_requests = 0
+        self.kv_peak = 0.0
+        self.kv_sum = 0.0
+        self.kv_batches = 0
         self.itl = ValueCounts()
         # completed requests, one compact column per RequestRecord field
         self.done = {
@@ -380,6 +396,24 @@ class Recorder:
             bins.add_steps(t0, np.array(ends_ms), values)
         self.last_ms = t1
         self.backlog_tokens -= tokens * steps
+
+    def preempted(self, t_ms: float, tokens: int) -> None:
+        """A request lost ``tokens`` cached tokens to a preemption: they are work again."""
+        self._advance(t_ms)
+        self.backlog_tokens += tokens
+        self.preemptions += 1
+        self.recomputed_tokens += tokens
+
+    def rejected(self, t_ms: float) -> None:
+        """A request was refused at arrival: its KV cache could never fit."""
+        self.rejected_requests += 1
+
+    def kv_used(self, used_blocks: int, total_blocks: int) -> None:
+        """A batch started with ``used_blocks`` of ``total_blocks`` KV blocks held."""
+        usage = used_blocks / total_blocks
+        self.kv_peak = max(self.kv_peak, usage)
+        self.kv_sum += usage
+        self.kv_batches += 1
 
     def stall(self, duration_ms: float) -> None:
         """The engine sat idle for ``duration_ms`` although requests were waiting."""
@@ -492,6 +526,11 @@ class Recorder:
             itl_exact=self.itl.exact,
             latency_exact=self.histograms is None,
             backlog_series=series,
+            preemptions=self.preemptions,
+            recomputed_tokens=self.recomputed_tokens,
+            rejected_requests=self.rejected_requests,
+            peak_kv_usage=self.kv_peak if self.kv_batches else math.nan,
+            mean_kv_usage=self.kv_sum / self.kv_batches if self.kv_batches else math.nan,
         )
 
     def completed_records(self) -> Iterable[RequestRecord]:

@@ -254,7 +254,9 @@ class VLLMChunked:
         """The plan with decoders as a count (the fast engine's entry point)."""
         tokens = view.budget
         started = [r for r in view.prefilling if r.prefill_left < r.prefill_tokens]
-        waiting = [r for r in view.prefilling if r.prefill_left == r.prefill_tokens]
+        # waiting: prompts not started, and requests preempted by memory (they recompute their
+        # prompt and decoded tokens, so more than their prompt is left): vLLM re-queues them
+        waiting = [r for r in view.prefilling if r.prefill_left >= r.prefill_tokens]
         # admission order: with FCFS admission every decoder was admitted before any prompt
         # still in progress (requests that arrive with no prompt count as admitted first)
         running = view.decoders + len(started)

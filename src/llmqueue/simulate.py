@@ -17,10 +17,11 @@ from typing import Literal
 import numpy as np
 
 from llmqueue import compiled, theory
-from llmqueue.batchtime import BatchTime
+from llmqueue.batchtime import BatchTime, ShapeTime, is_shape_model, mix_batch_time
 from llmqueue.engine import Batch, Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine, needs_reference
+from llmqueue.memory import KVCache
 from llmqueue.metrics import Recorder, RequestRecord, RunMetrics
 from llmqueue.policies import KFCFS, VLLMChunked, chunks_prefill, is_work_conserving, policy_name
 from llmqueue.stability import Observation, Prediction, observe, predict
@@ -159,7 +160,7 @@ class RunResult:
 def simulate(
     source: Workload | Iterable[Request],
     policy: PolicyFn,
-    batch_time: BatchTime,
+    batch_time: BatchTime | ShapeTime,
     budget: int,
     *,
     k_max: int | None = None,
@@ -171,6 +172,7 @@ def simulate(
     keep_batches: bool = False,
     progress: Callable[[int], None] | None = None,
     engine: EngineKind = "auto",
+    memory: KVCache | None = None,
 ) -> RunResult:
     """Run ``source`` (a workload, or requests in arrival order) through one engine.
 
@@ -179,7 +181,9 @@ def simulate(
     of identical iterations at once (policies declaring ``repeats_plan``), ``"reference"`` steps
     every iteration, ``"auto"`` takes the fast engine whenever the policy allows it. Both give
     the same results. ``keep_requests``: return every request's record in ``RunResult.requests``
-    (the metrics are computed either way).
+    (the metrics are computed either way). ``memory``: the engine's KV cache (admission and
+    recompute preemption, see ``llmqueue.memory``); None means unlimited, as in the paper.
+    A composition-aware ``batch_time`` (a shape model) times every batch from its shape.
     """
     if engine not in ENGINES:
         raise ConfigError("engine", engine, f"must be one of {', '.join(ENGINES)}")
@@ -187,7 +191,15 @@ def simulate(
         raise ConfigError(
             "engine", engine, f"policy '{policy_name(policy)}' does not declare repeats_plan"
         )
-    can_compile = compiled.supports(policy, budget, keep_batches)
+    if memory is not None and not isinstance(memory, KVCache):
+        raise ConfigError("memory", memory, "must be a KVCache (see llmqueue.memory.parse_memory)")
+    shaped = is_shape_model(batch_time)
+    if engine in ("fast", "compiled") and (shaped or memory is not None):
+        what = "a composition-aware batch time" if shaped else "a memory limit"
+        raise ConfigError("engine", engine, f"{what} runs on the reference engine only")
+    can_compile = (
+        not shaped and memory is None and compiled.supports(policy, budget, keep_batches)
+    )
     if engine == "compiled" and not can_compile:
         raise ConfigError(
             "engine", engine,
@@ -195,7 +207,9 @@ def simulate(
             f"{compiled.MAX_BUDGET} and keep_batches off",
         )
     use_compiled = can_compile and engine in ("auto", "compiled")
-    use_fast = engine == "fast" or (engine == "auto" and not needs_reference(policy))
+    use_fast = engine == "fast" or (
+        engine == "auto" and not needs_reference(policy) and not shaped and memory is None
+    )
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("requests", max_requests, "must be an integer >= 1")
     if duration_s is not None and not (duration_s > 0 and math.isfinite(duration_s)):
@@ -232,7 +246,8 @@ def simulate(
             arrivals = _bounded(iter(source), max_requests, duration_ms)
         engine_class = FastEngine if use_fast else Engine
         eng = engine_class(
-            policy, batch_time, budget, k_max, recorder=recorder, keep_batches=keep_batches
+            policy, batch_time, budget, k_max, recorder=recorder, keep_batches=keep_batches,
+            memory=memory,
         )
         outcome = _run_engine(eng, tally.each(arrivals), recorder, horizon_for, progress, keep_requests)
         batches = None if eng.batches is None else tuple(eng.batches)
@@ -254,7 +269,8 @@ def simulate(
         last_s = recorder.last_arrival_ms / 1000.0
         rate = recorder.arrivals / last_s if last_s > 0 else math.nan
         mean_p, mean_d = prefill_sum / arrivals_n, decode_sum / arrivals_n
-    summary = summarize_theory(batch_time, budget, k_max, rate, mean_p, mean_d)
+    token_time = mix_batch_time(batch_time, mean_p, mean_d)
+    summary = summarize_theory(token_time, budget, k_max, rate, mean_p, mean_d)
     prediction = predict(
         work_conserving=is_work_conserving(policy),
         load_full_batches=summary.load,
@@ -277,7 +293,22 @@ def simulate(
         notes.append(
             f"the engine stalled: {outcome.in_system} request(s) wait but the policy forms no batch"
         )
-    if engine == "auto" and not use_fast:
+    if shaped:
+        notes.append(
+            "composition-aware batch time: the theory uses its token view for this workload's "
+            f"mix ({token_time.spec})"
+        )
+    if metrics.rejected_requests:
+        notes.append(
+            f"{metrics.rejected_requests} request(s) refused at arrival: their KV cache can never "
+            f"fit in {memory.capacity_tokens if memory else 0} tokens"
+        )
+    if metrics.preemptions:
+        notes.append(
+            f"memory preempted requests {metrics.preemptions} time(s), "
+            f"{metrics.recomputed_tokens} tokens recomputed"
+        )
+    if engine == "auto" and not use_fast and not shaped and memory is None:
         notes.append(
             "the policy does not declare repeats_plan: it ran on the reference per-iteration "
             "engine (exact, slower)"

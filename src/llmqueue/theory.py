@@ -16,6 +16,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from llmqueue.batchtime import BatchTime
 from llmqueue.errors import ConfigError
+from llmqueue.memory import KVCache
 
 __all__ = [
     "BudgetChoice",
@@ -26,6 +27,8 @@ __all__ = [
     "kmax_load",
     "load",
     "max_throughput",
+    "memory_batch_limit",
+    "memory_load",
     "region_vertices",
 ]
 
@@ -262,3 +265,41 @@ def kmax_load(
     if res.status != 0:  # cannot happen: the vertices span both axes
         raise RuntimeError(f"kmax_load: linear program failed: {res.message}")
     return float(res.fun) * lam_scale / v_scale
+
+
+# ---------------------------------------------------------------- KV-cache memory
+
+
+def memory_batch_limit(
+    memory: KVCache, mean_prefill_tokens: float, mean_decode_tokens: float,
+    decode_context_tokens: float | None = None,
+) -> int:
+    """The most requests that can decode at once in ``memory``: the usable cache (all blocks but
+    the watermark) over a decoding request's mean footprint.
+
+    A request holds its context, prompt plus decoded tokens, rounded up to whole blocks. Over its
+    decode steps the context averages ``decode_context_tokens`` (token-weighted; default
+    ``p + (d + 1) / 2``), and rounding adds half a block less half a token on average. In a
+    saturated engine every resident request decodes in every batch, so this bounds the requests
+    per batch like the paper's ``k_max`` (§4): the effective limit is ``min(k_max, this)``.
+    """
+    p = _nonneg(mean_prefill_tokens, "mean_prefill_tokens")
+    d = _nonneg(mean_decode_tokens, "mean_decode_tokens")
+    context = p + (d + 1) / 2 if decode_context_tokens is None else _nonneg(
+        decode_context_tokens, "decode_context_tokens")
+    footprint = context + (memory.block_tokens - 1) / 2
+    usable = (memory.total_blocks - memory.watermark_blocks) * memory.block_tokens
+    return max(1, int(usable // footprint)) if footprint > 0 else memory.total_blocks
+
+
+def memory_load(
+    rate_per_s: float, mean_prefill_tokens: float, mean_decode_tokens: float, bt: BatchTime,
+    budget: int, k_max: int | None, memory: KVCache, decode_context_tokens: float | None = None,
+) -> tuple[float, int]:
+    """(load, effective k) of the §4 region with the batch-size limit ``min(k_max, memory
+    limit)``: stable needs load < 1. Compare with the memory-free load to see which binds."""
+    lam = _nonneg(rate_per_s, "rate_per_s") / 1000.0
+    k_mem = memory_batch_limit(memory, mean_prefill_tokens, mean_decode_tokens, decode_context_tokens)
+    k = k_mem if k_max is None else min(k_max, k_mem)
+    rho = kmax_load(lam * mean_prefill_tokens, lam * mean_decode_tokens, bt, budget, k)
+    return rho, k

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import ConstantTime, LinearTime
+from llmqueue.batchtime import ConstantTime, LinearTime, PiecewiseTime
 from llmqueue.engine import Engine
 from llmqueue.errors import ConfigError
 from llmqueue.memory import KVCache, ModelShape, kv_bytes_per_token, parse_memory
@@ -231,3 +231,44 @@ def test_tight_memory_costs_latency_not_requests(policy) -> None:
     assert tight.metrics.completed + tight.metrics.rejected_requests == 400
     assert tight.metrics.preemptions > 0
     assert tight.metrics.latency["mean_e2el_ms"] > base.metrics.latency["mean_e2el_ms"]
+
+
+MEMORY_CASES = [
+    ("64", "512", 32000, LinearTime(10.0, 0.05)),
+    ("lognormal:mean=300,sigma=0.6", "lognormal:mean=300,sigma=0.6", 40000,
+     PiecewiseTime(12.0, 0.04, 128)),
+]
+
+
+@pytest.mark.parametrize(("prefill", "decode", "tokens", "bt"), MEMORY_CASES)
+def test_memory_binds_where_the_theory_says(prefill, decode, tokens, bt) -> None:
+    """Where the token budget alone gives load < 0.5, a cache of ~90 mean requests binds: at
+    1.05 of its §4 limit the run is unstable while the same run without the limit is not; at
+    0.6 of it both are stable. (Near the limit preemption thrash costs 15-25 %: the limit is an
+    upper bound, docs/memory.md.)"""
+    from llmqueue import theory
+    from llmqueue.workload import make_workload
+
+    memory = KVCache(tokens, block_tokens=16, watermark=0.01)
+    probe = make_workload("poisson", prefill, decode, rate_per_s=1.0)
+    p, d = probe.mean_prefill_tokens, probe.mean_decode_tokens
+    rho, k = theory.memory_load(1.0, p, d, bt, 512, None, memory)
+    limit = 1.0 / rho
+    assert theory.load(limit, bt, 512, p + d) < 0.7  # the token budget alone is far from binding
+    assert k == theory.memory_batch_limit(memory, p, d)
+    for fraction, verdict in ((1.05, "unstable"), (0.6, "stable")):
+        workload = make_workload("poisson", prefill, decode, rate_per_s=fraction * limit)
+        limited = simulate(workload, SARATHI, bt, 512, seed=1, max_requests=2500, memory=memory,
+                           keep_requests=False)
+        free = simulate(workload, SARATHI, bt, 512, seed=1, max_requests=2500, keep_requests=False)
+        assert limited.observed.verdict == verdict
+        assert free.observed.verdict != "unstable"
+
+
+def test_memory_batch_limit_closed_form() -> None:
+    """Usable (2000 - 20) blocks x 16 tokens over a footprint p + (d + 1)/2 + 7.5 tokens."""
+    from llmqueue import theory
+
+    memory = KVCache(32000, block_tokens=16, watermark=0.01)
+    assert theory.memory_batch_limit(memory, 64, 512) == int(1980 * 16 // (64 + 256.5 + 7.5))
+    assert theory.memory_batch_limit(memory, 64, 512, decode_context_tokens=100) == int(31680 // 107.5)

@@ -34,7 +34,10 @@ from llmqueue.policies import (
     VLLMChunked,
     make_policy,
 )
+from llmqueue.profile import ProfileTime
 from llmqueue.simulate import RunResult, TheorySummary, simulate, summarize_theory
+from llmqueue.traces import RequestTrace, fit_trace, load_request_trace, trace_stats
+from llmqueue.validate import ValidationReport, validate
 from llmqueue.workload import Request, Workload, make_workload
 
 __all__ = [
@@ -59,8 +62,10 @@ __all__ = [
     "PiecewiseTime",
     "Plan",
     "PlanError",
+    "ProfileTime",
     "Request",
     "RequestRecord",
+    "RequestTrace",
     "RequestView",
     "RunMetrics",
     "RunResult",
@@ -68,10 +73,13 @@ __all__ = [
     "TableTime",
     "TheorySummary",
     "VLLMChunked",
+    "ValidationReport",
     "Workload",
     "analyze",
     "check_plan",
+    "fit_trace",
     "load_network",
+    "load_request_trace",
     "make_policy",
     "make_workload",
     "parse_batch_time",
@@ -79,6 +87,8 @@ __all__ = [
     "simulate",
     "simulate_network",
     "summarize_theory",
+    "trace_stats",
+    "validate",
 ]
 
 __version__ = "0.1.0"

@@ -479,7 +479,8 @@ def _split_items(spec: str, body: str) -> list[tuple[str, str]]:
 def parse_batch_time(spec: str) -> BatchTime:
     """Build a model from ``kind:key=value,...`` (as each class's ``spec``) or ``table:PATH,...``.
 
-    Kinds: constant (c), linear (c, a), piecewise (c, a, b0), staircase (c, a, b0), table.
+    Kinds: constant (c), linear (c, a), piecewise (c, a, b0), staircase (c, a, b0), table,
+    composition, and ``preset:NAME`` (a fitted model of :mod:`llmqueue.presets`).
     """
     if not isinstance(spec, str):
         raise ConfigError(
@@ -493,8 +494,12 @@ def parse_batch_time(spec: str) -> BatchTime:
         return _parse_table(spec, body)
     if kind == "composition":
         return _parse_composition(spec, body)  # type: ignore[return-value]
+    if kind == "preset":
+        from llmqueue.presets import preset_model  # lazy: presets parse their specs here
+
+        return preset_model(body)  # type: ignore[return-value]
     if kind not in _PARAMS:
-        known = ", ".join([*_PARAMS, "composition", "table"])
+        known = ", ".join([*_PARAMS, "composition", "preset", "table"])
         raise ConfigError(_FIELD, spec, f"unknown kind {kind!r} (known: {known})")
     wanted = _PARAMS[kind]
     pairs = _split_items(spec, body) if body.strip() else []

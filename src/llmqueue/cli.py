@@ -1,5 +1,5 @@
 """The ``llmqueue`` command line: ``simulate``, ``capacity``, ``compare``, ``sweep``, ``results``,
-``region``, ``reproduce`` and ``network analyze|simulate``.
+``region``, ``reproduce``, ``network analyze|simulate``, ``fit``, ``trace stats|fit`` and ``validate``.
 
 Every option can also come from a TOML or YAML file given with ``--config`` (keys are the option
 names; flags on the command line win). Bad input exits with code 2 and one line on stderr.
@@ -29,14 +29,18 @@ from rich.progress import (
 from rich.table import Table
 
 from llmqueue import theory
-from llmqueue.batchtime import BatchTime, parse_batch_time
+from llmqueue.batchtime import BatchTime, mix_batch_time, parse_batch_time
 from llmqueue.configfile import read_table
 from llmqueue.errors import ConfigError, LLMQueueError
+from llmqueue.fit import DATA_SETS, FIT_DATE, fit_data, load_data, parse_columns, parse_filters, plot_fit
+from llmqueue.memory import KVCache, parse_memory
 from llmqueue.netsim import NetworkResult, predict_network, simulate_network
 from llmqueue.network import Analysis, Network, load_network
 from llmqueue.network import analyze as analyze_network
 from llmqueue.plotting import pyplot, save
 from llmqueue.policies import KFCFS, POLICY_NAMES, VLLMChunked, make_policy
+from llmqueue.presets import PRESETS
+from llmqueue.realfig1 import reproduce_real
 from llmqueue.region import OperatingPoint, plot_region, region
 from llmqueue.reproduce import TARGETS, reproduce
 from llmqueue.simulate import RunResult, simulate, summarize_theory
@@ -46,6 +50,19 @@ from llmqueue.store import Store, jsonable, parse_where, run_key, select, to_csv
 from llmqueue.sweep import expand as expand_sweep
 from llmqueue.sweep import load_config as load_sweep
 from llmqueue.sweep import run_sweep
+from llmqueue.traces import (
+    PEAK_WINDOW_S,
+    DistFit,
+    RequestTrace,
+    TraceStats,
+    fit_trace,
+    load_request_trace,
+    parse_window,
+    trace_stats,
+)
+from llmqueue.traces import Summary as TraceSummary
+from llmqueue.validate import format_rows, prepare
+from llmqueue.validate import validate as validate_run
 from llmqueue.workload import TraceArrivals, Workload, make_workload
 
 DEFAULT_BATCH_TIME = "staircase:c=11.28,a=35.47,b0=128"
@@ -63,6 +80,20 @@ def _batch_time(ctx: click.Context, param: click.Parameter, value: str) -> Batch
         return parse_batch_time(value)
     except LLMQueueError as err:
         raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> KVCache | None:
+    if value is None:
+        return None
+    try:
+        return parse_memory(value)
+    except LLMQueueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def _token_time(opts: dict[str, Any], mean_prefill: float, mean_decode: float) -> BatchTime:
+    """The token-count model the theory uses (a composition model's view of this mix)."""
+    return mix_batch_time(opts["batch_time"], mean_prefill, mean_decode)
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -117,7 +148,13 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--batch-time", "batch_time", default=DEFAULT_BATCH_TIME, show_default=True,
             callback=_batch_time,
             help="t(n) in ms: constant:c=..  linear:c=..,a=..  piecewise:c=..,a=..,b0=..  "
-            "staircase:c=..,a=..,b0=..  table:PATH[,column=value...]",
+            "staircase:c=..,a=..,b0=..  table:PATH[,column=value...]  preset:NAME (llmqueue fit "
+            "--list-presets)",
+        ),
+        click.option(
+            "--memory", default=None, callback=_memory,
+            help="KV cache: tokens=M[,block=16,watermark=0.01] or gpu_gib=..,params_b=..,layers=..,"
+            "kv_heads=..,head_dim=..[,dtype_bytes=2,tp=1,util=0.9] (default: unlimited).",
         ),
         click.option(
             "--rate", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -130,7 +167,7 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--arrival", default="poisson", show_default=True,
-            help="poisson | deterministic | gamma:cv=2 | trace:PATH",
+            help="poisson | deterministic | gamma:cv=2 | trace:PATH[,key=value...] (docs/guide/traces.md)",
         ),
         click.option(
             "--prefill", default=None,
@@ -214,7 +251,8 @@ def _workload(opts: dict[str, Any]) -> Workload:
         return make_workload(arrival, prefill, decode, rate)
     probe = make_workload(arrival, prefill, decode, None if is_trace else 1.0)
     mean_tokens = probe.mean_prefill_tokens + probe.mean_decode_tokens
-    lam = theory.critical_rate_per_s(opts["batch_time"], opts["budget"], mean_tokens)
+    token_time = _token_time(opts, probe.mean_prefill_tokens, probe.mean_decode_tokens)
+    lam = theory.critical_rate_per_s(token_time, opts["budget"], mean_tokens)
     return make_workload(arrival, prefill, decode, load * lam)
 
 
@@ -245,6 +283,7 @@ def _run(name: str, workload: Workload, opts: dict[str, Any], keep_requests: boo
         drain_s=opts["drain_s"],
         keep_requests=keep_requests,
         engine=opts["engine"],
+        memory=opts["memory"],
     )
     policy = _policy(name, opts)
     if not show:
@@ -381,6 +420,12 @@ def _print_result(console: Console, result: RunResult) -> None:
         f"work-conservation violations {m.wc_violations} "
         f"({m.wc_wasted_fraction:.1%} of fillable tokens wasted)"
     )
+    if math.isfinite(m.peak_kv_usage):
+        console.print(
+            f"KV cache: peak {m.peak_kv_usage:.1%}, mean {m.mean_kv_usage:.1%} of blocks held at "
+            f"batch starts; {m.preemptions} preemptions, {m.recomputed_tokens:,} tokens "
+            f"recomputed, {m.rejected_requests} requests refused"
+        )
     for note in result.notes:
         console.print(f"note: {note}")
 
@@ -414,7 +459,8 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
     """Capacity, critical rate, load and fluid slope of a setting (theory); with --slo, the
     highest rate that is stable and meets latency targets (simulation)."""
     workload = _workload(opts)
-    bt, budget, k_max = opts["batch_time"], opts["budget"], opts["k_max"]
+    budget, k_max = opts["budget"], opts["k_max"]
+    bt = _token_time(opts, workload.mean_prefill_tokens, workload.mean_decode_tokens)
     summary = summarize_theory(
         bt, budget, k_max, workload.rate_per_s,
         workload.mean_prefill_tokens, workload.mean_decode_tokens,
@@ -435,6 +481,9 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
         "fluid_slope_tokens_per_s": summary.fluid_slope_tokens_per_s,
         "kmax_load": summary.kmax_load,
     }
+    memory = opts["memory"]
+    if memory is not None:
+        doc.update(_memory_doc(memory, workload, bt, budget, k_max, summary))
     if max_iteration_ms is not None:
         choice = theory.best_budget(bt, max_iteration_ms)
         doc.update(
@@ -519,6 +568,35 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
         "claim, for each passing row at its rate: "
         f"{slo_claim(targets, seeds, slo_requests, confidence)}"
     )
+
+
+def _memory_doc(memory: KVCache, workload: Workload, bt: BatchTime, budget: int, k_max: int | None,
+                summary: Any) -> dict[str, Any]:
+    """What the KV cache does to the capacity: its batch-size limit, the §4 load with it, and a
+    warning when memory, not the token budget, binds."""
+    p, d = workload.mean_prefill_tokens, workload.mean_decode_tokens
+    rate = workload.rate_per_s
+    rho, k_eff = theory.memory_load(rate, p, d, bt, budget, k_max, memory)
+    scalar = summary.load if summary.kmax_load is None else summary.kmax_load
+    out: dict[str, Any] = {
+        "memory": memory.spec,
+        "memory_batch_limit": theory.memory_batch_limit(memory, p, d),
+        "effective_k_max": k_eff,
+        "memory_load": rho,
+        "memory_critical_rate": rate / rho if rho > 0 else math.inf,
+        "binding": "memory" if rho > scalar else "token budget",
+    }
+    if scalar < 1 <= rho:
+        out["warning"] = (
+            f"memory binds: load {scalar:.3f} is stable for the token budget, but {memory.capacity_tokens} "
+            f"KV tokens hold only about {k_eff} decoding requests (load {rho:.3f} >= 1): unstable"
+        )
+    elif rho > scalar:
+        out["warning"] = (
+            "memory binds before the token budget; its limit is an upper bound: preemption "
+            "(recompute) costs capacity near it (docs/memory.md)"
+        )
+    return out
 
 
 def _print_doc(doc: dict[str, Any], as_json: bool) -> None:
@@ -616,7 +694,9 @@ def region_cmd(region_load: float | None, margin: float, plot_path: str | None, 
     if plot_path:
         _check_out_path(plot_path, (".png",), "--plot")
     workload = _workload(opts)
-    reg = region(opts["batch_time"], opts["budget"], opts["k_max"])
+    # a composition model is seen through the workload's mix (docs/memory.md)
+    token_time = _token_time(opts, workload.mean_prefill_tokens, workload.mean_decode_tokens)
+    reg = region(token_time, opts["budget"], opts["k_max"])
     point = OperatingPoint(
         workload.rate_per_s, workload.mean_prefill_tokens, workload.mean_decode_tokens
     )
@@ -694,23 +774,82 @@ def region_cmd(region_load: float | None, margin: float, plot_path: str | None, 
 @click.option("--out", "out_dir", default="reproduce", show_default=True,
               help="Folder for the PNG figures and the markdown report.")
 @click.option("--quick", is_flag=True, help="Fewer requests per run (a quick look, not the report).")
-def reproduce_cmd(name: str, out_dir: str, quick: bool) -> None:
+@click.option("--real", is_flag=True,
+              help="fig1 only: set llmqueue's prediction against the real-engine runs on one H200 "
+              "(DATA_DIR/gpu/engine_fig1); exits 0 whenever the comparison ran.")
+@click.option("--data-dir", "data_dir", default="../shared/data", show_default=True,
+              help="With --real: the project's shared data.")
+def reproduce_cmd(name: str, out_dir: str, quick: bool, real: bool, data_dir: str) -> None:
     """Reproduce the paper: fig1 | example | theorem | vertex-c | all (figures + a markdown report).
 
-    Exits with code 1 if a claim of the paper does not hold in the measurement.
+    Exits with code 1 if a claim of the paper does not hold in the measurement (not with --real,
+    which compares with a real engine and reports each agreement).
     """
-    report = reproduce(name, out_dir, quick=quick)
+    if real and name != "fig1":
+        raise ConfigError("real", name, "--real is for fig1 only")
+    report = reproduce_real(out_dir, data_dir, quick=quick) if real else reproduce(name, out_dir, quick=quick)
     console = _console()
     table = Table(show_header=True, header_style="bold")
     table.add_column("claim")
-    table.add_column("holds", justify="center")
+    table.add_column("agrees" if real else "holds", justify="center")
     for claim, holds in report.claims:
         table.add_row(claim, "yes" if holds else "[bold red]NO[/]")
     console.print(table)
     for path in report.files:
         console.print(f"wrote {path}")
-    if not report.all_hold:
+    if not real and not report.all_hold:
         raise click.exceptions.Exit(1)
+
+
+@cli.command("validate")
+@click.argument("run")
+@click.option("--profile", "profile_dir", default=None,
+              help="Kernel-profile folder (dense/attention/per_sequence CSVs); default: the "
+              "profile_tp<N> folder beside the run.")
+@click.option("--batch-time", "batch_time", default=None,
+              help="Any batch-time spec instead of a profile, e.g. a fitted composition:... model.")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="max_num_batched_tokens (default: the run's meta.json).")
+@click.option("--max-seqs", "max_seqs", type=click.IntRange(min=1), default=None,
+              help="max_num_seqs (default: the run's meta.json).")
+@click.option("--memory", default=None,
+              help="KV cache: tokens=M | gpu_gib=..,params_b=..,... | none (default: from the run's "
+              "GPU memory and model).")
+@click.option("--plot", "plot_dir", default=None, help="Write the three CDF plots (PNG) to this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def validate_cmd(run: str, profile_dir: str | None, batch_time: str | None, budget: int | None,
+                 max_seqs: int | None, memory: str | None, plot_dir: str | None, as_json: bool) -> None:
+    """Replay a real vLLM run (folder with requests.jsonl and meta.json, or the JSONL) through the
+    simulator and report the error on TTFT, TPOT and E2EL. Exits 0 whatever the errors are."""
+    setup = prepare(run, profile=profile_dir, batch_time=batch_time, budget=budget,
+                    max_seqs=max_seqs, memory=memory)
+    report = validate_run(setup.run_log, setup.batch_time, setup.budget, setup.k_max, setup.memory,
+                          notes=setup.notes)
+    plots = [str(p) for p in report.plot_cdfs(plot_dir)] if plot_dir is not None else []
+    if as_json:
+        _dump({**report.to_dict(), "plots": plots})
+        return
+    console = _console()
+    s = report.setting
+    console.print(
+        f"[bold]{s['policy']}[/]  b={s['budget']}  k_max={s['k_max'] or '-'}  "
+        f"memory={s['memory'] or 'unlimited'}  t={s['batch_time']}"
+    )
+    console.print(f"{s['requests']} requests from {s['run']}: measured over "
+                  f"{s['measured_duration_s']:.1f} s, simulated {_fmt(s['simulated_duration_s'])} s")
+    table = Table(show_header=True, header_style="bold")
+    for name in ("metric", "measured", "simulated", "error"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for cells in format_rows(report.rows):
+        table.add_row(*cells)
+    console.print(table)
+    m = report.result.metrics
+    console.print(f"simulated {m.num_batches} batches of {m.mean_batch_tokens:.1f} tokens on average; "
+                  f"KV cache peak {_fmt(100 * m.peak_kv_usage)}%, {m.preemptions} preemption(s)")
+    for note in report.notes:
+        console.print(f"note: {note}")
+    for path in plots:
+        console.print(f"wrote {path}")
 
 
 @cli.group("network")
@@ -864,6 +1003,127 @@ SWEEP_COLUMNS = (
 )
 
 
+@cli.group("trace")
+def trace_group() -> None:
+    """Request traces (Azure/Vidur CSV, vLLM JSONL log, any CSV): statistics, windows and fitted
+    synthetic workloads. SPEC is PATH[,key=value...] as in --arrival trace:SPEC."""
+
+
+def _load_trace_window(spec: str, window: str | None) -> RequestTrace:
+    """The trace of SPEC, cut to --window START:END (seconds of trace time) if given."""
+    trace = load_request_trace(spec, "SPEC")
+    if window is None:
+        return trace
+    start_s, end_s = parse_window(window, "--window")
+    return trace.window(start_s, end_s, "--window")
+
+
+def _summary_row(name: str, s: TraceSummary, digits: int = 1) -> list[str]:
+    return [name, _fmt(s.mean, digits), _fmt(s.std, digits), _fmt(s.min, digits), _fmt(s.p50, digits),
+            _fmt(s.p90, digits), _fmt(s.p99, digits), _fmt(s.max, digits)]
+
+
+def _trace_heading(stats: TraceStats) -> str:
+    text = f"trace {stats.spec} ({stats.format}): {stats.requests:,} requests"
+    if stats.rate_per_s is not None and stats.span_s is not None:
+        text += f" over {_fmt(stats.span_s)} s, {stats.rate_per_s:.4g} req/s"
+    if stats.interarrival_cv is not None:
+        text += f", inter-arrival cv {stats.interarrival_cv:.4g}"
+    if stats.peak_rate_per_s is not None and stats.rate_per_s:
+        text += (f", busiest {PEAK_WINDOW_S:g} s at {stats.peak_rate_per_s:.4g} req/s "
+                 f"({stats.peak_rate_per_s / stats.rate_per_s:.2f}x)")
+    return text if stats.rate_per_s is not None else text + " (lengths only)"
+
+
+@trace_group.command("stats")
+@click.argument("spec", metavar="SPEC")
+@click.option("--window", default=None, help="Keep arrivals in START:END s of the trace (re-based to 0).")
+@click.option("--busiest", "busiest_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also find the busiest window of this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def trace_stats_cmd(spec: str, window: str | None, busiest_s: float | None, as_json: bool) -> None:
+    """Requests, rate, burstiness, prompt/output length percentiles and their correlation."""
+    trace = _load_trace_window(spec, window)
+    stats = trace_stats(trace)
+    busiest = None if busiest_s is None else trace.busiest_window(busiest_s)
+    if as_json:
+        _dump({**stats.to_dict(), "busiest": None if busiest is None else {
+            "start_s": busiest.start_s, "end_s": busiest.end_s, "requests": busiest.requests,
+            "rate_per_s": busiest.rate_per_s}})
+        return
+    console = _console()
+    console.print(_trace_heading(stats))
+    table = Table(show_header=True, header_style="bold")
+    for col in ("", "mean", "std", "min", "p50", "p90", "p99", "max"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row(*_summary_row("prompt tokens", stats.prefill))
+    table.add_row(*_summary_row("output tokens", stats.decode))
+    if stats.gap_ms is not None:
+        table.add_row(*_summary_row("inter-arrival ms", stats.gap_ms, 2))
+    console.print(table)
+    if stats.spearman_rho is not None:
+        console.print(f"prompt/output Spearman rho {stats.spearman_rho:.3f}")
+    if busiest is not None:
+        ratio = f", {busiest.rate_per_s / stats.rate_per_s:.2f}x the mean rate" if stats.rate_per_s else ""
+        console.print(f"busiest {busiest_s:g} s: [{_fmt(busiest.start_s, 3)}, {_fmt(busiest.end_s, 3)}) s "
+                      f"with {busiest.requests:,} requests ({busiest.rate_per_s:.4g} req/s{ratio}); "
+                      f"--window {busiest.start_s!r}:{busiest.end_s!r} keeps it")
+
+
+def _fit_rows(table: Table, label: str, fit: DistFit, digits: int) -> None:
+    rows = [("trace", "", "", fit.trace)] + [
+        (("* " if i == 0 else "  ") + c.method, c.spec, f"{c.ks:.4f}", c.summary)
+        for i, c in enumerate(fit.candidates)
+    ]
+    for i, (method, spec, ks, s) in enumerate(rows):
+        table.add_row(label if i == 0 else "", method, spec, ks, _fmt(s.mean, digits), _fmt(s.p50, digits),
+                      _fmt(s.p90, digits), _fmt(s.p99, digits))
+
+
+@trace_group.command("fit")
+@click.argument("spec", metavar="SPEC")
+@click.option("--window", default=None, help="Keep arrivals in START:END s of the trace (re-based to 0).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def trace_fit_cmd(spec: str, window: str | None, as_json: bool) -> None:
+    """Fit arrivals and prompt/output lengths; print the simulate options for a synthetic workload
+    with the same statistics (each fit keeps the trace's mean; best KS distance first)."""
+    fit = fit_trace(_load_trace_window(spec, window))
+    if as_json:
+        _dump(fit.to_dict())
+        return
+    console = _console()
+    console.print(_trace_heading(fit.stats))
+    table = Table(show_header=True, header_style="bold")
+    for col in ("quantity", "fit", "spec", "KS", "mean", "p50", "p90", "p99"):
+        table.add_column(col, justify="left" if col in ("quantity", "fit", "spec") else "right")
+    _fit_rows(table, "prompt tokens", fit.prefill, 1)
+    _fit_rows(table, "output tokens", fit.decode, 1)
+    if fit.arrival is not None:
+        _fit_rows(table, "inter-arrival ms", fit.arrival, 2)
+    console.print(table)
+    console.print("synthetic workload with these statistics (* = best fit, smallest KS distance):")
+    console.print(f"  llmqueue simulate {' '.join(fit.simulate_args())}", soft_wrap=True)
+    if fit.arrival is None:
+        console.print("  (the trace has no arrival times: give --rate or --load)")
+    else:
+        best, trace_cv = fit.arrival.best.summary, fit.stats.interarrival_cv
+        best_cv = None if best.std is None else best.std / best.mean
+        if trace_cv is not None and best_cv is not None and abs(best_cv - trace_cv) > 0.25 * trace_cv:
+            console.print(f"note: the best renewal fit has cv {best_cv:.3g}, the trace's gaps {trace_cv:.3g} "
+                          "(long idle gaps or a changing rate); replay the trace to keep them")
+        peak, rate = fit.stats.peak_rate_per_s, fit.stats.rate_per_s
+        if peak is not None and rate:
+            console.print(f"note: the busiest {PEAK_WINDOW_S:g} s run at {peak / rate:.2f}x the mean rate; a "
+                          "renewal fit has no busy spells: replay the trace or a window of it "
+                          "(--arrival trace:SPEC,start=S,end=S) to keep them")
+    rho = fit.stats.spearman_rho
+    if rho is not None and abs(rho) >= 0.1:
+        console.print(f"note: prompt/output Spearman rho {rho:.3f}; independent sampling drops it, "
+                      "--prefill trace:SPEC --decode trace:SPEC resample the pairs jointly")
+    elif rho is not None:
+        console.print(f"prompt/output Spearman rho {rho:.3f}: weak, independent sampling loses little")
+
+
 @cli.command("sweep")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--db", "db_path", default=None,
@@ -993,6 +1253,88 @@ def _plot(results: Sequence[RunResult], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     save(fig, path)
+
+
+@cli.command("fit")
+@click.option("--data", "data", default="all", show_default=True,
+              help="splitwise | h200 | all (both) | PATH of your own CSV.")
+@click.option("--data-dir", "data_dir", default="../shared/data", show_default=True,
+              help="Where the named data sets live (the project's shared data).")
+@click.option("--columns", default=None,
+              help="Your CSV's column names: time_ms=COL,n_tokens=COL,prefill_tokens=COL,...")
+@click.option("--where", "where", multiple=True, help="Your CSV: keep rows with COLUMN=VALUE (repeatable).")
+@click.option("--plot", "plot_dir", default=None,
+              help="Write fit_NAME.png (predicted vs measured, residuals) per data set into this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--list-presets", "list_presets", is_flag=True,
+              help="List the shipped presets (preset:NAME) with their provenance; fit nothing.")
+def fit_cmd(data: str, data_dir: str, columns: str | None, where: tuple[str, ...], plot_dir: str | None,
+            as_json: bool, list_presets: bool) -> None:
+    """Fit batch-time models to measured iteration times and say which fits better."""
+    if list_presets:
+        _print_presets(as_json)
+        return
+    if (columns or where) and data.strip().lower() in (*DATA_SETS, "all"):
+        raise ConfigError("columns", columns or list(where), "--columns and --where are for a CSV PATH")
+    sets = load_data(data, data_dir, parse_columns(columns), parse_filters(where))
+    results = [fit_data(d) for d in sets]
+    plots: list[str] = []
+    if plot_dir is not None:
+        Path(plot_dir).mkdir(parents=True, exist_ok=True)
+        plots = [str(plot_fit(r, Path(plot_dir) / f"fit_{r.data.name}.png")) for r in results]
+    if as_json:
+        _dump({"fitted": FIT_DATE if data.strip().lower() in (*DATA_SETS, "all") else None,
+               "data_sets": [r.to_dict() for r in results], "plots": plots})
+        return
+    console = _console()
+    table = Table(show_header=True, header_style="bold")
+    for col in ("data set", "samples", "piecewise R^2", "staircase R^2", "linear R^2", "composition R^2",
+                "RMSE ms tok/comp", "max rel err tok/comp", "better (adj. R^2)"):
+        table.add_column(col, justify="left" if col == "data set" else "right")
+    for r in results:
+        r2 = {f.kind: f"{f.r_squared:.4f}" for f in r.fits}
+        tok, comp = r.best_tokens, r.composition
+        table.add_row(r.data.name, str(len(r.data.time_ms)), r2["piecewise"], r2["staircase"], r2["linear"],
+                      r2.get("composition", "-"),
+                      _pair(tok.rmse_ms, comp.rmse_ms if comp else None, 2),
+                      _pair(tok.max_rel_error, comp.max_rel_error if comp else None, 3), r.better.kind)
+    console.print(f"least-squares fits of iteration time (ms) to {len(results)} data set(s); "
+                  "tok = best token-only fit")
+    console.print(table)
+    for r in results:
+        console.print(f"{r.data.name}: {r.data.source} ({r.data.rows})", soft_wrap=True)
+        for f in (r.best_tokens, r.composition):
+            if f is not None:
+                console.print(f"  {f.kind}: {f.model.spec}", soft_wrap=True)
+    for path in plots:
+        console.print(f"plot: {path}")
+
+
+def _pair(tokens: float, composition: float | None, digits: int) -> str:
+    """``tokens / composition`` with ``digits`` decimals (just the first without a composition fit)."""
+    return f"{tokens:.{digits}f}" + ("" if composition is None else f" / {composition:.{digits}f}")
+
+
+def _print_presets(as_json: bool) -> None:
+    """The shipped presets, with provenance."""
+    if as_json:
+        _dump([p.to_dict() for p in PRESETS.values()])
+        return
+    console = _console()
+    table = Table(show_header=True, header_style="bold")
+    for col in ("preset", "kind", "samples", "R^2", "RMSE ms", "max rel err", "better", "data"):
+        table.add_column(col, justify="left" if col in ("preset", "kind", "data") else "right")
+    sources: dict[str, list[str]] = {}
+    for p in PRESETS.values():
+        sources.setdefault(f"{p.data}: {p.rows}", []).append(p.name)
+        table.add_row(p.name, p.kind, str(p.samples), f"{p.r_squared:.4f}", f"{p.rmse_ms:.2f}",
+                      f"{p.max_rel_error:.3f}", "yes" if p.better else "", p.data)
+    console.print(f"{len(PRESETS)} presets, fitted {FIT_DATE} by `llmqueue fit` (data under ../shared); "
+                  "use as --batch-time preset:NAME; --json adds spec and method")
+    console.print(table)
+    console.print("rows fitted:")
+    for source, names in sources.items():
+        console.print(f"  {', '.join(names)}: {source}", soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

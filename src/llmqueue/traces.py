@@ -1,4 +1,17 @@
-"""Request logs of real engine runs: what was sent, when, and what the engine measured.
+"""Request traces from files: real arrivals and token counts as workloads, time windows, rate
+scaling, and fitted distributions for synthetic runs with the same statistics.
+
+Two readers fill one in-memory :class:`RequestTrace` (arrival times in s from the trace's time 0,
+prompt and output tokens per request):
+
+- ``csv``: a CSV file with a header row. The columns default to the Azure/Vidur names
+  (``arrived_at``, ``num_prefill_tokens``, ``num_decode_tokens``, times in s); ``arrival=``,
+  ``prefill=``, ``decode=`` and ``unit=`` name others. A CSV without the (default) arrival column
+  holds lengths only.
+- ``vllm``: the JSONL log of vLLM's benchmark tooling (:func:`read_vllm_log`).
+
+A trace spec is ``PATH[,key=value...]`` (see :func:`parse_trace_spec`); ``--arrival trace:SPEC``
+replays it and ``--prefill/--decode trace:SPEC`` resample its lengths.
 
 The JSONL log of vLLM's benchmark tooling has one object per request with ``input_toks``,
 ``output_toks``, ``arrival_time`` (client wall clock, s) and the engine's monotonic timestamps
@@ -10,16 +23,67 @@ stay exactly as the client sent them.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
+from scipy import optimize, stats
 
 from llmqueue.errors import ConfigError
+from llmqueue.workload import (
+    TRACE_ARRIVAL_COLUMN,
+    TRACE_DECODE_COLUMN,
+    TRACE_PREFILL_COLUMN,
+    Constant,
+    DeterministicArrivals,
+    Empirical,
+    GammaArrivals,
+    Geometric,
+    LogNormal,
+    Poisson,
+    PoissonArrivals,
+    SizeDist,
+    TraceArrivals,
+    Uniform,
+    _check_rate,
+    _fmt,
+    _read_columns,
+    _readonly,
+    _token_column,
+)
 
-__all__ = ["RunLog", "read_vllm_log"]
+__all__ = [
+    "PEAK_WINDOW_S",
+    "TIME_UNITS_S",
+    "TRACE_FORMATS",
+    "Candidate",
+    "DistFit",
+    "RequestTrace",
+    "RunLog",
+    "Summary",
+    "TraceFit",
+    "TraceSpec",
+    "TraceStats",
+    "TraceWindow",
+    "fit_arrivals",
+    "fit_lengths",
+    "fit_trace",
+    "ks_distance",
+    "load_request_trace",
+    "parse_trace_spec",
+    "parse_window",
+    "read_vllm_log",
+    "size_cdf",
+    "size_quantile",
+    "trace_arrivals",
+    "trace_sizes",
+    "trace_stats",
+]
 
 _VLLM_KEYS = ("input_toks", "output_toks", "arrival_time", "queued_ts", "first_token_ts",
               "last_token_ts")
@@ -122,3 +186,756 @@ def read_vllm_log(path: str, field: str = "run-log") -> RunLog:
         first_token_ms=ms(data[:, 4]),
         finish_ms=ms(data[:, 5]),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Trace specs
+# --------------------------------------------------------------------------------------------
+
+TRACE_FORMATS = ("csv", "vllm")
+"""Trace file formats: any CSV with a header (Azure/Vidur column names by default), vLLM JSONL."""
+
+TIME_UNITS_S: dict[str, float] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+"""Seconds per unit of a CSV arrival column (``unit=``)."""
+
+_EXTENSION_FORMATS = {".csv": "csv", ".jsonl": "vllm", ".json": "vllm"}
+_KEYS = ("format", "arrival", "prefill", "decode", "unit", "start", "end", "column")
+_CSV_KEYS = ("arrival", "prefill", "decode", "unit")
+_VLLM_COLUMNS = {"input_toks": "prefill", "output_toks": "decode"}
+_KEY_VALUE = re.compile(r"^\s*([A-Za-z_]+)\s*=(.*)$")
+
+
+def _default_format(path: str) -> str:
+    """The format a file name implies: vllm for .jsonl/.json, csv otherwise (as before formats)."""
+    return _EXTENSION_FORMATS.get(os.path.splitext(path)[1].lower(), "csv")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSpec:
+    """Where and how to read a trace: file, format, CSV column names and time unit, an optional
+    window ``[start_s, end_s)`` of trace time and, for size specs, one column to take.
+
+    ``arrival_column`` None reads ``arrived_at`` when the file has it (else lengths only);
+    a named arrival column must exist.
+    """
+
+    path: str
+    format: str
+    arrival_column: str | None = None
+    prefill_column: str = TRACE_PREFILL_COLUMN
+    decode_column: str = TRACE_DECODE_COLUMN
+    unit: str = "s"
+    start_s: float | None = None
+    end_s: float | None = None
+    column: str | None = None
+
+    @property
+    def options(self) -> str:
+        """The ``,key=value`` part of the canonical spec (only keys that differ from defaults)."""
+        parts: list[str] = []
+        if _default_format(self.path) != self.format:
+            parts.append(f"format={self.format}")
+        if self.arrival_column is not None:
+            parts.append(f"arrival={self.arrival_column}")
+        if self.prefill_column != TRACE_PREFILL_COLUMN:
+            parts.append(f"prefill={self.prefill_column}")
+        if self.decode_column != TRACE_DECODE_COLUMN:
+            parts.append(f"decode={self.decode_column}")
+        if self.unit != "s":
+            parts.append(f"unit={self.unit}")
+        if self.start_s is not None:
+            parts.append(f"start={_fmt(self.start_s)}")
+        if self.end_s is not None:
+            parts.append(f"end={_fmt(self.end_s)}")
+        if self.column is not None:
+            parts.append(f"column={self.column}")
+        return "".join("," + part for part in parts)
+
+    @property
+    def text(self) -> str:
+        """Canonical spec text (without ``trace:``); :func:`parse_trace_spec` reads it back."""
+        return self.path + self.options
+
+    @property
+    def source(self) -> str:
+        """The file plus the ``format=`` key where its name does not give the format."""
+        if _default_format(self.path) != self.format:
+            return f"{self.path},format={self.format}"
+        return self.path
+
+
+def _split_spec(text: str, field_name: str) -> tuple[str, dict[str, str]]:
+    """Split ``PATH,key=value,...`` from the right (paths may hold commas); reject unknown keys."""
+    body = text.strip()
+    if body[:6].lower() == "trace:":
+        body = body[6:]
+    parts = body.split(",")
+    named: dict[str, str] = {}
+    while len(parts) > 1:
+        match = _KEY_VALUE.match(parts[-1])
+        if match is None:
+            break
+        key, value = match.group(1).lower(), match.group(2).strip()
+        if key not in _KEYS:
+            raise ConfigError(field_name, text, f"unknown trace parameter '{key}' (expected one of: "
+                                                f"{', '.join(_KEYS)})")
+        if key in named:
+            raise ConfigError(field_name, text, f"trace parameter '{key}' given twice")
+        if not value:
+            raise ConfigError(field_name, text, f"trace parameter '{key}' is empty")
+        named[key] = value
+        parts.pop()
+    path = ",".join(parts).strip()
+    if not path:
+        raise ConfigError(field_name, text, "missing trace path")
+    return path, named
+
+
+def _seconds(text: str, key: str, field_name: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(field_name, spec, f"{key} must be a number of seconds, not {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(field_name, spec, f"{key} must be a finite number of seconds >= 0")
+    return value
+
+
+def parse_trace_spec(text: str, field_name: str = "trace") -> TraceSpec:
+    """Parse ``[trace:]PATH[,format=csv|vllm][,arrival=COL][,prefill=COL][,decode=COL]
+    [,unit=s|ms|us|ns][,start=S][,end=S][,column=COL]``.
+
+    The format comes from ``format=`` or the extension (``.jsonl``/``.json``: vllm, else csv).
+    Column names and ``unit`` apply to CSV files; ``start``/``end`` keep arrivals in that window.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(field_name, text, "trace spec must be a non-empty string")
+    path, named = _split_spec(text, field_name)
+    fmt = named.get("format", "").lower() or _default_format(path)
+    if fmt not in TRACE_FORMATS:
+        raise ConfigError(field_name, text, f"unknown trace format '{fmt}' (expected one of: "
+                                            f"{', '.join(TRACE_FORMATS)})")
+    if fmt == "vllm":
+        given = [key for key in _CSV_KEYS if key in named]
+        if given:
+            raise ConfigError(field_name, text, f"'{given[0]}' applies to CSV traces only (the vLLM "
+                                                "log's keys and units are fixed)")
+        if named.get("column", "input_toks") not in _VLLM_COLUMNS:
+            raise ConfigError(field_name, text, "column of a vLLM log must be input_toks or "
+                                                f"output_toks, not {named['column']!r}")
+    unit = named.get("unit", "s").lower()
+    if unit not in TIME_UNITS_S:
+        raise ConfigError(field_name, text, f"unknown time unit '{unit}' (expected one of: "
+                                            f"{', '.join(TIME_UNITS_S)})")
+    start = _seconds(named["start"], "start", field_name, text) if "start" in named else None
+    end = _seconds(named["end"], "end", field_name, text) if "end" in named else None
+    if end is not None and end <= (start or 0.0):
+        raise ConfigError(field_name, text, f"end ({_fmt(end)} s) must be after start "
+                                            f"({_fmt(start or 0.0)} s)")
+    return TraceSpec(path, fmt, named.get("arrival"),
+                     named.get("prefill", TRACE_PREFILL_COLUMN), named.get("decode", TRACE_DECODE_COLUMN),
+                     unit, start, end, named.get("column"))
+
+
+def parse_window(text: str, field_name: str = "--window") -> tuple[float, float]:
+    """Parse ``START:END`` in seconds of trace time (either side may be empty: 0, the end)."""
+    if not isinstance(text, str) or text.count(":") != 1:
+        raise ConfigError(field_name, text, "window must be START:END in seconds, e.g. 600:1200")
+    start_text, end_text = (part.strip() for part in text.split(":"))
+    start = _seconds(start_text, "window start", field_name, text) if start_text else 0.0
+    end = _seconds(end_text, "window end", field_name, text) if end_text else math.inf
+    if end <= start:
+        raise ConfigError(field_name, text, "window end must be after its start")
+    return start, end
+
+
+# --------------------------------------------------------------------------------------------
+# Traces in memory
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TraceWindow:
+    """A time window ``[start_s, end_s)`` of a trace and how many requests arrive in it."""
+
+    start_s: float
+    end_s: float
+    requests: int
+
+    @property
+    def rate_per_s(self) -> float:
+        """Requests per second over the window's length."""
+        return self.requests / (self.end_s - self.start_s)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RequestTrace:
+    """Requests of a trace in arrival order: arrival times (s from the trace's time 0; None for a
+    lengths-only trace) and prompt/output token counts. ``spec`` reloads exactly this trace."""
+
+    spec: TraceSpec
+    arrival_s: np.ndarray | None
+    prefill_tokens: np.ndarray
+    decode_tokens: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = np.shape(self.prefill_tokens)[0] if np.ndim(self.prefill_tokens) == 1 else -1
+        if n < 1 or np.shape(self.decode_tokens) != (n,) or \
+                (self.arrival_s is not None and np.shape(self.arrival_s) != (n,)):
+            raise ConfigError("trace", self.spec.path, "a trace needs >= 1 request and equally long "
+                                                       "1-d arrays of arrivals and token counts")
+        times = self.arrival_s
+        if times is not None and not (np.all(np.isfinite(times)) and np.all(np.diff(times) >= 0)):
+            raise ConfigError("trace", self.spec.path, "arrival times must be finite and non-decreasing")
+
+    def __len__(self) -> int:
+        return int(self.prefill_tokens.shape[0])
+
+    def _arrivals(self, field_name: str) -> np.ndarray:
+        if self.arrival_s is None:
+            raise ConfigError(field_name, self.spec.path,
+                              f"trace has no arrival times (no column '{TRACE_ARRIVAL_COLUMN}'; name "
+                              "one with arrival=COLUMN)")
+        return self.arrival_s
+
+    @property
+    def span_s(self) -> float:
+        """Time from the first to the last arrival."""
+        times = self._arrivals("trace")
+        return float(times[-1] - times[0])
+
+    @property
+    def rate_per_s(self) -> float:
+        """Mean arrival rate (N - 1) / span, the same rule as :class:`TraceArrivals`."""
+        span = self.span_s
+        if len(self) < 2 or span <= 0.0:
+            raise ConfigError("trace", self.spec.path, "the rate needs 2 arrivals at different times")
+        return (len(self) - 1) / span
+
+    def window(self, start_s: float, end_s: float = math.inf, field_name: str = "window") -> RequestTrace:
+        """The requests arriving in ``[start_s, end_s)`` of this trace's time, re-based so that
+        ``start_s`` becomes 0 (the new spec says the window in the file's time)."""
+        times = self._arrivals(field_name)
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (start_s, end_s)):
+            raise ConfigError(field_name, (start_s, end_s), "window bounds must be numbers of seconds")
+        label = f"{_fmt(start_s)}:{_fmt(end_s)}"
+        if not (math.isfinite(start_s) and start_s >= 0 and end_s > start_s):
+            raise ConfigError(field_name, label, "window needs 0 <= start < end (finite start)")
+        keep = (times >= start_s) & (times < end_s)
+        if not np.any(keep):
+            raise ConfigError(field_name, label,
+                              f"no request arrives in [{_fmt(start_s)}, {_fmt(end_s)}) s (the trace's "
+                              f"arrivals run from {_fmt(float(times[0]))} to {_fmt(float(times[-1]))} s)")
+        base = self.spec.start_s or 0.0
+        end = None if math.isinf(end_s) else base + end_s
+        if self.spec.end_s is not None:
+            end = self.spec.end_s if end is None else min(end, self.spec.end_s)
+        spec = replace(self.spec, start_s=base + start_s if base + start_s > 0 else None, end_s=end)
+        return RequestTrace(spec, _readonly(times[keep] - start_s),
+                            _readonly(self.prefill_tokens[keep]), _readonly(self.decode_tokens[keep]))
+
+    def busiest_window(self, length_s: float) -> TraceWindow:
+        """The window of ``length_s`` seconds holding the most arrivals (the earliest such one).
+
+        Some busiest window starts at an arrival, so only those starts are checked.
+        """
+        times = self._arrivals("busiest")
+        if not (isinstance(length_s, int | float) and math.isfinite(length_s) and length_s > 0):
+            raise ConfigError("busiest", length_s, "window length must be a finite number of seconds > 0")
+        counts = np.searchsorted(times, times + length_s, side="left") - np.arange(times.shape[0])
+        i = int(np.argmax(counts))
+        return TraceWindow(float(times[i]), float(times[i]) + float(length_s), int(counts[i]))
+
+    def to_arrivals(self, scale_to_rate_per_s: float | None = None,
+                    field_name: str = "arrival") -> TraceArrivals:
+        """Replay as an arrival process: shifted to start at 0 and, with a rate, time-scaled so that
+        (N - 1) / span equals it (the trace's own sizes ride along)."""
+        if scale_to_rate_per_s is not None:
+            scale_to_rate_per_s = _check_rate(scale_to_rate_per_s)
+        times = self._arrivals(field_name)
+        n = len(self)
+        if n < 2:
+            raise ConfigError(field_name, self.spec.path,
+                              f"trace needs at least 2 rows with arrival times, found {n}")
+        times_ms = (times - times[0]) * 1000.0
+        span_ms = float(times_ms[-1])
+        if span_ms <= 0.0:
+            raise ConfigError(field_name, self.spec.path,
+                              "all trace arrivals are at the same time; the rate is undefined")
+        if scale_to_rate_per_s is not None:
+            trace_rate_per_s = (n - 1) / (span_ms / 1000.0)
+            times_ms = times_ms * (trace_rate_per_s / scale_to_rate_per_s)
+        return TraceArrivals(self.spec.path, times_ms, self.prefill_tokens, self.decode_tokens,
+                             scale_to_rate_per_s, self.spec.options)
+
+
+def _csv_header(path: str) -> list[str] | None:
+    """The header row's names, or None if the file cannot be read (the full read says why)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return None if header is None else [name.strip() for name in header]
+
+
+def _read_csv(spec: TraceSpec, field_name: str, need_arrivals: bool) -> RequestTrace:
+    arrival = spec.arrival_column or TRACE_ARRIVAL_COLUMN
+    header = _csv_header(spec.path)
+    with_arrivals = need_arrivals or spec.arrival_column is not None or header is None or arrival in header
+    columns = ((arrival,) if with_arrivals else ()) + (spec.prefill_column, spec.decode_column)
+    data, lines = _read_columns(spec.path, columns, field_name)
+    if not lines:
+        raise ConfigError(field_name, spec.path, "trace file has no data rows")
+    prefill, decode = (_token_column(data[column], column, spec.path, field_name, 0, lines)
+                       for column in (spec.prefill_column, spec.decode_column))
+    empty = np.flatnonzero(prefill + decode < 1)
+    if empty.size:
+        r = int(empty[0])
+        raise ConfigError(field_name, spec.path,
+                          f"trace row {r + 1} (line {lines[r]}) has no tokens "
+                          f"({spec.prefill_column} + {spec.decode_column} must be >= 1)")
+    times = None
+    if with_arrivals:
+        raw = data[arrival]
+        back = np.flatnonzero(np.diff(raw) < 0)
+        if back.size:
+            r = int(back[0]) + 1
+            raise ConfigError(field_name, spec.path,
+                              f"trace row {r + 1} (line {lines[r]}) column '{arrival}' goes back in time "
+                              f"({_fmt(float(raw[r]))} < {_fmt(float(raw[r - 1]))}); arrivals must be "
+                              "non-decreasing")
+        times = _readonly((raw - raw[0]) * TIME_UNITS_S[spec.unit])
+    return RequestTrace(replace(spec, start_s=None, end_s=None, column=None), times,
+                        _readonly(prefill), _readonly(decode))
+
+
+def _read_vllm(spec: TraceSpec, field_name: str) -> RequestTrace:
+    log = read_vllm_log(spec.path, field_name)
+    return RequestTrace(replace(spec, start_s=None, end_s=None, column=None),
+                        _readonly(log.arrival_ms / 1000.0), _readonly(log.prefill_tokens),
+                        _readonly(log.decode_tokens))
+
+
+def load_request_trace(spec: str | TraceSpec, field_name: str = "trace", *,
+                       need_arrivals: bool = False) -> RequestTrace:
+    """Read a trace from a spec (text or :class:`TraceSpec`) and apply its window.
+
+    With ``need_arrivals`` a CSV must have its arrival column; otherwise a CSV without the default
+    ``arrived_at`` column loads as lengths only. Errors are ConfigError on ``field_name``.
+    """
+    parsed = spec if isinstance(spec, TraceSpec) else parse_trace_spec(spec, field_name)
+    if parsed.column is not None:
+        raise ConfigError(field_name, parsed.text, "column= picks the sizes of --prefill/--decode "
+                                                   "trace specs; a whole trace takes no column")
+    trace = _read_vllm(parsed, field_name) if parsed.format == "vllm" else \
+        _read_csv(parsed, field_name, need_arrivals)
+    if parsed.start_s is None and parsed.end_s is None:
+        return trace
+    if trace.arrival_s is None:
+        raise ConfigError(field_name, parsed.text, "start=/end= need arrival times; the trace has none")
+    return trace.window(parsed.start_s or 0.0, math.inf if parsed.end_s is None else parsed.end_s,
+                        field_name)
+
+
+def trace_arrivals(text: str, scale_to_rate_per_s: float | None = None,
+                   field_name: str = "arrival") -> TraceArrivals:
+    """The arrival process of ``--arrival trace:SPEC``: replay, optionally time-scaled to a rate."""
+    if scale_to_rate_per_s is not None:
+        scale_to_rate_per_s = _check_rate(scale_to_rate_per_s)
+    trace = load_request_trace(text, field_name, need_arrivals=True)
+    return trace.to_arrivals(scale_to_rate_per_s, field_name)
+
+
+def _role(field_name: str, text: str) -> str:
+    lowered = field_name.lower()
+    for role in ("prefill", "decode"):
+        if role in lowered:
+            return role
+    raise ConfigError(field_name, text,
+                      "cannot tell which trace column to use; write trace:PATH,column=NAME")
+
+
+def trace_sizes(text: str, field_name: str) -> Empirical:
+    """The size distribution of ``--prefill/--decode trace:SPEC[,column=NAME]``: resample the
+    column (by default the prompt column for a prefill field, the output column for decode)."""
+    spec = parse_trace_spec(text, field_name)
+    if spec.start_s is not None or spec.end_s is not None:
+        raise ConfigError(field_name, text, "start=/end= select arrivals; give them in --arrival "
+                                            "trace:... (sizes then come from that window)")
+    if spec.format == "vllm":
+        key = spec.column or ("input_toks" if _role(field_name, text) == "prefill" else "output_toks")
+        log = read_vllm_log(spec.path, field_name)
+        values = log.prefill_tokens if _VLLM_COLUMNS[key] == "prefill" else log.decode_tokens
+        zero = np.flatnonzero(values < 1)
+        if zero.size:
+            raise ConfigError(field_name, spec.path, f"request {log.request_ids[int(zero[0])]} has "
+                                                     f"{key} = 0; sizes must be >= 1")
+        return Empirical(tuple(values.tolist()), spec.source, key)
+    column = spec.column
+    if column is None:
+        column = spec.prefill_column if _role(field_name, text) == "prefill" else spec.decode_column
+    data, lines = _read_columns(spec.path, (column,), field_name)
+    if not lines:
+        raise ConfigError(field_name, text, "trace file has no data rows")
+    counts = _token_column(data[column], column, spec.path, field_name, 1, lines)
+    return Empirical(tuple(counts.tolist()), spec.source, column)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+_QUANTILES = (0.5, 0.9, 0.99)
+
+PEAK_WINDOW_S = 60.0
+"""Window length for a trace's peak rate (reported when the trace spans >= 10 such windows)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Mean and p50/p90/p99 of a distribution (trace or fit); std/min/max for traces only."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        """Plain mapping for JSON."""
+        return asdict(self)
+
+
+def _summary(values: np.ndarray) -> Summary:
+    """Summary of observed values; percentiles are observed values (inverted CDF)."""
+    data = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = (float(x) for x in np.quantile(data, _QUANTILES, method="inverted_cdf"))
+    return Summary(float(np.mean(data)), p50, p90, p99, float(np.std(data)), float(np.min(data)),
+                   float(np.max(data)))
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStats:
+    """What a trace holds: request count, arrival rate, burstiness (cv of the gaps) and the rate of
+    its busiest ``PEAK_WINDOW_S`` window, length summaries and the prompt/output rank correlation
+    (None where undefined)."""
+
+    spec: str
+    format: str
+    requests: int
+    span_s: float | None
+    rate_per_s: float | None
+    interarrival_cv: float | None
+    gap_ms: Summary | None
+    prefill: Summary
+    decode: Summary
+    spearman_rho: float | None
+    peak_rate_per_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping for JSON."""
+        return {
+            "spec": self.spec, "format": self.format, "requests": self.requests,
+            "span_s": self.span_s, "rate_per_s": self.rate_per_s,
+            "interarrival_cv": self.interarrival_cv, "peak_rate_per_s": self.peak_rate_per_s,
+            "gap_ms": None if self.gap_ms is None else self.gap_ms.to_dict(),
+            "prefill_tokens": self.prefill.to_dict(), "decode_tokens": self.decode.to_dict(),
+            "spearman_rho": self.spearman_rho,
+        }
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.shape[0] < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return None
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def trace_stats(trace: RequestTrace) -> TraceStats:
+    """Statistics of a trace: rate (N - 1) / span, the coefficient of variation of inter-arrival
+    gaps, the busiest ``PEAK_WINDOW_S`` window's rate, length summaries and Spearman's rho between
+    prompt and output lengths."""
+    span = rate = cv = peak = None
+    gap_ms = None
+    times = trace.arrival_s
+    if times is not None and len(trace) >= 2:
+        span = float(times[-1] - times[0])
+        gaps = np.diff(times) * 1000.0
+        gap_ms = _summary(gaps)
+        if span > 0:
+            rate = (len(trace) - 1) / span
+            cv = float(np.std(gaps) / np.mean(gaps))
+        if span >= 10 * PEAK_WINDOW_S:
+            peak = trace.busiest_window(PEAK_WINDOW_S).rate_per_s
+    return TraceStats(trace.spec.text, trace.spec.format, len(trace), span, rate, cv, gap_ms,
+                      _summary(trace.prefill_tokens), _summary(trace.decode_tokens),
+                      _spearman(trace.prefill_tokens, trace.decode_tokens), peak)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitted distributions
+# --------------------------------------------------------------------------------------------
+
+_SIG_DIGITS = 6
+
+
+def _round(x: float, digits: int = _SIG_DIGITS) -> float:
+    """``x`` to ``digits`` significant digits, so that printed specs stay short and exact."""
+    return float(f"{x:.{digits}g}")
+
+
+def _lognormal_cdf(k: np.ndarray, mean: float, sigma: float, min_tokens: int) -> np.ndarray:
+    """P(max(min, round(X)) <= k), X lognormal with E[X] = mean: P(X < k + 1/2) from min on."""
+    mu = math.log(mean) - sigma * sigma / 2.0
+    return np.where(k >= min_tokens, stats.lognorm.cdf(k + 0.5, sigma, scale=math.exp(mu)), 0.0)
+
+
+def size_cdf(dist: SizeDist, k: np.ndarray) -> np.ndarray:
+    """P(size <= k) at integer points ``k`` for every size distribution (rounding and clamping as
+    the distribution samples)."""
+    k = np.asarray(k, dtype=np.float64)
+    if isinstance(dist, Constant):
+        return (k >= dist.value).astype(np.float64)
+    if isinstance(dist, Empirical):
+        values = np.sort(np.asarray(dist.values, dtype=np.float64))
+        return np.searchsorted(values, k, side="right") / values.shape[0]
+    if isinstance(dist, Uniform):
+        return np.clip((np.floor(k) - dist.low + 1) / (dist.high - dist.low + 1), 0.0, 1.0)
+    if isinstance(dist, LogNormal):
+        return _lognormal_cdf(k, dist.mean_param, dist.sigma, dist.min_tokens)
+    if isinstance(dist, Geometric):
+        raw = stats.geom.cdf(k, 1.0 / dist.mean_param)
+    else:
+        raw = stats.poisson.cdf(k, dist.mean_param)
+    return np.where(k >= dist.min_tokens, raw, 0.0)
+
+
+def size_quantile(dist: SizeDist, q: float) -> float:
+    """The smallest k with P(size <= k) >= q (0 < q < 1): an attainable size."""
+    if isinstance(dist, Constant):
+        return float(dist.value)
+    if isinstance(dist, Empirical):
+        return float(np.quantile(np.asarray(dist.values), q, method="inverted_cdf"))
+    if isinstance(dist, Uniform):
+        return float(dist.low + math.ceil(q * (dist.high - dist.low + 1)) - 1)
+    if isinstance(dist, LogNormal):
+        mu = math.log(dist.mean_param) - dist.sigma ** 2 / 2.0
+        raw = math.ceil(float(stats.lognorm.ppf(q, dist.sigma, scale=math.exp(mu))) - 0.5)
+    elif isinstance(dist, Geometric):
+        raw = float(stats.geom.ppf(q, 1.0 / dist.mean_param))
+    else:
+        raw = float(stats.poisson.ppf(q, dist.mean_param))
+    return float(max(dist.min_tokens, raw))
+
+
+def _ecdf_points(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points where the KS sup of integer data can sit (each observed value and the integer below
+    it) and the data's CDF there: both CDFs are step functions jumping at integers."""
+    data = np.sort(np.asarray(values, dtype=np.float64))
+    observed = np.unique(data)
+    points = np.concatenate([observed, observed - 1.0])
+    return points, np.searchsorted(data, points, side="right") / data.shape[0]
+
+
+def ks_distance(values: np.ndarray, dist: SizeDist) -> float:
+    """Kolmogorov-Smirnov distance sup_k |F_trace(k) - F_dist(k)| for integer data, exact."""
+    points, empirical = _ecdf_points(values)
+    return float(np.max(np.abs(empirical - size_cdf(dist, points))))
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One fitted model: how it was fitted, its spec (as ``simulate`` takes it), its KS distance to
+    the trace and its summary. ``model`` is the size distribution or arrival process itself."""
+
+    method: str
+    spec: str
+    ks: float
+    summary: Summary
+    model: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping for JSON."""
+        return {"method": self.method, "spec": self.spec, "ks": self.ks, **self.summary.to_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class DistFit:
+    """Candidates for one quantity (prompt tokens, output tokens or inter-arrival gap in ms),
+    best (smallest KS distance) first, with the trace's own summary."""
+
+    name: str
+    trace: Summary
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def best(self) -> Candidate:
+        """The candidate with the smallest KS distance."""
+        return self.candidates[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping for JSON."""
+        return {"trace": self.trace.to_dict(), "best": self.best.spec,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def _match_mean(make: Any, target: float, lo: float, hi: float) -> float:
+    """The parameter in [lo, hi] at which ``make(x).mean`` equals ``target`` (mean increasing)."""
+    def gap(x: float) -> float:
+        return make(x).mean - target
+    if gap(lo) >= 0:
+        return lo
+    return float(optimize.brentq(gap, lo, hi, xtol=1e-9 * target, rtol=1e-12))
+
+
+def _lognormal_keeping_mean(target: float, sigma: float, low: int) -> LogNormal:
+    """Lognormal with the given sigma whose rounded, clamped mean equals ``target``.
+
+    Rounding moves the mean by at most 1/2 and clamping at ``low`` raises it by at most ``low``,
+    so the mean parameter lies in [target - low - 1/2, target + 1/2].
+    """
+    mean_param = _match_mean(lambda m: LogNormal(m, sigma, low), target,
+                             max(target - low - 1.0, 1e-6), target + 1.0)
+    return LogNormal(_round(mean_param), sigma, low)
+
+
+def _min_ks_sigma(values: np.ndarray, target: float, low: int) -> float:
+    """The lognormal sigma (mean held at ``target``) with the smallest KS distance: a grid, then
+    scipy's bounded search around the best grid point."""
+    points, empirical = _ecdf_points(values)
+
+    def ks(sigma: float) -> float:
+        return float(np.max(np.abs(empirical - _lognormal_cdf(points, target, sigma, low))))
+
+    grid = np.geomspace(0.01, 5.0, 60)
+    i = int(np.argmin([ks(float(s)) for s in grid]))
+    lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, grid.shape[0] - 1)])
+    found = optimize.minimize_scalar(ks, bounds=(lo, hi), method="bounded", options={"xatol": 1e-5})
+    return float(found.x) if ks(float(found.x)) <= ks(float(grid[i])) else float(grid[i])
+
+
+def _size_candidate(method: str, values: np.ndarray, dist: SizeDist) -> Candidate:
+    summary = Summary(dist.mean, *(size_quantile(dist, q) for q in _QUANTILES))
+    return Candidate(method, dist.spec, ks_distance(values, dist), summary, dist)
+
+
+def fit_lengths(values: np.ndarray, name: str = "tokens") -> DistFit:
+    """Fit token counts (integers >= 1) with distributions ``simulate`` can sample, best (smallest
+    KS distance) first.
+
+    Every candidate keeps the trace's mean (to 6 significant digits), so a synthetic run offers the
+    same token load (the paper's theorems depend on the means only): lognormal clamped at the
+    trace's minimum with sigma by scipy's maximum likelihood, lognormal with the sigma of smallest
+    KS distance, geometric and Poisson. Identical values give a constant.
+    """
+    data = np.asarray(values)
+    if data.ndim != 1 or data.shape[0] == 0 or not np.issubdtype(data.dtype, np.integer) \
+            or int(data.min()) < 1:
+        raise ConfigError(name, f"{data.shape[0] if data.ndim == 1 else data.shape} values",
+                          "fitting needs a non-empty 1-d array of integer token counts >= 1")
+    data = data.astype(np.int64)
+    trace = _summary(data)
+    low = int(data.min())
+    if int(data.max()) == low:
+        return DistFit(name, trace, (_size_candidate("constant", data, Constant(low)),))
+    target = float(np.mean(data))
+    shape, _, _ = stats.lognorm.fit(data.astype(np.float64), floc=0.0)
+    sigma_mle = _round(min(max(float(shape), 1e-3), 5.0), 4)
+    sigma_ks = _round(_min_ks_sigma(data, target, low), 4)
+    lam = _match_mean(lambda m: Poisson(m), target, max(target - 1.0, 1e-6), target)
+    found = [
+        ("lognormal, MLE sigma", _lognormal_keeping_mean(target, sigma_mle, low)),
+        ("lognormal, min-KS sigma", _lognormal_keeping_mean(target, sigma_ks, low)),
+        ("geometric", Geometric(_round(target))),
+        ("poisson", Poisson(_round(lam))),
+    ]
+    candidates = sorted((_size_candidate(method, data, dist) for method, dist in found),
+                        key=lambda c: c.ks)
+    return DistFit(name, trace, tuple(candidates))
+
+
+def _gap_candidate(method: str, process: Any, gaps_ms: np.ndarray, law: Any) -> Candidate:
+    summary = Summary(float(law.mean()), *(float(law.ppf(q)) for q in _QUANTILES), std=float(law.std()))
+    return Candidate(method, process.spec, float(stats.kstest(gaps_ms, law.cdf).statistic), summary,
+                     process)
+
+
+def fit_arrivals(arrival_s: np.ndarray) -> tuple[float, DistFit]:
+    """Fit renewal arrival processes to a trace's gaps, all at the trace's rate (N - 1) / span:
+    Poisson, gamma with the gaps' coefficient of variation (cv), gamma with scipy's maximum
+    likelihood shape (on the positive gaps) and deterministic, best (KS) first.
+
+    Renewal processes keep the rate and a burstiness but not slow changes of the rate over time.
+    """
+    times = np.asarray(arrival_s, dtype=np.float64)
+    if times.ndim != 1 or times.shape[0] < 3 or not times[-1] > times[0]:
+        raise ConfigError("arrival", f"{times.shape[0]} arrivals",
+                          "fitting arrivals needs >= 3 arrivals over a positive time span")
+    rate = _round((times.shape[0] - 1) / float(times[-1] - times[0]))
+    gaps_ms = np.diff(times) * 1000.0
+    mean_ms = 1000.0 / rate
+    candidates = [_gap_candidate("poisson", PoissonArrivals(rate), gaps_ms, stats.expon(scale=mean_ms))]
+    cvs = [("gamma, moment cv", float(np.std(gaps_ms) / np.mean(gaps_ms)))]
+    positive = gaps_ms[gaps_ms > 0]
+    if positive.shape[0] >= 2 and np.ptp(positive) > 0:
+        shape, _, _ = stats.gamma.fit(positive, floc=0.0)
+        cvs.append(("gamma, MLE shape", 1.0 / math.sqrt(float(shape))))
+    for method, raw_cv in cvs:
+        cv = _round(raw_cv, 4)
+        if 0 < cv <= 100.0:
+            shape = 1.0 / (cv * cv)
+            candidates.append(_gap_candidate(method, GammaArrivals(rate, cv), gaps_ms,
+                                             stats.gamma(shape, scale=mean_ms / shape)))
+    ordered = np.sort(gaps_ms)
+    below = np.searchsorted(ordered, mean_ms, side="left") / ordered.shape[0]
+    at_most = np.searchsorted(ordered, mean_ms, side="right") / ordered.shape[0]
+    candidates.append(Candidate("deterministic", "deterministic", float(max(below, 1.0 - at_most)),
+                                Summary(mean_ms, mean_ms, mean_ms, mean_ms, std=0.0),
+                                DeterministicArrivals(rate)))
+    candidates.sort(key=lambda c: c.ks)
+    return rate, DistFit("gap_ms", _summary(gaps_ms), tuple(candidates))
+
+
+@dataclass(frozen=True, slots=True)
+class TraceFit:
+    """Fitted synthetic workload of a trace: arrivals (rate and process; None for a lengths-only
+    trace), prompt and output lengths, and the trace's statistics."""
+
+    stats: TraceStats
+    rate_per_s: float | None
+    arrival: DistFit | None
+    prefill: DistFit
+    decode: DistFit
+
+    def simulate_args(self) -> list[str]:
+        """Options for ``llmqueue simulate`` that draw a workload with the fitted statistics."""
+        args: list[str] = []
+        if self.arrival is not None and self.rate_per_s is not None:
+            args += ["--arrival", self.arrival.best.spec, "--rate", _fmt(self.rate_per_s)]
+        return [*args, "--prefill", self.prefill.best.spec, "--decode", self.decode.best.spec]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping for JSON."""
+        return {
+            "stats": self.stats.to_dict(),
+            "rate_per_s": self.rate_per_s,
+            "arrival": None if self.arrival is None else self.arrival.to_dict(),
+            "prefill_tokens": self.prefill.to_dict(),
+            "decode_tokens": self.decode.to_dict(),
+            "simulate_args": self.simulate_args(),
+        }
+
+
+def fit_trace(trace: RequestTrace) -> TraceFit:
+    """Fit a trace's arrivals (when it has them, >= 3) and prompt/output lengths."""
+    rate = arrival = None
+    if trace.arrival_s is not None and len(trace) >= 3 and trace.span_s > 0:
+        rate, arrival = fit_arrivals(trace.arrival_s)
+    for name, values in (("prefill_tokens", trace.prefill_tokens), ("decode_tokens", trace.decode_tokens)):
+        if int(np.min(values)) < 1:
+            raise ConfigError(name, trace.spec.text, "fitting needs every request to have >= 1 "
+                                                     f"{name.split('_')[0]} token")
+    return TraceFit(trace_stats(trace), rate, arrival, fit_lengths(trace.prefill_tokens, "prefill_tokens"),
+                    fit_lengths(trace.decode_tokens, "decode_tokens"))

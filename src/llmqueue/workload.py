@@ -627,42 +627,20 @@ def _params(body: str, names: Sequence[str], required: int, field_name: str,
     return out
 
 
-def _default_column(field_name: str, spec: str) -> str:
-    lowered = field_name.lower()
-    if "prefill" in lowered:
-        return TRACE_PREFILL_COLUMN
-    if "decode" in lowered:
-        return TRACE_DECODE_COLUMN
-    raise ConfigError(field_name, spec,
-                      "cannot tell which trace column to use; write trace:PATH,column=NAME")
+def _parse_trace_size(spec: str, field_name: str) -> Empirical:
+    """Resample one column of a trace in any format of :mod:`llmqueue.traces`."""
+    from llmqueue.traces import trace_sizes  # traces builds on this module
 
-
-def _parse_trace_size(body: str, field_name: str, spec: str) -> Empirical:
-    path, column = body, None
-    marker = ",column="
-    if marker in body:
-        path, _, column = body.rpartition(marker)
-        column = column.strip()
-        if not column:
-            raise ConfigError(field_name, spec, "empty column name")
-    path = path.strip()
-    if not path:
-        raise ConfigError(field_name, spec, "missing trace path")
-    if column is None:
-        column = _default_column(field_name, spec)
-    data, lines = _read_columns(path, (column,), field_name)
-    counts = _token_column(data[column], column, path, field_name, 1, lines)
-    if counts.shape[0] == 0:
-        raise ConfigError(field_name, spec, "trace file has no data rows")
-    return Empirical(tuple(counts.tolist()), path, column)
+    return trace_sizes(spec, field_name)
 
 
 def parse_size(spec: str, field_name: str) -> SizeDist:
     """Parse a token-count spec (``129``, ``poisson:129``, ``geometric:112``, ``uniform:10,200``,
-    ``lognormal:mean=500,sigma=0.8[,min=16]``, ``trace:PATH[,column=NAME]``).
+    ``lognormal:mean=500,sigma=0.8[,min=16]``, ``trace:PATH[,key=value...][,column=NAME]``; trace
+    specs and formats are in :mod:`llmqueue.traces`).
 
     ``field_name`` (e.g. ``--prefill``) names the option in errors and picks the default trace
-    column (``num_prefill_tokens`` if it mentions prefill, ``num_decode_tokens`` for decode).
+    column (the trace's prompt column if it mentions prefill, its output column for decode).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(field_name, spec, "size spec must be a non-empty string")
@@ -693,7 +671,7 @@ def parse_size(spec: str, field_name: str) -> SizeDist:
                              _num(p["sigma"], "lognormal sigma", field_name, spec),
                              _int(p.get("min", "1"), "min", field_name, spec))
         if kind == "trace":
-            return _parse_trace_size(body, field_name, spec)
+            return _parse_trace_size(text, field_name)
     except ConfigError as exc:
         if exc.field == field_name:
             raise
@@ -796,13 +774,17 @@ class GammaArrivals:
 @dataclass(frozen=True, slots=True)
 class TraceArrivals:
     """Replay of a trace's arrival times (shifted to start at 0, optionally time-scaled so that the
-    mean rate (N-1)/span equals ``scale_to_rate_per_s``), with the trace's own token counts."""
+    mean rate (N-1)/span equals ``scale_to_rate_per_s``), with the trace's own token counts.
+
+    ``options`` is the ``,key=value`` part of the trace spec (format, columns, window; see
+    :mod:`llmqueue.traces`), kept so that ``spec`` reads back the same replay."""
 
     path: str
     times_ms: np.ndarray = field(compare=False, repr=False)
     prefill: np.ndarray = field(compare=False, repr=False)
     decode: np.ndarray = field(compare=False, repr=False)
     scale_to_rate_per_s: float | None = None
+    options: str = ""
 
     def __post_init__(self) -> None:
         times = np.array(self.times_ms, dtype=np.float64)
@@ -830,19 +812,11 @@ class TraceArrivals:
     @classmethod
     def load(cls, path: str, scale_to_rate_per_s: float | None = None,
              field_name: str = "arrival") -> TraceArrivals:
-        """Read ``path`` with :func:`load_trace`, shift to start at 0 and (optionally) rescale."""
-        if scale_to_rate_per_s is not None:
-            scale_to_rate_per_s = _check_rate(scale_to_rate_per_s)
-        trace = load_trace(path, field_name)
-        times_ms = (trace.arrived_s - trace.arrived_s[0]) * 1000.0
-        span_ms = float(times_ms[-1])
-        if span_ms <= 0.0:
-            raise ConfigError(field_name, path,
-                              "all trace arrivals are at the same time; the rate is undefined")
-        if scale_to_rate_per_s is not None:
-            trace_rate_per_s = (times_ms.shape[0] - 1) / (span_ms / 1000.0)
-            times_ms = times_ms * (trace_rate_per_s / scale_to_rate_per_s)
-        return cls(path, times_ms, trace.prefill_tokens, trace.decode_tokens, scale_to_rate_per_s)
+        """Read a trace (a path or trace spec ``PATH[,key=value...]`` in any format of
+        :mod:`llmqueue.traces`), shift to start at 0 and (optionally) rescale."""
+        from llmqueue.traces import trace_arrivals  # traces builds on this module
+
+        return trace_arrivals(path, scale_to_rate_per_s, field_name)
 
     def __len__(self) -> int:
         return int(self.times_ms.shape[0])
@@ -870,8 +844,8 @@ class TraceArrivals:
 
     @property
     def spec(self) -> str:
-        """Canonical spec text: ``trace:PATH`` (any target rate is given separately)."""
-        return f"trace:{self.path}"
+        """Canonical spec text: ``trace:PATH[,key=value...]`` (any target rate is given separately)."""
+        return f"trace:{self.path}{self.options}"
 
 
 ArrivalProcess = PoissonArrivals | DeterministicArrivals | GammaArrivals | TraceArrivals
@@ -879,7 +853,8 @@ ArrivalProcess = PoissonArrivals | DeterministicArrivals | GammaArrivals | Trace
 
 
 def parse_arrival(spec: str, rate_per_s: float | None) -> ArrivalProcess:
-    """Parse ``poisson``, ``deterministic``, ``gamma:cv=2`` or ``trace:PATH`` with a rate (per s).
+    """Parse ``poisson``, ``deterministic``, ``gamma:cv=2`` or ``trace:PATH[,key=value...]`` (see
+    :mod:`llmqueue.traces`) with a rate (per s).
 
     Non-trace kinds need ``rate_per_s > 0``; for a trace a given rate time-scales the replay.
     """
@@ -888,10 +863,9 @@ def parse_arrival(spec: str, rate_per_s: float | None) -> ArrivalProcess:
     kind, _, body = spec.strip().partition(":")
     kind = kind.strip().lower()
     if kind == "trace":
-        path = body.strip()
-        if not path:
+        if not body.strip():
             raise ConfigError("arrival", spec, "missing trace path")
-        return TraceArrivals.load(path, None if rate_per_s is None else _check_rate(rate_per_s))
+        return TraceArrivals.load(spec, None if rate_per_s is None else _check_rate(rate_per_s))
     if kind not in ("poisson", "deterministic", "gamma"):
         raise ConfigError("arrival", spec,
                           f"unknown arrival process '{kind}' (expected poisson, deterministic, "

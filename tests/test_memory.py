@@ -263,6 +263,8 @@ def test_memory_binds_where_the_theory_says(prefill, decode, tokens, bt) -> None
         free = simulate(workload, SARATHI, bt, 512, seed=1, max_requests=2500, keep_requests=False)
         assert limited.observed.verdict == verdict
         assert free.observed.verdict != "unstable"
+        assert free.predicted.verdict == "stable"  # the scalar condition alone says stable
+        assert limited.predicted.verdict == ("unstable" if fraction > 1 else "no guarantee")
 
 
 def test_memory_batch_limit_closed_form() -> None:

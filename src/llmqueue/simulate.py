@@ -271,11 +271,15 @@ def simulate(
         mean_p, mean_d = prefill_sum / arrivals_n, decode_sum / arrivals_n
     token_time = mix_batch_time(batch_time, mean_p, mean_d)
     summary = summarize_theory(token_time, budget, k_max, rate, mean_p, mean_d)
+    memory_load = None
+    if memory is not None and math.isfinite(rate) and mean_p + mean_d > 0:
+        memory_load, _ = theory.memory_load(rate, mean_p, mean_d, token_time, budget, k_max, memory)
     prediction = predict(
         work_conserving=is_work_conserving(policy),
         load_full_batches=summary.load,
         load_best_batches=summary.load_best_batches,
         kmax_load=summary.kmax_load,
+        memory_load=memory_load,
     )
     window_end = min(arrival_end_ms(), end_ms)
     offered = recorder.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0

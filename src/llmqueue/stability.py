@@ -59,13 +59,40 @@ def predict(
     load_full_batches: float,
     load_best_batches: float,
     kmax_load: float | None = None,
+    memory_load: float | None = None,
 ) -> Prediction:
     """Verdict of the theorems.
 
     ``load_full_batches`` is ``lambda (m_p + m_d) / (b / t(b))``; ``load_best_batches`` the same
     against ``max_n n / t(n)`` (the bound on any policy); ``kmax_load`` the load against the
-    batch-size-limit region (None without ``k_max``).
+    batch-size-limit region (None without ``k_max``); ``memory_load`` the load against that
+    region with the KV cache's batch-size limit (None without a memory limit).
     """
+    base = _predict(work_conserving, load_full_batches, load_best_batches, kmax_load)
+    if memory_load is None or math.isnan(memory_load):
+        return base
+    if memory_load > 1 + CRITICAL_TOLERANCE:
+        return Prediction(
+            "unstable",
+            f"the KV cache cannot hold enough decoding requests (memory load {memory_load:.3f} > 1)",
+        )
+    scalar = load_full_batches if kmax_load is None else kmax_load
+    if base.verdict == "stable" and memory_load > scalar:
+        return Prediction(
+            "no guarantee",
+            f"the KV cache binds (memory load {memory_load:.3f}); below its limit preemption "
+            "can still cost capacity (docs/memory.md)",
+        )
+    return base
+
+
+def _predict(
+    work_conserving: bool | None,
+    load_full_batches: float,
+    load_best_batches: float,
+    kmax_load: float | None,
+) -> Prediction:
+    """The theorems' verdict without memory."""
     if math.isnan(load_full_batches) or (kmax_load is not None and math.isnan(kmax_load)):
         return Prediction("no guarantee", "no arrival rate known (all requests at one instant)")
     if kmax_load is not None:

@@ -6,6 +6,10 @@ requests per wall second, engine visits per wall second, the peak resident set s
 (``resource.getrusage``, the whole process: interpreter, numpy and the run) and the network verdict.
 
     .venv/bin/python bench/bench_network.py [--requests 100000] [--seed 0] [--drain-s S] [--json]
+        [--engine auto|compiled|fast|reference] [--routing compiled|python]
+
+``--routing python`` keeps the routing between compiled engines in the Python loop (the path
+before the routing was compiled; the same run), for comparison.
 
 Run it in its own process (as above): the peak RSS is the process's high-water mark.
 """
@@ -21,8 +25,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from llmqueue.netsim import simulate_network
-from llmqueue.network import load_network
+from llmqueue.netsim import NetworkResult, _Run, simulate_network
+from llmqueue.network import analyze, load_network
 
 AGENT_FILE = Path(__file__).resolve().parent.parent / "examples" / "networks" / "agent.toml"
 
@@ -34,14 +38,22 @@ def peak_rss_mib() -> float:
 
 
 def run(path: Path, requests: int, seed: int, drain_s: float | None,
-        engine: str = "auto") -> dict[str, object]:
-    """Simulate ``requests`` end-to-end requests of the network at ``path``; return the figures."""
+        engine: str = "auto", routing: str = "compiled") -> dict[str, object]:
+    """Simulate ``requests`` end-to-end requests of the network at ``path``; return the figures.
+    ``routing="python"``: the routing between compiled engines stays in the Python loop."""
     net = load_network(path)
+
+    def simulate(n: int) -> NetworkResult:
+        if routing == "python":
+            return _Run(net, analyze(net), seed, n, None, drain_s, {}, engine,  # type: ignore[arg-type]
+                        compiled_routing=False).result()
+        return simulate_network(net, seed=seed, max_requests=n, drain_s=drain_s,
+                                engine=engine)  # type: ignore[arg-type]
+
     if engine in ("auto", "compiled"):  # load the compiled code from its cache first, untimed
-        simulate_network(net, seed=seed, max_requests=10, engine=engine)  # type: ignore[arg-type]
+        simulate(10)
     started = time.perf_counter()
-    result = simulate_network(net, seed=seed, max_requests=requests, drain_s=drain_s,
-                              engine=engine)  # type: ignore[arg-type]
+    result = simulate(requests)
     wall = time.perf_counter() - started
     arrivals = sum(c.arrivals for c in result.classes.values())
     completed = sum(c.completed for c in result.classes.values())
@@ -50,6 +62,7 @@ def run(path: Path, requests: int, seed: int, drain_s: float | None,
         "requests": requests,
         "seed": seed,
         "engine": engine,
+        "routing": routing,
         "arrivals": arrivals,
         "completed": completed,
         "visits": result.visits,
@@ -74,15 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--engine", choices=("auto", "compiled", "fast", "reference"), default="auto",
                         help="engines: compiled where the policy allows (auto), or all in Python")
+    parser.add_argument("--routing", choices=("compiled", "python"), default="compiled",
+                        help="with every engine compiled, route in compiled code too (default) or "
+                             "in the Python loop (the earlier path, for comparison)")
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be >= 1")
-    figures = run(args.file, args.requests, args.seed, args.drain_s, args.engine)
+    figures = run(args.file, args.requests, args.seed, args.drain_s, args.engine, args.routing)
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
     print(f"network {figures['file']}: {figures['requests']:,} end-to-end requests, seed {figures['seed']}, "
-          f"engine {figures['engine']}")
+          f"engine {figures['engine']}, routing {figures['routing']}")
     print(f"  completed            {figures['completed']:,} of {figures['arrivals']:,}")
     print(f"  engine visits        {figures['visits']:,}")
     print(f"  simulated time       {figures['simulated_s']:,.0f} s")

@@ -4,16 +4,22 @@ fork-join stability up to nominal capacity, conservation through forks and joins
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmqueue.cli import main
 from llmqueue.errors import ConfigError
-from llmqueue.netsim import simulate_network
-from llmqueue.network import analyze, parse_network, visit_counts
+from llmqueue.netsim import _Run, simulate_network
+from llmqueue.network import Network, analyze, parse_network, visit_counts
 from llmqueue.reproduce import BAD, GOOD, rs_network
+from llmqueue.workload import SizeDist
 
 from .test_cli import run_cli
 
@@ -330,3 +336,177 @@ def test_mixed_compiled_and_python_engines_match() -> None:
     assert make_policy("sarathi")  # the override path is covered elsewhere
     with pytest.raises(ConfigError, match=r"^engine"):
         simulate_network(net, seed=9, max_requests=10, engine="warp")  # type: ignore[arg-type]
+
+
+# -- the compiled routing (every engine compiled: compiled.NetworkLoop) -------------------------------
+
+
+@dataclass(frozen=True)
+class SometimesZero:
+    """A size distribution that draws 0 with probability ``p`` (else ``inner``): parsed size specs
+    are at least 1, so a visit drawing 0 + 0 tokens (skipped) needs one of these."""
+
+    inner: SizeDist
+    p: float
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        values = self.inner.sample(rng, n)
+        return np.where(rng.random(n) < self.p, 0, values)
+
+    @property
+    def mean(self) -> float:
+        return (1 - self.p) * self.inner.mean
+
+    @property
+    def spec(self) -> str:
+        return f"zero {self.p} else {self.inner.spec}"
+
+
+BATCH_TIMES = ("linear:c=2,a=0.01", "constant:c=2", "staircase:c=1,a=0.5,b0=32")
+SIZES = ("poisson:3", "poisson:30", "uniform:1,300", "lognormal:mean=50,sigma=0.8", "geometric:20")
+POLICIES = ("sarathi", "orca", "vllm-chunked", "sarathi", "vllm-chunked", "vllm", "fastertransformer")
+
+
+def _random_route(draw: st.DrawFn, engines: list[str]) -> tuple[str, dict[str, dict]]:
+    """A class's route: 2-3 stages (a visit, or a fork whose 2-3 branches chain 1-2 stages, nested
+    up to depth 2, and meet at its join), the last visit looping back with some probability."""
+    nodes: dict[str, dict] = {}
+    counter = iter(range(1000))
+
+    def visit(then: str) -> str:
+        nid = f"v{next(counter)}"
+        nodes[nid] = {"engine": draw(st.sampled_from(engines)), "prefill": draw(st.sampled_from(SIZES)),
+                      "decode": draw(st.sampled_from(SIZES)), "next": then}
+        return nid
+
+    def stage(then: str, depth: int) -> str:
+        if depth >= 2 or draw(st.integers(0, 2)) == depth:  # a fork: 2/3 at depth 0, 1/3 at 1
+            return visit(then)
+        k = next(counter)
+        join, fork = f"j{k}", f"f{k}"
+        nodes[join] = {"join": fork, "next": then}
+        heads = []
+        for _ in range(draw(st.integers(2, 3))):
+            head = join
+            for _ in range(draw(st.integers(1, 2))):
+                head = stage(head, depth + 1)
+            heads.append(head)
+        nodes[fork] = {"fork": heads}
+        return fork
+
+    last = visit("exit")
+    head = last
+    for _ in range(draw(st.integers(1, 2))):  # 1 or 2 stages before the last visit
+        head = stage(head, 0)
+    p_back = draw(st.sampled_from((0.0, 0.2, 0.5)))
+    if p_back:
+        nodes[last]["next"] = {head: p_back, "exit": 1 - p_back}
+    return head, nodes
+
+
+@st.composite
+def random_networks(draw: st.DrawFn) -> tuple[Network, dict]:
+    """A random valid network (engines of every compiled policy, 1-2 classes on random routes,
+    visits that draw no tokens in some) at a random load, with a random run length, seed, drain."""
+    engines = {
+        f"e{i}": {
+            "budget": draw(st.sampled_from((64, 128, 512))),
+            "batch_time": draw(st.sampled_from(BATCH_TIMES)),
+            "policy": draw(st.sampled_from(POLICIES)),
+            **({"k_max": draw(st.integers(2, 40))} if draw(st.booleans()) else {}),
+        }
+        for i in range(draw(st.integers(2, 4)))
+    }
+    classes: dict[str, dict] = {}
+    for c in range(draw(st.integers(1, 2))):
+        start, nodes = _random_route(draw, sorted(engines))
+        classes[f"c{c}"] = {"rate": 1.0, "arrival": draw(st.sampled_from(("poisson", "deterministic"))),
+                            "start": start, "nodes": nodes}
+    net = parse_network({"engines": engines, "classes": classes})
+    zero = draw(st.sampled_from((0.0, 0.0, 0.5)))
+    if zero:  # visits draw 0 + 0 tokens with probability 1/4: skipped
+        specs = {}
+        for cname, spec in net.classes.items():
+            nodes_z = {nid: dataclasses.replace(n, prefill=SometimesZero(n.prefill, zero),
+                                                decode=SometimesZero(n.decode, zero))
+                       if n.kind == "visit" else n for nid, n in spec.nodes.items()}
+            specs[cname] = dataclasses.replace(spec, nodes=nodes_z)
+        net = Network(net.engines, specs)
+    net = net.scaled(draw(st.sampled_from((0.5, 0.9, 1.3))) * analyze(net).critical_scale)
+    run = {"seed": draw(st.integers(0, 2**20)), "drain_s": draw(st.sampled_from((None, 0.0, 0.05)))}
+    if draw(st.booleans()):
+        run["max_requests"] = draw(st.sampled_from((300, 1, 60)))
+    else:
+        run["duration_s"] = draw(st.sampled_from((0.1, 0.5)))
+    return net, run
+
+
+def _run(net: Network, *, compiled_routing: bool, seed: int = 0, max_requests: int | None = None,
+         duration_s: float | None = None, drain_s: float | None = None) -> dict:
+    """``simulate_network(..., engine="compiled")``, with the routing compiled or in Python."""
+    duration_ms = None if duration_s is None else duration_s * 1000.0
+    run = _Run(net, analyze(net), seed, max_requests, duration_ms, drain_s, {}, "compiled",
+               compiled_routing=compiled_routing)
+    return run.result().to_dict()
+
+
+@given(case=random_networks())
+@settings(max_examples=60)
+def test_compiled_routing_is_the_python_routing_on_random_networks(case) -> None:
+    """Routing in compiled code gives exactly (to the bit) the run of the Python routing over the
+    same compiled engines, and the run of the Python engines (to float rounding)."""
+    net, run = case
+    compiled = _run(net, compiled_routing=True, **run)
+    python = _run(net, compiled_routing=False, **run)
+    assert json.dumps(compiled, sort_keys=True) == json.dumps(python, sort_keys=True)
+    fast = simulate_network(net, engine="fast", **run).to_dict()
+    _same(fast, compiled)
+
+
+def test_every_resumable_step_of_the_compiled_routing(monkeypatch) -> None:
+    """With the network loop's buffers and pools started at one entry, it returns to the driver
+    for each kind of need (growth, refill, drain, horizon) again and again; the run stays exact."""
+    from llmqueue import compiled, kernel
+
+    for name in ("START_TOKENS", "START_FRAMES", "START_PENDING", "LATENCY_ROOM", "DRAW_CHUNKS"):
+        monkeypatch.setattr(compiled.NetworkLoop, name, 1)
+    monkeypatch.setattr(compiled._State, "MIN_ROOM", 0)  # engines' output room 4 b + 64
+    seen: set[int] = set()
+    net_run = kernel.net_run
+
+    def counting(*args: object) -> int:
+        code = net_run(*args)
+        seen.add(code)
+        return code
+
+    monkeypatch.setattr(kernel, "net_run", counting)
+    over = parse_network(fork_join(1.0, p_back=0.3))
+    over = over.scaled(2.0 * analyze(over).critical_scale)  # the critic piles up > 1024 requests
+    for net, run in ((over, {"seed": 3, "max_requests": 5000, "drain_s": 1.0}),  # > 4096 arrivals
+                     (parse_network(fork_join(4.0, p_back=0.5)), {"seed": 8, "duration_s": 2.0})):
+        assert json.dumps(_run(net, compiled_routing=True, **run), sort_keys=True) == \
+            json.dumps(_run(net, compiled_routing=False, **run), sort_keys=True)
+    expected = {kernel.NET_DONE, kernel.NET_ROOM, kernel.NET_SLOTS, kernel.NET_SIZES, kernel.NET_CHOICES,
+                kernel.NET_TOKENS, kernel.NET_FRAMES, kernel.NET_PENDING, kernel.NET_LATENCY,
+                kernel.NET_ARRIVALS, kernel.NET_HORIZON}
+    assert seen == expected
+
+
+def test_compiled_routing_is_deterministic_and_reports_bad_batch_times() -> None:
+    """Same seed, same run through the compiled routing; a batch time that fails inside a network
+    run is reported as in the Python engines."""
+    net = parse_network(fork_join(3.0, p_back=0.3))
+    one = _run(net, compiled_routing=True, seed=11, max_requests=800)
+    two = _run(net, compiled_routing=True, seed=11, max_requests=800)
+    assert one == two or json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
+    assert one["classes"]["task"]["completed"] == 800
+    good = net.engines["tools"].batch_time
+
+    def gap(n: int) -> float:  # no valid time for batches of 101..199 tokens
+        return math.nan if 100 < n < 200 else good(n)
+
+    broken = Network({**net.engines, "tools": dataclasses.replace(net.engines["tools"], batch_time=gap)},
+                     net.classes)
+    for engine in ("compiled", "fast"):
+        with pytest.raises(ConfigError, match=r"^batch-time: t\(1\d\d\) must be a positive finite time"):
+            simulate_network(broken, seed=1, max_requests=300, engine=engine)

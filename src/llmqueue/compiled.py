@@ -4,23 +4,29 @@
 instances, not subclasses) when numba is installed (``pip install 'llmqueue[fast]'``); otherwise
 the pure-Python fast engine runs, with the same results. Arrivals come in numpy chunks and
 finished requests leave in numpy chunks, so the loop never builds a Python object per request.
+
+In a network, ``KernelEngine`` gives one engine the interface of the Python network loop, and
+``NetworkLoop`` runs a network whose engines are all compiled with the routing compiled as well.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.util import find_spec
+from typing import NoReturn
 
 import numpy as np
 
 from llmqueue.batchtime import BatchTime
 from llmqueue.errors import ConfigError
 from llmqueue.metrics import Recorder, RequestRecord
+from llmqueue.network import EXIT, Network
 from llmqueue.policies import KFCFS, VLLMChunked
-from llmqueue.workload import Request
+from llmqueue.workload import CHUNK_SIZE, Request
 
 MAX_BUDGET = 1 << 17
 """Largest token budget the compiled loop takes (it tabulates t(n) for n = 1..budget)."""
@@ -90,6 +96,9 @@ def _batch_time_table(batch_time: BatchTime, budget: int) -> np.ndarray:
 class _State:
     """The kernel's arrays (see ``llmqueue.kernel`` for the layout), growable."""
 
+    MIN_ROOM = 1 << 14
+    """Least room of the output buffers (finished requests, inter-token latencies)."""
+
     def __init__(self, policy: KFCFS | VLLMChunked, batch_time: BatchTime, budget: int,
                  k_max: int | None, capacity: int = 1024) -> None:
         from llmqueue import kernel as K
@@ -115,9 +124,9 @@ class _State:
         self.bins = np.zeros(2048)
         # one step writes at most (served decoders + planned prompts + joiners + 4) <= 3 b + 4
         # records and ITL entries, so the kernel's "need room" always leaves room once drained
-        room = max(1 << 14, 4 * budget + 64)
+        room = max(self.MIN_ROOM, 4 * budget + 64)
         self.out_f = np.zeros((room, 3))
-        self.out_i = np.zeros((room, 4), dtype=np.int64)
+        self.out_i = np.zeros((room, 5), dtype=np.int64)  # slot, id, prefill, decode, token
         self.itl = np.zeros((2, room))
         self.kernel_args = self._kernel_args()
 
@@ -154,18 +163,22 @@ class _State:
         K = self.K
         ids, arrival_ms, prefill, decode = arrivals
         while True:
-            code = K.run(*self.kernel_args, arrival_ms, prefill, decode, ids)
+            code = K.run(*self.kernel_args, arrival_ms, prefill, decode, ids, ids)
             if code == K.NEED_ROOM:
                 on_room()
             elif code == K.NEED_SLOTS:
                 self.grow(2 * self.cap)
                 self.kernel_args = self._kernel_args()
             elif code == K.BAD_BATCH_TIME:
-                n = int(self.si[K.ERR_N])
-                value = self.batch_time(n)  # re-raises the model's own error, if it has one
-                raise ConfigError("batch-time", value, f"t({n}) must be a positive finite time")
+                self.bad_batch_time()
             else:
                 return code
+
+    def bad_batch_time(self) -> NoReturn:
+        """Raise for the batch size the kernel found no valid time for (``BAD_BATCH_TIME``)."""
+        n = int(self.si[self.K.ERR_N])
+        value = self.batch_time(n)  # re-raises the model's own error, if it has one
+        raise ConfigError("batch-time", value, f"t({n}) must be a positive finite time")
 
     def stop(self, horizon_ms: float) -> None:
         """The kernel's ``stop`` at the horizon (the output buffers were drained before)."""
@@ -406,6 +419,7 @@ class KernelEngine:
         if self._stopped:
             return
         self._stopped = True
+        self._hand_in()
         self.state.stop(horizon_ms)
         self._take()
         self._flush()
@@ -413,9 +427,18 @@ class KernelEngine:
 
     def finish(self) -> None:
         """Move the kernel's totals into the recorder (before ``Recorder.finish``)."""
+        self._hand_in()
         self._take()
         self._flush()
         _load_recorder(self.state, self.recorder)
+
+    def _hand_in(self) -> None:
+        """Give the kernel the arrivals still waiting here, and nothing else (no batch ends or
+        starts): at the end of a run, an arrival at the horizon (no drain) counts as handed in,
+        as in the Python engines, which book an arrival when it is submitted."""
+        if self._times:
+            finished, _ = self._call(-math.inf, end_only=False, start_only=False)
+            assert not finished, "handing in arrivals ended a batch"
 
     # -- the call -----------------------------------------------------------------------------
     def _call(self, limit_ms: float, *, end_only: bool, start_only: bool) -> tuple[list[int], float]:
@@ -460,3 +483,364 @@ class KernelEngine:
         """Move the buffered records and inter-token latencies into the recorder."""
         _drain(self.state, self.recorder)
         self._read = 0
+
+
+# -- a whole network in the compiled loop ----------------------------------------------------------
+
+DRAW_CHUNK = 1024
+"""Values per draw of a route's random streams (as ``llmqueue.netsim``'s Python routing draws)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTables:
+    """A network's routes as the kernel's arrays (``llmqueue.kernel``, network loop).
+
+    Nodes are numbered class by class (classes and node ids in sorted order); ``keys[i]`` is
+    node ``i``'s (class, node id). A node's next targets and fork branches are slices of
+    ``next_target``/``next_prob`` and ``branches`` (targets -1: exit).
+    """
+
+    classes: tuple[str, ...]
+    keys: tuple[tuple[str, str], ...]
+    nodes: np.ndarray
+    next_target: np.ndarray
+    next_prob: np.ndarray
+    branches: np.ndarray
+    class_start: np.ndarray
+
+
+def route_tables(net: Network, engine_names: Sequence[str]) -> RouteTables:
+    """The routes of ``net`` for the network loop; engines are numbered as in ``engine_names``."""
+    from llmqueue import kernel as K
+
+    classes = tuple(sorted(net.classes))
+    keys = tuple((c, nid) for c in classes for nid in sorted(net.classes[c].nodes))
+    index = {key: i for i, key in enumerate(keys)}
+    engine_index = {name: i for i, name in enumerate(engine_names)}
+    kinds = {"visit": K.KIND_VISIT, "fork": K.KIND_FORK, "join": K.KIND_JOIN}
+    nodes = np.full((len(keys), K.N_ND), -1, dtype=np.int64)
+    targets: list[int] = []
+    probs: list[float] = []
+    branches: list[int] = []
+    for i, (cname, nid) in enumerate(keys):
+        spec = net.classes[cname]
+        node = spec.nodes[nid]
+        row = nodes[i]
+        row[K.ND_KIND] = kinds[node.kind]
+        row[K.ND_CLS] = classes.index(cname)
+        if node.kind == "visit":
+            row[K.ND_ENGINE] = engine_index[node.engine or ""]
+        if node.kind == "fork":
+            row[K.ND_JOIN] = index[(cname, spec.join_of(nid))]
+        row[K.ND_NEXT0], row[K.ND_NEXT_N] = len(targets), len(node.next)
+        for target, prob in node.next:
+            targets.append(K.EXIT_NODE if target == EXIT else index[(cname, target)])
+            probs.append(float(prob))
+        row[K.ND_BR0], row[K.ND_BR_N] = len(branches), len(node.branches)
+        branches.extend(index[(cname, b)] for b in node.branches)
+    return RouteTables(
+        classes=classes,
+        keys=keys,
+        nodes=nodes,
+        next_target=np.array([*targets, K.EXIT_NODE], dtype=np.int64),  # never empty
+        next_prob=np.array([*probs, 0.0]),
+        branches=np.array([*branches, -1], dtype=np.int64),
+        class_start=np.array([index[(c, net.classes[c].start)] for c in classes], dtype=np.int64),
+    )
+
+
+def _typed_list(arrays: Iterable[np.ndarray]) -> object:
+    """A numba typed list of ``arrays`` (all of one type), built by cached compiled helpers."""
+    from llmqueue import kernel as K
+
+    items = iter(arrays)
+    out = K.list_of(next(items))
+    for a in items:
+        K.list_append(out, a)
+    return out
+
+
+def _grown(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with ``rows`` rows along its first axis (the old ones copied)."""
+    out = np.zeros((rows, *a.shape[1:]), dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ClassTotals:
+    """One class's counters after a network loop (what ``netsim._Run`` keeps per class)."""
+
+    arrivals: int
+    done: int
+    present: int
+    area: float
+    last_ms: float
+    bins: np.ndarray
+    bin_width_ms: float
+
+
+class NetworkLoop:
+    """A network run entirely in the compiled loop (``llmqueue.kernel.net_run``): the engines (each
+    a ``KernelEngine``, whose arrays the loop works on in place) and the routing between them.
+
+    Python only feeds it: the next chunk of a random stream or of a class's arrivals, more room
+    (engine slots, tokens, fork frames, pending arrivals), draining engine outputs into their
+    recorders and finished requests' latencies into ``latency``, and the horizon once arrivals
+    end. The random streams are those of the Python routing (chunks of ``DRAW_CHUNK`` values from
+    the same sources), consumed in the same order, so the run is the same.
+
+    The engines' scalar arrays (``si``, ``sf``) become rows of two stacked arrays here, so the
+    loop reads every engine's next event without building array views. After ``run``, the engines
+    are left as if the Python loop had driven them (``KernelEngine``'s pending arrivals and cached
+    times synced), ready for ``stop`` and ``finish``; per-class counters: ``class_totals``.
+    Memory: the pools (tokens, fork frames, pending arrivals) grow to the most ever present at
+    once; buffers of draws, arrivals, latencies and engine outputs are fixed and drained.
+    """
+
+    START_TOKENS = 1024
+    """Tokens (requests and fork branches in the network) held at first; doubled when short."""
+    START_FRAMES = 256
+    """Forks in progress held at first; doubled when short."""
+    START_PENDING = 1024
+    """Arrivals waiting for an engine's next call, per engine, held at first; doubled when short."""
+    LATENCY_ROOM = 4096
+    """End-to-end latencies buffered before they are moved to the per-class arrays."""
+    DRAW_CHUNKS = 4
+    """Chunks of ``DRAW_CHUNK`` values a random stream is refilled with at once."""
+
+    def __init__(
+        self,
+        tables: RouteTables,
+        engines: Sequence[KernelEngine],
+        arrivals: Sequence[Iterator[np.ndarray]],
+        sizes: Sequence[Callable[[], np.ndarray] | None],
+        choices: Sequence[Callable[[], np.ndarray] | None],
+        latency: Sequence[array],
+        max_requests: int | None,
+        stop_ms: float,
+        horizon_for: Callable[[float], float],
+    ) -> None:
+        """``arrivals[c]``: class c's arrival-time chunks (ms); ``sizes[2 i]``/``sizes[2 i + 1]``:
+        node i's next chunk of prefill/decode sizes (None: not a visit); ``choices[i]``: node i's
+        next chunk of uniform draws for its routing choice; ``latency[c]``: where class c's
+        end-to-end latencies are appended; ``horizon_for(last_arrival_ms)``: the run's end once
+        arrivals are over."""
+        from llmqueue import kernel as K
+
+        self.K = K
+        self.engines = list(engines)
+        self.arrivals = list(arrivals)
+        self.sizes = list(sizes)
+        self.choices = list(choices)
+        self.latency = list(latency)
+        self.horizon_for = horizon_for
+        n_eng, n_cls, n_nodes = len(engines), len(tables.classes), len(tables.keys)
+        self.ns = np.zeros(K.N_NS, dtype=np.int64)
+        self.nf = np.zeros(K.N_NF)
+        self.ns[K.NS_STAGE] = K.ST_NEXT_EXT
+        self.ns[K.NS_MAX_REQ] = -1 if max_requests is None else max_requests
+        self.nf[K.NF_HORIZON] = math.inf
+        self.nf[K.NF_STOP] = stop_ms
+        self.tables = tables
+        self.due = np.zeros(n_eng, dtype=np.int64)
+        self.times = np.zeros(n_eng)
+        self.fin = np.zeros(sum(e.state.out_i.shape[0] for e in engines) + 16, dtype=np.int64)
+        self.tok_i = np.zeros((0, K.N_TK), dtype=np.int64)
+        self.tok_f = np.zeros(0)
+        self.tok_free = np.zeros(0, dtype=np.int64)
+        self.stack = np.zeros((2, 0), dtype=np.int64)
+        self._grow_tokens(self.START_TOKENS)
+        self.frames = np.zeros((0, K.N_FR), dtype=np.int64)
+        self.fr_free = np.zeros(0, dtype=np.int64)
+        self._grow_frames(self.START_FRAMES)
+        self.pend_ms = np.zeros((n_eng, 0))
+        self.pend_i = [np.zeros((n_eng, 0), dtype=np.int64) for _ in range(4)]  # pre, dec, id, tok
+        self.pend_ht = np.zeros((n_eng, 2), dtype=np.int64)
+        self._grow_pending(self.START_PENDING)
+        if any(engine._times or engine._read for engine in engines):
+            raise ValueError("the network loop starts with fresh engines")
+        self.ext_t = np.zeros((n_cls, CHUNK_SIZE))
+        self.ext_st = np.zeros((n_cls, 3), dtype=np.int64)
+        for c in range(n_cls):
+            self._next_arrivals(c)
+        self.size_buf = np.zeros((2 * n_nodes, self.DRAW_CHUNKS * DRAW_CHUNK), dtype=np.int64)
+        self.size_st = np.zeros((2 * n_nodes, 2), dtype=np.int64)
+        self.choice_buf = np.zeros((n_nodes, self.DRAW_CHUNKS * DRAW_CHUNK))
+        self.choice_st = np.zeros((n_nodes, 2), dtype=np.int64)
+        self.class_i = np.zeros((n_cls, K.N_CI), dtype=np.int64)
+        self.class_f = np.zeros((n_cls, K.N_CF))
+        self.class_f[:, K.CF_WIDTH] = 1.0  # TimeBins() defaults
+        self.class_bins = np.zeros((n_cls, 2048))
+        self.lat_f = np.zeros(self.LATENCY_ROOM)
+        self.lat_c = np.zeros(self.LATENCY_ROOM, dtype=np.int64)
+        states = [e.state for e in engines]
+        # the engines' scalars move into two stacked arrays (their own become row views)
+        self.si_all = np.stack([s.si for s in states])
+        self.sf_all = np.stack([s.sf for s in states])
+        for e, state in enumerate(states):
+            state.si, state.sf = self.si_all[e], self.sf_all[e]
+            state.kernel_args = state._kernel_args()
+        self.engine_lists = [
+            _typed_list(getattr(s, name) for s in states)
+            for name in ("slot_i", "slot_f", "q", "heap", "pol", "t_table", "ends", "targets", "bins",
+                         "out_f", "out_i", "itl")
+        ]
+        self.rd = np.zeros(n_eng, dtype=np.int64)
+        self.t_min = np.array([e._t_min for e in engines])
+
+    # -- growth and refills (the loop asked for them) ------------------------------------------------
+    def _grow_tokens(self, capacity: int) -> None:
+        K, old = self.K, self.tok_f.shape[0]
+        self.tok_i = _grown(self.tok_i, capacity)
+        self.tok_f = _grown(self.tok_f, capacity)
+        free = int(self.ns[K.NS_TOK_FREE])
+        tok_free = np.zeros(capacity, dtype=np.int64)
+        tok_free[:free] = self.tok_free[:free]
+        tok_free[free : free + capacity - old] = np.arange(capacity - 1, old - 1, -1)
+        self.tok_free = tok_free
+        self.ns[K.NS_TOK_FREE] = free + capacity - old
+        stack = np.zeros((2, capacity), dtype=np.int64)  # each entry is a distinct live token
+        stack[:, :old] = self.stack
+        self.stack = stack
+
+    def _grow_frames(self, capacity: int) -> None:
+        K, old = self.K, self.frames.shape[0]
+        self.frames = _grown(self.frames, capacity)
+        free = int(self.ns[K.NS_FR_FREE])
+        fr_free = np.zeros(capacity, dtype=np.int64)
+        fr_free[:free] = self.fr_free[:free]
+        fr_free[free : free + capacity - old] = np.arange(capacity - 1, old - 1, -1)
+        self.fr_free = fr_free
+        self.ns[K.NS_FR_FREE] = free + capacity - old
+
+    def _grow_pending(self, width: int) -> None:
+        def wider(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((a.shape[0], width), dtype=a.dtype)
+            out[:, : a.shape[1]] = a
+            return out
+
+        self.pend_ms = wider(self.pend_ms)
+        self.pend_i = [wider(a) for a in self.pend_i]
+
+    def _next_arrivals(self, c: int) -> None:
+        """Class c's next chunk of arrival times (an empty or missing chunk ends its stream)."""
+        chunk = np.asarray(next(self.arrivals[c], np.zeros(0)), dtype=np.float64)
+        if chunk.size > self.ext_t.shape[1]:
+            wider = np.zeros((self.ext_t.shape[0], chunk.size))
+            wider[:, : self.ext_t.shape[1]] = self.ext_t
+            self.ext_t = wider
+        self.ext_t[c, : chunk.size] = chunk
+        self.ext_st[c] = (0, chunk.size, int(chunk.size == 0))
+
+    def _refill(self, buf: np.ndarray, st: np.ndarray, row: int,
+                source: Callable[[], np.ndarray] | None, sizes: bool) -> None:
+        """Fill an empty stream buffer with the source's next chunks."""
+        if source is None:
+            raise AssertionError(f"stream {row} has no source")
+        for k in range(buf.shape[1] // DRAW_CHUNK):
+            values = np.asarray(source())
+            if values.shape != (DRAW_CHUNK,):
+                raise ValueError(f"a sampler returned {values.shape} values for {DRAW_CHUNK}")
+            if sizes:
+                values = values.astype(np.int64)  # as int(value) does (truncation)
+                if values.min() < 0:
+                    bad = int(values.min())
+                    raise ConfigError("request.tokens", bad, "a visit's token count must be >= 0")
+            buf[row, k * DRAW_CHUNK : (k + 1) * DRAW_CHUNK] = values
+        st[row] = (0, buf.shape[1])
+
+    def _drain_latency(self) -> None:
+        K = self.K
+        n = int(self.ns[K.NS_LAT_N])
+        values, classes = self.lat_f[:n], self.lat_c[:n]
+        for c, out in enumerate(self.latency):
+            out.frombytes(np.ascontiguousarray(values[classes == c]).tobytes())
+        self.ns[K.NS_LAT_N] = 0
+
+    def _args(self) -> tuple[object, ...]:
+        t = self.tables
+        return (
+            self.ns, self.nf, t.nodes, t.next_target, t.next_prob, t.branches, t.class_start,
+            self.due, self.times, self.fin, self.stack, self.tok_i, self.tok_f, self.tok_free,
+            self.frames, self.fr_free, self.pend_ms, *self.pend_i, self.pend_ht, self.ext_t,
+            self.ext_st, self.size_buf, self.size_st, self.choice_buf, self.choice_st, self.class_i,
+            self.class_f, self.class_bins, self.lat_f, self.lat_c, self.si_all, self.sf_all,
+            *self.engine_lists, self.rd,
+            self.t_min,
+        )
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def run(self) -> float:
+        """Run until no engine has an event before the horizon; returns the horizon."""
+        K, ns = self.K, self.ns
+        args = self._args()
+        while True:
+            code = K.net_run(*args)
+            ask = int(ns[K.NS_ASK])
+            if code == K.NET_DONE:
+                break
+            if code == K.NET_ROOM:
+                engine = self.engines[ask]
+                _drain(engine.state, engine.recorder)
+                self.rd[ask] = 0
+            elif code == K.NET_SLOTS:
+                state = self.engines[ask].state
+                state.grow(2 * state.cap)
+                state.kernel_args = state._kernel_args()
+                for lst, name in zip(self.engine_lists[:4], ("slot_i", "slot_f", "q", "heap"),
+                                     strict=True):
+                    K.list_set(lst, ask, getattr(state, name))
+            elif code == K.NET_BAD_BATCH_TIME:
+                self.engines[ask].state.bad_batch_time()
+            elif code == K.NET_SIZES:
+                self._refill(self.size_buf, self.size_st, ask, self.sizes[ask], sizes=True)
+            elif code == K.NET_CHOICES:
+                self._refill(self.choice_buf, self.choice_st, ask, self.choices[ask], sizes=False)
+            elif code == K.NET_TOKENS:
+                self._grow_tokens(2 * self.tok_f.shape[0])
+                args = self._args()
+            elif code == K.NET_FRAMES:
+                self._grow_frames(2 * self.frames.shape[0])
+                args = self._args()
+            elif code == K.NET_PENDING:
+                self._grow_pending(2 * self.pend_ms.shape[1])
+                args = self._args()
+            elif code == K.NET_LATENCY:
+                self._drain_latency()
+            elif code == K.NET_ARRIVALS:
+                self._next_arrivals(ask)
+                args = self._args()
+            elif code == K.NET_HORIZON:
+                self.nf[K.NF_HORIZON] = self.horizon_for(float(self.nf[K.NF_LAST_ARRIVAL]))
+            else:
+                raise AssertionError(f"network loop: inconsistent routing state (code {code})")
+        self._drain_latency()
+        for e, engine in enumerate(self.engines):  # hand the engines back to the Python interface
+            h, tail = (int(x) for x in self.pend_ht[e])
+            engine._times = self.pend_ms[e, h:tail].tolist()
+            engine._prefill, engine._decode, engine._ids = (
+                a[e, h:tail].tolist() for a in self.pend_i[:3]
+            )
+            engine._read = int(self.rd[e])
+            engine._end, engine._start = engine.state.next_times()
+        return float(self.nf[K.NF_HORIZON])
+
+    def class_totals(self, c: int) -> ClassTotals:
+        """Class c's counters and time integrals (class index as in ``RouteTables.classes``)."""
+        K, ci, cf = self.K, self.class_i[c], self.class_f[c]
+        return ClassTotals(
+            arrivals=int(ci[K.CI_ARRIVALS]), done=int(ci[K.CI_DONE]), present=int(ci[K.CI_PRESENT]),
+            area=float(cf[K.CF_AREA]), last_ms=float(cf[K.CF_LAST]), bins=self.class_bins[c].copy(),
+            bin_width_ms=float(cf[K.CF_WIDTH]),
+        )
+
+    @property
+    def visits(self) -> int:
+        """Engine visits started (requests handed to engines)."""
+        return int(self.ns[self.K.NS_VISITS])
+
+    @property
+    def last_arrival_ms(self) -> float:
+        """Time of the last external arrival (0 before any)."""
+        return float(self.nf[self.K.NF_LAST_ARRIVAL])

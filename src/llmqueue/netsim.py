@@ -8,13 +8,17 @@ branches, a join, or out of the network). Only then does it start those engines'
 So, as for a single engine, a request that reaches an engine exactly at a batch boundary joins
 the batch that starts there. Every engine keeps its own ``Recorder``, hence the single-engine
 metric set per engine.
+
+When every engine runs in the compiled loop (the shipped K-FCFS and current-vLLM policies, numba
+installed), the whole loop, routing included, runs compiled (``compiled.NetworkLoop``): the same
+steps, draws and float operations in the same order, so the same run (docs/networks.md, Speed).
 """
 
 from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from typing import Literal
@@ -22,7 +26,7 @@ from typing import Literal
 import numpy as np
 
 from llmqueue import compiled
-from llmqueue.compiled import KernelEngine
+from llmqueue.compiled import DRAW_CHUNK, KernelEngine, NetworkLoop, route_tables
 from llmqueue.engine import Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine, needs_reference
@@ -69,9 +73,14 @@ class _Draws:
         self._values: list[float] = []
         self._i = 0
 
+    def chunk(self) -> np.ndarray:
+        """The stream's next ``DRAW_CHUNK`` values (``next`` hands them out one by one; the
+        compiled routing takes whole chunks)."""
+        return self._sample(self._rng, DRAW_CHUNK)  # type: ignore[operator]
+
     def next(self) -> float:
         if self._i == len(self._values):
-            self._values = self._sample(self._rng, 1024).tolist()  # type: ignore[operator]
+            self._values = self.chunk().tolist()
             self._i = 0
         value = self._values[self._i]
         self._i += 1
@@ -259,8 +268,12 @@ class _Run:
 
     def __init__(self, net: Network, analysis: Analysis, seed: int, max_requests: int | None,
                  duration_ms: float | None, drain_s: float | None,
-                 policies: Mapping[str, PolicyFn], engine: EngineKind = "auto") -> None:
+                 policies: Mapping[str, PolicyFn], engine: EngineKind = "auto",
+                 compiled_routing: bool = True) -> None:
+        """``compiled_routing``: when every engine is compiled, run the routing compiled too
+        (``compiled.NetworkLoop``); False keeps it in Python (the same run; for tests)."""
         self.net = net
+        self.compiled_routing = compiled_routing
         self.analysis = analysis
         self.max_requests = max_requests
         self.duration_ms = duration_ms
@@ -406,6 +419,46 @@ class _Run:
                 heappush(heap, (buffers[cname][i], cname, i))
 
     def result(self) -> NetworkResult:
+        """Run the network and collect the results."""
+        if self.compiled_routing and self.kernels and len(self.kernels) == len(self.engine_list):
+            horizon = self._loop_compiled()
+        else:
+            horizon = self._loop()
+        return self._close(horizon)
+
+    def _loop_compiled(self) -> float:
+        """``_loop``, routing included, in compiled code (every engine is compiled): the same run,
+        with this object's per-class counters filled as ``_loop`` fills them. Returns the
+        horizon."""
+        tables = route_tables(self.net, self.engine_names)
+        sizes: list[Callable[[], np.ndarray] | None] = []
+        choices: list[Callable[[], np.ndarray] | None] = []
+        for key in tables.keys:
+            pair = self.sizes.get(key)
+            sizes.extend((None, None) if pair is None else (pair[0].chunk, pair[1].chunk))
+            choices.append(self.choices[key].chunk)
+        loop = NetworkLoop(
+            tables, self.kernels, [self.arrival_streams[c] for c in tables.classes], sizes, choices,
+            [self.class_latency[c] for c in tables.classes], self.max_requests,
+            math.inf if self.duration_ms is None else self.duration_ms,
+            lambda last_ms: horizon_ms(self.duration_ms, last_ms, self.drain_s),
+        )
+        horizon = loop.run()
+        for i, cname in enumerate(tables.classes):
+            totals = loop.class_totals(i)
+            self.class_arrivals[cname] = totals.arrivals
+            self.class_done[cname] = totals.done
+            self.class_present[cname] = totals.present
+            self.class_area[cname] = totals.area
+            self.class_last[cname] = totals.last_ms
+            self.class_bins[cname].sums[:] = totals.bins
+            self.class_bins[cname].width_ms = totals.bin_width_ms
+        self.visit_total = self.next_visit = loop.visits
+        self.last_arrival_ms = loop.last_arrival_ms
+        return horizon
+
+    def _loop(self) -> float:
+        """The event loop with the routing in Python (any engines); returns the horizon."""
         external = self._external()
         limit = math.inf if self.max_requests is None else self.max_requests
         stop_ms = math.inf if self.duration_ms is None else self.duration_ms
@@ -456,6 +509,11 @@ class _Run:
             self._route(finished, t_engine)
             for e in due:
                 e.start_at(t_engine)
+        return horizon
+
+    def _close(self, horizon: float) -> NetworkResult:
+        """End the engines at the horizon (if a batch runs past it) and collect the results."""
+        engines = self.engine_list
         cut = any(math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon for e in engines)
         end_ms = horizon if cut else max([self.last_arrival_ms, *(e.now_ms for e in engines)])
         for e in engines:

@@ -274,3 +274,29 @@ def test_memory_batch_limit_closed_form() -> None:
     memory = KVCache(32000, block_tokens=16, watermark=0.01)
     assert theory.memory_batch_limit(memory, 64, 512) == int(1980 * 16 // (64 + 256.5 + 7.5))
     assert theory.memory_batch_limit(memory, 64, 512, decode_context_tokens=100) == int(31680 // 107.5)
+
+
+def test_cli_memory_warning_region_and_bad_spec() -> None:
+    """capacity warns when memory binds where the token budget says stable; region takes the
+    cache's batch-size limit; a bad spec exits 2 with one line naming the field."""
+    import json
+
+    from click.testing import CliRunner
+
+    from llmqueue.cli import cli
+
+    args = ["--prefill", "64", "--decode", "512", "--batch-time", "linear:c=10,a=0.05",
+            "--memory", "tokens=32000", "--rate", "12.8", "--json"]
+    out = CliRunner().invoke(cli, ["capacity", *args])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["load"] < 1 <= doc["memory_load"] and doc["binding"] == "memory"
+    assert doc["effective_k_max"] == 96 and "memory binds" in doc["warning"]
+    out = CliRunner().invoke(cli, ["region", *args])
+    assert out.exit_code == 0, out.output
+    region_doc = json.loads(out.output)
+    assert region_doc["k_max"] == 96
+    assert region_doc["region_load"] == pytest.approx(doc["memory_load"], rel=1e-9)
+    bad = CliRunner().invoke(cli, ["simulate", "--memory", "tokens=lots"])
+    assert bad.exit_code == 2
+    assert "memory.tokens" in bad.output and "Traceback" not in bad.output

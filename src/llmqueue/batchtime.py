@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from scipy.optimize import nnls
 
+from llmqueue.configfile import split_items
 from llmqueue.errors import ConfigError
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "fit_piecewise",
     "fit_staircase",
     "is_shape_model",
+    "mean_decode_context",
     "mix_batch_time",
     "parse_batch_time",
 ]
@@ -430,9 +432,14 @@ def mix_batch_time(
     if not is_shape_model(model):
         return model  # type: ignore[return-value]
     if decode_context_tokens is None:
-        decode_context_tokens = mean_prefill_tokens + (mean_decode_tokens + 1) / 2
+        decode_context_tokens = mean_decode_context(mean_prefill_tokens, mean_decode_tokens)
     return MixTime(model, float(mean_prefill_tokens), float(mean_decode_tokens),  # type: ignore[arg-type]
                    float(decode_context_tokens))
+
+
+def mean_decode_context(mean_prefill_tokens: float, mean_decode_tokens: float) -> float:
+    """KV entries a decoder reads halfway through a mean request: ``p + (d + 1) / 2``."""
+    return mean_prefill_tokens + (mean_decode_tokens + 1) / 2
 
 
 def decode_context_tokens(prefill_tokens: np.ndarray, decode_tokens: np.ndarray) -> float:
@@ -452,28 +459,14 @@ def decode_context_tokens(prefill_tokens: np.ndarray, decode_tokens: np.ndarray)
 
 # ---------------------------------------------------------------- parsing
 
-_PARAMS: dict[str, tuple[str, ...]] = {
-    "constant": ("c",),
-    "linear": ("c", "a"),
-    "piecewise": ("c", "a", "b0"),
-    "staircase": ("c", "a", "b0"),
+# kind -> (model class, required keys, optional keys); the keys are the class's field names
+_KINDS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
+    "constant": (ConstantTime, ("c",), ()),
+    "linear": (LinearTime, ("c", "a"), ()),
+    "piecewise": (PiecewiseTime, ("c", "a", "b0"), ()),
+    "staircase": (StaircaseTime, ("c", "a", "b0"), ()),
+    "composition": (CompositionTime, _COMPOSITION_KEYS[:3], _COMPOSITION_KEYS[3:]),
 }
-
-
-def _split_items(spec: str, body: str) -> list[tuple[str, str]]:
-    """``k=v,k=v`` as (key, value) pairs; ConfigError on an item without '=' or a repeated key."""
-    pairs: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for item in body.split(","):
-        key, eq, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not eq or not key:
-            raise ConfigError(_FIELD, spec, f"expected key=value, found {item.strip()!r}")
-        if key in seen:
-            raise ConfigError(_FIELD, spec, f"duplicate key {key!r}")
-        seen.add(key)
-        pairs.append((key, value))
-    return pairs
 
 
 def parse_batch_time(spec: str) -> BatchTime:
@@ -492,63 +485,34 @@ def parse_batch_time(spec: str) -> BatchTime:
         raise ConfigError(_FIELD, spec, "expected KIND:key=value,... (e.g. 'constant:c=1')")
     if kind == "table":
         return _parse_table(spec, body)
-    if kind == "composition":
-        return _parse_composition(spec, body)  # type: ignore[return-value]
     if kind == "preset":
         from llmqueue.presets import preset_model  # lazy: presets parse their specs here
 
         return preset_model(body)  # type: ignore[return-value]
-    if kind not in _PARAMS:
-        known = ", ".join([*_PARAMS, "composition", "preset", "table"])
+    if kind not in _KINDS:
+        known = ", ".join([*_KINDS, "preset", "table"])
         raise ConfigError(_FIELD, spec, f"unknown kind {kind!r} (known: {known})")
-    wanted = _PARAMS[kind]
-    pairs = _split_items(spec, body) if body.strip() else []
-    given = dict(pairs)
+    model, required, optional = _KINDS[kind]
+    wanted = required + optional
+    given = dict(split_items(spec, body, _FIELD)) if body.strip() else {}
     extra = [k for k in given if k not in wanted]
     if extra:
         raise ConfigError(
             _FIELD, spec, f"unknown key {extra[0]!r} for {kind} (keys: {', '.join(wanted)})"
         )
-    missing = [k for k in wanted if k not in given]
+    missing = [k for k in required if k not in given]
     if missing:
         raise ConfigError(_FIELD, spec, f"missing key {missing[0]!r} for {kind}")
     values: dict[str, float] = {}
     for key in wanted:
+        if key not in given:
+            continue
         try:
             values[key] = float(given[key])
         except ValueError:
             raise ConfigError(_FIELD, spec, f"{key} must be a number, not {given[key]!r}") from None
     try:
-        if kind == "constant":
-            return ConstantTime(values["c"])
-        if kind == "linear":
-            return LinearTime(values["c"], values["a"])
-        b0 = values["b0"]
-        if kind == "piecewise":
-            return PiecewiseTime(values["c"], values["a"], b0)  # type: ignore[arg-type]
-        return StaircaseTime(values["c"], values["a"], b0)  # type: ignore[arg-type]
-    except ConfigError as err:
-        raise ConfigError(_FIELD, spec, err.problem) from None
-
-
-def _parse_composition(spec: str, body: str) -> CompositionTime:
-    """``composition:c=..,prefill=..,decode=..[,kv=..,chunk=..,logit=..,floor=..]``."""
-    given = dict(_split_items(spec, body)) if body.strip() else {}
-    extra = [k for k in given if k not in _COMPOSITION_KEYS]
-    if extra:
-        raise ConfigError(_FIELD, spec, f"unknown key {extra[0]!r} for composition "
-                          f"(keys: {', '.join(_COMPOSITION_KEYS)})")
-    for key in ("c", "prefill", "decode"):
-        if key not in given:
-            raise ConfigError(_FIELD, spec, f"missing key {key!r} for composition")
-    values: dict[str, float] = {}
-    for key, text in given.items():
-        try:
-            values[key] = float(text)
-        except ValueError:
-            raise ConfigError(_FIELD, spec, f"{key} must be a number, not {text!r}") from None
-    try:
-        return CompositionTime(**values)
+        return model(**values)  # type: ignore[no-any-return]
     except ConfigError as err:
         raise ConfigError(_FIELD, spec, err.problem) from None
 
@@ -559,7 +523,7 @@ def _parse_table(spec: str, body: str) -> TableTime:
     path_text = path_text.strip()
     if not path_text:
         raise ConfigError(_FIELD, spec, "table spec needs a CSV path: table:PATH[,column=value...]")
-    filters = sorted(_split_items(spec, rest)) if rest.strip() else []
+    filters = sorted(split_items(spec, rest, _FIELD)) if rest.strip() else []
     path = Path(path_text)
     if not path.is_file():
         raise ConfigError(_FIELD, spec, f"table file not found: {path_text}")

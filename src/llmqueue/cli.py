@@ -698,10 +698,9 @@ def region_cmd(region_load: float | None, margin: float, plot_path: str | None, 
     token_time = _token_time(opts, workload.mean_prefill_tokens, workload.mean_decode_tokens)
     k_max = opts["k_max"]
     if opts["memory"] is not None:  # the cache bounds the requests per batch too (docs/memory.md)
-        k_mem = theory.memory_batch_limit(
-            opts["memory"], workload.mean_prefill_tokens, workload.mean_decode_tokens
+        k_max = theory.effective_k_max(
+            opts["memory"], workload.mean_prefill_tokens, workload.mean_decode_tokens, k_max
         )
-        k_max = k_mem if k_max is None else min(k_max, k_mem)
     reg = region(token_time, opts["budget"], k_max)
     point = OperatingPoint(
         workload.rate_per_s, workload.mean_prefill_tokens, workload.mean_decode_tokens

@@ -1,7 +1,8 @@
-"""Reading TOML/YAML configuration files, and pydantic's errors as one ConfigError line.
+"""Reading TOML/YAML configuration files, ``key=value`` spec strings, and pydantic's errors as
+one ConfigError line.
 
-Shared by the CLI's ``--config``, sweep files and network files, so every file is read and
-every error is worded the same way.
+Shared by the CLI's ``--config``, sweep files, network files and the spec parsers (batch times,
+memory), so every input is read and every error is worded the same way.
 """
 
 from __future__ import annotations
@@ -43,3 +44,20 @@ def first_error(err: ValidationError, prefix: str = "") -> ConfigError:
     problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
     field = f"{prefix}: {loc}" if prefix and loc else (loc or prefix or "config")
     return ConfigError(field, first.get("input"), problem)
+
+
+def split_items(spec: str, body: str, field: str) -> list[tuple[str, str]]:
+    """``k=v,k=v`` (the part ``body`` of ``spec``) as (key, value) pairs; ConfigError on
+    ``field`` for an item without '=' or a repeated key."""
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise ConfigError(field, spec, f"expected key=value, found {item.strip()!r}")
+        if key in seen:
+            raise ConfigError(field, spec, f"duplicate key {key!r}")
+        seen.add(key)
+        pairs.append((key, value))
+    return pairs

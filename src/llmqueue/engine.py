@@ -71,7 +71,6 @@ class Job:
         "first_token_ms",
         "id",
         "last_token_ms",
-        "preemptions",
         "prefill_left",
         "prefill_tokens",
         "seq",
@@ -92,7 +91,6 @@ class Job:
         self.activation = 0  # fast engine: bumped whenever it joins or leaves that prefix
         self.cached = 0  # tokens whose KV this request holds (prompt, then one per decoded token)
         self.blocks = 0  # KV blocks it holds (memory-limited engines)
-        self.preemptions = 0
 
     def record(self, finish_ms: float = math.nan) -> RequestRecord:
         """This request's outcome as a plain record."""
@@ -210,7 +208,6 @@ class Engine:
         self._shape_time = batch_time.shape_time_ms if is_shape_model(batch_time) else None  # type: ignore[union-attr]
         self._free_blocks = memory.total_blocks if memory is not None else 0
         self._resident: dict[int, Job] = {}  # requests holding KV blocks, by id
-        self.rejected = 0
         self.budget = budget
         self.k_max = k_max
         self.recorder = recorder
@@ -289,9 +286,8 @@ class Engine:
         if self.memory is not None and not self.memory.fits_alone(
             request.prefill_tokens + request.decode_tokens
         ):
-            self.rejected += 1  # vLLM refuses such a request too: its KV can never fit
-            if self.recorder is not None:
-                self.recorder.rejected(request.arrival_ms)
+            if self.recorder is not None:  # vLLM refuses such a request too: its KV can never fit
+                self.recorder.rejected()
             return
         job = Job(request, self._seq)
         self._seq += 1
@@ -479,15 +475,11 @@ class Engine:
             (resident if job.blocks else fresh).append((job, tokens))
         preempted: set[int] = set()
         for job, tokens in resident:
-            if job.id in preempted:
-                continue
             need = memory.blocks_for(job.cached + tokens) - job.blocks
-            while need > self._free_blocks:
+            while job.id not in preempted and need > self._free_blocks:
                 victim = max(self._resident.values(), key=_seq)
                 self._preempt(victim)
                 preempted.add(victim.id)
-                if victim is job:
-                    break
                 kept = [(j, t) for j, t in kept if j is not victim]
             if job.id in preempted:
                 continue
@@ -518,19 +510,14 @@ class Engine:
         del self._resident[job.id]
         lost = job.cached
         job.cached = 0
-        job.preemptions += 1
         if not job.prefill_left:
             self._decoding.remove(job)
-            self._decoder_left(job)
             insort(self._prefilling, job, key=_seq)
         job.prefill_left += lost
         self._prefill_left_tokens += lost
         self.backlog_tokens += lost
         if self.recorder is not None:
             self.recorder.preempted(self.now_ms, lost)
-
-    def _decoder_left(self, job: Job) -> None:
-        """Hook: a decoder was preempted (the fast engine drops it from its served prefix)."""
 
     def _duration(self, n: int, entries: list[tuple[Job, int]] | None = None) -> float:
         """The batch's time in ms (``t(n)``, or the shape model's time of ``entries``), refused

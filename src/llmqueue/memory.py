@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from llmqueue.configfile import split_items
 from llmqueue.errors import ConfigError
 
 __all__ = ["KVCache", "ModelShape", "kv_bytes_per_token", "parse_memory"]
@@ -117,10 +118,11 @@ class KVCache:
             raise ConfigError(f"{_FIELD}.utilization", utilization, "must be <= 1")
         reserved = _number("reserved_gib", reserved_gib, low=0)
         tp = int(_number("tp", tensor_parallel, low=1, integer=True))
+        block = int(_number("block", block_tokens, low=1, integer=True))
         free = gpu * util * GIB - shape.weight_bytes / tp - reserved * GIB
         per_token = kv_bytes_per_token(shape, tp)
         tokens = int(free // per_token) if free > 0 else 0
-        if tokens < block_tokens:
+        if tokens < block:
             raise ConfigError(
                 _FIELD, f"gpu_gib={gpu:g}",
                 f"no room for the KV cache: weights and reserve leave {free / GIB:.2f} GiB",
@@ -128,7 +130,7 @@ class KVCache:
         source = (f"gpu_gib={gpu:g},util={util:g},params_b={shape.params_billion:g},"
                   f"layers={shape.layers},kv_heads={shape.kv_heads},head_dim={shape.head_dim},"
                   f"dtype_bytes={shape.dtype_bytes},tp={tp},reserved_gib={reserved:g}")
-        return cls(tokens - tokens % block_tokens, block_tokens, watermark, source)
+        return cls(tokens - tokens % block, block, watermark, source)
 
     @property
     def spec(self) -> str:
@@ -146,15 +148,7 @@ def parse_memory(spec: str) -> KVCache:
     head_dim=..[,dtype_bytes=2,tp=1,util=0.9,reserved_gib=0,block=..,watermark=..]``."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(_FIELD, spec, "expected 'tokens=M[,block=16,watermark=0.01]' or a gpu_gib=... spec")
-    items: dict[str, str] = {}
-    for part in spec.split(","):
-        key, eq, value = part.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ConfigError(_FIELD, spec, f"expected key=value, found {part.strip()!r}")
-        if key in items:
-            raise ConfigError(_FIELD, spec, f"duplicate key {key!r}")
-        items[key] = value.strip()
+    items = dict(split_items(spec, spec, _FIELD))
     known = {"tokens"} | _GPU_KEYS | _COMMON_KEYS
     unknown = [k for k in items if k not in known]
     if unknown:
@@ -173,6 +167,5 @@ def parse_memory(spec: str) -> KVCache:
     return KVCache.from_gpu(
         items["gpu_gib"], shape, tensor_parallel=items.get("tp", 1),  # type: ignore[arg-type]
         utilization=items.get("util", 0.9), reserved_gib=items.get("reserved_gib", 0.0),  # type: ignore[arg-type]
-        block_tokens=int(_number("block", common["block_tokens"], low=1, integer=True)),
-        watermark=_number("watermark", common["watermark"], low=0),
+        **common,  # type: ignore[arg-type]
     )

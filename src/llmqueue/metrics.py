@@ -404,7 +404,7 @@ class Recorder:
         self.preemptions += 1
         self.recomputed_tokens += tokens
 
-    def rejected(self, t_ms: float) -> None:
+    def rejected(self) -> None:
         """A request was refused at arrival: its KV cache could never fit."""
         self.rejected_requests += 1
 

@@ -194,12 +194,11 @@ def simulate(
     if memory is not None and not isinstance(memory, KVCache):
         raise ConfigError("memory", memory, "must be a KVCache (see llmqueue.memory.parse_memory)")
     shaped = is_shape_model(batch_time)
-    if engine in ("fast", "compiled") and (shaped or memory is not None):
+    reference_only = shaped or memory is not None
+    if engine in ("fast", "compiled") and reference_only:
         what = "a composition-aware batch time" if shaped else "a memory limit"
         raise ConfigError("engine", engine, f"{what} runs on the reference engine only")
-    can_compile = (
-        not shaped and memory is None and compiled.supports(policy, budget, keep_batches)
-    )
+    can_compile = not reference_only and compiled.supports(policy, budget, keep_batches)
     if engine == "compiled" and not can_compile:
         raise ConfigError(
             "engine", engine,
@@ -208,7 +207,7 @@ def simulate(
         )
     use_compiled = can_compile and engine in ("auto", "compiled")
     use_fast = engine == "fast" or (
-        engine == "auto" and not needs_reference(policy) and not shaped and memory is None
+        engine == "auto" and not needs_reference(policy) and not reference_only
     )
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("requests", max_requests, "must be an integer >= 1")
@@ -302,17 +301,17 @@ def simulate(
             "composition-aware batch time: the theory uses its token view for this workload's "
             f"mix ({token_time.spec})"
         )
-    if metrics.rejected_requests:
+    if memory is not None and metrics.rejected_requests:
         notes.append(
             f"{metrics.rejected_requests} request(s) refused at arrival: their KV cache can never "
-            f"fit in {memory.capacity_tokens if memory else 0} tokens"
+            f"fit in {memory.capacity_tokens} tokens"
         )
     if metrics.preemptions:
         notes.append(
             f"memory preempted requests {metrics.preemptions} time(s), "
             f"{metrics.recomputed_tokens} tokens recomputed"
         )
-    if engine == "auto" and not use_fast and not shaped and memory is None:
+    if engine == "auto" and not use_fast and not reference_only:
         notes.append(
             "the policy does not declare repeats_plan: it ran on the reference per-iteration "
             "engine (exact, slower)"

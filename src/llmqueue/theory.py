@@ -14,7 +14,7 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.spatial import ConvexHull, QhullError
 
-from llmqueue.batchtime import BatchTime
+from llmqueue.batchtime import BatchTime, mean_decode_context
 from llmqueue.errors import ConfigError
 from llmqueue.memory import KVCache
 
@@ -23,6 +23,7 @@ __all__ = [
     "best_budget",
     "capacity_tokens_per_ms",
     "critical_rate_per_s",
+    "effective_k_max",
     "fluid_slope_tokens_per_s",
     "kmax_load",
     "load",
@@ -285,11 +286,20 @@ def memory_batch_limit(
     """
     p = _nonneg(mean_prefill_tokens, "mean_prefill_tokens")
     d = _nonneg(mean_decode_tokens, "mean_decode_tokens")
-    context = p + (d + 1) / 2 if decode_context_tokens is None else _nonneg(
+    context = mean_decode_context(p, d) if decode_context_tokens is None else _nonneg(
         decode_context_tokens, "decode_context_tokens")
     footprint = context + (memory.block_tokens - 1) / 2
     usable = (memory.total_blocks - memory.watermark_blocks) * memory.block_tokens
     return max(1, int(usable // footprint)) if footprint > 0 else memory.total_blocks
+
+
+def effective_k_max(
+    memory: KVCache, mean_prefill_tokens: float, mean_decode_tokens: float, k_max: int | None,
+    decode_context_tokens: float | None = None,
+) -> int:
+    """The batch-size limit with the cache: ``min(k_max, memory_batch_limit(...))``."""
+    k_mem = memory_batch_limit(memory, mean_prefill_tokens, mean_decode_tokens, decode_context_tokens)
+    return k_mem if k_max is None else min(k_max, k_mem)
 
 
 def memory_load(
@@ -299,7 +309,6 @@ def memory_load(
     """(load, effective k) of the §4 region with the batch-size limit ``min(k_max, memory
     limit)``: stable needs load < 1. Compare with the memory-free load to see which binds."""
     lam = _nonneg(rate_per_s, "rate_per_s") / 1000.0
-    k_mem = memory_batch_limit(memory, mean_prefill_tokens, mean_decode_tokens, decode_context_tokens)
-    k = k_mem if k_max is None else min(k_max, k_mem)
+    k = effective_k_max(memory, mean_prefill_tokens, mean_decode_tokens, k_max, decode_context_tokens)
     rho = kmax_load(lam * mean_prefill_tokens, lam * mean_decode_tokens, bt, budget, k)
     return rho, k

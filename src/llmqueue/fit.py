@@ -27,11 +27,13 @@ from llmqueue.batchtime import (
     CompositionTime,
     LinearTime,
     StaircaseTime,
+    _nnls_line,
+    _r_squared,
     fit_piecewise,
     fit_staircase,
 )
 from llmqueue.errors import ConfigError
-from llmqueue.presets import Preset
+from llmqueue.presets import FIT_DATE, Preset
 
 __all__ = [
     "COMPOSITION_TERMS",
@@ -52,9 +54,6 @@ __all__ = [
     "read_h200",
     "read_splitwise",
 ]
-
-FIT_DATE = "2026-11-28"
-"""Date of the shipped fits (the day the H200 data was measured)."""
 
 SPLITWISE_FILE = "profiles/splitwise_perf_model.csv"
 H200_FILE = "gpu/batch_times_h200.csv"
@@ -377,11 +376,10 @@ def load_data(
 def goodness(measured_ms: np.ndarray, predicted_ms: np.ndarray) -> tuple[float, float, float]:
     """(R^2, RMSE in ms, largest |predicted - measured| / measured) of a fit."""
     t = np.asarray(measured_ms, dtype=float)
-    resid = np.asarray(predicted_ms, dtype=float) - t
-    ss_res = float(np.sum(resid**2))
-    ss_tot = float(np.sum((t - t.mean()) ** 2))
-    r2 = (1.0 if ss_res == 0.0 else 0.0) if ss_tot == 0.0 else 1.0 - ss_res / ss_tot
-    return r2, math.sqrt(ss_res / t.size), float(np.max(np.abs(resid) / t))
+    predicted = np.asarray(predicted_ms, dtype=float)
+    resid = predicted - t
+    rmse = math.sqrt(float(np.sum(resid**2)) / t.size)
+    return _r_squared(t, predicted), rmse, float(np.max(np.abs(resid) / t))
 
 
 def _identifiable(x: np.ndarray) -> list[int]:
@@ -405,6 +403,13 @@ def fit_composition(
     error is within 1e-12 (relative to the data's total sum of squares) of the best wins: a flat
     small-batch regime, as below the piecewise knee.
     """
+    return _fit_composition(shapes, time_ms, floor)[0]
+
+
+def _fit_composition(
+    shapes: Sequence[BatchShape], time_ms: Sequence[float] | np.ndarray, floor: bool
+) -> tuple[CompositionTime, list[int]]:
+    """:func:`fit_composition` and the columns it fitted (the others are collinear, fixed at 0)."""
     t = np.asarray(time_ms, dtype=float)
     x = _features(shapes)
     if x.shape[0] != t.size or t.size < MIN_ROWS:
@@ -429,7 +434,7 @@ def fit_composition(
         raise ConfigError("time_ms", t.size, "no composition fit with a positive intercept or floor")
     best = min(sse for _, sse, _ in candidates)
     level, _, coef = next(c for c in candidates if c[1] <= best + 1e-12 * max(ss_tot, 1e-300))
-    return CompositionTime(*(float(v) for v in coef), floor=float(level))
+    return CompositionTime(*(float(v) for v in coef), floor=float(level)), keep
 
 
 def _best_staircase(n: np.ndarray, t: np.ndarray) -> StaircaseTime:
@@ -437,12 +442,6 @@ def _best_staircase(n: np.ndarray, t: np.ndarray) -> StaircaseTime:
     top = int(n.max())
     fits = [fit_staircase(n, t, 2**k) for k in range(top.bit_length())]
     return max(fits, key=lambda f: f[1])[0]
-
-
-def _linear(n: np.ndarray, t: np.ndarray) -> LinearTime:
-    """Least-squares c + a*n with c, a >= 0."""
-    coef = nnls(np.column_stack([np.ones_like(n), n]), t)[0]
-    return LinearTime(float(coef[0]), float(coef[1]))
 
 
 @dataclass(frozen=True)
@@ -524,7 +523,7 @@ def fit_data(data: FitData) -> DataFit:
         raise ConfigError("rows", t.size, f"{data.name}: a fit needs at least {MIN_ROWS} samples")
     piecewise = fit_piecewise(n, t)[0]
     staircase = _best_staircase(n, t)
-    linear = _linear(n, t)
+    linear = LinearTime(*_nnls_line(n, t))  # least squares c + a*n, c, a >= 0
     fits = [
         _scored("piecewise", piecewise, piecewise.times_ms(n), t, 3, "least squares c, a >= 0; b0 scanned"),
         _scored("staircase", staircase, staircase.times_ms(n), t, 3,
@@ -532,8 +531,7 @@ def fit_data(data: FitData) -> DataFit:
         _scored("linear", linear, linear.times_ms(n), t, 2, "least squares c, a >= 0"),
     ]
     if data.shapes is not None:
-        comp = fit_composition(data.shapes, t)
-        keep = _identifiable(data.features())
+        comp, keep = _fit_composition(data.shapes, t, True)
         dropped = [k for j, k in enumerate(COMPOSITION_TERMS) if j not in keep]
         method = "nnls on " + ", ".join(k for k in COMPOSITION_TERMS if k not in dropped)
         method += (f" ({', '.join(dropped)} collinear: 0)" if dropped else "") + "; floor scanned"

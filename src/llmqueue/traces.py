@@ -23,7 +23,6 @@ stay exactly as the client sent them.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -50,11 +49,13 @@ from llmqueue.workload import (
     SizeDist,
     TraceArrivals,
     Uniform,
+    _check_arrival_order,
     _check_rate,
     _fmt,
     _read_columns,
     _readonly,
     _token_column,
+    _token_columns,
 )
 
 __all__ = [
@@ -469,51 +470,29 @@ class RequestTrace:
                              scale_to_rate_per_s, self.spec.options)
 
 
-def _csv_header(path: str) -> list[str] | None:
-    """The header row's names, or None if the file cannot be read (the full read says why)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            header = next(csv.reader(handle), None)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    return None if header is None else [name.strip() for name in header]
-
-
 def _read_csv(spec: TraceSpec, field_name: str, need_arrivals: bool) -> RequestTrace:
+    """The whole CSV trace of ``spec``; without ``need_arrivals`` or a named arrival column, a file
+    without ``arrived_at`` holds lengths only."""
     arrival = spec.arrival_column or TRACE_ARRIVAL_COLUMN
-    header = _csv_header(spec.path)
-    with_arrivals = need_arrivals or spec.arrival_column is not None or header is None or arrival in header
-    columns = ((arrival,) if with_arrivals else ()) + (spec.prefill_column, spec.decode_column)
-    data, lines = _read_columns(spec.path, columns, field_name)
+    optional = () if need_arrivals or spec.arrival_column is not None else (arrival,)
+    data, lines = _read_columns(spec.path, (arrival, spec.prefill_column, spec.decode_column), field_name,
+                                optional)
     if not lines:
         raise ConfigError(field_name, spec.path, "trace file has no data rows")
-    prefill, decode = (_token_column(data[column], column, spec.path, field_name, 0, lines)
-                       for column in (spec.prefill_column, spec.decode_column))
-    empty = np.flatnonzero(prefill + decode < 1)
-    if empty.size:
-        r = int(empty[0])
-        raise ConfigError(field_name, spec.path,
-                          f"trace row {r + 1} (line {lines[r]}) has no tokens "
-                          f"({spec.prefill_column} + {spec.decode_column} must be >= 1)")
+    prefill, decode = _token_columns(data, spec.prefill_column, spec.decode_column, spec.path, field_name,
+                                     lines)
     times = None
-    if with_arrivals:
+    if arrival in data:
         raw = data[arrival]
-        back = np.flatnonzero(np.diff(raw) < 0)
-        if back.size:
-            r = int(back[0]) + 1
-            raise ConfigError(field_name, spec.path,
-                              f"trace row {r + 1} (line {lines[r]}) column '{arrival}' goes back in time "
-                              f"({_fmt(float(raw[r]))} < {_fmt(float(raw[r - 1]))}); arrivals must be "
-                              "non-decreasing")
+        _check_arrival_order(raw, arrival, spec.path, field_name, lines)
         times = _readonly((raw - raw[0]) * TIME_UNITS_S[spec.unit])
-    return RequestTrace(replace(spec, start_s=None, end_s=None, column=None), times,
-                        _readonly(prefill), _readonly(decode))
+    return RequestTrace(spec, times, _readonly(prefill), _readonly(decode))
 
 
 def _read_vllm(spec: TraceSpec, field_name: str) -> RequestTrace:
+    """The whole vLLM log of ``spec``."""
     log = read_vllm_log(spec.path, field_name)
-    return RequestTrace(replace(spec, start_s=None, end_s=None, column=None),
-                        _readonly(log.arrival_ms / 1000.0), _readonly(log.prefill_tokens),
+    return RequestTrace(spec, _readonly(log.arrival_ms / 1000.0), _readonly(log.prefill_tokens),
                         _readonly(log.decode_tokens))
 
 
@@ -528,8 +507,9 @@ def load_request_trace(spec: str | TraceSpec, field_name: str = "trace", *,
     if parsed.column is not None:
         raise ConfigError(field_name, parsed.text, "column= picks the sizes of --prefill/--decode "
                                                    "trace specs; a whole trace takes no column")
-    trace = _read_vllm(parsed, field_name) if parsed.format == "vllm" else \
-        _read_csv(parsed, field_name, need_arrivals)
+    whole = replace(parsed, start_s=None, end_s=None)
+    trace = _read_vllm(whole, field_name) if parsed.format == "vllm" else \
+        _read_csv(whole, field_name, need_arrivals)
     if parsed.start_s is None and parsed.end_s is None:
         return trace
     if trace.arrival_s is None:

@@ -194,10 +194,10 @@ class Trace:
         return int(self.prefill_tokens.shape[0])
 
 
-def _read_columns(path: str, columns: Sequence[str],
-                  field_name: str) -> tuple[dict[str, np.ndarray], list[int]]:
+def _read_columns(path: str, columns: Sequence[str], field_name: str,
+                  optional: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], list[int]]:
     """Read named numeric columns of a CSV file with a header row, as float64 arrays, plus the
-    file line number of each data row.
+    file line number of each data row; ``optional`` columns the header lacks are left out.
 
     Errors (missing file, missing column, ragged or non-numeric row) name the file, row and column.
     """
@@ -212,13 +212,14 @@ def _read_columns(path: str, columns: Sequence[str],
             if header is None:
                 raise ConfigError(field_name, path, "trace file is empty (no header row)")
             names = [name.strip() for name in header]
-            index: list[int] = []
+            index: dict[str, int] = {}
             for column in columns:
-                if column not in names:
+                if column in names:
+                    index[column] = names.index(column)
+                elif column not in optional:
                     raise ConfigError(field_name, path,
                                       f"trace file has no column '{column}' "
                                       f"(columns: {','.join(names)})")
-                index.append(names.index(column))
             rows: list[list[str]] = []
             lines: list[int] = []
             for row in reader:
@@ -234,7 +235,7 @@ def _read_columns(path: str, columns: Sequence[str],
         problem = " ".join(str(exc).split())
         raise ConfigError(field_name, path, f"cannot read trace file: {problem}") from None
     out: dict[str, np.ndarray] = {}
-    for column, j in zip(columns, index, strict=True):
+    for column, j in index.items():
         texts = [row[j] for row in rows]
         try:
             values = np.array(texts, dtype=np.float64)
@@ -270,6 +271,32 @@ def _token_column(values: np.ndarray, column: str, path: str, field_name: str,
     return values.astype(np.int64)
 
 
+def _token_columns(data: dict[str, np.ndarray], prefill_column: str, decode_column: str, path: str,
+                   field_name: str, lines: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A CSV trace's prompt and output token counts: integers >= 0, at least one token per row."""
+    prefill, decode = (_token_column(data[column], column, path, field_name, 0, lines)
+                       for column in (prefill_column, decode_column))
+    empty = np.flatnonzero(prefill + decode < 1)
+    if empty.size:
+        r = int(empty[0])
+        raise ConfigError(field_name, path,
+                          f"trace row {r + 1} (line {lines[r]}) has no tokens "
+                          f"({prefill_column} + {decode_column} must be >= 1)")
+    return prefill, decode
+
+
+def _check_arrival_order(times: np.ndarray, column: str, path: str, field_name: str,
+                         lines: list[int]) -> None:
+    """Reject a CSV trace whose arrival column goes back in time (naming the first such row)."""
+    back = np.flatnonzero(np.diff(times) < 0)
+    if back.size:
+        r = int(back[0]) + 1
+        raise ConfigError(field_name, path,
+                          f"trace row {r + 1} (line {lines[r]}) column '{column}' goes back in time "
+                          f"({_fmt(float(times[r]))} < {_fmt(float(times[r - 1]))}); arrivals must be "
+                          "non-decreasing")
+
+
 def _readonly(array: np.ndarray) -> np.ndarray:
     array.setflags(write=False)
     return array
@@ -287,22 +314,9 @@ def load_trace(path: str, field_name: str = "trace") -> Trace:
     if arrived.shape[0] < 2:
         raise ConfigError(field_name, path,
                           f"trace needs at least 2 rows, found {arrived.shape[0]}")
-    prefill, decode = (_token_column(data[col], col, path, field_name, 0, lines)
-                       for col in (TRACE_PREFILL_COLUMN, TRACE_DECODE_COLUMN))
-    empty = np.flatnonzero(prefill + decode < 1)
-    if empty.size:
-        r = int(empty[0])
-        raise ConfigError(field_name, path,
-                          f"trace row {r + 1} (line {lines[r]}) has no tokens "
-                          f"({TRACE_PREFILL_COLUMN} + {TRACE_DECODE_COLUMN} must be >= 1)")
-    back = np.flatnonzero(np.diff(arrived) < 0)
-    if back.size:
-        r = int(back[0]) + 1
-        raise ConfigError(field_name, path,
-                          f"trace row {r + 1} (line {lines[r]}) column '{TRACE_ARRIVAL_COLUMN}' "
-                          "goes "
-                          f"back in time ({_fmt(float(arrived[r]))} < "
-                          f"{_fmt(float(arrived[r - 1]))}); arrivals must be non-decreasing")
+    prefill, decode = _token_columns(data, TRACE_PREFILL_COLUMN, TRACE_DECODE_COLUMN, path, field_name,
+                                     lines)
+    _check_arrival_order(arrived, TRACE_ARRIVAL_COLUMN, path, field_name, lines)
     return Trace(path, _readonly(arrived), _readonly(prefill), _readonly(decode))
 
 
@@ -627,13 +641,6 @@ def _params(body: str, names: Sequence[str], required: int, field_name: str,
     return out
 
 
-def _parse_trace_size(spec: str, field_name: str) -> Empirical:
-    """Resample one column of a trace in any format of :mod:`llmqueue.traces`."""
-    from llmqueue.traces import trace_sizes  # traces builds on this module
-
-    return trace_sizes(spec, field_name)
-
-
 def parse_size(spec: str, field_name: str) -> SizeDist:
     """Parse a token-count spec (``129``, ``poisson:129``, ``geometric:112``, ``uniform:10,200``,
     ``lognormal:mean=500,sigma=0.8[,min=16]``, ``trace:PATH[,key=value...][,column=NAME]``; trace
@@ -671,7 +678,9 @@ def parse_size(spec: str, field_name: str) -> SizeDist:
                              _num(p["sigma"], "lognormal sigma", field_name, spec),
                              _int(p.get("min", "1"), "min", field_name, spec))
         if kind == "trace":
-            return _parse_trace_size(text, field_name)
+            from llmqueue.traces import trace_sizes  # traces builds on this module
+
+            return trace_sizes(text, field_name)
     except ConfigError as exc:
         if exc.field == field_name:
             raise
@@ -865,7 +874,7 @@ def parse_arrival(spec: str, rate_per_s: float | None) -> ArrivalProcess:
     if kind == "trace":
         if not body.strip():
             raise ConfigError("arrival", spec, "missing trace path")
-        return TraceArrivals.load(spec, None if rate_per_s is None else _check_rate(rate_per_s))
+        return TraceArrivals.load(spec, rate_per_s)  # checks the rate before reading the file
     if kind not in ("poisson", "deterministic", "gamma"):
         raise ConfigError("arrival", spec,
                           f"unknown arrival process '{kind}' (expected poisson, deterministic, "

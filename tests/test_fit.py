@@ -424,3 +424,14 @@ def test_cli_list_presets(capsys: pytest.CaptureFixture[str]) -> None:
     assert doc[0] == PRESETS[doc[0]["name"]].to_dict()
     code, out, _ = _run(capsys, "fit", "--list-presets")
     assert code == 0 and "28 presets, fitted 2026-11-28" in out and "a100-llama2-70b-tp4" in out
+
+
+def test_user_csv_errors_name_the_file_line_after_filtering(tmp_path) -> None:
+    """With --where, a bad cell is reported at its line in the file, not in the filtered rows."""
+    from llmqueue.fit import read_csv
+
+    path = tmp_path / "times.csv"
+    path.write_text("kind,n_tokens,time_ms\na,1,1.0\nb,2,2.0\na,3,x\na,4,4.0\na,5,5.0\n")
+    with pytest.raises(ConfigError) as err:
+        read_csv(path, where={"kind": "a"})
+    assert err.value.field == "time_ms" and "line 4" in str(err.value)

@@ -122,17 +122,22 @@ def _even_chunks(tokens: int, chunks: int) -> tuple[int, ...]:
     return tuple(tokens // chunks + (1 if i < tokens % chunks else 0) for i in range(chunks))
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows of a CSV (cells stripped); ConfigError when the file is missing or empty."""
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """Header, rows (cells stripped) and each row's line in the file; ConfigError when the file is
+    missing or empty."""
     if not path.is_file():
         raise ConfigError("data", str(path), "file not found")
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        for row in reader:
+            rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
+            lines.append(reader.line_num)
     if not columns:
         raise ConfigError("data", str(path), "CSV has no header")
-    return columns, rows
+    return columns, rows, lines
 
 
 def _number(row: dict[str, str], column: str, line: int, path: Path) -> float:
@@ -173,11 +178,11 @@ def read_splitwise(path: str | Path) -> list[FitData]:
     ``token_size`` (it equals it up to 512 tokens; longer runs stopped early).
     """
     path = Path(path)
-    columns, rows = _read_rows(path)
+    columns, rows, lines = _read_rows(path)
     _need(columns, ("model", "hardware", "tensor_parallel", "prompt_size", "batch_size", "token_size",
                     "prompt_time", "token_time", "e2e_time"), path)
     groups: dict[tuple[str, str, str], list[tuple[int, dict[str, str]]]] = defaultdict(list)
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows, strict=True):
         groups[(row["model"], row["hardware"], row["tensor_parallel"])].append((line, row))
     return [_splitwise_group(key, members, path) for key, members in groups.items()]
 
@@ -236,11 +241,11 @@ def read_h200(path: str | Path) -> list[FitData]:
     its prompt: logit rows = decoders + 1 with a chunk.
     """
     path = Path(path)
-    columns, rows = _read_rows(path)
+    columns, rows, lines = _read_rows(path)
     _need(columns, ("model", "mode", "n_prefill_tokens", "n_decode_tokens", "decode_context",
                     "prefill_context", "median_ms"), path)
     by_model: dict[str, tuple[list[BatchShape], list[float]]] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows, strict=True):
         if row["mode"] != "graph":
             continue
         pre, dec, ctx, prefix = (_count(row, c, line, path) for c in
@@ -298,12 +303,13 @@ def read_csv(
     whose column equals the value.
     """
     path = Path(path)
-    header, rows = _read_rows(path)
+    header, rows, lines = _read_rows(path)
     col = {key: (columns or {}).get(key, key) for key in USER_COLUMNS}
     for key, value in (where or {}).items():
         if key not in header:
             raise ConfigError("where", key, f"{path.name} has no such column")
-        rows = [r for r in rows if r.get(key) == value]
+        kept = [i for i, r in enumerate(rows) if r.get(key) == value]
+        rows, lines = [rows[i] for i in kept], [lines[i] for i in kept]
     if where and not rows:
         raise ConfigError("where", dict(where), f"no rows of {path.name} match")
     _need(header, (col["time_ms"],), path)
@@ -316,7 +322,7 @@ def read_csv(
     n_tokens: list[int] = []
     times: list[float] = []
     shapes: list[BatchShape] = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows, strict=True):
         t = _number(row, col["time_ms"], line, path)
         if t <= 0:
             raise ConfigError(col["time_ms"], row[col["time_ms"]], f"{path.name} line {line}: must be > 0")

@@ -161,11 +161,6 @@ def scale_factors(profiled: ModelDims, target: ModelDims) -> dict[str, float]:
 # ---------------------------------------------------------------- one-axis tables
 
 
-def _envelope(values: np.ndarray) -> np.ndarray:
-    """Running maximum: the monotone envelope of a 1-D table."""
-    return np.maximum.accumulate(values)
-
-
 @dataclass(frozen=True, slots=True)
 class Curve:
     """A kernel's time (us) over one size axis (tokens or rows): linear between grid points,
@@ -203,8 +198,8 @@ class Curve:
         return np.where(s <= 0, 0.0, out)
 
     def monotone(self) -> Curve:
-        """This curve through its running maximum."""
-        return Curve(self.sizes, tuple(float(v) for v in _envelope(self._y)))
+        """This curve through its running maximum (its monotone envelope)."""
+        return Curve(self.sizes, tuple(float(v) for v in np.maximum.accumulate(self._y)))
 
 
 # ---------------------------------------------------------------- attention
@@ -584,7 +579,7 @@ def parse_profile_spec(spec: str) -> ProfileTime:
         overhead = float(opts.get("overhead_us", "0"))
     except ValueError:
         raise ConfigError("batch-time", spec, "layers must be an integer, overhead_us a number") from None
-    if opts.get("monotone", "1") not in ("0", "1"):
+    monotone = opts.get("monotone", "1")
+    if monotone not in ("0", "1"):
         raise ConfigError("batch-time", spec, "monotone must be 0 or 1")
-    return ProfileTime.from_dir(path.strip(), layers=layers, monotone=opts.get("monotone", "1") == "1",
-                                overhead_us=overhead)
+    return ProfileTime.from_dir(path.strip(), layers=layers, monotone=monotone == "1", overhead_us=overhead)

@@ -14,18 +14,18 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from llmqueue.batchtime import BatchShape, CompositionTime
 from llmqueue.errors import ConfigError
-from llmqueue.fit import fit_composition, goodness
+from llmqueue.fit import _even_chunks, fit_composition, goodness
 from llmqueue.metrics import Recorder
 from llmqueue.plotting import pyplot, save
 from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM
-from llmqueue.reproduce import Report
+from llmqueue.reproduce import LABEL, Report, markdown_table
 from llmqueue.simulate import WARMUP_FRACTION, RunResult, simulate
 from llmqueue.stability import Observation, Observed, observe
 from llmqueue.workload import Request, fixed_requests, make_workload
@@ -72,8 +72,6 @@ SLOPE_TOL = 0.02
 """Backlog slopes agree when they differ by at most 2 % of the offered token rate: the level at
 which :func:`llmqueue.stability.observe` calls a slope material."""
 
-_LABEL = {"fastertransformer": "FasterTransformer", "vllm": "vanilla vLLM", "orca": "Orca",
-          "sarathi": "Sarathi-Serve"}
 _PAPER = {"fastertransformer": "unstable", "vllm": "unstable", "orca": "stable", "sarathi": "stable"}
 
 
@@ -183,8 +181,7 @@ class CalibrationFit:
 def _shape(prefill: int, decode: int, chunks: int) -> BatchShape:
     """A batch shape for the model's terms: prompt tokens in ``chunks`` chunks and decode tokens
     (KV reads and logit rows are left at 0: the fitted model has no such terms)."""
-    sizes = tuple(prefill // chunks + (1 if i < prefill % chunks else 0) for i in range(chunks))
-    return BatchShape(prefill, decode, sizes, (0,) * chunks)
+    return BatchShape(prefill, decode, _even_chunks(prefill, chunks), (0,) * chunks)
 
 
 def fit_calibration(path: str | Path) -> CalibrationFit:
@@ -362,7 +359,13 @@ def summary_deviation(folder: str | Path, policy: str, measured: RunQuantities) 
     """Largest relative difference between quantities recomputed from the logs and the run's own
     summary.csv (which is rounded to 3 decimals), and the column where it occurs."""
     path = Path(folder) / "summary.csv"
-    rows = [r for r in _read(path, ["policy", *_SUMMARY]) if r["policy"] == policy]
+    return _deviation(path, _read(path, ["policy", *_SUMMARY]), policy, measured)
+
+
+def _deviation(path: Path, summary: Sequence[Mapping[str, str]], policy: str,
+               measured: RunQuantities) -> tuple[float, str]:
+    """:func:`summary_deviation` on the rows of a summary.csv already read."""
+    rows = [r for r in summary if r["policy"] == policy]
     if len(rows) != 1:
         raise ConfigError("summary.csv", policy, "needs exactly one row per policy")
     worst, where = 0.0, ""
@@ -393,6 +396,7 @@ def simulated_quantities(result: RunResult, requests: Sequence[Request], run: Re
     n = len(requests)
     prefill = np.array([q.prefill_tokens for q in requests])
     total = prefill + np.array([q.decode_tokens for q in requests])
+    total_tokens = total.astype(float)
     done = np.zeros(n, dtype=np.int64)
     first = np.full(n, math.nan)
     finish = np.full(n, math.nan)
@@ -408,8 +412,8 @@ def simulated_quantities(result: RunResult, requests: Sequence[Request], run: Re
                 finish[rid] = batch.end_ms
     starts = np.array([b.start_ms for b in result.batches])
     tokens = np.array([b.tokens for b in result.batches], dtype=float)
-    backlog = backlog_at_starts(arrival, total.astype(float), starts, tokens)
-    return _quantities(run, arrival, total.astype(float), first, finish, starts,
+    backlog = backlog_at_starts(arrival, total_tokens, starts, tokens)
+    return _quantities(run, arrival, total_tokens, first, finish, starts,
                        np.array([b.end_ms for b in result.batches]), tokens,
                        np.array([b.prefill_tokens for b in result.batches]), backlog)
 
@@ -518,10 +522,9 @@ def _by_window(rel: np.ndarray, starts_ms: np.ndarray) -> tuple[float, ...]:
                  for w in range(int(window.max()) + 1))
 
 
-def _lambda(folder: Path) -> float:
+def _lambda(path: Path, summary: Sequence[Mapping[str, str]]) -> float:
     """The run's arrival rate as its summary.csv gives it (the same for every policy)."""
-    path = folder / "summary.csv"
-    rates = {_num(r, "lambda_req_s", path, i + 2) for i, r in enumerate(_read(path, ["lambda_req_s"]))}
+    rates = {_num(r, "lambda_req_s", path, i + 2) for i, r in enumerate(summary)}
     if len(rates) != 1:
         raise ConfigError("summary.csv", sorted(rates), "lambda_req_s differs between policies")
     return rates.pop()
@@ -543,20 +546,22 @@ def compare_real(data_dir: str | Path = "../shared/data", *, what_if: bool = Tru
         folder = base / run.folder if run.folder else base
         fit = fit_calibration(folder / "calibration.csv")
         model = fit.model
-        low_floor = CompositionTime(model.c, model.prefill, model.decode, model.kv, model.chunk, model.logit,
-                                    HOST_FLOOR_MS) if what_if and run.key == "run1" else None
+        low_floor = replace(model, floor=HOST_FLOOR_MS) if what_if and run.key == "run1" else None
         logs = read_logs(folder)
         missing = [p.name for p in run.policies if p.name not in logs]
         if missing:
             raise ConfigError("requests.csv", missing[0], f"policy missing in {folder}")
         requests = _replay(logs[run.policies[0].name])
-        lam = _lambda(folder)
+        arrivals = [q.arrival_ms for q in requests]
+        summary_path = folder / "summary.csv"
+        summary = _read(summary_path, ["lambda_req_s", "policy", *_SUMMARY])
+        lam = _lambda(summary_path, summary)
         streams = [list(make_workload("poisson", str(PREFILL_TOKENS), str(DECODE_TOKENS), lam).requests(
             seed, duration_ms=run.arrival_end_s * 1000.0)) for seed in range(1, replicates + 1)]
         per: dict[str, PolicyComparison] = {}
         for policy in run.policies:
             log = logs[policy.name]
-            if not np.array_equal(log.requests["arrival_ms"], [q.arrival_ms for q in requests]):
+            if not np.array_equal(log.requests["arrival_ms"], arrivals):
                 raise ConfigError("requests.csv", policy.name, "arrival times differ between policies")
             result = _simulate(requests, policy, model, run)
             spread = [_simulate(stream, policy, model, run) for stream in streams]
@@ -577,7 +582,7 @@ def compare_real(data_dir: str | Path = "../shared/data", *, what_if: bool = Tru
                 spread_verdicts=tuple(r.observed.verdict for r in spread),
                 what_if=None if low_floor is None else simulated_quantities(
                     _simulate(requests, policy, low_floor, run), requests, run),
-                summary_deviation=summary_deviation(folder, policy.name, measured),
+                summary_deviation=_deviation(summary_path, summary, policy.name, measured),
                 iter_median_rel_error=float(np.median(rel)),
                 iter_median_abs_rel_error=float(np.median(np.abs(rel))),
                 iter_kind_median_rel_error=_by_kind(rel, it["n_prefill_tokens"], it["n_decode_tokens"]),
@@ -591,18 +596,6 @@ def compare_real(data_dir: str | Path = "../shared/data", *, what_if: bool = Tru
 
 
 # ---------------------------------------------------------------- the report
-
-
-def _cell(text: object) -> str:
-    """Text safe in a markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _rel(measured: float, predicted: float) -> float:
@@ -700,18 +693,18 @@ def _policy_table(
         "README vs predicted trend test", agree if agree != "no" else "**no**",
     ]
     if replicates:
-        row.append(_verdict_counts(list(pc.spread_verdicts)))
+        row.append(_verdict_counts(pc.spread_verdicts))
     rows.append(row)
     claims.append((f"{rc.run.key} {pc.policy}: predicted verdict matches the README's", agree == "yes"))
     header = ["quantity", "measured on H200", "predicted by llmqueue", "error", "agrees"]
     if replicates:
         header.append(f"llmqueue over {replicates} fresh Poisson streams: min to max (measured?)")
-    return _table(header, rows), claims
+    return markdown_table(header, rows), claims
 
 
 def _fit_section(comp: Comparison) -> str:
     r1, r2 = comp.runs[0].fit, comp.runs[1].fit
-    head = _table(
+    head = markdown_table(
         ["run", "fitted model", "R^2", "RMSE ms", "largest relative error", "exact spec"],
         [[rc.run.key, model_text(rc.fit.model), f"{rc.fit.r_squared:.4f}", f"{rc.fit.rmse_ms:.3f}",
           f"{rc.fit.max_rel_error:.1%}", f"`{rc.fit.model.spec}`"] for rc in comp.runs],
@@ -722,9 +715,9 @@ def _fit_section(comp: Comparison) -> str:
         for name, s, ctx, m1, f1, m2, f2 in zip(r1.compositions, r1.shapes, r1.decode_context, r1.measured_ms,
                                                 r1.fitted_ms, r2.measured_ms, r2.fitted_ms, strict=True)
     ]
-    rows_table = _table(["composition", "prefill P", "decode D", "chunks C", "decoders' mean context",
+    rows_table = markdown_table(["composition", "prefill P", "decode D", "chunks C", "decoders' mean context",
                          "run 1 ms", "run 1 fit", "error", "run 2 ms", "run 2 fit", "error"], rows)
-    check = _table(
+    check = markdown_table(
         ["run", "policy", "iterations", "median relative error", "median absolute relative error",
          "median error: mixed / prefill-only / decode-only",
          f"median host-bound iteration ms (<= {HOST_BOUND_TOKENS} tokens)", "model floor ms",
@@ -760,11 +753,11 @@ def _verdict_section(comp: Comparison) -> str:
     for rc in comp.runs:
         for pc in rc.policies.values():
             readme_class, words = rc.run.readme[pc.policy]
-            row = [rc.run.key, _LABEL[pc.policy], _PAPER[pc.policy], f"{readme_class} (\"{words}\")",
+            row = [rc.run.key, LABEL[pc.policy], _PAPER[pc.policy], f"{readme_class} (\"{words}\")",
                    pc.measured.trend.verdict, pc.result.observed.verdict, pc.result.predicted.verdict,
                    pc.verdict_agreement(readme_class)]
             if comp.replicates:
-                row.insert(-1, _verdict_counts(list(pc.spread_verdicts)))
+                row.insert(-1, _verdict_counts(pc.spread_verdicts))
             rows.append(row)
     header = ["run", "system", "paper (Fig. 1)", "measured: README", "measured: llmqueue trend test",
               "predicted: trend test, replayed arrivals", "predicted: theory", "agree (README vs predicted)"]
@@ -772,7 +765,7 @@ def _verdict_section(comp: Comparison) -> str:
         header.insert(-1, f"predicted: trend test, {comp.replicates} fresh streams")
     return "\n\n".join([
         "### Stability verdicts",
-        _table(header, rows),
+        markdown_table(header, rows),
         "The trend test is `llmqueue.stability.observe` (the verdict of `RunResult.observed`), applied to "
         "the measured backlog exactly as to the simulated one (window from 20 % of the arrival window to "
         "its end, a slope is material above 2 % of the offered token rate). 'partly': one side is "
@@ -787,7 +780,7 @@ def _what_if_section(rc: RunComparison) -> str:
         if pc.what_if is None:
             continue
         for label, attr, digits, _, scale, _ in _QUANTITIES[:7]:
-            rows.append([_LABEL[pc.policy], label, _fmt(getattr(pc.measured, attr) * scale, digits),
+            rows.append([LABEL[pc.policy], label, _fmt(getattr(pc.measured, attr) * scale, digits),
                          _fmt(getattr(pc.predicted, attr) * scale, digits),
                          _fmt(getattr(pc.what_if, attr) * scale, digits)])
     if not rows:
@@ -798,8 +791,9 @@ def _what_if_section(rc: RunComparison) -> str:
         "iterations at normal host speed. The fitted model is kept and only its floor "
         f"({rc.fit.model.floor:.2f} ms in the calibration pass) is lowered, to show how much of each "
         "disagreement the floor explains.",
-        _table(["system", "quantity", "measured on H200", f"predicted (floor {rc.fit.model.floor:.2f} ms)",
-                f"what-if (floor {HOST_FLOOR_MS} ms)"], rows),
+        markdown_table(["system", "quantity", "measured on H200",
+                        f"predicted (floor {rc.fit.model.floor:.2f} ms)",
+                        f"what-if (floor {HOST_FLOOR_MS} ms)"], rows),
     ])
 
 
@@ -816,7 +810,7 @@ def plot_backlog(rc: RunComparison, path: str | Path) -> Path:
         ax.plot(pc.predicted.starts_ms / 1000.0, pc.predicted.backlog_tokens, lw=0.8,
                 label=f"predicted by llmqueue (trend test: {pc.result.observed.verdict})")
         ax.axvline(rc.run.arrival_end_s, color="grey", ls="--", lw=0.8)
-        ax.set_title(_LABEL[pc.policy], fontsize=9)
+        ax.set_title(LABEL[pc.policy], fontsize=9)
         ax.set_xlabel("time (s)")
         ax.set_ylabel("backlog at iteration start (tokens)")
         ax.grid(alpha=0.3)
@@ -853,7 +847,7 @@ def _notes(comp: Comparison) -> list[str]:
     sar1, vl1, ft = r1.policies["sarathi"], r1.policies["vllm"], r1.policies["fastertransformer"]
     vl2, sar2 = r2.policies["vllm"], r2.policies["sarathi"]
     kinds = sar1.iter_kind_median_rel_error
-    notes = [
+    return [
         f"Host overhead (run 1). The calibration pass has a floor of {r1.fit.model.floor:.2f} ms, but in "
         f"the runs the host-bound iterations (<= {HOST_BOUND_TOKENS} tokens) took a median "
         f"{sar1.host_bound_median_ms:.2f} ms under Sarathi, and the model times Sarathi's logged "
@@ -885,7 +879,6 @@ def _notes(comp: Comparison) -> list[str]:
         "arrival streams (the spread column in the full report), above all for vanilla vLLM near its own "
         "limit.",
     ]
-    return notes
 
 
 def reproduce_real(out_dir: str | Path, data_dir: str | Path = "../shared/data", *,
@@ -931,7 +924,7 @@ def reproduce_real(out_dir: str | Path, data_dir: str | Path = "../shared/data",
         for pc in rc.policies.values():
             table, graded = _policy_table(rc, pc, comp.replicates)
             claims += graded
-            parts += [f"**{_LABEL[pc.policy]}**", table]
+            parts += [f"**{LABEL[pc.policy]}**", table]
     parts.append(_what_if_section(comp.run("run1")))
     parts += [f"![backlog over time, {rc.run.title}]({fig.name})"
               for rc, fig in zip(comp.runs, figures, strict=True)]

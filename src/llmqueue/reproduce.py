@@ -104,15 +104,14 @@ def _cell(text: object) -> str:
 
 
 def _claims_table(rows: Sequence[_Row]) -> str:
-    lines = ["| claim | paper | llmqueue measured | holds? |", "|---|---|---|---|"]
-    lines += [
-        f"| {_cell(r.claim)} | {_cell(r.paper)} | {_cell(r.measured)} | {'yes' if r.holds else '**no**'} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
+    return markdown_table(
+        ["claim", "paper", "llmqueue measured", "holds?"],
+        [(r.claim, r.paper, r.measured, "yes" if r.holds else "**no**") for r in rows],
+    )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table of ``rows`` under ``header`` (cells escaped for pipes and newlines)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -204,7 +203,7 @@ def _fig1(out: Path, quick: bool) -> Report:
              orca.metrics.wc_violations == 0 and sar.metrics.wc_violations == 0
              and ft.metrics.wc_violations > 0 and vl.metrics.wc_violations > 0),
     ]
-    body = _table(
+    body = markdown_table(
         ["policy", "completed", "req/s", "mean TTFT ms", "p99 TTFT ms", "mean TPOT ms",
          "mean E2EL s", "mean backlog tokens", "observed"],
         [[r.policy, f"{r.metrics.completed:,}/{r.metrics.arrivals:,}", f"{r.metrics.request_throughput:.2f}",
@@ -296,7 +295,7 @@ def _example(out: Path, quick: bool) -> Report:
              f"non-WC batches: Orca {non['orca'] or 'none'}, Sarathi {non['sarathi'] or 'none'}",
              not non["orca"] and not non["sarathi"]),
     ]
-    body = "Batch counts and the batches below min(b, demand), paper vs llmqueue:\n\n" + _table(
+    body = "Batch counts and the batches below min(b, demand), paper vs llmqueue:\n\n" + markdown_table(
         ["system", "b", "batches (paper)", "batches (llmqueue)", "non-WC (paper)", "non-WC (llmqueue)"], table
     )
     fig = _plot_example(measured, out / "example_batches.png")
@@ -428,13 +427,13 @@ def _theorem(out: Path, quick: bool) -> Report:
                  f"b={b} {x:.1f}" for b, x in zip(budgets, tpot, strict=True)),
              tpot_rises),
     ]
-    sweep_table = _table(
+    sweep_table = markdown_table(
         ["load", "offered req/s", *[f"{k} req/s (verdict)" for k in sweep]],
         [[f"{f:g}", f"{f * lam:.2f}",
           *[f"{sweep[k][i].metrics.request_throughput:.2f} ({sweep[k][i].observed.verdict})" for k in sweep]]
          for i, f in enumerate(loads)],
     )
-    budget_table = _table(
+    budget_table = markdown_table(
         ["b", "t(b) ms", "lambda* req/s", "load", "mean TTFT ms", "p99 TTFT ms", "mean TPOT ms",
          "p99 TPOT ms", "observed"],
         [[b, f"{CODELLAMA(b):.2f}", f"{lb:.2f}", f"{r.theory.load:.3f}", f"{x:,.0f}",
@@ -577,7 +576,7 @@ def _vertex_c(out: Path, quick: bool) -> Report:
              verdicts["orca-128"] == verdicts["sarathi-1024"] == "unstable"
              and len(wc_unstable_inside) == 2 and verdicts_in["sarathi-128"] == "stable"),
     ]
-    body = _table(
+    body = markdown_table(
         ["system", "region load", "completed", "mean prefill+decode per batch", "backlog slope tokens/s",
          "observed", "at 0.9: observed"],
         [[k, f"{r.theory.kmax_load:.3f}", f"{r.metrics.completed}/{r.metrics.arrivals}",
@@ -687,7 +686,7 @@ def _rs(out: Path, quick: bool) -> Report:
     by = dict(runs)
     bad_vs = analyze_network(variants[0][1]).virtual_stations
     good_vs = analyze_network(variants[1][1]).virtual_stations
-    table = _table(
+    table = markdown_table(
         ["policy, nominal load per engine", "completed", "peak backlog 1st half", "peak 2nd half",
          "mean E2E A ms", "mean E2E B ms", "observed (trend test)"],
         [[label, f"{_done(r):.1%}", f"{_halves(r)[0]:,.0f}", f"{_halves(r)[1]:,.0f}",

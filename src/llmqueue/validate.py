@@ -23,7 +23,7 @@ from llmqueue.batchtime import BatchTime, ShapeTime, parse_batch_time
 from llmqueue.engine import PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.memory import KVCache, parse_memory
-from llmqueue.metrics import PERCENTILES
+from llmqueue.metrics import PERCENTILES, summary
 from llmqueue.plotting import pyplot, save
 from llmqueue.policies import VLLM_CHUNKED, policy_name
 from llmqueue.profile import KNOWN_MODELS, parse_profile_spec
@@ -109,10 +109,9 @@ def _settings(folder: Path) -> RunSettings:
         model = meta.get("model") or kwargs.get("model")
         values["model"] = str(model) if model else None
         sources.append(str(meta_path))
-    for base in (folder, folder.parent):
-        cluster = next((base / n for n in _CLUSTER_NAMES if (base / n).is_file()), None)
-        if cluster is None:
-            continue
+    cluster = next((base / n for base in (folder, folder.parent) for n in _CLUSTER_NAMES
+                    if (base / n).is_file()), None)
+    if cluster is not None:
         data = _read_json(cluster)
         try:
             instance = data["nodes"][0]["instances"][0]
@@ -125,7 +124,6 @@ def _settings(folder: Path) -> RunSettings:
         if not values.get("model") and instance.get("model_name"):
             values["model"] = str(instance["model_name"])
         sources.append(str(cluster))
-        break
     return RunSettings(**values, sources=tuple(sources))
 
 
@@ -201,17 +199,6 @@ class ErrorRow:
         if not self.measured_ms:
             return math.nan
         return (self.simulated_ms - self.measured_ms) / self.measured_ms
-
-
-def _stats(values: np.ndarray) -> dict[str, float]:
-    values = values[np.isfinite(values)]
-    out: dict[str, float] = {}
-    for label, q in PERCENTILES:
-        if values.size == 0:
-            out[label] = math.nan
-        else:
-            out[label] = float(values.mean() if q is None else np.percentile(values, q))
-    return out
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -349,8 +336,10 @@ def validate(
     simulated = _per_request(arrival, first, finish, outputs)
     rows = []
     for metric in METRICS:
-        m_stats, s_stats = _stats(measured[metric]), _stats(simulated[metric])
-        rows.extend(ErrorRow(metric, label, m_stats[label], s_stats[label]) for label, _ in PERCENTILES)
+        m_stats, s_stats = (summary(metric, v[np.isfinite(v)]) for v in (measured[metric], simulated[metric]))
+        for label, _ in PERCENTILES:
+            key = f"{label}_{metric}_ms"  # summary's key, ErrorRow.key
+            rows.append(ErrorRow(metric, label, m_stats[key], s_stats[key]))
     all_notes = [*notes, *result.notes]
     unfinished = int(np.count_nonzero(~np.isfinite(finish)))
     if unfinished:

@@ -26,8 +26,8 @@ from llmqueue.metrics import Recorder
 from llmqueue.plotting import pyplot, save
 from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM
 from llmqueue.reproduce import LABEL, Report, markdown_table
-from llmqueue.simulate import WARMUP_FRACTION, RunResult, simulate
-from llmqueue.stability import Observation, Observed, observe
+from llmqueue.simulate import RunResult, observe_run, simulate
+from llmqueue.stability import Observation, Observed
 from llmqueue.workload import Request, fixed_requests, make_workload
 
 __all__ = [
@@ -269,9 +269,7 @@ def trend(arrival_ms: np.ndarray, request_tokens: np.ndarray, ends_ms: np.ndarra
             rec.arrival(t, int(n))
         else:
             rec.tokens_done(t, int(n))
-    end = min(arrival_end_ms, events[-1][0])
-    offered = rec.arrived_tokens / (end / 1000.0)
-    return observe(rec.backlog_bins, WARMUP_FRACTION * end, end, offered)
+    return observe_run(rec, arrival_end_ms, events[-1][0])
 
 
 def _slope(starts_ms: np.ndarray, backlog: np.ndarray, lo_s: float, hi_s: float) -> float:

@@ -280,11 +280,7 @@ def simulate(
         kmax_load=summary.kmax_load,
         memory_load=memory_load,
     )
-    window_end = min(arrival_end_ms(), end_ms)
-    offered = recorder.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
-    observation = observe(
-        recorder.backlog_bins, WARMUP_FRACTION * window_end, window_end, offered
-    )
+    observation = observe_run(recorder, arrival_end_ms(), end_ms)
 
     notes: list[str] = []
     if unservable:
@@ -345,6 +341,14 @@ def simulate(
         requests=records,
         batches=batches,
     )
+
+
+def observe_run(recorder: Recorder, arrival_end_ms: float, end_ms: float) -> Observation:
+    """The backlog trend test of a recorded run, over the arrival window (to ``arrival_end_ms``,
+    at most ``end_ms``) less its first ``WARMUP_FRACTION``, against the offered token rate."""
+    window_end = min(arrival_end_ms, end_ms)
+    offered = recorder.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
+    return observe(recorder.backlog_bins, WARMUP_FRACTION * window_end, window_end, offered)
 
 
 class _Tally:

@@ -93,6 +93,26 @@ def _batch_time_table(batch_time: BatchTime, budget: int) -> np.ndarray:
     return table
 
 
+def _grown(a: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
+    """``a`` with ``size`` entries along ``axis`` (the old ones copied, the new ones zero)."""
+    shape = list(a.shape)
+    shape[axis] = size
+    out = np.zeros(shape, dtype=a.dtype)
+    out[tuple(slice(n) for n in a.shape)] = a
+    return out
+
+
+def _free_list(free_list: np.ndarray, n_free: int, capacity: int) -> tuple[np.ndarray, int]:
+    """A stack of free indices grown from ``free_list.size`` to ``capacity`` entries: the
+    ``n_free`` free ones kept, the new indices pushed above them (the lowest on top). Returns
+    the stack and its new length."""
+    old = free_list.shape[0]
+    out = np.zeros(capacity, dtype=np.int64)
+    out[:n_free] = free_list[:n_free]
+    out[n_free : n_free + capacity - old] = np.arange(capacity - 1, old - 1, -1)
+    return out, n_free + capacity - old
+
+
 class _State:
     """The kernel's arrays (see ``llmqueue.kernel`` for the layout), growable."""
 
@@ -133,10 +153,6 @@ class _State:
     def grow(self, capacity: int) -> None:
         """Room for ``capacity`` requests present at once (rings are unwrapped)."""
         K, si, old = self.K, self.si, self.cap
-        slot_i = np.zeros((capacity, K.N_RI), dtype=np.int64)
-        slot_i[:old] = self.slot_i
-        slot_f = np.zeros((capacity, K.N_RF))
-        slot_f[:old] = self.slot_f
         q = np.zeros((K.N_Q, capacity), dtype=np.int64)
         for row in (K.Q_SERVED, K.Q_JOIN, K.Q_PLAN_SLOT, K.Q_PLAN_TOK):
             q[row, :old] = self.q[row]
@@ -145,13 +161,16 @@ class _State:
             if n:
                 q[row, :n] = self.q[row, (si[head] + np.arange(n)) % old]
             si[head] = 0
-        free = si[K.N_FREE]
-        q[K.Q_FREE, :free] = self.q[K.Q_FREE, :free]
-        q[K.Q_FREE, free : free + capacity - old] = np.arange(capacity - 1, old - 1, -1)
-        si[K.N_FREE] = free + capacity - old
+        q[K.Q_FREE], si[K.N_FREE] = _free_list(self.q[K.Q_FREE], int(si[K.N_FREE]), capacity)
         heap = np.zeros((4, 2 * capacity), dtype=np.int64)
         heap[:, : si[K.HP_LEN]] = self.heap[:, : si[K.HP_LEN]]
-        self.slot_i, self.slot_f, self.q, self.heap, self.cap = slot_i, slot_f, q, heap, capacity
+        self.slot_i, self.slot_f = _grown(self.slot_i, capacity), _grown(self.slot_f, capacity)
+        self.q, self.heap, self.cap = q, heap, capacity
+
+    def more_slots(self) -> None:
+        """Double the request slots (the kernel returned ``NEED_SLOTS``)."""
+        self.grow(2 * self.cap)
+        self.kernel_args = self._kernel_args()
 
     def _kernel_args(self) -> tuple[np.ndarray, ...]:
         return (self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.t_table,
@@ -167,8 +186,7 @@ class _State:
             if code == K.NEED_ROOM:
                 on_room()
             elif code == K.NEED_SLOTS:
-                self.grow(2 * self.cap)
-                self.kernel_args = self._kernel_args()
+                self.more_slots()
             elif code == K.BAD_BATCH_TIME:
                 self.bad_batch_time()
             else:
@@ -527,7 +545,6 @@ def route_tables(net: Network, engine_names: Sequence[str]) -> RouteTables:
         node = spec.nodes[nid]
         row = nodes[i]
         row[K.ND_KIND] = kinds[node.kind]
-        row[K.ND_CLS] = classes.index(cname)
         if node.kind == "visit":
             row[K.ND_ENGINE] = engine_index[node.engine or ""]
         if node.kind == "fork":
@@ -557,13 +574,6 @@ def _typed_list(arrays: Iterable[np.ndarray]) -> object:
     out = K.list_of(next(items))
     for a in items:
         K.list_append(out, a)
-    return out
-
-
-def _grown(a: np.ndarray, rows: int) -> np.ndarray:
-    """``a`` with ``rows`` rows along its first axis (the old ones copied)."""
-    out = np.zeros((rows, *a.shape[1:]), dtype=a.dtype)
-    out[: a.shape[0]] = a
     return out
 
 
@@ -628,6 +638,8 @@ class NetworkLoop:
         arrivals are over."""
         from llmqueue import kernel as K
 
+        if any(engine._times or engine._read for engine in engines):
+            raise ValueError("the network loop starts with fresh engines")
         self.K = K
         self.engines = list(engines)
         self.arrivals = list(arrivals)
@@ -658,8 +670,6 @@ class NetworkLoop:
         self.pend_i = [np.zeros((n_eng, 0), dtype=np.int64) for _ in range(4)]  # pre, dec, id, tok
         self.pend_ht = np.zeros((n_eng, 2), dtype=np.int64)
         self._grow_pending(self.START_PENDING)
-        if any(engine._times or engine._read for engine in engines):
-            raise ValueError("the network loop starts with fresh engines")
         self.ext_t = np.zeros((n_cls, CHUNK_SIZE))
         self.ext_st = np.zeros((n_cls, 3), dtype=np.int64)
         for c in range(n_cls):
@@ -691,45 +701,26 @@ class NetworkLoop:
 
     # -- growth and refills (the loop asked for them) ------------------------------------------------
     def _grow_tokens(self, capacity: int) -> None:
-        K, old = self.K, self.tok_f.shape[0]
+        K, ns = self.K, self.ns
         self.tok_i = _grown(self.tok_i, capacity)
         self.tok_f = _grown(self.tok_f, capacity)
-        free = int(self.ns[K.NS_TOK_FREE])
-        tok_free = np.zeros(capacity, dtype=np.int64)
-        tok_free[:free] = self.tok_free[:free]
-        tok_free[free : free + capacity - old] = np.arange(capacity - 1, old - 1, -1)
-        self.tok_free = tok_free
-        self.ns[K.NS_TOK_FREE] = free + capacity - old
-        stack = np.zeros((2, capacity), dtype=np.int64)  # each entry is a distinct live token
-        stack[:, :old] = self.stack
-        self.stack = stack
+        self.tok_free, ns[K.NS_TOK_FREE] = _free_list(self.tok_free, int(ns[K.NS_TOK_FREE]), capacity)
+        self.stack = _grown(self.stack, capacity, axis=1)  # each entry is a distinct live token
 
     def _grow_frames(self, capacity: int) -> None:
-        K, old = self.K, self.frames.shape[0]
+        K, ns = self.K, self.ns
         self.frames = _grown(self.frames, capacity)
-        free = int(self.ns[K.NS_FR_FREE])
-        fr_free = np.zeros(capacity, dtype=np.int64)
-        fr_free[:free] = self.fr_free[:free]
-        fr_free[free : free + capacity - old] = np.arange(capacity - 1, old - 1, -1)
-        self.fr_free = fr_free
-        self.ns[K.NS_FR_FREE] = free + capacity - old
+        self.fr_free, ns[K.NS_FR_FREE] = _free_list(self.fr_free, int(ns[K.NS_FR_FREE]), capacity)
 
     def _grow_pending(self, width: int) -> None:
-        def wider(a: np.ndarray) -> np.ndarray:
-            out = np.zeros((a.shape[0], width), dtype=a.dtype)
-            out[:, : a.shape[1]] = a
-            return out
-
-        self.pend_ms = wider(self.pend_ms)
-        self.pend_i = [wider(a) for a in self.pend_i]
+        self.pend_ms = _grown(self.pend_ms, width, axis=1)
+        self.pend_i = [_grown(a, width, axis=1) for a in self.pend_i]
 
     def _next_arrivals(self, c: int) -> None:
         """Class c's next chunk of arrival times (an empty or missing chunk ends its stream)."""
         chunk = np.asarray(next(self.arrivals[c], np.zeros(0)), dtype=np.float64)
         if chunk.size > self.ext_t.shape[1]:
-            wider = np.zeros((self.ext_t.shape[0], chunk.size))
-            wider[:, : self.ext_t.shape[1]] = self.ext_t
-            self.ext_t = wider
+            self.ext_t = _grown(self.ext_t, chunk.size, axis=1)
         self.ext_t[c, : chunk.size] = chunk
         self.ext_st[c] = (0, chunk.size, int(chunk.size == 0))
 
@@ -786,8 +777,7 @@ class NetworkLoop:
                 self.rd[ask] = 0
             elif code == K.NET_SLOTS:
                 state = self.engines[ask].state
-                state.grow(2 * state.cap)
-                state.kernel_args = state._kernel_args()
+                state.more_slots()
                 for lst, name in zip(self.engine_lists[:4], ("slot_i", "slot_f", "q", "heap"),
                                      strict=True):
                     K.list_set(lst, ask, getattr(state, name))

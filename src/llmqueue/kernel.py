@@ -831,7 +831,7 @@ MODE_ADVANCE, MODE_END, MODE_START = range(3)
 NF_T_ENGINE, NF_T_ROUTE, NF_HORIZON, NF_STOP, NF_NXT_T, NF_LAST_ARRIVAL, N_NF = range(7)
 
 # -- route nodes (rows of ``nodes``; node index = row; next targets -1 = exit) ---------------------
-ND_KIND, ND_ENGINE, ND_CLS, ND_NEXT0, ND_NEXT_N, ND_BR0, ND_BR_N, ND_JOIN, N_ND = range(9)
+ND_KIND, ND_ENGINE, ND_NEXT0, ND_NEXT_N, ND_BR0, ND_BR_N, ND_JOIN, N_ND = range(8)
 KIND_VISIT, KIND_FORK, KIND_JOIN = range(3)
 EXIT_NODE = -1
 
@@ -941,6 +941,14 @@ def _push(ns, stack, tok, node):
 
 
 @njit(cache=True)
+def _back(ns, stack, tok, node, code, ask):
+    """_walk stops short of ``node``: (tok, node) pushed back, ``ns[NS_ASK] = ask``; returns code."""
+    _push(ns, stack, tok, node)
+    ns[NS_ASK] = ask
+    return code
+
+
+@njit(cache=True)
 def _new_token(ns, tok_i, tok_f, tok_free, cls, frame, arrival_ms):
     ns[NS_TOK_FREE] -= 1
     tok = tok_free[ns[NS_TOK_FREE]]
@@ -969,12 +977,10 @@ def _walk(ns, nf, nodes, next_target, next_prob, branches, stack, tok_i, tok_f, 
     while True:
         if node == EXIT_NODE:
             if tok_i[tok, TK_FRAME] >= 0:  # validated impossible: a branch always meets its join
-                _push(ns, stack, tok, node)
-                return NET_BROKEN
+                return _back(ns, stack, tok, node, NET_BROKEN, -1)
             n = ns[NS_LAT_N]
             if n == lat_f.shape[0]:
-                _push(ns, stack, tok, node)
-                return NET_LATENCY
+                return _back(ns, stack, tok, node, NET_LATENCY, -1)
             c = tok_i[tok, TK_CLS]
             cls_i[c, CI_DONE] += 1
             lat_f[n] = t - tok_f[tok]
@@ -988,20 +994,14 @@ def _walk(ns, nf, nodes, next_target, next_prob, branches, stack, tok_i, tok_f, 
             pre_s, dec_s = 2 * node, 2 * node + 1
             for s in (pre_s, dec_s):
                 if size_st[s, DS_POS] == size_st[s, DS_LEN]:
-                    ns[NS_ASK] = s
-                    _push(ns, stack, tok, node)
-                    return NET_SIZES
+                    return _back(ns, stack, tok, node, NET_SIZES, s)
             if not _choice_ready(nodes, choice_st, node):  # needed if the visit draws no tokens
-                ns[NS_ASK] = node
-                _push(ns, stack, tok, node)
-                return NET_CHOICES
+                return _back(ns, stack, tok, node, NET_CHOICES, node)
             e = nodes[node, ND_ENGINE]
             h, tail = pend_ht[e, 0], pend_ht[e, 1]
             if tail == pend_ms.shape[1]:
                 if h == 0:
-                    ns[NS_ASK] = e
-                    _push(ns, stack, tok, node)
-                    return NET_PENDING
+                    return _back(ns, stack, tok, node, NET_PENDING, e)
                 n = tail - h  # compact: pending arrivals move to the front (forward copy)
                 for i in range(n):
                     pend_ms[e, i] = pend_ms[e, h + i]
@@ -1032,8 +1032,7 @@ def _walk(ns, nf, nodes, next_target, next_prob, branches, stack, tok_i, tok_f, 
         if kind == KIND_FORK:
             nb = nodes[node, ND_BR_N]
             if ns[NS_TOK_FREE] < nb or ns[NS_FR_FREE] < 1:
-                _push(ns, stack, tok, node)
-                return NET_TOKENS if ns[NS_TOK_FREE] < nb else NET_FRAMES
+                return _back(ns, stack, tok, node, NET_TOKENS if ns[NS_TOK_FREE] < nb else NET_FRAMES, -1)
             ns[NS_FR_FREE] -= 1
             f = fr_free[ns[NS_FR_FREE]]
             frames[f, FR_PARENT] = tok
@@ -1046,13 +1045,10 @@ def _walk(ns, nf, nodes, next_target, next_prob, branches, stack, tok_i, tok_f, 
             return 0
         # a join: a branch arrives; the last one lets the forking request go on
         if not _choice_ready(nodes, choice_st, node):
-            ns[NS_ASK] = node
-            _push(ns, stack, tok, node)
-            return NET_CHOICES
+            return _back(ns, stack, tok, node, NET_CHOICES, node)
         f = tok_i[tok, TK_FRAME]
         if f < 0 or frames[f, FR_JOIN] != node:
-            _push(ns, stack, tok, node)
-            return NET_BROKEN
+            return _back(ns, stack, tok, node, NET_BROKEN, -1)
         frames[f, FR_LEFT] -= 1
         _free_token(ns, tok_free, tok)
         if frames[f, FR_LEFT] > 0:
@@ -1220,9 +1216,9 @@ def net_run(ns, nf, nodes, next_target, next_prob, branches, cls_start, due, tim
                        e_ends[e], e_targets[e], e_bins[e], e_out_f[e], out_i, e_itl[e],
                        pend_ms[e, h:tail], pend_pre[e, h:tail], pend_dec[e, h:tail],
                        pend_id[e, h:tail], pend_tok[e, h:tail])
+            if not _take(si, out_i, rd, fin, ns, e):
+                return NET_BROKEN
             if code in (NEED_ROOM, NEED_SLOTS, BAD_BATCH_TIME):
-                if not _take(si, out_i, rd, fin, ns, e):
-                    return NET_BROKEN
                 ns[NS_ASK] = e
                 if code == NEED_ROOM:
                     return NET_ROOM  # the driver drains engine e's outputs; the call resumes
@@ -1233,8 +1229,6 @@ def net_run(ns, nf, nodes, next_target, next_prob, branches, cls_start, due, tim
                 tail = 0
             pend_ht[e, 0] = h
             pend_ht[e, 1] = tail
-            if not _take(si, out_i, rd, fin, ns, e):
-                return NET_BROKEN
             mode = ns[NS_CALL_MODE]
             if mode == MODE_ADVANCE:
                 nf[NF_T_ROUTE] = sf[NOW]

@@ -27,8 +27,10 @@ from llmqueue import (
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpu" / "engine_fig1"
 
 
-def simulate_real_setting() -> list[tuple[RunResult, dict[str, str]]]:
-    """Each policy's simulated run with the real run's summary row."""
+def simulate_real_setting(seed: int = 2504, policies: tuple = (SARATHI, ORCA, VLLM, FASTERTRANSFORMER)
+                          ) -> list[tuple[RunResult, dict[str, str]]]:
+    """Each policy's simulated run (one Poisson arrival stream per ``seed``) with the real run's
+    summary row."""
     with open(DATA / "calibration.csv", encoding="utf-8") as f:
         points = sorted(
             (int(r["n_tokens"]), float(r["median_ms"]))
@@ -40,8 +42,8 @@ def simulate_real_setting() -> list[tuple[RunResult, dict[str, str]]]:
         real = {r["policy"]: r for r in csv.DictReader(f)}
     workload = make_workload("poisson", "129", "112", 73.55)
     return [
-        (simulate(workload, p, batch_time, 512, seed=2504, duration_s=45.0, drain_s=5.0), real[p.name])
-        for p in (SARATHI, ORCA, VLLM, FASTERTRANSFORMER)
+        (simulate(workload, p, batch_time, 512, seed=seed, duration_s=45.0, drain_s=5.0), real[p.name])
+        for p in policies
     ]
 
 

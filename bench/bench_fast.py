@@ -17,6 +17,9 @@ Workloads (each case runs in its own process, so peak RSS is per case):
   b0 = 128: c = 12.82 ms, a = 13.70 ms, R^2 0.999), Sarathi b=2048 and current vLLM with chunked
   prefill (max_num_batched_tokens 2048, max_num_seqs 256).
 - W3: vanilla vLLM at 1.2x capacity (129 + 112 tokens, b = 512, CodeLlama staircase).
+- W4-memory: Sarathi b=512, Poisson 11 requests/s of 64 + 512 tokens, linear c=10, a=0.05, a KV
+  cache of 32,000 tokens (0.9 of its memory limit, docs/memory.md: admission and preemption on
+  every run; the compiled loop does not model memory, so it is not run).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmqueue import SARATHI, VLLM, VLLM_CHUNKED, StaircaseTime, make_workload, simulate, theory
+from llmqueue import SARATHI, VLLM, VLLM_CHUNKED, LinearTime, StaircaseTime, make_workload, simulate, theory
+from llmqueue.memory import KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURE = ROOT.parent / "shared" / "data" / "traces" / "azure_conv_2023.csv"
@@ -37,7 +41,8 @@ CODELLAMA = StaircaseTime(11.28, 35.47, 128)
 LLAMA70B_H100_TP4 = StaircaseTime(12.82, 13.70, 128)
 
 ENGINES = ("compiled", "fast", "reference")
-# name: (workload args, policy, batch time, budget, k_max, requests by engine)
+# name: (workload args, policy, batch time, budget, k_max, requests by engine[, memory]);
+# an engine missing from "requests by engine" is not run for that case
 CASES = {
     "W1": (("poisson", "290", "990", 1.5), SARATHI, CODELLAMA, 128, None,
            {"compiled": 200_000, "fast": 50_000, "reference": 20_000}),
@@ -49,12 +54,15 @@ CASES = {
                         2048, 256, {"compiled": None, "fast": None, "reference": None}),
     "W3": (("poisson", "129", "112", None), VLLM, CODELLAMA, 512, None,
            {"compiled": 1_000_000, "fast": 200_000, "reference": 20_000}),
+    "W4-memory": (("poisson", "64", "512", 11.0), SARATHI, LinearTime(10.0, 0.05), 512, None,
+                  {"fast": 50_000, "reference": 10_000}, KVCache(32000, block_tokens=16, watermark=0.01)),
 }
 
 
 def run_case(name: str, engine: str, scale: float) -> dict[str, object]:
     """Run one case in this process and return its figures."""
-    args, policy, batch_time, budget, k_max, sizes = CASES[name]
+    args, policy, batch_time, budget, k_max, sizes, *rest = CASES[name]
+    memory = rest[0] if rest else None
     arrival, prefill, decode, rate = args
     if name == "W3":
         rate = 1.2 * theory.critical_rate_per_s(batch_time, budget, 241)
@@ -69,7 +77,7 @@ def run_case(name: str, engine: str, scale: float) -> dict[str, object]:
     load = time.perf_counter() - start
     start = time.perf_counter()
     result = simulate(workload, policy, batch_time, budget, k_max=k_max, seed=0,
-                      max_requests=requests, engine=engine, keep_requests=False)
+                      max_requests=requests, engine=engine, keep_requests=False, memory=memory)
     wall = time.perf_counter() - start
     m = result.metrics
     return {
@@ -104,6 +112,8 @@ def main() -> None:
           f"{'pctl':>6} {'load s':>7}")
     for name in names:
         for engine in ENGINES:
+            if engine not in CASES[name][5]:
+                continue
             cmd = [sys.executable, __file__, "--case", name, engine] + (["--quick"] if args.quick else [])
             out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
             print(f"{name:<16} {engine:<10} {out['requests']:>9} {out['wall_s']:>8.2f} "

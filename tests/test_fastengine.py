@@ -15,14 +15,15 @@ import math
 from itertools import pairwise
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
 from llmqueue.cli import main
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine
-from llmqueue.policies import SARATHI, VLLM_CHUNKED
+from llmqueue.memory import KVCache
+from llmqueue.policies import ORCA, SARATHI, VLLM, VLLM_CHUNKED
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request, make_workload
 
@@ -172,3 +173,51 @@ def test_cli_engines_agree() -> None:
         assert fast[key] == ref[key]
     for key in ("mean_ttft_ms", "p99_e2el_ms", "median_itl_ms", "mean_backlog_tokens"):
         assert fast[key] == pytest.approx(ref[key], rel=1e-9)
+
+
+# ---------------------------------------------------------------- KV-cache memory
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    requests=workloads(prefill_min=0),
+    policy=policies,
+    budget=st.integers(1, 128),
+    k_max=st.none() | st.integers(1, 9),
+    blocks=st.integers(1, 40),
+    block_tokens=st.sampled_from([1, 3, 16]),
+    watermark=st.sampled_from([0.0, 0.05, 0.2]),
+    batch_time=batch_times,
+)
+def test_fast_engine_matches_the_reference_with_memory(requests, policy, budget, k_max, blocks,
+                                                       block_tokens, watermark, batch_time) -> None:
+    """Admission, watermark, recompute preemption (newest first) and refusal at arrival are
+    exact in the fast engine: same requests, same batches, same memory metrics."""
+    memory = KVCache(blocks * block_tokens, block_tokens=block_tokens, watermark=watermark)
+    ref, fast = both(requests, policy, batch_time, budget, k_max, keep_batches=True, drain_s=1e6,
+                     memory=memory)
+    assert_same(ref, fast)
+    assert ref.batches == fast.batches
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=workloads(), policy=st.sampled_from(SHIPPED), blocks=st.integers(2, 30))
+def test_fast_engine_matches_with_memory_when_cut_at_the_horizon(requests, policy, blocks) -> None:
+    """A short drain stops a memory-limited run mid-way on the same batch in both engines."""
+    memory = KVCache(blocks * 4, block_tokens=4, watermark=0.0)
+    ref, fast = both(requests, policy, ConstantTime(1.0), 64, None, keep_batches=True, drain_s=3.0,
+                     memory=memory)
+    assert_same(ref, fast)
+    assert ref.batches == fast.batches
+
+
+@pytest.mark.parametrize("policy", [VLLM, ORCA, SARATHI, VLLM_CHUNKED])
+def test_fast_engine_matches_a_long_thrashing_run(policy) -> None:
+    """Hundreds of requests just below the cache's §4 limit, hundreds of preemptions: identical."""
+    workload = make_workload("poisson", "64", "512", rate_per_s=11.5)
+    memory = KVCache(32000, block_tokens=16, watermark=0.01)
+    ref, fast = both(workload, policy, LinearTime(10.0, 0.05), 512, None, seed=1, max_requests=600,
+                     memory=memory, keep_batches=True)
+    assert ref.metrics.preemptions > 200
+    assert_same(ref, fast)
+    assert ref.batches == fast.batches

@@ -505,19 +505,25 @@ class Engine:
     def _preempt(self, job: Job) -> None:
         """Recompute preemption: ``job`` frees its blocks and must prefill its whole context
         again (prompt and decoded tokens) before it decodes on."""
+        decoding = not job.prefill_left
+        if decoding:
+            self._leave_decode(job)
         self._free_blocks += job.blocks
         job.blocks = 0
         del self._resident[job.id]
         lost = job.cached
         job.cached = 0
-        if not job.prefill_left:
-            self._decoding.remove(job)
+        if decoding:
             insort(self._prefilling, job, key=_seq)
         job.prefill_left += lost
         self._prefill_left_tokens += lost
         self.backlog_tokens += lost
         if self.recorder is not None:
             self.recorder.preempted(self.now_ms, lost)
+
+    def _leave_decode(self, job: Job) -> None:
+        """A decoding request is preempted: it leaves the decoders (it prefills again)."""
+        self._decoding.remove(job)
 
     def _duration(self, n: int, entries: list[tuple[Job, int]] | None = None) -> float:
         """The batch's time in ms (``t(n)``, or the shape model's time of ``entries``), refused

@@ -19,7 +19,7 @@ import math
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
-from heapq import heappop, heappush
+from heapq import heappop, heappush, merge
 from itertools import accumulate, repeat
 
 import numpy as np
@@ -151,6 +151,57 @@ def fill_targets(
     return ListTargets(np.minimum(budget, top).tolist())
 
 
+class _Growth:
+    """Blocks that iterations 1..i of a run of repeats allocate beyond its first (monotone in i).
+
+    A planned prompt with ``c`` cached tokens taking ``t`` a repeat holds ``ceil((c + (i + 1) t) /
+    block)`` blocks after repeat i. A served decoder needs a new block at each repeat that starts
+    with its cached tokens a multiple of the block, so the decoders' needs repeat with period
+    ``block``: ``per_step[j]`` of them need one at repeat j of each period.
+    """
+
+    __slots__ = ("block", "first", "period", "prefix", "prompts")
+
+    def __init__(self, block: int, prompts: list[tuple[int, int]], per_step: list[int]) -> None:
+        self.block = block
+        self.prompts = [(c, t, _ceil_div(c + t, block)) for c, t in prompts]
+        self.prefix = [0, *accumulate(per_step)]
+        self.period = self.prefix[-1]
+        self.first = per_step[0]
+
+    def at(self, i: int) -> int:
+        """Blocks allocated by repeats 1..i."""
+        b, n = self.block, i + 1
+        total = (n // b) * self.period + self.prefix[n % b] - self.first
+        for c, t, base in self.prompts:
+            total += _ceil_div(c + n * t, b) - base
+        return total
+
+    def many(self, lo: int, hi: int) -> list[int]:
+        """``at(i)`` for i in [lo, hi)."""
+        if hi - lo <= 64:
+            return [self.at(i) for i in range(lo, hi)]
+        n = np.arange(lo + 1, hi + 1, dtype=np.int64)
+        b = self.block
+        total = (n // b) * self.period + np.array(self.prefix, dtype=np.int64)[n % b] - self.first
+        for c, t, base in self.prompts:
+            total += -(-(c + n * t) // b) - base
+        return total.tolist()
+
+    def repeats_within(self, free: int, k: int) -> int:
+        """Most repeats (1..k) whose growth fits in ``free`` blocks (the next would preempt)."""
+        if self.at(k - 1) <= free:
+            return k
+        lo, hi = 0, k - 1  # at(lo) <= free < at(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.at(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo + 1
+
+
 class FastEngine(Engine):
     """An ``Engine`` that books each run of identical iterations in one step (same results).
 
@@ -159,6 +210,11 @@ class FastEngine(Engine):
     often the whole prefix got a token, and finds the next decoder to finish with a heap keyed by
     that count. A run of repeats then costs O(prompts in the plan + decoders that join, leave or
     finish), not O(decoders). The policy must provide ``plan_compact`` and ``repeats_plan``.
+
+    With a KV cache the served decoders' blocks are booked lazily too: they are counted by their
+    phase within a block, so the blocks a run allocates are known in closed form and a run ends
+    before the first repeat that would preempt. A plan that preempts, or that serves a decoder
+    holding no blocks, is fitted request by request with the reference rules (one repeat).
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -180,12 +236,25 @@ class FastEngine(Engine):
         self._prompts: list[tuple[Job, int]] = []
         self._decode_first = True
         self._stopped = False
+        # KV cache (memory-limited engines only)
+        self._block = self.memory.block_tokens if self.memory is not None else 0
+        self._phases = [0] * self._block  # served decoders by (cached - c0) mod block
+        self._uncached = 0  # decoders that hold no blocks (no prompt): fitted request by request
+        self._irregular = False  # the served decoders are not the oldest ones (after a fitted plan)
+        self._growth: _Growth | None = None  # the running run's block growth
+        self._run_done = 0  # repeats of the running run booked so far
+        self._run_used = 0  # blocks held during its first repeat
 
     # -- decoders kept implicit ----------------------------------------------------------------
     def _sync(self, job: Job) -> None:
-        """Write a served decoder's counts back into its record (decode_left, last token)."""
+        """Write a served decoder's counts back into its record (decode_left, cached, blocks,
+        last token)."""
         if self._serves > job.c0:
-            job.decode_left -= self._serves - job.c0
+            delta = self._serves - job.c0
+            job.decode_left -= delta
+            job.cached += delta
+            if self._block:
+                job.blocks = _ceil_div(job.cached, self._block)
             job.last_token_ms = self._served_ms
             job.c0 = self._serves
 
@@ -196,19 +265,50 @@ class FastEngine(Engine):
             job = served.pop()
             self._sync(job)
             job.activation += 1
+            if self._block:
+                self._phases[(job.cached - job.c0) % self._block] -= 1
             last[job.last_token_ms] -= 1
             if not last[job.last_token_ms]:
                 del last[job.last_token_ms]
             self._waiting.appendleft(job)
         while len(served) < count:
             job = self._waiting.popleft()
-            job.c0 = self._serves
-            job.activation += 1
+            self._join(job)
             served.append(job)
-            last[job.last_token_ms] = last.get(job.last_token_ms, 0) + 1
-            heappush(
-                self._finish_heap, (self._serves + job.decode_left, job.seq, job.activation, job)
-            )
+
+    def _join(self, job: Job) -> None:
+        """Book a decoder into the served prefix (the caller appends it to ``_served``)."""
+        job.c0 = self._serves
+        job.activation += 1
+        last = self._last_tokens
+        last[job.last_token_ms] = last.get(job.last_token_ms, 0) + 1
+        heappush(self._finish_heap, (self._serves + job.decode_left, job.seq, job.activation, job))
+        if self._block:
+            self._phases[(job.cached - job.c0) % self._block] += 1
+
+    def _unserve_all(self) -> None:
+        """Sync every served decoder and queue all decoders in arrival order again."""
+        served = self._served
+        for job in served:
+            self._sync(job)
+            job.activation += 1
+        if self._irregular:
+            self._waiting = deque(merge(served, self._waiting, key=_seq))
+            self._irregular = False
+        else:
+            self._waiting.extendleft(reversed(served))
+        self._served, self._last_tokens, self._finish_heap = [], {}, []
+        self._phases = [0] * self._block
+
+    def _serve_exactly(self, jobs: list[Job]) -> None:
+        """Make ``jobs`` (arrival order) the served decoders, whichever they are (after a fitted
+        plan; the arrival order is restored when the batch is booked)."""
+        chosen = {id(job) for job in jobs}
+        self._waiting = deque(job for job in self._waiting if id(job) not in chosen)
+        for job in jobs:
+            self._join(job)
+        self._served = list(jobs)
+        self._irregular = True
 
     def _next_finish(self) -> int:
         """The serve count at which the next served decoder finishes."""
@@ -229,7 +329,16 @@ class FastEngine(Engine):
             insort(everyone, job, key=_seq)
             self._served, self._waiting = [], deque(everyone)
             self._last_tokens, self._finish_heap = {}, []
+            self._phases = [0] * self._block
         self._decoders += 1
+        if self._block and not job.cached:
+            self._uncached += 1
+
+    def _decoders_in_order(self) -> list[Job]:
+        """All decoding requests in arrival order."""
+        if self._irregular:
+            return list(merge(self._served, self._waiting, key=_seq))
+        return [*self._served, *self._waiting]
 
     def view(self) -> EngineView:
         """The read-only view of the reference engine (built on demand: O(requests))."""
@@ -240,8 +349,35 @@ class FastEngine(Engine):
             budget=self.budget,
             k_max=self.k_max,
             prefilling=ReadOnlyList(self._prefilling),
-            decoding=ReadOnlyList([*self._served, *self._waiting]),
+            decoding=ReadOnlyList(self._decoders_in_order()),
         )
+
+    def _resident_view(self, view: EngineView) -> EngineView:
+        """``view`` without the requests that hold no KV blocks."""
+        return EngineView(
+            now_ms=view.now_ms,
+            budget=view.budget,
+            k_max=view.k_max,
+            prefilling=ReadOnlyList([j for j in self._prefilling if j.blocks]),
+            decoding=ReadOnlyList([j for j in self._decoders_in_order() if j.blocks]),
+        )
+
+    def _leave_decode(self, job: Job) -> None:
+        """A decoder is preempted while a plan is fitted (the served ones are synced then)."""
+        waiting, served = self._waiting, self._served
+        if waiting and waiting[-1] is job:  # the newest decoder, usually
+            waiting.pop()
+        elif any(other is job for other in served):
+            served.remove(job)
+            self._phases[(job.cached - job.c0) % self._block] -= 1
+            last = self._last_tokens
+            last[job.last_token_ms] -= 1
+            if not last[job.last_token_ms]:
+                del last[job.last_token_ms]
+            job.activation += 1
+        else:
+            waiting.remove(job)
+        self._decoders -= 1
 
     # -- planning --------------------------------------------------------------------------------
     def _check(self, plan: CompactPlan) -> list[tuple[Job, int]]:
@@ -277,26 +413,117 @@ class FastEngine(Engine):
             )
         return entries
 
+    def _compact_view(self, resident_only: bool = False) -> CompactView:
+        """The compact view a planner gets (only the prompts holding blocks if ``resident_only``)."""
+        prompts = self._prefilling
+        if resident_only:
+            prompts = [job for job in prompts if job.blocks]
+        return CompactView(self.now_ms, self.budget, self.k_max, ReadOnlyList(prompts), self._decoders)
+
+    def _form_compact(self) -> tuple[list[tuple[Job, int]], int, bool, bool] | None:
+        """The next batch: (prompt entries, decoders, decode first, fitted request by request), or
+        None when the engine blocks."""
+        if self._block and self._uncached:
+            return self._form_fitted()
+        plan = self._planner(self._compact_view())
+        if not plan.decoders and not plan.prompts:
+            self._blocked_since = self.now_ms
+            return None
+        entries = self._check(plan)
+        if not self._block:
+            return entries, plan.decoders, plan.decode_first, False
+        kept = self._fit_compact(plan.decoders, entries)
+        if kept is None:
+            return self._form_fitted()
+        if not kept and not plan.decoders and self._resident:  # memory refused the whole plan
+            plan = self._planner(self._compact_view(resident_only=True))
+            if plan.decoders or plan.prompts:
+                kept = self._fit_compact(plan.decoders, self._check(plan))
+                if kept is None:
+                    return self._form_fitted()
+        if not kept and not plan.decoders:
+            self._blocked_since = self.now_ms
+            return None
+        return kept, plan.decoders, plan.decode_first, False
+
+    def _fit_compact(self, decoders: int, entries: list[tuple[Job, int]]) -> list[tuple[Job, int]] | None:
+        """vLLM's block rules (``Engine._fit_memory``) for a compact plan that preempts nobody:
+        allocate and return the prompts memory admits; None, changing nothing, when a request
+        holding blocks could not grow (the plan is then fitted request by request)."""
+        memory = self.memory
+        assert memory is not None
+        if decoders:
+            self._serve(decoders)
+        need = self._phases[-self._serves % self._block] if decoders else 0
+        fresh: list[tuple[Job, int]] = []
+        for job, tokens in entries:
+            if job.blocks:
+                need += memory.blocks_for(job.cached + tokens) - job.blocks
+            else:
+                fresh.append((job, tokens))
+        if need > self._free_blocks:
+            return None
+        self._free_blocks -= need
+        for job, tokens in entries:
+            if job.blocks:
+                job.blocks = memory.blocks_for(job.cached + tokens)
+        floor = memory.watermark_blocks
+        for job, tokens in fresh:
+            blocks = memory.blocks_for(tokens)
+            if self._free_blocks - blocks < floor:
+                break
+            job.blocks = blocks
+            self._free_blocks -= blocks
+            self._resident[job.id] = job
+        return [(job, tokens) for job, tokens in entries if job.blocks]
+
+    def _form_fitted(self) -> tuple[list[tuple[Job, int]], int, bool, bool] | None:
+        """Form and fit the next batch request by request with the reference rules (it may
+        preempt); it runs as a single repeat."""
+        for job in self._served:
+            self._sync(job)
+        formed = self._form_plan()
+        if formed is None:
+            return None
+        entries = formed[1]
+        decoders = sorted((job for job, _ in entries if not job.prefill_left), key=_seq)
+        prompts = [(job, tokens) for job, tokens in entries if job.prefill_left]
+        if decoders and self._nth_decoder(len(decoders) - 1) is decoders[-1]:
+            self._serve(len(decoders))  # the oldest ones, as usual
+        elif decoders:  # not the oldest (the re-plan skipped a decoder holding no blocks)
+            self._unserve_all()
+            self._serve_exactly(decoders)
+        return prompts, len(decoders), not entries[0][0].prefill_left, True
+
+    def _nth_decoder(self, i: int) -> Job:
+        """The decoder with ``i`` older ones."""
+        served = self._served
+        return served[i] if i < len(served) else self._waiting[i - len(served)]
+
     def _start_batch(self) -> None:
         if not self._jobs:
             return
-        view = CompactView(
-            self.now_ms, self.budget, self.k_max, ReadOnlyList(self._prefilling), self._decoders
-        )
-        plan = self._planner(view)
-        if not plan.decoders and not plan.prompts:
-            self._blocked_since = self.now_ms
+        formed = self._form_compact()
+        if formed is None:
             return
-        entries = self._check(plan)
+        entries, decoders, decode_first, fitted = formed
         prefill = sum(tokens for _, tokens in entries)
-        decoders = plan.decoders
         duration = self._duration(prefill + decoders)
-        k = MAX_REPEAT
+        k = 1 if fitted else MAX_REPEAT
         for job, tokens in entries:
             k = min(k, job.prefill_left // tokens)
         if decoders:
-            self._serve(decoders)
+            if not fitted:
+                self._serve(decoders)
             k = min(k, self._next_finish() - self._serves)
+        if self._block:
+            phases, b, s0 = self._phases, self._block, self._serves
+            per_step = [phases[-(s0 + j) % b] for j in range(b)] if decoders and not fitted else [0] * b
+            self._growth = _Growth(b, [(job.cached, tokens) for job, tokens in entries], per_step)
+            k = self._growth.repeats_within(self._free_blocks, k)
+            self._run_done = 0
+            assert self.memory is not None
+            self._run_used = self.memory.total_blocks - self._free_blocks
         # batch ends by the same sequential float additions as the reference engine's clock
         self._ends = list(accumulate(repeat(duration, k), initial=self.now_ms))[1:]
         self._targets = fill_targets(
@@ -305,7 +532,7 @@ class FastEngine(Engine):
         )
         self._plan = entries
         self._prompts = entries
-        self._decode_first = plan.decode_first
+        self._decode_first = decode_first
         self._shape = (prefill, decoders, duration)
         self._stopped = False
         self._batch_end_ms = self._ends[-1]
@@ -343,6 +570,9 @@ class FastEngine(Engine):
         if self.recorder is not None:
             requests = len(self._prompts) + decode
             self.recorder.batches(1, duration, prefill, decode, requests, audit)
+            if self._growth is not None and self.memory is not None:
+                used = self._run_used + self._growth.at(self._run_done)
+                self.recorder.kv_used(used, self.memory.total_blocks)
         self._stopped = True
 
     def _keep_batches(self, m: int) -> None:
@@ -377,6 +607,8 @@ class FastEngine(Engine):
         now = ends[m - 1]
         recorder = self.recorder
         self._keep_batches(m)
+        if self._growth is not None:
+            self._book_blocks(m)
         intervals: dict[float, int] = {}
         finished: list[RequestRecord] = []
         if decode:
@@ -394,6 +626,9 @@ class FastEngine(Engine):
                 _, _, activation, job = heappop(heap)
                 if activation != job.activation:
                     continue
+                if self._block:  # its cached tokens and blocks, freed when it settles
+                    self._sync(job)
+                    self._phases[(job.cached - job.c0) % self._block] -= 1
                 job.decode_left = 0
                 job.last_token_ms = now
                 job.activation += 1
@@ -402,12 +637,22 @@ class FastEngine(Engine):
                 done += 1
             self._decoders -= done
             self._last_tokens = {now: decode - done} if decode > done else {}
+        if self._irregular:  # a fitted batch served decoders out of order: restore the order
+            self._unserve_all()
+        if self._uncached:  # only fitted batches serve them: the served ones now hold blocks
+            self._uncached = sum(1 for job in self._waiting if not job.cached)
         prompts_done = 0
+        block = self._block
         for job, tokens in self._prompts:
             job.prefill_left -= tokens * m
+            job.cached += tokens * m
+            if block:
+                job.blocks = _ceil_div(job.cached, block)
             if job.prefill_left == 0:
                 prompts_done += 1
-                job.first_token_ms = job.last_token_ms = now
+                if job.first_token_ms != job.first_token_ms:  # NaN: not a recomputation
+                    job.first_token_ms = now
+                job.last_token_ms = now
                 if job.decode_left:
                     self._enter_decode(job)
                 else:
@@ -433,6 +678,17 @@ class FastEngine(Engine):
             self._batch_end_ms = math.inf
         self._settle(finished, False, False)
         return finished
+
+    def _book_blocks(self, m: int) -> None:
+        """Take the blocks that the next ``m`` repeats of the run allocate beyond its first
+        from the pool, and report the blocks held at each of their starts."""
+        growth, done, memory = self._growth, self._run_done, self.memory
+        assert growth is not None and memory is not None
+        self._free_blocks -= growth.at(done + m - 1) - (growth.at(done - 1) if done else 0)
+        self._run_done = done + m
+        if self.recorder is not None:
+            used = self._run_used
+            self.recorder.kv_used_steps([used + g for g in growth.many(done, done + m)], memory.total_blocks)
 
     def _drop_prompts(self, count: int) -> None:
         """Remove ``count`` prompts that finished prefill (usually the oldest ones)."""

@@ -415,6 +415,11 @@ class Recorder:
         self.kv_sum += usage
         self.kv_batches += 1
 
+    def kv_used_steps(self, used_blocks: list[int], total_blocks: int) -> None:
+        """Consecutive batches started with each of ``used_blocks`` blocks held (fast engine)."""
+        for used in used_blocks:
+            self.kv_used(used, total_blocks)
+
     def stall(self, duration_ms: float) -> None:
         """The engine sat idle for ``duration_ms`` although requests were waiting."""
         self.stall_ms += duration_ms

@@ -193,12 +193,14 @@ def simulate(
         )
     if memory is not None and not isinstance(memory, KVCache):
         raise ConfigError("memory", memory, "must be a KVCache (see llmqueue.memory.parse_memory)")
-    shaped = is_shape_model(batch_time)
-    reference_only = shaped or memory is not None
+    reference_only = is_shape_model(batch_time)
     if engine in ("fast", "compiled") and reference_only:
-        what = "a composition-aware batch time" if shaped else "a memory limit"
-        raise ConfigError("engine", engine, f"{what} runs on the reference engine only")
-    can_compile = not reference_only and compiled.supports(policy, budget, keep_batches)
+        raise ConfigError(
+            "engine", engine, "a composition-aware batch time runs on the reference engine only"
+        )
+    if engine == "compiled" and memory is not None:
+        raise ConfigError("engine", engine, "a memory limit runs on the reference and fast engines only")
+    can_compile = not reference_only and memory is None and compiled.supports(policy, budget, keep_batches)
     if engine == "compiled" and not can_compile:
         raise ConfigError(
             "engine", engine,
@@ -292,7 +294,7 @@ def simulate(
         notes.append(
             f"the engine stalled: {outcome.in_system} request(s) wait but the policy forms no batch"
         )
-    if shaped:
+    if reference_only:
         notes.append(
             "composition-aware batch time: the theory uses its token view for this workload's "
             f"mix ({token_time.spec})"

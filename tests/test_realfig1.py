@@ -187,3 +187,31 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_replicates_must_be_a_count() -> None:
     with pytest.raises(ConfigError, match="replicates"):
         rf.compare_real(SHARED_DATA, replicates=-1)
+
+
+def test_summary_errors_name_the_policys_line(tmp_path: Path, comp: rf.Comparison) -> None:
+    """A bad number in summary.csv is reported at its own line (the header is line 1)."""
+    rows = list(_summary(ENGINE).values())
+    rows[2]["thr_req_s_2nd_half"] = "n/a"
+    path = tmp_path / "summary.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    measured = comp.run("run1").policies[rows[2]["policy"]].measured
+    with pytest.raises(ConfigError) as err:
+        rf.summary_deviation(tmp_path, rows[2]["policy"], measured)
+    assert err.value.field == "summary.csv:4:thr_req_s_2nd_half"
+
+
+def test_iteration_times_refuse_terms_the_log_cannot_feed() -> None:
+    """iterations.csv has no KV-token or logit-row counts: a model with those terms is refused,
+    one without them times every logged iteration."""
+    from llmqueue.batchtime import CompositionTime
+
+    ones = np.ones(3)
+    plain = CompositionTime(c=1.0, prefill=0.5, decode=0.25, chunk=2.0, floor=3.0)
+    assert rf.model_times_ms(plain, ones * 4, ones * 8, ones).tolist() == [7.0, 7.0, 7.0]
+    for extra in ({"kv": 0.01}, {"logit": 0.1}):
+        with pytest.raises(ConfigError):
+            rf.model_times_ms(CompositionTime(c=1.0, prefill=0.5, decode=0.25, **extra), ones, ones, ones)

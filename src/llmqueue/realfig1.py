@@ -213,7 +213,11 @@ def fit_calibration(path: str | Path) -> CalibrationFit:
 
 def model_times_ms(model: CompositionTime, prefill: np.ndarray, decode: np.ndarray,
                    chunks: np.ndarray) -> np.ndarray:
-    """The model's time of each logged iteration (prompt tokens, decode tokens, prefill chunks)."""
+    """The model's time of each logged iteration (prompt tokens, decode tokens, prefill chunks);
+    iterations.csv logs no KV tokens read or logit rows, so a model with those terms is refused."""
+    if model.kv or model.logit:
+        raise ConfigError("batch-time", model.spec, "iterations.csv has no KV-token or logit-row "
+                          "counts to time a kv or logit term with")
     t = model.c + model.prefill * prefill + model.decode * decode + model.chunk * chunks
     return np.maximum(model.floor, t)
 
@@ -363,12 +367,12 @@ def summary_deviation(folder: str | Path, policy: str, measured: RunQuantities) 
 def _deviation(path: Path, summary: Sequence[Mapping[str, str]], policy: str,
                measured: RunQuantities) -> tuple[float, str]:
     """:func:`summary_deviation` on the rows of a summary.csv already read."""
-    rows = [r for r in summary if r["policy"] == policy]
-    if len(rows) != 1:
+    lines = [i + 2 for i, r in enumerate(summary) if r["policy"] == policy]  # line 1 is the header
+    if len(lines) != 1:
         raise ConfigError("summary.csv", policy, "needs exactly one row per policy")
     worst, where = 0.0, ""
     for column, attr in _SUMMARY.items():
-        given = _num(rows[0], column, path, 2)
+        given = _num(summary[lines[0] - 2], column, path, lines[0])
         mine = float(getattr(measured, attr))
         dev = abs(mine - given) / max(abs(given), 1.0)
         if dev > worst:

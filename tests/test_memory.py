@@ -244,8 +244,8 @@ MEMORY_CASES = [
 def test_memory_binds_where_the_theory_says(prefill, decode, tokens, bt) -> None:
     """Where the token budget alone gives load < 0.5, a cache of ~90 mean requests binds: at
     1.05 of its §4 limit the run is unstable while the same run without the limit is not; at
-    0.6 of it both are stable. (Near the limit preemption thrash costs 15-25 %: the limit is an
-    upper bound, docs/memory.md.)"""
+    0.6 of it both are stable. (Near the limit preemption thrash costs 13-22 %: the limit is an
+    upper bound; the saturated rate, tests/test_saturation.py, is where stability ends.)"""
     from llmqueue import theory
     from llmqueue.workload import make_workload
 

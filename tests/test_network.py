@@ -510,3 +510,180 @@ def test_compiled_routing_is_deterministic_and_reports_bad_batch_times() -> None
     for engine in ("compiled", "fast"):
         with pytest.raises(ConfigError, match=r"^batch-time: t\(1\d\d\) must be a positive finite time"):
             simulate_network(broken, seed=1, max_requests=300, engine=engine)
+
+
+# -- KV-cache memory (engines' ``memory``) --------------------------------------------------------------
+
+
+def chat_loop(rate: float, memory: str | None = None) -> dict:
+    """gen (optionally with a KV cache) -> judge -> back to gen with probability 0.2, or exit."""
+    gen: dict = {"budget": 256, "batch_time": LINEAR}
+    if memory is not None:
+        gen["memory"] = memory
+    return {
+        "engines": {"gen": gen, "judge": {"budget": 256, "batch_time": LINEAR}},
+        "classes": {"chat": {"rate": rate, "start": "answer", "nodes": {
+            "answer": {"engine": "gen", "prefill": "uniform:50,300", "decode": "uniform:50,400",
+                       "next": "check"},
+            "check": {"engine": "judge", "prefill": "poisson:100", "decode": "poisson:5",
+                      "next": {"answer": 0.2, "exit": 0.8}},
+        }}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("memory", "field", "problem"),
+    [
+        ("tokens=5", "engines.tools.memory.tokens", "must be >= 16"),
+        ("tokens=4096,watermark=1", "engines.tools.memory.watermark", "must be < 1"),
+        ("colour=3", "engines.tools.memory", "unknown key 'colour'"),
+        ("", "engines.tools.memory", "expected 'tokens=M"),
+        (4096, "engines.tools.memory", "valid string"),
+    ],
+)
+def test_bad_engine_memory_is_refused_naming_the_key(memory, field, problem) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_network(_broken(["engines", "tools", "memory"], memory))
+    assert err.value.field == field
+    assert problem in err.value.problem
+
+
+def test_tight_memory_engine_completes_every_request_and_preempts() -> None:
+    """A cache of 4096 tokens (every visit fits alone) at the gen engine: all requests complete
+    after the drain, with preemptions there and none at the engine without a cache."""
+    net = parse_network(chat_loop(20.0, "tokens=4096"))
+    r = simulate_network(net, seed=3, max_requests=300)
+    chat, gen, judge = r.classes["chat"], r.engines["gen"], r.engines["judge"]
+    assert chat.completed == chat.arrivals == 300 and chat.rejected == 0 and chat.in_network == 0
+    assert gen.metrics.completed == gen.metrics.arrivals and gen.metrics.rejected_requests == 0
+    assert gen.metrics.preemptions > 0 and gen.metrics.recomputed_tokens > 0
+    assert 0 < gen.metrics.mean_kv_usage <= gen.metrics.peak_kv_usage <= 1
+    assert judge.metrics.preemptions == 0 and math.isnan(judge.metrics.peak_kv_usage)
+    doc = r.to_dict()
+    assert doc["engines"]["gen"]["memory"] == "tokens=4096,block=16,watermark=0.01"
+    assert doc["engines"]["gen"]["preemptions"] == gen.metrics.preemptions
+    assert doc["engines"]["judge"]["memory"] is None
+    assert any("gen have a KV cache: they ran on the fast engine" in n for n in r.notes)
+    ref = simulate_network(net, seed=3, max_requests=300, engine="reference").to_dict()["engines"]
+    for name, figures in doc["engines"].items():  # the fast engine is exact with memory
+        for key, value in figures.items():
+            other = ref[name][key]
+            if isinstance(value, float):
+                assert other == pytest.approx(value, rel=1e-9, nan_ok=True), (name, key)
+            else:
+                assert other == value, (name, key)
+    # the analysis counts the cache as a batch-size limit: a higher load than without it
+    plain = analyze(parse_network(chat_loop(20.0)))
+    assert r.analysis.engines["gen"].memory_batch_limit is not None
+    assert r.analysis.engines["gen"].rho > plain.engines["gen"].rho
+    assert any("engine gen: its KV cache (4096 tokens) binds" in w for w in r.analysis.warnings)
+    assert r.predicted.verdict in ("no guarantee", "unstable")
+
+
+def _records(net: Network, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict, dict]:
+    """(to_dict, every engine's request records, every class's end-to-end latencies) of a run on the
+    reference engines (seed 5, 200 requests), with the per-request records kept."""
+    from llmqueue import netsim
+    from llmqueue.metrics import Recorder
+
+    monkeypatch.setattr(netsim, "Recorder", lambda keep_requests: Recorder(keep_requests=True))
+    r = _Run(net, analyze(net), 5, 200, None, None, {}, "reference")
+    doc = r.result().to_dict()
+    records = {n: list(rec.completed_records()) for n, rec in r.recorders.items()}
+    latency = {c: list(values) for c, values in r.class_latency.items()}
+    return doc, records, latency
+
+
+def test_a_huge_cache_without_watermark_gives_the_same_run_as_no_memory(monkeypatch) -> None:
+    """A cache no run can fill (watermark 0) never refuses, preempts nor delays: every visit's
+    record and every request's end-to-end latency are those of the run without memory. At this
+    load (0.8 of the critical scale) a cache of 3000 tokens does change them."""
+    rate = 0.8 * analyze(parse_network(fork_join(1.0, p_back=0.3))).critical_scale
+    data = fork_join(rate, p_back=0.3)
+    plain = parse_network(data)
+    for engine in data["engines"].values():
+        engine["memory"] = "tokens=10000000,watermark=0"
+    huge = parse_network(data)
+    doc_a, records_a, latency_a = _records(plain, monkeypatch)
+    doc_b, records_b, latency_b = _records(huge, monkeypatch)
+    assert records_a == records_b and latency_a == latency_b
+    assert sum(len(v) for v in records_a.values()) > 800  # every visit of 200 tasks, loops included
+    assert doc_a["classes"] == doc_b["classes"]
+    memory_keys = {"memory", "peak_kv_usage", "mean_kv_usage"}
+    for name, engine in doc_a["engines"].items():
+        other = doc_b["engines"][name]
+        assert {k: v for k, v in engine.items() if k not in memory_keys} == \
+            {k: v for k, v in other.items() if k not in memory_keys}
+        assert other["preemptions"] == other["rejected_requests"] == 0 and other["peak_kv_usage"] < 0.01
+    for engine in data["engines"].values():
+        engine["memory"] = "tokens=3000,watermark=0"
+    doc_c, records_c, _ = _records(parse_network(data), monkeypatch)
+    assert records_c != records_a and doc_c["engines"]["sub"]["preemptions"] > 0
+
+
+def test_a_visit_the_cache_cannot_hold_loses_its_request() -> None:
+    """Research visits of up to 600 + 60 tokens at an engine of 512: those are refused, so their
+    task is lost (counted once, its tool branch still runs); everything else completes."""
+    data = fork_join(2.0)
+    data["engines"]["sub"]["memory"] = "tokens=512,watermark=0"
+    data["classes"]["task"]["nodes"]["research"]["prefill"] = "uniform:100,600"
+    net = parse_network(data)
+    assert any("requests of task.research can need more KV cache" in w for w in analyze(net).warnings)
+    r = simulate_network(net, seed=2, max_requests=400)
+    task = r.classes["task"]
+    planner, tools, sub = (r.engines[n].metrics for n in ("planner", "tools", "sub"))
+    assert task.rejected == sub.rejected_requests > 0
+    assert task.completed + task.rejected == task.arrivals == 400 and task.in_network == 0
+    assert tools.arrivals == planner.completed == 400  # the refused tasks' tool branches still ran
+    assert sub.arrivals + sub.rejected_requests == planner.completed
+    assert r.engines["critic"].metrics.arrivals == task.completed
+    assert r.visits == sum(r.engines[n].metrics.arrivals for n in r.engines)
+    assert any(f"{task.rejected} request(s) refused" in n for n in r.notes)
+    assert r.to_dict()["classes"]["task"]["rejected"] == task.rejected
+
+
+def test_memory_engines_pick_their_engine_in_one_place() -> None:
+    """``engine_kind`` runs a memory engine on the fast engine (the reference one when forced or
+    when its policy needs it); a forced compiled run is refused in one line."""
+    from llmqueue import netsim
+    from llmqueue.policies import make_policy
+
+    net = parse_network(chat_loop(5.0, "tokens=4096"))
+    gen, judge = net.engines["gen"], net.engines["judge"]
+    sarathi = make_policy("sarathi")
+    assert netsim.engine_kind(sarathi, gen) == "fast"
+    assert netsim.engine_kind(sarathi, gen, "fast") == "fast"
+    assert netsim.engine_kind(sarathi, gen, "reference") == "reference"
+    assert netsim.engine_kind(sarathi, judge, "fast") == "fast"
+    assert netsim.engine_kind(netsim.network_policy(parse_network(_with_pressure()), "tools"),
+                              parse_network(_with_pressure()).engines["tools"]) == "pressure"
+    with pytest.raises(ConfigError, match=r"^engine: engine gen has a KV cache \(memory\)"):
+        simulate_network(net, seed=1, max_requests=10, engine="compiled")
+
+
+def _with_pressure() -> dict:
+    data = fork_join(1.0)
+    data["engines"]["tools"].update(policy="max-pressure", memory="tokens=2048")
+    return data
+
+
+def test_network_cli_with_memory_and_a_max_pressure_engine_with_a_cache(tmp_path, capsys) -> None:
+    """The CLI shows the memory columns and names a bad spec's key (exit code 2); a max-pressure
+    engine keeps its network view with a cache."""
+    import yaml
+
+    path = tmp_path / "net.yaml"
+    path.write_text(yaml.safe_dump(chat_loop(20.0, "tokens=4096")), encoding="utf-8")
+    code, out, _ = run_cli(capsys, "network", "simulate", str(path), "--requests", "200")
+    assert code == 0 and "preemptions" in out and "KV tokens" in out and "4,096" in out
+    code, out, _ = run_cli(capsys, "network", "analyze", str(path), "--json")
+    doc = json.loads(out)
+    assert doc["engines"]["gen"]["memory"] == "tokens=4096,block=16,watermark=0.01"
+    assert doc["engines"]["gen"]["memory_batch_limit"] > 0 and doc["engines"]["judge"]["memory"] is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(chat_loop(20.0, "tokens=8")), encoding="utf-8")
+    code, _, err = run_cli(capsys, "network", "simulate", str(bad), "--requests", "10")
+    assert code == 2 and err.count("\n") == 1 and "engines.gen.memory.tokens: must be >= 16" in err
+    r = simulate_network(parse_network(_with_pressure()), seed=1, max_requests=300)
+    assert r.classes["task"].completed == 300
+    assert r.engines["tools"].metrics.peak_kv_usage > 0

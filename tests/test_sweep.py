@@ -94,6 +94,16 @@ def start_sweep(config: Path, db: Path, *, workers: int, rows: int) -> subproces
         ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\n[[grid.workloads]]\nprefill = 'zipf:3'\n",
          r"grid\.workloads"),
         ("grid = 3\n", r"grid"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nmemory = 'tokens=5'\n",
+         r"grid\.memory\.tokens: must be >= 16 \(got 'tokens=5'\)"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nmemory = ['none', 'tokens=8000,watermark=2']\n",
+         r"grid\.memory\.watermark: must be < 1"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nmemory = ['tokens=8000', 3]\n", r"grid\.memory"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nmemory = 'gpu_gib=80'\n",
+         r"grid\.memory: missing key 'params_b'"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nmemory = 'tokens=8000'\n"
+         "[run]\nengine = 'compiled'\n",
+         r"run\.engine: grid\.memory needs one of auto, fast, reference"),
     ],
 )
 def test_bad_configs_fail_before_any_run_naming_the_key(tmp_path, capsys, text, message) -> None:
@@ -248,3 +258,69 @@ def test_rows_keep_the_config_window_apart_from_the_run_length(tmp_path) -> None
     assert row["duration_s"] is None  # no arrival window was configured
     assert row["run_duration_s"] > 60.0  # the run itself: arrivals plus the drain
     assert row["rate"] == 5.0 and row["load"] == pytest.approx(5.0 / row["critical_rate"])
+
+
+MEMORY = """
+[grid]
+policies = ["sarathi"]
+loads = [0.9]
+memory = ["tokens=6000", "none"]
+
+[[grid.workloads]]
+prefill = "64"
+decode = "512"
+
+[run]
+requests = 300
+"""
+
+
+def test_memory_axis_runs_tight_and_unlimited_caches_under_distinct_keys(tmp_path, capsys) -> None:
+    """A memory axis: the tight cache preempts, the unlimited one does not; every row carries the
+    spec and the memory metrics; the unlimited run keeps the key of a sweep without memory."""
+    config = load_config(write(tmp_path, MEMORY))
+    runs = list(expand(config))
+    assert [r.get("memory") for r in runs] == ["tokens=6000", None]
+    assert "memory" not in runs[1]  # no cache: the configuration (and key) of a memory-free sweep
+    plain = parse_config({"grid": {"policies": ["sarathi"], "loads": [0.9],
+                                   "workloads": [{"prefill": "64", "decode": "512"}]},
+                          "run": {"requests": 300}})
+    assert run_key(runs[1]) == run_key(next(expand(plain)))
+    assert len({run_key(r) for r in runs}) == 2
+    db = tmp_path / "m.sqlite"
+    code, out, _ = run_cli(capsys, "sweep", str(tmp_path / "sweep.toml"), "--db", str(db), "--workers", "1",
+                           "--json")
+    assert code == 0 and json.loads(out)["ran"] == 2
+    with Store(db) as store:
+        rows = {row["memory"]: row for row in store.rows()}
+    tight, unlimited = rows["tokens=6000"], rows[None]
+    assert tight["preemptions"] > 0 and tight["recomputed_tokens"] > 0 and tight["peak_kv_usage"] == 1.0
+    assert tight["kv_capacity_tokens"] == 6000 and tight["rejected_requests"] == 0
+    assert 0 < tight["mean_kv_usage"] <= 1
+    assert unlimited["preemptions"] == 0 and unlimited["peak_kv_usage"] is None
+    assert unlimited["kv_capacity_tokens"] is None
+    assert tight["completed"] < unlimited["completed"]  # the cache binds: the backlog grows
+    assert tight["stable_predicted"] == "unstable"  # the theory sees the cache too
+    code, out, _ = run_cli(capsys, "results", str(db), "--where", "memory=none", "--format", "csv",
+                           "--columns", "memory,preemptions")
+    assert code == 0 and out.splitlines() == ["memory,preemptions", ",0"]
+    code, out, _ = run_cli(capsys, "sweep", str(tmp_path / "sweep.toml"), "--db", str(db), "--json")
+    assert code == 0 and json.loads(out)["already_stored"] == 2
+
+
+def test_default_keys_are_unchanged_by_the_memory_axis() -> None:
+    """The key of a run without memory is the one stored before sweeps knew memory (pinned)."""
+    config = parse_config({"grid": {"policies": ["sarathi"], "rates": [5.0]}, "run": {"requests": 300}})
+    (run,) = expand(config)
+    assert run_key(run) == "8af61b7efe9de7df0d54707a8da2ce345656fe001efe36fbef07d9f5742f7975"
+    one = parse_config({"grid": {"policies": ["sarathi"], "rates": [5.0], "memory": "tokens=8000"}})
+    assert next(expand(one))["memory"] == "tokens=8000"
+
+
+def test_results_table_shows_memory_columns_only_when_a_run_had_a_cache() -> None:
+    from llmqueue.cli import SWEEP_COLUMNS, _sweep_columns
+
+    assert _sweep_columns([{"memory": None}, {}]) == list(SWEEP_COLUMNS)
+    columns = _sweep_columns([{"memory": None}, {"memory": "tokens=6000"}])
+    assert columns[columns.index("k_max") + 1] == "memory"
+    assert {"preemptions", "rejected_requests", "peak_kv_usage"} <= set(columns)

@@ -35,6 +35,7 @@ from llmqueue.policies import (
     make_policy,
 )
 from llmqueue.profile import ProfileTime
+from llmqueue.saturation import SaturationResult, saturated_throughput
 from llmqueue.simulate import RunResult, TheorySummary, simulate, summarize_theory
 from llmqueue.traces import RequestTrace, fit_trace, load_request_trace, trace_stats
 from llmqueue.validate import ValidationReport, validate
@@ -69,6 +70,7 @@ __all__ = [
     "RequestView",
     "RunMetrics",
     "RunResult",
+    "SaturationResult",
     "StaircaseTime",
     "TableTime",
     "TheorySummary",
@@ -84,6 +86,7 @@ __all__ = [
     "make_workload",
     "parse_batch_time",
     "parse_network",
+    "saturated_throughput",
     "simulate",
     "simulate_network",
     "summarize_theory",

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ from llmqueue.presets import PRESETS
 from llmqueue.realfig1 import reproduce_real
 from llmqueue.region import OperatingPoint, plot_region, region
 from llmqueue.reproduce import TARGETS, reproduce
+from llmqueue.saturation import DEFAULT_REQUESTS as SATURATION_REQUESTS
+from llmqueue.saturation import MIN_REQUESTS as SATURATION_MIN_REQUESTS
+from llmqueue.saturation import SaturationResult, saturated_throughput_for
 from llmqueue.simulate import RunResult, simulate, summarize_theory
 from llmqueue.slo import best_budget_for_slo, max_rate_under_slo, parse_slo
 from llmqueue.slo import claim as slo_claim
@@ -89,6 +92,13 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> KV
         return parse_memory(value)
     except LLMQueueError as err:
         raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def _saturation_requests(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if 0 < value < SATURATION_MIN_REQUESTS:
+        raise click.BadParameter(f"must be 0 (skip) or >= {SATURATION_MIN_REQUESTS} (got {value})",
+                                 ctx=ctx, param=param)
+    return value
 
 
 def _token_time(opts: dict[str, Any], mean_prefill: float, mean_decode: float) -> BatchTime:
@@ -453,11 +463,20 @@ def _print_result(console: Console, result: RunResult) -> None:
               default=0.95, show_default=True, help="Level of the one-sided upper bounds.")
 @click.option("--tolerance", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
               default=0.01, show_default=True, help="Relative width at which the search stops.")
+@click.option("--saturation-requests", "saturation_requests", type=click.IntRange(min=0),
+              default=SATURATION_REQUESTS, show_default=True, callback=_saturation_requests,
+              help="With --memory: requests in the saturated run that measures preemption "
+              f"thrash (0 skips it, else >= {SATURATION_MIN_REQUESTS}).")
+@click.option("--saturation-policy", "saturation_policy", type=click.Choice(POLICY_NAMES),
+              default="sarathi", show_default=True,
+              help="With --memory: the policy of the saturated run (preemption thrash depends on it).")
 def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
                  budgets: str | None, best_budget: bool, slo_seeds: int, slo_requests: int,
-                 confidence: float, tolerance: float, **opts: Any) -> None:
-    """Capacity, critical rate, load and fluid slope of a setting (theory); with --slo, the
-    highest rate that is stable and meets latency targets (simulation)."""
+                 confidence: float, tolerance: float, saturation_requests: int, saturation_policy: str,
+                 **opts: Any) -> None:
+    """Capacity, critical rate, load and fluid slope of a setting (theory); with --memory, also
+    the saturated engine's rate (simulation); with --slo, the highest rate that is stable and
+    meets latency targets (simulation)."""
     workload = _workload(opts)
     budget, k_max = opts["budget"], opts["k_max"]
     bt = _token_time(opts, workload.mean_prefill_tokens, workload.mean_decode_tokens)
@@ -483,7 +502,20 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
     }
     memory = opts["memory"]
     if memory is not None:
-        doc.update(_memory_doc(memory, workload, bt, budget, k_max, summary))
+        saturation = None
+        if saturation_requests:
+            try:
+                saturation = saturated_throughput_for(
+                    workload, _policy(saturation_policy, opts), opts["batch_time"], budget, k_max,
+                    memory, seed=opts["seed"], requests=saturation_requests, engine=opts["engine"],
+                )
+            except ConfigError as err:
+                if err.field != "requests":
+                    raise
+                raise ConfigError("saturation-requests", saturation_requests,
+                                  f"{err.problem}; 0 skips the saturated run") from None
+            doc["saturation_policy"] = saturation_policy
+        doc.update(_memory_doc(memory, workload, bt, budget, k_max, summary, saturation))
     if max_iteration_ms is not None:
         choice = theory.best_budget(bt, max_iteration_ms)
         doc.update(
@@ -571,9 +603,10 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
 
 
 def _memory_doc(memory: KVCache, workload: Workload, bt: BatchTime, budget: int, k_max: int | None,
-                summary: Any) -> dict[str, Any]:
-    """What the KV cache does to the capacity: its batch-size limit, the §4 load with it, and a
-    warning when memory, not the token budget, binds."""
+                summary: Any, saturation: SaturationResult | None = None) -> dict[str, Any]:
+    """What the KV cache does to the capacity: its batch-size limit, the §4 load with it (the
+    no-thrash upper bound), the saturated engine's rate (the saturation rule, with preemption
+    thrash), a verdict and a warning when memory, not the token budget, binds."""
     p, d = workload.mean_prefill_tokens, workload.mean_decode_tokens
     rate = workload.rate_per_s
     rho, k_eff = theory.memory_load(rate, p, d, bt, budget, k_max, memory)
@@ -586,15 +619,46 @@ def _memory_doc(memory: KVCache, workload: Workload, bt: BatchTime, budget: int,
         "memory_critical_rate": rate / rho if rho > 0 else math.inf,
         "binding": "memory" if rho > scalar else "token budget",
     }
+    thrash = False
+    if saturation is not None:
+        sat = saturation.request_rate_per_s
+        thrash = saturation.preemptions > 0 and rate >= sat
+        out.update(
+            saturated_rate=sat,
+            saturated_rate_ci_low=saturation.ci_low_per_s,
+            saturated_rate_ci_high=saturation.ci_high_per_s,
+            saturated_load=rate / sat,
+            thrash_recomputed_tokens_per_request=saturation.recomputed_tokens_per_request,
+            saturation_requests=saturation.requests,
+        )
+    if scalar >= 1:
+        out["verdict"] = "unstable (token budget)"
+    elif rho >= 1:
+        out["verdict"] = "unstable (memory)"
+    elif thrash:
+        out["verdict"] = "unstable (preemption thrash)"
+    elif saturation is None and rho > scalar:
+        out["verdict"] = "no guarantee (memory binds; saturated run skipped)"
+    else:
+        out["verdict"] = "stable"
     if scalar < 1 <= rho:
         out["warning"] = (
             f"memory binds: load {scalar:.3f} is stable for the token budget, but {memory.capacity_tokens} "
             f"KV tokens hold only about {k_eff} decoding requests (load {rho:.3f} >= 1): unstable"
         )
+    elif scalar < 1 and thrash:
+        out["warning"] = (
+            f"preemption thrash: memory load {rho:.3f} < 1, but the saturated engine "
+            f"completes only {out['saturated_rate']:.4g} req/s "
+            f"({out['thrash_recomputed_tokens_per_request']:.0f} tokens recomputed per request; load "
+            f"{out['saturated_load']:.3f} >= 1): unstable (preemption thrash, docs/memory.md)"
+        )
     elif rho > scalar:
         out["warning"] = (
             "memory binds before the token budget; its limit is an upper bound: preemption "
-            "(recompute) costs capacity near it (docs/memory.md)"
+            "(recompute) costs capacity near it"
+            + ("" if saturation is None else ", saturated_rate includes that cost")
+            + " (docs/memory.md)"
         )
     return out
 
@@ -864,13 +928,17 @@ def network_group() -> None:
 
 def _print_analysis(console: Console, analysis: Analysis, net: Network) -> None:
     table = Table(show_header=True, header_style="bold")
-    for col in ("engine", "policy", "b", "k_max", "prefill tok/s", "decode tok/s", "capacity tok/s",
-                "load (rho)"):
+    cached = any(e.memory is not None for e in net.engines.values())
+    memory_cols = ("KV tokens", "k_mem") if cached else ()
+    for col in ("engine", "policy", "b", "k_max", *memory_cols, "prefill tok/s", "decode tok/s",
+                "capacity tok/s", "load (rho)"):
         table.add_column(col, justify="left" if col in ("engine", "policy") else "right")
     for name, load in analysis.engines.items():
         spec = net.engines[name]
         mark = " <- bottleneck" if name == analysis.bottleneck else ""
-        table.add_row(name, spec.policy, str(spec.budget), str(spec.k_max or "-"),
+        memory = (f"{spec.memory.capacity_tokens:,}" if spec.memory else "-",
+                  str(load.memory_batch_limit or "-")) if cached else ()
+        table.add_row(name, spec.policy, str(spec.budget), str(spec.k_max or "-"), *memory,
                       _fmt(load.prefill_tokens_per_s), _fmt(load.decode_tokens_per_s),
                       _fmt(load.capacity_tokens_per_s), f"{load.rho:.3f}{mark}")
     console.print(table)
@@ -899,7 +967,9 @@ def network_analyze_cmd(path: str, scale: float, as_json: bool) -> None:
         _dump({
             "engines": {n: {"rho": e.rho, "prefill_tokens_per_s": e.prefill_tokens_per_s,
                             "decode_tokens_per_s": e.decode_tokens_per_s,
-                            "capacity_tokens_per_s": e.capacity_tokens_per_s, "buffers": list(e.buffers)}
+                            "capacity_tokens_per_s": e.capacity_tokens_per_s, "buffers": list(e.buffers),
+                            "memory": None if net.engines[n].memory is None else net.engines[n].memory.spec,
+                            "memory_batch_limit": e.memory_batch_limit}
                         for n, e in analysis.engines.items()},
             "bottleneck": analysis.bottleneck,
             "critical_scale": analysis.critical_scale,
@@ -950,24 +1020,29 @@ def network_simulate_cmd(path: str, scale: float, requests_: int | None, duratio
     console = _console()
     _print_analysis(console, result.analysis, net)
     table = Table(show_header=True, header_style="bold")
+    cached = any(e.memory is not None for e in result.engines.values())
+    memory_cols = ("preemptions", "refused", "peak KV") if cached else ()
     for col in ("engine", "policy", "visits done", "tok/s", "mean TTFT ms", "p99 TTFT ms",
-                "mean TPOT ms", "mean backlog", "slope tok/s", "observed"):
+                "mean TPOT ms", "mean backlog", "slope tok/s", *memory_cols, "observed"):
         table.add_column(col, justify="left" if col in ("engine", "policy") else "right")
     for e in result.engines.values():
         m = e.metrics
+        memory = (str(m.preemptions), str(m.rejected_requests),
+                  "-" if e.memory is None else f"{m.peak_kv_usage:.2f}") if cached else ()
         table.add_row(e.name, e.policy, f"{m.completed}/{m.arrivals}", _fmt(m.total_token_throughput),
                       _fmt(m.latency["mean_ttft_ms"]), _fmt(m.latency["p99_ttft_ms"]),
                       _fmt(m.latency["mean_tpot_ms"]), _fmt(m.mean_backlog_tokens, 0),
-                      _fmt(e.observed.slope_tokens_per_s), e.observed.verdict)
+                      _fmt(e.observed.slope_tokens_per_s), *memory, e.observed.verdict)
     console.print(table)
     table = Table(show_header=True, header_style="bold")
-    for col in ("class", "completed", "req/s", "mean E2EL ms", "p50", "p90", "p99", "in network"):
+    for col in ("class", "completed", "req/s", "mean E2EL ms", "p50", "p90", "p99", "in network",
+                *(("refused",) if cached else ())):
         table.add_column(col, justify="left" if col == "class" else "right")
     for c in result.classes.values():
         table.add_row(c.name, f"{c.completed}/{c.arrivals}", _fmt(c.request_throughput, 3),
                       _fmt(c.latency["mean_e2el_ms"]), _fmt(c.latency["median_e2el_ms"]),
                       _fmt(c.latency["p90_e2el_ms"]), _fmt(c.latency["p99_e2el_ms"]),
-                      _fmt(c.mean_requests_in_network))
+                      _fmt(c.mean_requests_in_network), *((str(c.rejected),) if cached else ()))
     console.print(table)
     console.print(
         f"network: predicted [bold]{result.predicted.verdict}[/] ({result.predicted.reason}); "
@@ -1006,6 +1081,16 @@ SWEEP_COLUMNS = (
     "mean_ttft_ms", "p99_ttft_ms", "p99_tpot_ms", "mean_e2el_ms", "backlog_slope_tokens_per_s",
     "stable_predicted", "stable_observed",
 )
+# added to the default table (with "memory" after k_max) when some run has a KV cache
+SWEEP_MEMORY_COLUMNS = ("preemptions", "rejected_requests", "peak_kv_usage")
+
+
+def _sweep_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The default table's columns: the summary set, and memory's where some run had a KV cache."""
+    if not any(row.get("memory") is not None for row in rows):
+        return list(SWEEP_COLUMNS)
+    at = SWEEP_COLUMNS.index("k_max") + 1
+    return [*SWEEP_COLUMNS[:at], "memory", *SWEEP_COLUMNS[at:], *SWEEP_MEMORY_COLUMNS]
 
 
 @cli.group("trace")
@@ -1208,10 +1293,11 @@ def results_cmd(db_path: str, where: tuple[str, ...], columns: str | None, fmt: 
     """Query and export the runs stored by `llmqueue sweep`."""
     clauses = parse_where(where)
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
-    if chosen is None and fmt == "table":
-        chosen = list(SWEEP_COLUMNS)
     with Store(db_path) as store:
         rows = select(store.rows(), clauses, chosen)
+    if chosen is None and fmt == "table":
+        chosen = _sweep_columns(rows)
+        rows = [{c: row.get(c) for c in chosen} for row in rows]
     if fmt == "csv":
         text = to_csv(rows)
     elif fmt == "json":

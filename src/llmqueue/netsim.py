@@ -12,6 +12,8 @@ metric set per engine.
 When every engine runs in the compiled loop (the shipped K-FCFS and current-vLLM policies, numba
 installed), the whole loop, routing included, runs compiled (``compiled.NetworkLoop``): the same
 steps, draws and float operations in the same order, so the same run (docs/networks.md, Speed).
+An engine with a KV cache (``memory``) runs on the fast or reference engine (``engine_kind`` decides
+every engine's kind); a request its cache can never hold is refused and leaves the network unfinished.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from llmqueue.engine import Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine, needs_reference
 from llmqueue.metrics import Recorder, RunMetrics, TimeBins, downsample, summary
-from llmqueue.network import EXIT, Analysis, ClassSpec, Network, Node, analyze
+from llmqueue.network import EXIT, Analysis, ClassSpec, EngineSpec, Network, Node, analyze
 from llmqueue.policies import (
     KFCFS,
     ClassPriority,
@@ -46,6 +48,7 @@ from llmqueue.stability import Observation, Prediction, observe
 from llmqueue.workload import CHUNK_SIZE, Request
 
 EngineKind = Literal["auto", "compiled", "fast", "reference"]
+RunKind = Literal["compiled", "fast", "reference", "pressure"]
 K_FCFS_WORK_CONSERVING = ("sarathi", "orca", "vllm-chunked")
 
 
@@ -88,14 +91,16 @@ class _Draws:
 
 
 class _Frame:
-    """A fork in progress: the request that forked, and how many branches are still running."""
+    """A fork in progress: the request that forked, how many branches are still running, and
+    whether a branch was refused (then the request is lost and its branches end at the join)."""
 
-    __slots__ = ("join", "parent", "remaining")
+    __slots__ = ("failed", "join", "parent", "remaining")
 
     def __init__(self, parent: _Token, remaining: int, join: str) -> None:
         self.parent = parent
         self.remaining = remaining
         self.join = join
+        self.failed = False
 
 
 class _Token:
@@ -118,6 +123,7 @@ class EngineResult:
     metrics: RunMetrics
     observed: Observation
     rho: float
+    memory: str | None = None  # the KV cache's canonical spec (None: unlimited)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +137,12 @@ class ClassResult:
     latency: dict[str, float]
     mean_requests_in_network: float
     series: tuple[tuple[float, float], ...]
+    rejected: int = 0  # requests lost because a visit needed more KV cache than its engine holds
 
     @property
     def in_network(self) -> int:
         """Requests of this class still in the network at the end of the run."""
-        return self.arrivals - self.completed
+        return self.arrivals - self.completed - self.rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,12 +174,14 @@ class NetworkResult:
             "warnings": list(self.analysis.warnings),
             "engines": {
                 name: {"policy": e.policy, "rho": e.rho, "stable_observed": e.observed.verdict,
+                       "memory": e.memory,
                        "backlog_slope_tokens_per_s": e.observed.slope_tokens_per_s,
                        **{k: v for k, v in e.metrics.as_dict().items() if k != "backlog_series"}}
                 for name, e in self.engines.items()
             },
             "classes": {
                 name: {"arrivals": c.arrivals, "completed": c.completed, "in_network": c.in_network,
+                       "rejected": c.rejected,
                        "request_throughput": c.request_throughput,
                        "mean_requests_in_network": c.mean_requests_in_network, **c.latency}
                 for name, c in self.classes.items()
@@ -190,6 +199,25 @@ def network_policy(net: Network, engine: str) -> PolicyFn:
         routes, sizes = pressure_routes(net)
         return MaxPressure(routes=routes, sizes=sizes)
     return make_policy(spec.policy)
+
+
+def engine_kind(policy: PolicyFn, spec: EngineSpec, engine: EngineKind = "auto") -> RunKind:
+    """Which engine runs one engine of a network, for the caller's ``engine`` choice: the one
+    place that decides (ConfigError when the choice cannot run it)."""
+    if spec.memory is not None and engine == "compiled":
+        raise ConfigError("engine", engine, f"engine {spec.name} has a KV cache (memory): the compiled "
+                          "loop does not model it (use 'auto', 'fast' or 'reference')")
+    supported = spec.memory is None and compiled.supports(policy, spec.budget, False)
+    if engine == "compiled" and not supported:
+        raise ConfigError("engine", engine, f"engine {spec.name}: policy '{policy_name(policy)}' "
+                          "has no compiled form (or numba is not installed)")
+    if isinstance(policy, MaxPressure):
+        return "pressure"
+    if engine in ("auto", "compiled") and supported:
+        return "compiled"
+    if engine == "reference" or needs_reference(policy):
+        return "reference"
+    return "fast"
 
 
 def pressure_routes(net: Network) -> tuple[dict[str, tuple[tuple[str, float], ...]], dict[str, float]]:
@@ -241,7 +269,8 @@ def simulate_network(
     the arrival window, at least 60 s). ``policies`` overrides engines' policies by name.
     ``engine``: ``auto`` runs each engine in the compiled loop when its policy allows it (numba
     installed), else in the Python fast engine, else in the reference engine; ``fast`` and
-    ``reference`` force those. All give the same results."""
+    ``reference`` force those. All give the same results. An engine with a KV cache runs on
+    the fast engine under ``auto`` (``engine_kind``; ``compiled`` is refused for it)."""
     if engine not in ("auto", "compiled", "fast", "reference"):
         raise ConfigError("engine", engine, "must be 'auto', 'compiled', 'fast' or 'reference'")
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
@@ -284,25 +313,28 @@ class _Run:
         self.recorders = {n: Recorder(keep_requests=False) for n in names}
         self.engines: dict[str, Engine | KernelEngine] = {}
         self.policy_names: dict[str, str] = {}
+        self.notes: list[str] = []
         for n in names:
             spec = net.engines[n]
             policy = policies.get(n) or network_policy(net, n)
             self.policy_names[n] = policy_name(policy)
             args = (policy, spec.batch_time, spec.budget, spec.k_max)
-            supported = compiled.supports(policy, spec.budget, False)
-            if engine == "compiled" and not supported:
-                raise ConfigError("engine", engine, f"engine {n}: policy '{policy_name(policy)}' "
-                                  "has no compiled form (or numba is not installed)")
-            if isinstance(policy, MaxPressure):
-                self.engines[n] = _BufferedEngine(*args, recorder=self.recorders[n], buffers=self.counts)
-            elif engine in ("auto", "compiled") and supported:
+            kind = engine_kind(policy, spec, engine)
+            if kind == "compiled":
                 assert isinstance(policy, KFCFS | VLLMChunked)
                 self.engines[n] = KernelEngine(policy, spec.batch_time, spec.budget, spec.k_max,
                                                self.recorders[n])
-            elif engine == "reference" or needs_reference(policy):
-                self.engines[n] = Engine(*args, recorder=self.recorders[n])
-            else:
-                self.engines[n] = FastEngine(*args, recorder=self.recorders[n])
+                continue
+            engine_class = {"pressure": _BufferedEngine, "reference": Engine, "fast": FastEngine}[kind]
+            extra = {"buffers": self.counts} if kind == "pressure" else {}
+            self.engines[n] = engine_class(*args, recorder=self.recorders[n], memory=spec.memory,
+                                           **extra)  # type: ignore[arg-type]
+        cached = [n for n in names if net.engines[n].memory is not None]
+        if cached and engine == "auto":
+            self.notes.append(f"engine(s) {', '.join(cached)} have a KV cache: they ran on the "
+                              "fast engine, and the routing in Python (the compiled loop does not "
+                              "model memory)")
+        self.class_rejected = dict.fromkeys(net.classes, 0)
         self.engine_list = [self.engines[n] for n in names]
         self.pressure_engines = [e for e in self.engine_list if isinstance(e, _BufferedEngine)]
         self.kernels = [e for e in self.engine_list if isinstance(e, KernelEngine)]
@@ -383,7 +415,14 @@ class _Run:
                 self.visit_total += 1
                 self.visits[vid] = (token, node_id, buffer)
                 self.counts[buffer] += 1
+                recorder = self.recorders[node.engine or ""]
+                refused = recorder.rejected_requests
                 self.engines[node.engine or ""].submit(Request(vid, t_ms, prefill, decode, buffer))
+                if recorder.rejected_requests > refused:  # its KV cache can never hold this visit
+                    del self.visits[vid]
+                    self.counts[buffer] -= 1
+                    self.visit_total -= 1
+                    self._refuse(token, t_ms)
                 return
             if node.kind == "fork":
                 frame = _Frame(token, len(node.branches), c.join_of(node_id))
@@ -394,10 +433,21 @@ class _Run:
             frame = token.frame
             assert frame is not None and frame.join == node_id
             frame.remaining -= 1
-            if frame.remaining:
+            if frame.remaining or frame.failed:  # a refused branch lost the forking request
                 return
             token = frame.parent
             node_id = self._choose(token.cls, node)
+
+    def _refuse(self, token: _Token, t_ms: float) -> None:
+        """An engine refused a visit of ``token``: the request it belongs to is lost (counted once;
+        its other branches still run and end at their join)."""
+        while token.frame is not None:
+            if token.frame.failed:
+                return
+            token.frame.failed = True
+            token = token.frame.parent
+        self.class_rejected[token.cls] += 1
+        self._present(token.cls, t_ms, -1)
 
     # -- the loop ---------------------------------------------------------------------------
     def _external(self) -> Iterator[tuple[float, str]]:
@@ -552,10 +602,11 @@ class _Run:
             metrics = rec.finish(end_ms)
             offered = rec.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
             offered_total += offered
+            memory = self.net.engines[name].memory
             engine_results[name] = EngineResult(
                 name, self.policy_names[name], metrics,
                 observe(rec.backlog_bins, start, window_end, offered),
-                self.analysis.engines[name].rho,
+                self.analysis.engines[name].rho, None if memory is None else memory.spec,
             )
             total.width_ms = rec.backlog_bins.width_ms
             total.sums = total.sums + rec.backlog_bins.sums
@@ -572,10 +623,11 @@ class _Run:
                 cname, self.class_arrivals[cname], self.class_done[cname],
                 self.class_done[cname] / duration_s if duration_s > 0 else math.nan,
                 latency, self.class_area[cname] / end_ms if end_ms > 0 else math.nan, series,
+                self.class_rejected[cname],
             )
         starts, means = total.series(end_ms)
         backlog = downsample(starts / 1000.0, means, 512)
-        notes = []
+        notes = list(self.notes)
         blocked = [n for n in self.engine_names
                    if self.engines[n].blocked_since_ms is not None and self.engines[n].in_system]
         if blocked:
@@ -583,7 +635,11 @@ class _Run:
                          "no batch (a prompt larger than the budget under a non-chunking policy?)")
         if observed.verdict == "unstable":
             notes.append("the network's backlog grows: latency percentiles are not steady-state values")
-        unfinished = sum(self.class_arrivals.values()) - sum(self.class_done.values())
+        rejected = sum(self.class_rejected.values())
+        if rejected:
+            notes.append(f"{rejected} request(s) refused: a visit needed more KV cache than its engine "
+                         "can ever hold (rejected_requests per engine)")
+        unfinished = sum(self.class_arrivals.values()) - sum(self.class_done.values()) - rejected
         if unfinished:
             notes.append(f"{unfinished} request(s) still in the network at the end ({duration_s:.1f} s)")
         return NetworkResult(
@@ -616,6 +672,11 @@ def predict_network(net: Network, analysis: Analysis,
     names = {name: (policy_names or {}).get(name, e.policy) for name, e in net.engines.items()}
     kfcfs = all(names[e.name] in K_FCFS_WORK_CONSERVING and e.k_max is None
                 for e in net.engines.values())
+    cached = [e.name for e in net.engines.values() if e.memory is not None]
+    if kfcfs and cached:
+        return Prediction("no guarantee", f"below the memory-aware loads, but engine(s) "
+                          f"{', '.join(cached)} have a KV cache: the theorem does not cover "
+                          "preemption (docs/memory.md)")
     if kfcfs:
         return Prediction("stable", f"work-conserving K-FCFS engines on a feed-forward network, "
                           f"bottleneck {analysis.bottleneck} at load {top:.3f} < 1 (v3, §5)")

@@ -1,19 +1,21 @@
 """Networks of engines (AI agents, PAPER.md §5): their description, validation and analysis.
 
-A network has **engines** (budget, k_max, batch-time model, policy, optional class priority) and
-request **classes**. Each class has an arrival process and a route: a graph of nodes starting at
-``start``. A ``visit`` node names an engine and that visit's prefill/decode size distributions.
-A ``fork`` node sends one sub-request down each of its branches; they meet again at the
-``join`` node that names the fork, and the request goes on from there once every branch is done.
-``next`` is a node id, ``"exit"``, or a mapping of them to probabilities (a critic that sends
-work back with probability p). Cycles are allowed as long as the route ends with probability 1.
+A network has **engines** (budget, k_max, batch-time model, policy, optional class priority,
+optional KV-cache ``memory``) and request **classes**. Each class has an arrival process and a
+route: a graph of nodes starting at ``start``. A ``visit`` node names an engine and that visit's
+prefill/decode size distributions. A ``fork`` node sends one sub-request down each of its
+branches; they meet again at the ``join`` node that names the fork, and the request goes on from
+there once every branch is done. ``next`` is a node id, ``"exit"``, or a mapping of them to
+probabilities (a critic that sends work back with probability p). Cycles are allowed as long as
+the route ends with probability 1.
 
 The buffer of a visit is ``class.node``: requests of that class waiting at or served by that
 visit. The analysis solves the traffic equations (expected visits per request of each node)
-to get every engine's token load, its load against capacity, the bottleneck and the critical
-scaling of all arrival rates. It also warns when the routing between engines is cyclic, where
-the throughput-optimality theorem does not apply, and flags the virtual stations of two-engine
-priority networks such as the Rybko–Stolyar network of §5.4.
+to get every engine's token load, its load against capacity (with the batch-size limit its KV
+cache sets, docs/memory.md), the bottleneck and the critical scaling of all arrival rates. It
+also warns when the routing between engines is cyclic, where the throughput-optimality theorem
+does not apply, and flags the virtual stations of two-engine priority networks such as the
+Rybko–Stolyar network of §5.4.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmqueue import theory
-from llmqueue.batchtime import BatchTime, parse_batch_time
+from llmqueue.batchtime import BatchTime, mean_decode_context, parse_batch_time
 from llmqueue.configfile import first_error, read_table
 from llmqueue.errors import ConfigError
+from llmqueue.memory import KVCache, parse_memory
 from llmqueue.workload import ArrivalProcess, SizeDist, parse_arrival, parse_size
 
 EXIT = "exit"
@@ -51,6 +54,7 @@ class EngineModel(_Model):
     batch_time: str = "staircase:c=11.28,a=35.47,b0=128"
     policy: str = "sarathi"
     priority: list[str] | None = None
+    memory: str | None = None
 
 
 class NodeModel(_Model):
@@ -93,6 +97,7 @@ class EngineSpec:
     batch_time: BatchTime
     policy: str
     priority: tuple[str, ...]
+    memory: KVCache | None = None  # the engine's KV cache (None: unlimited, as in the paper)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +208,13 @@ def _engine(name: str, e: EngineModel) -> EngineSpec:
         raise ConfigError(f"{where}.priority", e.priority, "policy 'priority' needs a priority list")
     if e.priority and policy != "priority":
         raise ConfigError(f"{where}.priority", e.priority, "only policy 'priority' takes a priority")
-    return EngineSpec(name, e.budget, e.k_max, bt, policy, tuple(e.priority or ()))
+    memory = None
+    if e.memory is not None:
+        try:
+            memory = parse_memory(e.memory)
+        except ConfigError as err:  # memory.tokens -> engines.<name>.memory.tokens
+            raise ConfigError(f"{where}.{err.field}", e.memory, err.problem) from None
+    return EngineSpec(name, e.budget, e.k_max, bt, policy, tuple(e.priority or ()), memory)
 
 
 NETWORK_POLICIES = (
@@ -436,6 +447,7 @@ class EngineLoad:
     capacity_tokens_per_s: float
     rho: float
     buffers: tuple[str, ...]
+    memory_batch_limit: int | None = None  # the requests the KV cache lets decode at once
 
     @property
     def tokens_per_s(self) -> float:
@@ -477,6 +489,8 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
     decode = dict.fromkeys(net.engines, 0.0)
     buffers: dict[str, list[str]] = {e: [] for e in net.engines}
     buffer_rate: dict[str, float] = {}
+    visit_rate = dict.fromkeys(net.engines, 0.0)
+    context = dict.fromkeys(net.engines, 0.0)  # decode-token-weighted KV context (for memory)
     for name, c in net.classes.items():
         for nid, node in c.nodes.items():
             if node.kind != "visit" or node.engine is None:
@@ -485,18 +499,32 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
             rate = c.rate_per_s * visits[name][nid]
             prefill[node.engine] += rate * node.prefill.mean
             decode[node.engine] += rate * node.decode.mean
+            visit_rate[node.engine] += rate
+            context[node.engine] += rate * node.decode.mean * mean_decode_context(
+                node.prefill.mean, node.decode.mean)
             buffers[node.engine].append(f"{name}.{nid}")
             buffer_rate[f"{name}.{nid}"] = rate * node.mean_tokens
     loads = {}
+    memory_warnings: list[str] = []
     for e in net.engines.values():
         capacity = theory.capacity_tokens_per_ms(e.batch_time, e.budget) * 1000.0
-        if e.k_max is None:
-            rho = (prefill[e.name] + decode[e.name]) / capacity
-        else:
-            rho = theory.kmax_load(prefill[e.name] / 1000.0, decode[e.name] / 1000.0,
-                                   e.batch_time, e.budget, e.k_max)
+        rho = _engine_rho(e, prefill[e.name], decode[e.name], capacity, e.k_max)
+        k_mem = None
+        if e.memory is not None and visit_rate[e.name] > 0:  # the cache bounds the batch too (§4)
+            mean_p, mean_d = prefill[e.name] / visit_rate[e.name], decode[e.name] / visit_rate[e.name]
+            ctx = context[e.name] / decode[e.name] if decode[e.name] > 0 else None
+            k_mem = theory.memory_batch_limit(e.memory, mean_p, mean_d, ctx)
+            k_limit = k_mem if e.k_max is None else min(e.k_max, k_mem)
+            rho_mem = _engine_rho(e, prefill[e.name], decode[e.name], capacity, k_limit)
+            if rho_mem > rho + 1e-9:
+                memory_warnings.append(
+                    f"engine {e.name}: its KV cache ({e.memory.capacity_tokens} tokens) binds: it "
+                    f"holds about {k_mem} decoding requests, load {rho_mem:.3f} (without it "
+                    f"{rho:.3f}); an upper bound: preemption costs capacity near it (docs/memory.md)"
+                )
+            rho = max(rho, rho_mem)
         loads[e.name] = EngineLoad(e.name, prefill[e.name], decode[e.name], capacity, rho,
-                                   tuple(buffers[e.name]))
+                                   tuple(buffers[e.name]), k_mem)
     bottleneck = max(loads, key=lambda k: loads[k].rho)
     top = loads[bottleneck].rho
     cycle = _engine_cycle(net)
@@ -507,6 +535,7 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
             "optimality theorem (DAG and fork-join networks) does not apply; a network below its "
             "nominal load is not guaranteed stable (with class priorities it can diverge: §5.4)"
         )
+    warnings.extend(memory_warnings)
     stations = _virtual_stations(net, loads, buffer_rate)
     for vs in stations:
         if vs.load > 1:
@@ -516,6 +545,12 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
                 "engine is below capacity; reverse the priorities or use max-pressure"
             )
     for e in net.engines.values():
+        for buffer in _unfitting(net, e):
+            tokens = e.memory.capacity_tokens if e.memory is not None else 0
+            warnings.append(
+                f"engine {e.name}: requests of {buffer} can need more KV cache than its {tokens} "
+                "tokens hold: they are refused (rejected_requests) and leave the network unfinished"
+            )
         policy = policy_of[e.name]
         if policy in ("vllm", "fastertransformer"):
             warnings.append(f"engine {e.name}: policy '{policy}' is not work-conserving: no "
@@ -529,6 +564,15 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
                     cycle, stations, tuple(warnings), buffer_rate)
 
 
+def _engine_rho(e: EngineSpec, prefill_per_s: float, decode_per_s: float, capacity_per_s: float,
+                k_limit: int | None) -> float:
+    """An engine's load: token rate over capacity, or against the §4 region of ``k_limit``."""
+    if k_limit is None:
+        return (prefill_per_s + decode_per_s) / capacity_per_s
+    return theory.kmax_load(prefill_per_s / 1000.0, decode_per_s / 1000.0, e.batch_time, e.budget,
+                            k_limit)
+
+
 def _oversized(net: Network, engine: EngineSpec) -> list[str]:
     """Buffers at ``engine`` whose prompts can exceed its budget (checked on 20,000 draws, fixed
     seed: a heavy tail that this misses is rare enough not to matter for a run of that size)."""
@@ -538,6 +582,24 @@ def _oversized(net: Network, engine: EngineSpec) -> list[str]:
         for nid, node in c.nodes.items():
             at_engine = node.kind == "visit" and node.engine == engine.name and node.prefill is not None
             if at_engine and int(node.prefill.sample(rng, 20_000).max()) > engine.budget:  # type: ignore[union-attr]
+                out.append(f"{c.name}.{nid}")
+    return out
+
+
+def _unfitting(net: Network, engine: EngineSpec) -> list[str]:
+    """Buffers at ``engine`` whose prompt plus output can exceed what its KV cache can ever hold
+    (checked as ``_oversized`` is, on 20,000 draws with a fixed seed)."""
+    if engine.memory is None:
+        return []
+    out = []
+    rng = np.random.default_rng(0)
+    for c in net.classes.values():
+        for nid, node in c.nodes.items():
+            if node.kind != "visit" or node.engine != engine.name:
+                continue
+            assert node.prefill is not None and node.decode is not None
+            largest = int((node.prefill.sample(rng, 20_000) + node.decode.sample(rng, 20_000)).max())
+            if not engine.memory.fits_alone(largest):
                 out.append(f"{c.name}.{nid}")
     return out
 

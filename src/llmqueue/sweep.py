@@ -1,11 +1,12 @@
 """Sweeps: a grid of runs from one config file, in parallel, stored as they finish, resumable.
 
 The config (TOML or YAML) has a ``grid`` (policies x budgets x rates or loads x k_max x seeds x
-batch times x workloads) and ``run`` settings (requests per run, duration, drain, engine). It is
-validated whole before any run starts: unknown keys, wrong types, empty lists and settings the
-simulator would refuse fail at once with one line naming the key. Every run's configuration is a
-plain mapping whose hash keys the results store (``llmqueue.store``), so a rerun skips what is
-already there. Runs go to a local process pool, or to a Ray cluster with ``llmqueue[ray]``.
+batch times x workloads x KV caches) and ``run`` settings (requests per run, duration, drain,
+engine). It is validated whole before any run starts: unknown keys, wrong types, empty lists
+and settings the simulator would refuse fail at once with one line naming the key. Every run's
+configuration is a plain mapping whose hash keys the results store (``llmqueue.store``), so a
+rerun skips what is already there. Runs go to a local process pool, or to a Ray cluster with
+``llmqueue[ray]``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,17 @@ from llmqueue import theory
 from llmqueue.batchtime import parse_batch_time
 from llmqueue.configfile import first_error, read_table
 from llmqueue.errors import ConfigError, LLMQueueError
+from llmqueue.memory import KVCache, parse_memory
 from llmqueue.policies import make_policy, policy_name
 from llmqueue.simulate import simulate
 from llmqueue.store import Store, run_key
 from llmqueue.workload import TraceArrivals, make_workload
 
 DEFAULT_BATCH_TIME = "staircase:c=11.28,a=35.47,b0=128"
+NO_LIMIT_WORDS = ("none", "None", "null")
+# the run.engine values that can run a memory limit (simulate refuses the others); widen this
+# when the fast engine models memory
+MEMORY_ENGINES = ("auto", "fast", "reference")
 
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -85,14 +91,29 @@ class Grid(_Model):
     seeds: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1)] = [0]
     batch_times: Annotated[list[str], Field(min_length=1)] = [DEFAULT_BATCH_TIME]
     workloads: Annotated[list[WorkloadSpec], Field(min_length=1)] = [WorkloadSpec()]
+    memory: Annotated[list[str | None], Field(min_length=1)] | None = None
 
     @field_validator("k_max", mode="before")
     @classmethod
     def _none_words(cls, value: Any) -> Any:
         """TOML has no null: ``"none"`` (or 0) in k_max means no limit."""
         if isinstance(value, list):
-            return [None if v in ("none", "None", "null", 0) else v for v in value]
+            return [None if v in (*NO_LIMIT_WORDS, 0) else v for v in value]
         return value
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_axis(cls, value: Any) -> Any:
+        """One spec string is a one-value axis; ``"none"`` in the list means an unlimited cache."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [None if isinstance(v, str) and v.strip() in NO_LIMIT_WORDS else v for v in value]
+        return value
+
+    def memory_specs(self) -> list[str | None]:
+        """The memory axis: spec strings (stripped), None for an unlimited cache (the default)."""
+        return [None if m is None else m.strip() for m in self.memory] if self.memory else [None]
 
 
 class RunSettings(_Model):
@@ -129,9 +150,27 @@ def parse_config(data: Any, source: str = "config") -> SweepConfig:
         raise ConfigError(f"{source}: grid", "rates/loads", "give exactly one of rates and loads")
     if config.run.requests is None and config.run.duration_s is None and not _all_traces(grid):
         raise ConfigError(f"{source}: run.requests", None, "give requests or duration_s")
+    limited = [spec for spec in grid.memory_specs() if spec is not None]
+    for spec in limited:
+        memory_of(spec, source)
+    if limited and config.run.engine not in MEMORY_ENGINES:
+        raise ConfigError(f"{source}: run.engine", config.run.engine,
+                          f"grid.memory needs one of {', '.join(MEMORY_ENGINES)} (the compiled loop "
+                          "does not model a KV cache)")
     for run in expand(config):  # every value the simulator would refuse fails now
         _build(run, source)
     return config
+
+
+def memory_of(spec: str | None, source: str = "config") -> KVCache | None:
+    """The KV cache of a memory spec (None: unlimited); errors name ``grid.memory`` and the key."""
+    if spec is None:
+        return None
+    try:
+        return parse_memory(spec)
+    except ConfigError as err:
+        key = err.field.removeprefix("memory")
+        raise ConfigError(f"{source}: grid.memory{key}", spec, err.problem) from None
 
 
 def _all_traces(grid: Grid) -> bool:
@@ -156,12 +195,16 @@ def _sizes(w: WorkloadSpec) -> tuple[str | None, str | None]:
 
 
 def expand(config: SweepConfig) -> Iterator[dict[str, Any]]:
-    """Every run of the grid as a plain configuration mapping (its key is its hash)."""
+    """Every run of the grid as a plain configuration mapping (its key is its hash).
+
+    ``memory`` is in the mapping only when the run has a KV cache, so a run without one keeps the
+    key it had before sweeps knew memory (stored results stay valid).
+    """
     grid, settings = config.grid, config.run
     rates = grid.rates.values() if isinstance(grid.rates, Span) else grid.rates
     loads = grid.loads.values() if isinstance(grid.loads, Span) else grid.loads
-    for w, bt_spec, budget, k_max, spec in itertools.product(
-        grid.workloads, grid.batch_times, grid.budgets, grid.k_max, grid.policies
+    for w, bt_spec, budget, k_max, memory, spec in itertools.product(
+        grid.workloads, grid.batch_times, grid.budgets, grid.k_max, grid.memory_specs(), grid.policies
     ):
         prefill, decode = _sizes(w)
         levels: list[tuple[float | None, float | None]]
@@ -172,7 +215,7 @@ def expand(config: SweepConfig) -> Iterator[dict[str, Any]]:
         else:
             levels = [(None, None)]  # a trace at its own rate
         for (rate, load), seed in itertools.product(levels, grid.seeds):
-            yield {
+            run: dict[str, Any] = {
                 "workload": w.name,
                 "arrival": w.arrival,
                 "prefill": prefill,
@@ -188,6 +231,9 @@ def expand(config: SweepConfig) -> Iterator[dict[str, Any]]:
                 "duration_s": settings.duration_s,
                 "drain_s": settings.drain_s,
             }
+            if memory is not None:
+                run["memory"] = memory
+            yield run
 
 
 def _build(run: Mapping[str, Any], source: str = "config") -> tuple[Any, Any, Any, float | None]:
@@ -221,13 +267,16 @@ def execute(run: Mapping[str, Any], engine: str = "auto") -> tuple[dict[str, Any
     """One run of a sweep (in a worker): the flat result mapping and its wall time (s)."""
     start = time.perf_counter()
     workload, policy, bt, _ = _build(run)
+    memory = memory_of(run.get("memory"))
     result = simulate(
         workload, policy, bt, run["budget"], k_max=run["k_max"], seed=run["seed"],
         max_requests=run["requests"], duration_s=run["duration_s"], drain_s=run["drain_s"],
-        keep_requests=False, engine=engine,  # type: ignore[arg-type]
+        keep_requests=False, engine=engine, memory=memory,  # type: ignore[arg-type]
     )
     out = result.to_dict()
     out["policy"] = policy_name(policy)
+    out["memory"] = run.get("memory")  # every row carries the axis, None for an unlimited cache
+    out["kv_capacity_tokens"] = None if memory is None else memory.capacity_tokens
     return out, time.perf_counter() - start
 
 

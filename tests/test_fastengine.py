@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
+from llmqueue.batchtime import CompositionTime, ConstantTime, LinearTime, StaircaseTime
 from llmqueue.cli import main
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine
@@ -219,5 +219,36 @@ def test_fast_engine_matches_a_long_thrashing_run(policy) -> None:
     ref, fast = both(workload, policy, LinearTime(10.0, 0.05), 512, None, seed=1, max_requests=600,
                      memory=memory, keep_batches=True)
     assert ref.metrics.preemptions > 200
+    assert_same(ref, fast)
+    assert ref.batches == fast.batches
+
+
+# ---------------------------------------------------------------- composition-aware batch times
+
+shape_times = st.sampled_from([
+    CompositionTime(c=1.0, prefill=0.05, decode=0.1),
+    CompositionTime(c=0.5, prefill=0.02, decode=0.05, kv=0.003, chunk=0.7, logit=0.2, floor=1.5),
+    CompositionTime(c=2.0, prefill=0.01, decode=0.01, kv=0.05, floor=2.5),
+])
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    requests=workloads(prefill_min=0),
+    policy=policies,
+    budget=st.integers(1, 128),
+    k_max=st.none() | st.integers(1, 9),
+    batch_time=shape_times,
+    blocks=st.none() | st.integers(1, 40),
+    drain_s=st.sampled_from([1e6, 3.0]),
+)
+def test_fast_engine_matches_the_reference_with_shape_times(requests, policy, budget, k_max, batch_time,
+                                                            blocks, drain_s) -> None:
+    """A composition-aware batch time times every repeat from its own shape (growing contexts and
+    chunk prefixes, a prompt's last chunk adding a logit row): same batches and requests as the
+    reference engine, with and without a KV cache, also when the horizon cuts a run."""
+    memory = None if blocks is None else KVCache(blocks * 4, block_tokens=4, watermark=0.05)
+    ref, fast = both(requests, policy, batch_time, budget, k_max, keep_batches=True, drain_s=drain_s,
+                     memory=memory)
     assert_same(ref, fast)
     assert ref.batches == fast.batches

@@ -24,6 +24,7 @@ from itertools import accumulate, repeat
 
 import numpy as np
 
+from llmqueue.batchtime import BatchShape
 from llmqueue.engine import Batch, Engine, Job, ReadOnlyList, _seq
 from llmqueue.errors import ConfigError, PlanError
 from llmqueue.metrics import RequestRecord
@@ -32,6 +33,11 @@ from llmqueue.workload import Request
 
 MAX_REPEAT = 1 << 16
 """Most iterations booked in one step (bounds the per-step lists; longer runs take more steps)."""
+
+SHAPE_REPEAT = 32
+"""Most iterations in one step with a composition-aware batch time: each repeat is timed from
+its own shape (contexts grow), so a step costs one model call per repeat, and an arrival that
+cuts the run early wastes the rest."""
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -244,6 +250,9 @@ class FastEngine(Engine):
         self._growth: _Growth | None = None  # the running run's block growth
         self._run_done = 0  # repeats of the running run booked so far
         self._run_used = 0  # blocks held during its first repeat
+        # composition-aware batch times: each repeat's own time, and the served decoders' context
+        self._durations: list[float] | None = None
+        self._served_context = 0  # sum of (cached - c0) over the served prefix
 
     # -- decoders kept implicit ----------------------------------------------------------------
     def _sync(self, job: Job) -> None:
@@ -267,6 +276,7 @@ class FastEngine(Engine):
             job.activation += 1
             if self._block:
                 self._phases[(job.cached - job.c0) % self._block] -= 1
+            self._served_context -= job.cached - job.c0
             last[job.last_token_ms] -= 1
             if not last[job.last_token_ms]:
                 del last[job.last_token_ms]
@@ -283,6 +293,7 @@ class FastEngine(Engine):
         last = self._last_tokens
         last[job.last_token_ms] = last.get(job.last_token_ms, 0) + 1
         heappush(self._finish_heap, (self._serves + job.decode_left, job.seq, job.activation, job))
+        self._served_context += job.cached - job.c0
         if self._block:
             self._phases[(job.cached - job.c0) % self._block] += 1
 
@@ -299,6 +310,7 @@ class FastEngine(Engine):
             self._waiting.extendleft(reversed(served))
         self._served, self._last_tokens, self._finish_heap = [], {}, []
         self._phases = [0] * self._block
+        self._served_context = 0
 
     def _serve_exactly(self, jobs: list[Job]) -> None:
         """Make ``jobs`` (arrival order) the served decoders, whichever they are (after a fitted
@@ -330,6 +342,7 @@ class FastEngine(Engine):
             self._served, self._waiting = [], deque(everyone)
             self._last_tokens, self._finish_heap = {}, []
             self._phases = [0] * self._block
+            self._served_context = 0
         self._decoders += 1
         if self._block and not job.cached:
             self._uncached += 1
@@ -370,6 +383,7 @@ class FastEngine(Engine):
         elif any(other is job for other in served):
             served.remove(job)
             self._phases[(job.cached - job.c0) % self._block] -= 1
+            self._served_context -= job.cached - job.c0
             last = self._last_tokens
             last[job.last_token_ms] -= 1
             if not last[job.last_token_ms]:
@@ -508,8 +522,9 @@ class FastEngine(Engine):
             return
         entries, decoders, decode_first, fitted = formed
         prefill = sum(tokens for _, tokens in entries)
-        duration = self._duration(prefill + decoders)
-        k = 1 if fitted else MAX_REPEAT
+        shaped = self._shape_time is not None
+        duration = 0.0 if shaped else self._duration(prefill + decoders)
+        k = 1 if fitted else SHAPE_REPEAT if shaped else MAX_REPEAT
         for job, tokens in entries:
             k = min(k, job.prefill_left // tokens)
         if decoders:
@@ -525,7 +540,11 @@ class FastEngine(Engine):
             assert self.memory is not None
             self._run_used = self.memory.total_blocks - self._free_blocks
         # batch ends by the same sequential float additions as the reference engine's clock
-        self._ends = list(accumulate(repeat(duration, k), initial=self.now_ms))[1:]
+        if shaped:
+            self._durations = self._shape_durations(entries, decoders, k)
+            self._ends = list(accumulate(self._durations, initial=self.now_ms))[1:]
+        else:
+            self._ends = list(accumulate(repeat(duration, k), initial=self.now_ms))[1:]
         self._targets = fill_targets(
             self.budget, self.k_max, self._prefilling, self._decoders, entries,
             self._prefill_left_tokens, k,
@@ -536,6 +555,27 @@ class FastEngine(Engine):
         self._shape = (prefill, decoders, duration)
         self._stopped = False
         self._batch_end_ms = self._ends[-1]
+
+    def _shape_durations(self, entries: list[tuple[Job, int]], decoders: int, k: int) -> list[float]:
+        """The time of each of ``k`` repeats from its own shape (``engine.batch_shape``): chunk
+        prefixes grow by the chunk, the decoders' KV reads by one token each, and a prompt's last
+        chunk adds a logit row."""
+        shape_time = self._shape_time
+        assert shape_time is not None
+        chunks = tuple(tokens for _, tokens in entries)
+        prefill = sum(chunks)
+        kv = self._served_context + decoders * (self._serves + 1) if decoders else 0
+        out: list[float] = []
+        for j in range(k):
+            prefixes = tuple(job.cached + j * tokens for job, tokens in entries)
+            rows = sum(1 for job, tokens in entries if job.prefill_left - j * tokens == tokens)
+            duration = shape_time(BatchShape(prefill, decoders, chunks, prefixes, kv + j * decoders,
+                                             rows + decoders))
+            if not duration > 0 or math.isinf(duration):
+                raise ConfigError("batch-time", duration,
+                                  f"t({prefill + decoders}) must be a positive finite time")
+            out.append(duration)
+        return out
 
     def end_batch(self) -> list[RequestRecord]:
         """Book the running repeats (all of them: the next event is the end of the run)."""
@@ -549,6 +589,8 @@ class FastEngine(Engine):
         keep = max(1, 1 + bisect_left(self._ends, t_ms, 0, len(self._ends) - 1))
         if keep < len(self._ends):
             del self._ends[keep:]
+            if self._durations is not None:
+                del self._durations[keep:]
             self._batch_end_ms = self._ends[-1]
         if keep > 1:
             self._book(keep - 1)
@@ -565,6 +607,8 @@ class FastEngine(Engine):
             return
         self._cut(horizon_ms)
         prefill, decode, duration = self._shape
+        if self._durations is not None:
+            duration = self._durations[0]
         self._keep_batches(1)
         audit = self._targets.audit(1, prefill + decode)
         if self.recorder is not None:
@@ -616,7 +660,11 @@ class FastEngine(Engine):
             for last, count in self._last_tokens.items():
                 gap = first_end - last
                 intervals[gap] = intervals.get(gap, 0) + count
-            if m > 1:  # every served decoder waited each of these batch times
+            if m > 1 and self._durations is not None:  # repeats of their own lengths
+                for i in range(1, m):
+                    gap = ends[i] - ends[i - 1]
+                    intervals[gap] = intervals.get(gap, 0) + decode
+            elif m > 1:  # every served decoder waited each of these batch times
                 intervals[duration] = intervals.get(duration, 0) + (m - 1) * decode
             self._serves += m
             self._served_ms = now
@@ -626,6 +674,7 @@ class FastEngine(Engine):
                 _, _, activation, job = heappop(heap)
                 if activation != job.activation:
                     continue
+                self._served_context -= job.cached - job.c0
                 if self._block:  # its cached tokens and blocks, freed when it settles
                     self._sync(job)
                     self._phases[(job.cached - job.c0) % self._block] -= 1
@@ -670,9 +719,12 @@ class FastEngine(Engine):
             else:
                 recorder.tokens_done_steps(ends[:m], n)
             requests = len(self._prompts) + decode
-            recorder.batches(m, duration * m, prefill, decode, requests, audit)
+            busy = duration * m if self._durations is None else math.fsum(self._durations[:m])
+            recorder.batches(m, busy, prefill, decode, requests, audit)
         self.now_ms = now
         del ends[:m]
+        if self._durations is not None:
+            del self._durations[:m]
         if not ends:
             self._plan = None
             self._batch_end_ms = math.inf

@@ -76,12 +76,14 @@ class TimeBins:
         self.sums[i0 : i1 + 1] += np.diff(np.interp(at, knots, integral))
 
     def series(self, end_ms: float) -> tuple[np.ndarray, np.ndarray]:
-        """Bin start times (ms) and bin averages over [0, end_ms) (the last bin may be partial)."""
+        """Bin start times (ms) and bin averages over [0, end_ms) (the last bin may be partial; one
+        that the run enters by less than 1e-9 of a bin is left out (NaN): its average would be
+        float rounding divided by almost nothing)."""
         self._fit(end_ms)
         n = max(1, math.ceil(end_ms / self.width_ms))
         starts = np.arange(n) * self.width_ms
         spans = np.minimum(starts + self.width_ms, end_ms) - starts
-        spans[spans <= 0] = np.nan
+        spans[spans <= 1e-9 * self.width_ms] = np.nan
         return starts, self.sums[:n] / spans
 
 

@@ -193,14 +193,14 @@ def simulate(
         )
     if memory is not None and not isinstance(memory, KVCache):
         raise ConfigError("memory", memory, "must be a KVCache (see llmqueue.memory.parse_memory)")
-    reference_only = is_shape_model(batch_time)
-    if engine in ("fast", "compiled") and reference_only:
+    shaped = is_shape_model(batch_time)
+    if engine == "compiled" and shaped:
         raise ConfigError(
-            "engine", engine, "a composition-aware batch time runs on the reference engine only"
+            "engine", engine, "a composition-aware batch time runs on the fast and reference engines only"
         )
     if engine == "compiled" and memory is not None:
         raise ConfigError("engine", engine, "a memory limit runs on the reference and fast engines only")
-    can_compile = not reference_only and memory is None and compiled.supports(policy, budget, keep_batches)
+    can_compile = not shaped and memory is None and compiled.supports(policy, budget, keep_batches)
     if engine == "compiled" and not can_compile:
         raise ConfigError(
             "engine", engine,
@@ -209,7 +209,7 @@ def simulate(
         )
     use_compiled = can_compile and engine in ("auto", "compiled")
     use_fast = engine == "fast" or (
-        engine == "auto" and not needs_reference(policy) and not reference_only
+        engine == "auto" and not needs_reference(policy)
     )
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("requests", max_requests, "must be an integer >= 1")
@@ -294,7 +294,7 @@ def simulate(
         notes.append(
             f"the engine stalled: {outcome.in_system} request(s) wait but the policy forms no batch"
         )
-    if reference_only:
+    if shaped:
         notes.append(
             "composition-aware batch time: the theory uses its token view for this workload's "
             f"mix ({token_time.spec})"
@@ -309,7 +309,7 @@ def simulate(
             f"memory preempted requests {metrics.preemptions} time(s), "
             f"{metrics.recomputed_tokens} tokens recomputed"
         )
-    if engine == "auto" and not use_fast and not reference_only:
+    if engine == "auto" and not use_fast:
         notes.append(
             "the policy does not declare repeats_plan: it ran on the reference per-iteration "
             "engine (exact, slower)"

@@ -486,21 +486,28 @@ class Engine:
             job.blocks += need
             self._free_blocks -= need
             kept.append((job, tokens))
-        if preempted:  # vLLM admits no new request in a step that preempted one
-            fresh = []
-        floor = memory.watermark_blocks
-        for job, tokens in fresh:
-            need = memory.blocks_for(tokens)
-            if self._free_blocks - need < floor:
-                break
-            job.blocks = need
-            self._free_blocks -= need
-            self._resident[job.id] = job
-            kept.append((job, tokens))
+        if not preempted:  # vLLM admits no new request in a step that preempted one
+            kept.extend(self._admit(fresh))
         if len(kept) > 1:
             order = {rid: i for i, rid in enumerate(plan)}
             kept.sort(key=lambda entry: order[entry[0].id])
         return kept
+
+    def _admit(self, fresh: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
+        """Admit new requests in plan order while the blocks of their first chunk leave the
+        watermark free; the first refusal stops admission (FCFS head of line). Returns the admitted."""
+        memory = self.memory
+        assert memory is not None
+        admitted: list[tuple[Job, int]] = []
+        for job, tokens in fresh:
+            need = memory.blocks_for(tokens)
+            if self._free_blocks - need < memory.watermark_blocks:
+                break
+            job.blocks = need
+            self._free_blocks -= need
+            self._resident[job.id] = job
+            admitted.append((job, tokens))
+        return admitted
 
     def _preempt(self, job: Job) -> None:
         """Recompute preemption: ``job`` frees its blocks and must prefill its whole context

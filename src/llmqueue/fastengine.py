@@ -481,14 +481,7 @@ class FastEngine(Engine):
         for job, tokens in entries:
             if job.blocks:
                 job.blocks = memory.blocks_for(job.cached + tokens)
-        floor = memory.watermark_blocks
-        for job, tokens in fresh:
-            blocks = memory.blocks_for(tokens)
-            if self._free_blocks - blocks < floor:
-                break
-            job.blocks = blocks
-            self._free_blocks -= blocks
-            self._resident[job.id] = job
+        self._admit(fresh)
         return [(job, tokens) for job, tokens in entries if job.blocks]
 
     def _form_fitted(self) -> tuple[list[tuple[Job, int]], int, bool, bool] | None:

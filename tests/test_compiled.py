@@ -3,7 +3,8 @@
 The compiled loop (``llmqueue.kernel``) ports the fast engine and the shipped policies to numba;
 hypothesis checks it against the reference per-iteration engine on random workloads, including
 prompt-less requests (they reorder the decoders), horizon cuts, k_max and every policy knob, and
-the driver paths that only long runs reach (slot growth, output drains, chunked arrivals).
+the driver paths that only long runs reach (slot growth, output drains, chunked arrivals); also
+with a KV-cache limit (admission, watermark, preemption, refusal at arrival, KV usage).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmqueue import compiled
-from llmqueue.batchtime import ConstantTime, StaircaseTime
+from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
 from llmqueue.errors import ConfigError
-from llmqueue.policies import KFCFS, SARATHI, VLLM, VLLM_CHUNKED, make_policy
+from llmqueue.memory import KVCache
+from llmqueue.policies import KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED, make_policy
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request, make_workload
 
@@ -146,3 +148,101 @@ def test_vllm_chunked_with_k_max_matches_on_a_trace_like_mix() -> None:
     workload = make_workload("poisson", "lognormal:900,1.2", "lognormal:200,1.0", 6.0)
     against_reference(workload, VLLM_CHUNKED, StaircaseTime(12.82, 13.70, 128), 2048, 16,
                       seed=2, max_requests=1500)
+
+
+# ---------------------------------------------------------------- KV-cache memory
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    requests=workloads(),
+    policy=policies,
+    budget=st.integers(1, 128),
+    k_max=st.none() | st.integers(1, 9),
+    blocks=st.integers(1, 40),
+    block_tokens=st.sampled_from([1, 3, 16]),
+    watermark=st.sampled_from([0.0, 0.01, 0.05, 0.2]),
+    batch_time=batch_times,
+)
+def test_compiled_matches_the_reference_with_memory(requests, policy, budget, k_max, blocks,
+                                                    block_tokens, watermark, batch_time) -> None:
+    """Admission, watermark, recompute preemption (newest first, decoders and prompts), the
+    resident-only re-plan, prompt-less requests holding no blocks and refusal at arrival are
+    exact in the compiled loop: same requests, same metrics (KV usage included), same notes."""
+    memory = KVCache(blocks * block_tokens, block_tokens=block_tokens, watermark=watermark)
+    against_reference(requests, policy, batch_time, budget, k_max, drain_s=1e6, memory=memory)
+
+
+@settings(max_examples=80, deadline=None)
+@given(requests=workloads(), policy=st.sampled_from(SHIPPED), blocks=st.integers(2, 30),
+       block_tokens=st.sampled_from([1, 4]), k_max=st.none() | st.integers(2, 9),
+       drain_s=st.sampled_from([0.0, 0.5, 3.0, 20.0]))
+def test_compiled_matches_with_memory_when_cut_at_the_horizon(requests, policy, blocks, block_tokens,
+                                                              k_max, drain_s) -> None:
+    """A short drain stops a memory-limited run mid-way (maybe mid-run of repeats, or after a
+    refused last request, which does not move the horizon) at the same batch in both engines."""
+    memory = KVCache(blocks * block_tokens, block_tokens=block_tokens, watermark=0.0)
+    against_reference(requests, policy, ConstantTime(1.0), 64, k_max, drain_s=drain_s, memory=memory)
+
+
+@pytest.mark.parametrize("policy", [VLLM, ORCA, SARATHI, VLLM_CHUNKED])
+def test_compiled_matches_a_long_thrashing_run(policy) -> None:
+    """Hundreds of requests just below the cache's §4 limit, hundreds of preemptions: identical."""
+    workload = make_workload("poisson", "64", "512", rate_per_s=11.5)
+    memory = KVCache(32000, block_tokens=16, watermark=0.01)
+    ref, fast = against_reference(workload, policy, LinearTime(10.0, 0.05), 512, None, seed=1,
+                                  max_requests=600, memory=memory)
+    assert ref.metrics.preemptions > 200
+    assert fast.metrics.preemptions == ref.metrics.preemptions
+
+
+def test_memory_runs_grow_slots_and_drain_outputs(monkeypatch) -> None:
+    """Thousands present at once in a small cache, in chunks of arrivals: the slots grow while a
+    run of repeats of a long prompt is underway, outputs are drained repeatedly, requests are
+    preempted and refused."""
+    calls = {"drain": 0, "grow": 0}
+    drain, grow = compiled._drain, compiled._State.more_slots
+
+    def counted_drain(state, recorder) -> None:
+        calls["drain"] += 1
+        drain(state, recorder)
+
+    def counted_grow(state) -> None:
+        calls["grow"] += 1
+        grow(state)
+
+    monkeypatch.setattr(compiled, "_drain", counted_drain)
+    monkeypatch.setattr(compiled._State, "more_slots", counted_grow)
+    # the long prompt runs alone until 20.5 ms, when the last free slot is taken; its next run
+    # (cached tokens > 0) is underway at 50.5 ms, when the slots grow
+    requests = [Request(0, 0.0, 3600, 2)] + [Request(i, 0.0, 3, 2) for i in range(1, 1023)]
+    requests += [Request(1023, 20.5, 3, 2)]
+    requests += [Request(1024 + i, 50.5 + 0.25 * (i // 50), 3 + i % 7, 20 + i % 50) for i in range(6000)]
+    requests += [Request(7024 + i, 200.0 + i, 4000, 400) for i in range(3)]  # can never fit: refused
+    memory = KVCache(3700, block_tokens=5, watermark=0.02)  # 64-token chunks straddle blocks
+    _, fast = against_reference(requests, ORCA, ConstantTime(1.0), 64, None, memory=memory,
+                                drain_s=1e6)
+    assert fast.metrics.completed == 7024
+    assert fast.metrics.rejected_requests == 3
+    assert fast.metrics.preemptions > 0
+    assert calls["grow"] >= 2 and calls["drain"] >= 3
+
+
+def test_auto_runs_memory_in_the_compiled_loop(monkeypatch) -> None:
+    """``engine="auto"`` picks the compiled loop for memory runs of shipped policies."""
+    runs = []
+    run = compiled.run
+
+    def counted_run(*args, **kwargs):
+        runs.append(kwargs.get("memory"))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(compiled, "run", counted_run)
+    requests = [Request(i, float(i), 30, 20) for i in range(40)]
+    memory = KVCache(64, block_tokens=4, watermark=0.0)
+    auto = simulate(requests, SARATHI, ConstantTime(1.0), 32, memory=memory)
+    assert runs == [memory]
+    ref = simulate(requests, SARATHI, ConstantTime(1.0), 32, memory=memory, engine="reference")
+    assert_same(ref, auto)
+    assert auto.notes == ref.notes
+    assert auto.metrics.preemptions > 0

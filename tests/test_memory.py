@@ -138,10 +138,15 @@ def test_engine_rejects_a_non_cache_memory() -> None:
     with pytest.raises(ConfigError) as err:
         Engine(SARATHI, ConstantTime(1.0), 64, memory=1000)  # type: ignore[arg-type]
     assert err.value.field == "memory"
-    with pytest.raises(ConfigError) as err:
-        simulate(fixed_requests([(0.0, 1, 1)]), SARATHI, ConstantTime(1.0), 64,
-                 memory=KVCache(64), engine="compiled")
-    assert err.value.field == "engine"
+    for engine in ("compiled", "fast", "auto"):
+        with pytest.raises(ConfigError) as err:
+            simulate(fixed_requests([(0.0, 1, 1)]), SARATHI, ConstantTime(1.0), 64,
+                     memory=1000, engine=engine)  # type: ignore[arg-type]
+        assert err.value.field == "memory"
+    # a KV cache runs on every engine, the compiled loop included (tests/test_compiled.py)
+    result = simulate(fixed_requests([(0.0, 1, 1)]), SARATHI, ConstantTime(1.0), 64,
+                      memory=KVCache(64), engine="compiled")
+    assert result.metrics.completed == 1
 
 
 # ---------------------------------------------------------------- properties

@@ -101,9 +101,6 @@ def start_sweep(config: Path, db: Path, *, workers: int, rows: int) -> subproces
         ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nmemory = ['tokens=8000', 3]\n", r"grid\.memory"),
         ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nmemory = 'gpu_gib=80'\n",
          r"grid\.memory: missing key 'params_b'"),
-        ("[grid]\npolicies = ['sarathi']\nloads = [0.5]\nmemory = 'tokens=8000'\n"
-         "[run]\nengine = 'compiled'\n",
-         r"run\.engine: grid\.memory needs one of auto, fast, reference"),
     ],
 )
 def test_bad_configs_fail_before_any_run_naming_the_key(tmp_path, capsys, text, message) -> None:

@@ -1,12 +1,14 @@
 """Driver of the compiled event loop (``llmqueue.kernel``): feeds arrivals, collects outputs.
 
 ``simulate(..., engine="auto")`` uses it for the shipped policies (``KFCFS`` and ``VLLMChunked``
-instances, not subclasses) when numba is installed (``pip install 'llmqueue[fast]'``); otherwise
-the pure-Python fast engine runs, with the same results. Arrivals come in numpy chunks and
-finished requests leave in numpy chunks, so the loop never builds a Python object per request.
+instances, not subclasses) when numba is installed (``pip install 'llmqueue[fast]'``), with or
+without a KV cache; otherwise the pure-Python fast engine runs, with the same results. Arrivals
+come in numpy chunks and finished requests leave in numpy chunks, so the loop never builds a
+Python object per request.
 
 In a network, ``KernelEngine`` gives one engine the interface of the Python network loop, and
-``NetworkLoop`` runs a network whose engines are all compiled with the routing compiled as well.
+``NetworkLoop`` runs a network whose engines are all compiled with the routing compiled as well
+(engines without a KV cache only: the network simulator runs those with one on the fast engine).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from llmqueue.batchtime import BatchTime
 from llmqueue.errors import ConfigError
+from llmqueue.memory import KVCache
 from llmqueue.metrics import Recorder, RequestRecord
 from llmqueue.network import EXIT, Network
 from llmqueue.policies import KFCFS, VLLMChunked
@@ -64,12 +67,18 @@ class Outcome:
     pending: tuple[RequestRecord, ...]
 
 
-def _policy_params(policy: KFCFS | VLLMChunked, budget: int, k_max: int | None) -> np.ndarray:
+def _policy_params(policy: KFCFS | VLLMChunked, budget: int, k_max: int | None,
+                   memory: KVCache | None = None) -> np.ndarray:
+    """The kernel's fixed parameters: the policy's knobs, the batch limits and the KV cache."""
     from llmqueue import kernel as K
 
     pol = np.zeros(K.N_POL, dtype=np.int64)
     pol[K.P_BUDGET] = budget
     pol[K.P_KMAX] = 0 if k_max is None else k_max
+    if memory is not None:
+        pol[K.P_BLOCK] = memory.block_tokens
+        pol[K.P_KV_TOTAL] = memory.total_blocks
+        pol[K.P_KV_FLOOR] = memory.watermark_blocks
     if isinstance(policy, KFCFS):
         pol[K.P_KIND] = K.KIND_KFCFS
         pol[K.P_DECODE_FIRST] = int(policy.priority == "decode")
@@ -120,12 +129,13 @@ class _State:
     """Least room of the output buffers (finished requests, inter-token latencies)."""
 
     def __init__(self, policy: KFCFS | VLLMChunked, batch_time: BatchTime, budget: int,
-                 k_max: int | None, capacity: int = 1024) -> None:
+                 k_max: int | None, capacity: int = 1024, memory: KVCache | None = None) -> None:
         from llmqueue import kernel as K
 
         self.K = K
         self.batch_time = batch_time
-        self.si = np.zeros(K.N_SI, dtype=np.int64)
+        block = 0 if memory is None else memory.block_tokens
+        self.si = np.zeros(K.N_SI + 2 * block + 1, dtype=np.int64)  # KV tail: see kernel.KV
         self.sf = np.zeros(K.N_SF)
         self.sf[K.BATCH_END] = math.inf
         self.sf[K.HORIZON] = math.inf
@@ -137,7 +147,9 @@ class _State:
         self.q = np.zeros((K.N_Q, 0), dtype=np.int64)
         self.heap = np.zeros((4, 0), dtype=np.int64)
         self.grow(capacity)
-        self.pol = _policy_params(policy, budget, k_max)
+        self.pol = _policy_params(policy, budget, k_max, memory)
+        if memory is not None:
+            self.si[K.KV_FREE] = memory.total_blocks
         self.t_table = _batch_time_table(batch_time, budget)
         self.ends = np.zeros(K.MAX_REPEAT)
         self.targets = np.zeros(K.MAX_REPEAT, dtype=np.int64)
@@ -154,7 +166,7 @@ class _State:
         """Room for ``capacity`` requests present at once (rings are unwrapped)."""
         K, si, old = self.K, self.si, self.cap
         q = np.zeros((K.N_Q, capacity), dtype=np.int64)
-        for row in (K.Q_SERVED, K.Q_JOIN, K.Q_PLAN_SLOT, K.Q_PLAN_TOK):
+        for row in (K.Q_SERVED, K.Q_JOIN, K.Q_PLAN_SLOT, K.Q_PLAN_TOK, K.Q_PLAN_C):
             q[row, :old] = self.q[row]
         for row, head, length in ((K.Q_PREFILL, K.PQ_HEAD, K.PQ_LEN), (K.Q_WAIT, K.WQ_HEAD, K.WQ_LEN)):
             n = si[length]
@@ -238,10 +250,13 @@ _INT_TOTALS = (
     ("batch_tokens", "BATCH_TOKENS"), ("batch_requests", "BATCH_REQUESTS"),
     ("batch_prefill", "BATCH_PREFILL"), ("batch_decode", "BATCH_DECODE"),
     ("wc_target", "WC_TARGET"), ("wc_violations", "WC_VIOL"), ("wc_wasted", "WC_WASTED"),
+    ("preemptions", "PREEMPTIONS"), ("recomputed_tokens", "RECOMPUTED"),
+    ("rejected_requests", "REJECTED"), ("kv_batches", "KV_BATCHES"),
 )
 _FLOAT_TOTALS = (
     ("last_ms", "REC_LAST"), ("backlog_area", "BACKLOG_AREA"), ("in_system_area", "IN_SYSTEM_AREA"),
     ("last_arrival_ms", "LAST_ARRIVAL"), ("busy_ms", "BUSY"), ("stall_ms", "STALL"),
+    ("kv_peak", "KV_PEAK"), ("kv_sum", "KV_SUM"),
 )
 """Recorder field -> the kernel's scalar holding it (same meaning)."""
 
@@ -267,15 +282,16 @@ def run(
     horizon_for: Callable[[float], float],
     progress: Callable[[int], None] | None = None,
     keep_pending: bool = True,
+    memory: KVCache | None = None,
 ) -> Outcome:
     """Run arrivals through one engine with the compiled loop; fills ``recorder``.
 
     ``horizon_for(last_arrival_ms)`` gives the horizon once the arrivals are over (the same rule
-    as ``simulate``'s Python loop).
+    as ``simulate``'s Python loop). ``memory``: the engine's KV cache (None: unlimited).
     """
     from llmqueue import kernel as K
 
-    state = _State(policy, batch_time, budget, k_max)
+    state = _State(policy, batch_time, budget, k_max, memory=memory)
     si, sf = state.si, state.sf
     source: Iterator[Chunk] = iter(chunks)
     current = next(source, _NO_ARRIVALS)
@@ -288,8 +304,8 @@ def run(
         si[K.A_POS] = 0
         si[K.A_FINAL] = int(final)
         if final:
-            last = float(arrival_ms[-1]) if arrival_ms.size else float(sf[K.LAST_ARRIVAL])
-            sf[K.HORIZON] = horizon_for(last)
+            sf[K.HORIZON] = horizon_for(_last_admitted(arrival_ms, prefill, decode, memory,
+                                                       float(sf[K.LAST_ARRIVAL])))
         code = state.call((ids, arrival_ms, prefill, decode), lambda: _drain(state, recorder))
         if progress is not None:
             progress(int(si[K.ARRIVALS]))
@@ -313,6 +329,18 @@ def run(
         in_system=int(si[K.IN_SYSTEM]),
         pending=_pending(state) if keep_pending else (),
     )
+
+
+def _last_admitted(arrival_ms: np.ndarray, prefill: np.ndarray, decode: np.ndarray,
+                   memory: KVCache | None, before: float) -> float:
+    """The last arrival of the final chunk that the engine takes in (``before`` if none): the
+    horizon counts from it, as from ``Recorder.last_arrival_ms`` (a refused request is no
+    arrival)."""
+    if memory is not None and arrival_ms.size:
+        blocks = -(-(prefill + decode) // memory.block_tokens)
+        admitted = np.flatnonzero(blocks <= memory.total_blocks - memory.watermark_blocks)
+        arrival_ms = arrival_ms[admitted]
+    return float(arrival_ms[-1]) if arrival_ms.size else before
 
 
 def _plain(values: np.ndarray, dtype: type) -> np.ndarray:

@@ -5,7 +5,9 @@ call, plan check, records). This module runs the same event loop, the same float
 the same order, compiled with numba: the (K_p, K_d)-FCFS family and current vLLM are ported as
 plain loops over the prompt queue, decoders stay implicit (served prefix, finish heap), and runs
 of identical iterations are booked at once, exactly as in ``llmqueue.fastengine`` (read that
-module and docs/fastpath.md first: this one mirrors it line by line).
+module and docs/fastpath.md first: this one mirrors it line by line). A KV-cache limit is ported
+too (single engines only): block growth in closed form, runs that end before a preemption, and
+plans fitted request by request with the reference engine's rules (see "KV-cache memory" below).
 
 All state lives in numpy arrays, so a run can stop and resume: the loop returns to Python when it
 needs the next chunk of arrivals, room for its outputs, or more request slots. The driver
@@ -36,21 +38,39 @@ ENDED = 6  # network mode: a batch run ended (it finished requests, or only endi
  ACTIVE, P_DEC, P_PRE, RUN_OFF, RUN_LEN, T_LIST, T_OFF, T_BASE, T_X, STOPPED, BLOCKED, IN_SYSTEM,
  BACKLOG, PREFILL_LEFT, ARRIVALS, ARRIVED_TOKENS, BATCHES, BATCH_TOKENS, BATCH_REQUESTS,
  BATCH_PREFILL, BATCH_DECODE, WC_TARGET, WC_VIOL, WC_WASTED, N_OUT, N_ITL, A_POS, A_FINAL, ERR_N,
- N_CONT, PLAN_NO, CAP, NET, END_ONLY, START_ONLY, N_SI) = range(48)
+ N_CONT, PLAN_NO, CAP, NET, END_ONLY, START_ONLY,
+ # KV cache (memory-limited engines only): free blocks, blocks held during the running run's first
+ # repeat, decoders holding no blocks (prompt-less, never served), whether the served decoders are
+ # not the oldest ones (after a fitted plan), the number of the current fit, recorder counters, and
+ # the tokens preempted at the batch start not yet in the recorder's backlog (_book_preemptions),
+ # the prompts holding blocks (they are near the head of the queue: scans stop after the last)
+ KV_FREE, KV_RUN_USED, UNCACHED, IRREGULAR, FIT_NO, PREEMPTIONS, RECOMPUTED, REJECTED, KV_BATCHES,
+ LOST, RES_PROMPTS, N_SI) = range(59)
+KV = N_SI
+"""si[KV:] (memory only): served decoders by block phase (block entries), then the running run's
+block growth over one period as prefix sums (block + 1 entries); si has N_SI + 2 block + 1 entries."""
 
 # -- float scalars (sf) --------------------------------------------------------------------------
 (NOW, BATCH_END, BLOCKED_SINCE, SERVED_MS, DURATION, REC_LAST, BACKLOG_AREA, IN_SYSTEM_AREA, BUSY,
- STALL, LAST_ARRIVAL, HORIZON, BIN_WIDTH, LIMIT, N_SF) = range(15)
+ STALL, LAST_ARRIVAL, HORIZON, BIN_WIDTH, LIMIT, KV_PEAK, KV_SUM, N_SF) = range(17)
 
 # -- per-slot integers (slot_i columns) and floats (slot_f columns) ------------------------------
-R_ID, R_PRE, R_DEC, R_PLEFT, R_DLEFT, R_C0, R_ACT, R_SEQ, R_MARK, R_TOK, N_RI = range(11)
+# R_KV, R_BLK: a request's blocks while a plan is fitted (R_BLK holds them when R_KV == si[FIT_NO];
+# otherwise, at a batch boundary, a request holds ceil(cached / block) blocks: see _cached)
+R_ID, R_PRE, R_DEC, R_PLEFT, R_DLEFT, R_C0, R_ACT, R_SEQ, R_MARK, R_TOK, R_KV, R_BLK, N_RI = range(13)
 R_ARR, R_FIRST, R_LAST, N_RF = range(4)
 
 # -- rows of the queue array q ---------------------------------------------------------------------
-Q_FREE, Q_PREFILL, Q_WAIT, Q_SERVED, Q_JOIN, Q_PLAN_SLOT, Q_PLAN_TOK, N_Q = range(8)
+# Q_PLAN_C: cached tokens of each planned prompt when its run started (block growth); Q_FIT_SLOT,
+# Q_FIT_TOK: a plan fitted request by request; Q_TMP: scratch (resident prompts, chosen decoders)
+(Q_FREE, Q_PREFILL, Q_WAIT, Q_SERVED, Q_JOIN, Q_PLAN_SLOT, Q_PLAN_TOK, Q_PLAN_C, Q_FIT_SLOT,
+ Q_FIT_TOK, Q_TMP, N_Q) = range(12)
 
 # -- policy parameters (pol) ---------------------------------------------------------------------
-P_KIND, P_DECODE_FIRST, P_MIXED, P_CHUNKED, P_KP, P_KD, P_BUDGET, P_KMAX, N_POL = range(9)
+# P_BLOCK: KV block size in tokens (0: no memory limit); P_KV_TOTAL: blocks in the pool;
+# P_KV_FLOOR: blocks admission keeps free (the watermark)
+(P_KIND, P_DECODE_FIRST, P_MIXED, P_CHUNKED, P_KP, P_KD, P_BUDGET, P_KMAX, P_BLOCK, P_KV_TOTAL,
+ P_KV_FLOOR, N_POL) = range(12)
 KIND_KFCFS, KIND_VLLM_CHUNKED = 0, 1
 
 
@@ -189,7 +209,20 @@ def _sync(si, sf, slot_i, slot_f, s):
 
 
 @njit(cache=True)
-def _serve(si, sf, slot_i, slot_f, q, heap, count):
+def _cached(slot_i, s):
+    """Tokens whose KV slot ``s`` holds: its prompt and decoded tokens less what it must still
+    prefill (so 0 after a preemption). For a served decoder its decode count may be stale, but
+    ``cached - c0`` is not (both advance together): its block phase is exact without a sync."""
+    return slot_i[s, R_PRE] + slot_i[s, R_DEC] - slot_i[s, R_DLEFT] - slot_i[s, R_PLEFT]
+
+
+@njit(cache=True)
+def _ceil_div(a, b):
+    return -((-a) // b)
+
+
+@njit(cache=True)
+def _serve(si, sf, slot_i, slot_f, q, heap, b, count):
     """Make the served prefix exactly the oldest ``count`` decoders (FastEngine._serve)."""
     cap = q.shape[1]
     while si[SV_LEN] > count:
@@ -197,6 +230,8 @@ def _serve(si, sf, slot_i, slot_f, q, heap, count):
         si[SV_LEN] -= 1
         _sync(si, sf, slot_i, slot_f, s)
         slot_i[s, R_ACT] += 1
+        if b > 0:
+            si[KV + (_cached(slot_i, s) - slot_i[s, R_C0]) % b] -= 1
         si[N_CONT] -= 1  # joiners are booked before the prefix can change again
         si[WQ_HEAD] = (si[WQ_HEAD] - 1) % cap
         q[Q_WAIT, si[WQ_HEAD]] = s
@@ -214,6 +249,8 @@ def _serve(si, sf, slot_i, slot_f, q, heap, count):
         if si[HP_LEN] == heap.shape[1]:
             _heap_compact(heap, si, slot_i)
         _heap_push(heap, si, si[SERVES] + slot_i[s, R_DLEFT], slot_i[s, R_SEQ], slot_i[s, R_ACT], s)
+        if b > 0:  # served decoders by block phase (cached - c0) mod block
+            si[KV + (_cached(slot_i, s) - slot_i[s, R_C0]) % b] += 1
 
 
 @njit(cache=True)
@@ -225,7 +262,7 @@ def _next_finish(si, slot_i, heap):
 
 
 @njit(cache=True)
-def _enter_decode(si, sf, slot_i, slot_f, q, heap, s):
+def _enter_decode(si, sf, slot_i, slot_f, q, heap, b, s):
     """A request starts decoding: it joins the decoders in arrival order."""
     cap = q.shape[1]
     seq = slot_i[s, R_SEQ]
@@ -237,7 +274,7 @@ def _enter_decode(si, sf, slot_i, slot_f, q, heap, s):
     if newest < 0 or seq > slot_i[newest, R_SEQ]:
         q[Q_WAIT, (si[WQ_HEAD] + si[WQ_LEN]) % cap] = s
         si[WQ_LEN] += 1
-    else:  # an older request starts decoding (it had no prompt): rebuild the order
+    else:  # an older request starts decoding (no prompt, or recomputed): rebuild the order
         n_sv, n_wq = si[SV_LEN], si[WQ_LEN]
         everyone = np.empty(n_sv + n_wq + 1, dtype=np.int64)
         for i in range(n_sv):
@@ -261,7 +298,11 @@ def _enter_decode(si, sf, slot_i, slot_f, q, heap, s):
         si[N_CONT] = 0
         si[JN_LEN] = 0
         si[HP_LEN] = 0
+        if b > 0:
+            si[KV:KV + b] = 0
     si[DECODERS] += 1
+    if b > 0 and _cached(slot_i, s) == 0:  # no prompt: it holds no blocks until first served
+        si[UNCACHED] += 1
 
 
 @njit(cache=True)
@@ -273,12 +314,12 @@ def _plan_prompt(si, q, s, take):
 
 
 @njit(cache=True)
-def _plan_kfcfs(si, slot_i, q, pol):
-    """KFCFS.plan_compact: fills the planned prompts (q rows) and returns the decoder count."""
+def _plan_kfcfs(si, slot_i, q, pol, row, head, n_queue, decoders_present):
+    """KFCFS.plan_compact over the prompts ``q[row]`` (a ring from ``head``, ``n_queue`` long) and
+    ``decoders_present`` decoders: fills the planned prompts (q rows) and returns the decoder count."""
     cap = q.shape[1]
     budget, k_max = pol[P_BUDGET], pol[P_KMAX]
-    decoders_present = si[DECODERS]
-    slots = si[PQ_LEN] + decoders_present if k_max == 0 else k_max
+    slots = n_queue + decoders_present if k_max == 0 else k_max
     tokens = budget
     decoders = 0
     si[PP_LEN] = 0
@@ -294,11 +335,11 @@ def _plan_kfcfs(si, slot_i, q, pol):
             max_count = slots - decoders
             if pol[P_KP] > 0:
                 max_count = min(max_count, pol[P_KP])
-            n = min(max(max_count, 0), si[PQ_LEN])
+            n = min(max(max_count, 0), n_queue)
             for i in range(n):
                 if tokens <= 0:
                     break
-                s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
+                s = q[row, (head + i) % cap]
                 need = slot_i[s, R_PLEFT]
                 if need <= tokens:
                     take = need
@@ -314,18 +355,32 @@ def _plan_kfcfs(si, slot_i, q, pol):
 
 
 @njit(cache=True)
-def _plan_vllm_chunked(si, slot_i, q, pol):
-    """VLLMChunked.plan_compact (started prompts are a prefix of the queue: FCFS admission)."""
+def _plan_vllm_chunked(si, slot_i, q, pol, row, head, n_queue, decoders_present, n_res):
+    """VLLMChunked.plan_compact over the prompts ``q[row]`` (see _plan_kfcfs). Without memory
+    (``n_res < 0``) the started prompts are a prefix of the queue (FCFS admission), so the scan
+    stops at the first waiting one. With memory, preempted requests wait among them, but every
+    started prompt holds blocks: the scan stops after the ``n_res`` prompts that do."""
     cap = q.shape[1]
     budget, k_max = pol[P_BUDGET], pol[P_KMAX]
-    n_queue = si[PQ_LEN]
+    memory = n_res >= 0
     started = 0
-    while started < n_queue:
-        s = q[Q_PREFILL, (si[PQ_HEAD] + started) % cap]
-        if slot_i[s, R_PLEFT] == slot_i[s, R_PRE]:
-            break
-        started += 1
-    decoders_present = si[DECODERS]
+    front = 0  # the started prompts are among the first ``front`` ones
+    if memory:
+        seen = 0
+        while seen < n_res and front < n_queue:
+            s = q[row, (head + front) % cap]
+            front += 1
+            if _cached(slot_i, s) > 0:
+                seen += 1
+                if slot_i[s, R_PLEFT] < slot_i[s, R_PRE]:
+                    started += 1
+    else:
+        while started < n_queue:
+            s = q[row, (head + started) % cap]
+            if slot_i[s, R_PLEFT] == slot_i[s, R_PRE]:
+                break
+            started += 1
+        front = started
     running = decoders_present + started
     max_seqs = running + (n_queue - started) if k_max == 0 else k_max
     tokens = budget
@@ -333,23 +388,36 @@ def _plan_vllm_chunked(si, slot_i, q, pol):
     tokens -= decoders
     si[PP_LEN] = 0
     if decoders == decoders_present:
-        for i in range(started):
+        for i in range(front):
+            s = q[row, (head + i) % cap]
+            if memory and slot_i[s, R_PLEFT] >= slot_i[s, R_PRE]:
+                continue
             if tokens == 0 or decoders + si[PP_LEN] >= max_seqs:
                 break
-            s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
             take = min(slot_i[s, R_PLEFT], tokens)
             _plan_prompt(si, q, s, take)
             tokens -= take
     admitted = running
-    for i in range(started, n_queue):
+    for i in range(0 if memory else started, n_queue):
+        s = q[row, (head + i) % cap]
+        if memory and slot_i[s, R_PLEFT] < slot_i[s, R_PRE]:
+            continue
         if tokens == 0 or admitted >= max_seqs:
             break
-        s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
         take = min(slot_i[s, R_PLEFT], tokens)
         _plan_prompt(si, q, s, take)
         tokens -= take
         admitted += 1
     return decoders
+
+
+@njit(cache=True)
+def _plan(si, slot_i, q, pol, row, head, n_queue, decoders_present, n_res):
+    """The policy's compact plan (prompts in the q plan rows; returns the decoder count), with
+    memory (``n_res`` of the prompts hold blocks)."""
+    if pol[P_KIND] == KIND_KFCFS:
+        return _plan_kfcfs(si, slot_i, q, pol, row, head, n_queue, decoders_present)
+    return _plan_vllm_chunked(si, slot_i, q, pol, row, head, n_queue, decoders_present, n_res)
 
 
 @njit(cache=True)
@@ -474,26 +542,455 @@ def _batches(si, sf, count, busy_ms, prefill, decode, requests, total, viol, was
     si[WC_WASTED] += wasted
 
 
+# -- KV-cache memory (FastEngine's _fit_compact, _form_fitted, _Growth, _book_blocks) -------------
+#
+# At a batch boundary a request holds ceil(cached / block) blocks (_cached), so blocks are not
+# stored. While a plan is fitted request by request, the requests it grows, admits or preempts
+# hold R_BLK blocks (R_KV == si[FIT_NO]). During a run of repeats the served decoders' blocks are
+# counted by phase (si[KV:KV + block]), and the growth of the run (its prefix sums over one
+# period, si[KV + block:KV + 2 block + 1]) is in closed form.
+
+FITTED = -2  # _form_memory: the plan would preempt: fit it request by request
+BLOCKED_PLAN = -1  # the engine blocks: no plan, or memory refused all of it
+
+
+@njit(cache=True)
+def _blocks(si, slot_i, s, b):
+    """Blocks slot ``s`` holds (during a fit: as the fit left them)."""
+    if slot_i[s, R_KV] == si[FIT_NO]:
+        return slot_i[s, R_BLK]
+    return _ceil_div(_cached(slot_i, s), b)
+
+
+@njit(cache=True)
+def _ring_remove(si, q, row, head_i, len_i, s):
+    """Remove ``s`` from the ring ``q[row]`` (head si[head_i], length si[len_i])."""
+    cap = q.shape[1]
+    head, n = si[head_i], si[len_i]
+    pos = 0
+    while q[row, (head + pos) % cap] != s:
+        pos += 1
+    for i in range(pos, n - 1):
+        q[row, (head + i) % cap] = q[row, (head + i + 1) % cap]
+    si[len_i] = n - 1
+
+
+@njit(cache=True)
+def _ring_insort(si, slot_i, q, row, head_i, len_i, s):
+    """Insert ``s`` into the ring ``q[row]`` kept in arrival (seq) order, from the head (a
+    preempted request is older than the prompts that wait behind it)."""
+    cap = q.shape[1]
+    head, n = si[head_i], si[len_i]
+    seq = slot_i[s, R_SEQ]
+    pos = 0
+    while pos < n and slot_i[q[row, (head + pos) % cap], R_SEQ] < seq:
+        pos += 1
+    head = (head - 1) % cap
+    for i in range(pos):
+        q[row, (head + i) % cap] = q[row, (head + i + 1) % cap]
+    q[row, (head + pos) % cap] = s
+    si[head_i] = head
+    si[len_i] = n + 1
+
+
+@njit(cache=True)
+def _unserve_all(si, sf, slot_i, slot_f, q, b):
+    """Sync every served decoder and queue all decoders in arrival order again
+    (FastEngine._unserve_all): the served ones go back in front, or merge when irregular."""
+    cap = q.shape[1]
+    n_sv, n_wq = si[SV_LEN], si[WQ_LEN]
+    for i in range(n_sv):
+        s = q[Q_SERVED, i]
+        _sync(si, sf, slot_i, slot_f, s)
+        slot_i[s, R_ACT] += 1
+    if si[IRREGULAR] == 1:
+        i = j = 0
+        head = si[WQ_HEAD]
+        while i < n_sv or j < n_wq:
+            if j == n_wq or (i < n_sv and slot_i[q[Q_SERVED, i], R_SEQ]
+                             < slot_i[q[Q_WAIT, (head + j) % cap], R_SEQ]):
+                q[Q_TMP, i + j] = q[Q_SERVED, i]
+                i += 1
+            else:
+                q[Q_TMP, i + j] = q[Q_WAIT, (head + j) % cap]
+                j += 1
+        for i in range(n_sv + n_wq):
+            q[Q_WAIT, i] = q[Q_TMP, i]
+        si[WQ_HEAD] = 0
+        si[IRREGULAR] = 0
+    else:
+        for i in range(n_sv - 1, -1, -1):
+            si[WQ_HEAD] = (si[WQ_HEAD] - 1) % cap
+            q[Q_WAIT, si[WQ_HEAD]] = q[Q_SERVED, i]
+    si[WQ_LEN] = n_sv + n_wq
+    si[SV_LEN] = 0
+    si[N_CONT] = 0
+    si[JN_LEN] = 0
+    si[HP_LEN] = 0
+    if b > 0:
+        si[KV:KV + b] = 0
+
+
+@njit(cache=True)
+def _preempt(si, slot_i, q, b, v):
+    """Engine._preempt: ``v`` frees its blocks and must prefill its whole context again; a
+    decoder goes back to the prompts in arrival order. The lost tokens are backlog again (the
+    recorder's when the batch has started: _book_preemptions)."""
+    lost = _cached(slot_i, v)
+    si[KV_FREE] += _blocks(si, slot_i, v, b)
+    slot_i[v, R_KV] = si[FIT_NO]
+    slot_i[v, R_BLK] = 0
+    if slot_i[v, R_PLEFT] == 0:  # decoding (every decoder is in the waiting ring during a fit)
+        _ring_remove(si, q, Q_WAIT, WQ_HEAD, WQ_LEN, v)
+        si[DECODERS] -= 1
+        slot_i[v, R_ACT] += 1
+        _ring_insort(si, slot_i, q, Q_PREFILL, PQ_HEAD, PQ_LEN, v)
+    else:
+        si[RES_PROMPTS] -= 1
+    slot_i[v, R_PLEFT] += lost
+    si[PREFILL_LEFT] += lost
+    si[LOST] += lost
+    si[PREEMPTIONS] += 1
+    si[RECOMPUTED] += lost
+
+
+@njit(cache=True)
+def _book_preemptions(si, sf, bins):
+    """Recorder.preempted for the preemptions of the batch just started: the backlog integral
+    advances to the start (the same time for all of them, so once) and the lost tokens join it."""
+    _advance(si, sf, bins, sf[NOW])
+    si[BACKLOG] += si[LOST]
+    si[LOST] = 0
+
+
+@njit(cache=True)
+def _newest_resident(si, slot_i, q, b):
+    """The newest request holding blocks (prompts and decoders are each in arrival order)."""
+    cap = q.shape[1]
+    best = -1
+    seen = 0
+    i = 0
+    while seen < si[RES_PROMPTS] and i < si[PQ_LEN]:  # the last of the prompts holding blocks
+        s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
+        i += 1
+        if _blocks(si, slot_i, s, b) > 0:
+            best = s
+            seen += 1
+    for i in range(si[WQ_LEN] - 1, -1, -1):
+        s = q[Q_WAIT, (si[WQ_HEAD] + i) % cap]
+        if _blocks(si, slot_i, s, b) > 0:
+            if best < 0 or slot_i[s, R_SEQ] > slot_i[best, R_SEQ]:
+                best = s
+            break
+    return best
+
+
+@njit(cache=True)
+def _expand(si, slot_i, q, pol, decoders, resident_only):
+    """The planned prompts (q plan rows) and the oldest ``decoders`` decoders (of those holding
+    blocks if ``resident_only``) as one plan in the policy's order (CompactPlan.expand), in the
+    q fit rows; returns its length."""
+    cap = q.shape[1]
+    decode_first = pol[P_KIND] == KIND_VLLM_CHUNKED or pol[P_DECODE_FIRST] == 1
+    n = 0
+    for phase in range(2):
+        if (phase == 0) == decode_first:
+            taken = 0
+            i = 0
+            while taken < decoders:
+                s = q[Q_WAIT, (si[WQ_HEAD] + i) % cap]
+                i += 1
+                if resident_only and _cached(slot_i, s) == 0:  # holds no blocks
+                    continue
+                q[Q_FIT_SLOT, n] = s
+                q[Q_FIT_TOK, n] = 1
+                n += 1
+                taken += 1
+        else:
+            for e in range(si[PP_LEN]):
+                q[Q_FIT_SLOT, n] = q[Q_PLAN_SLOT, e]
+                q[Q_FIT_TOK, n] = q[Q_PLAN_TOK, e]
+                n += 1
+    return n
+
+
+@njit(cache=True)
+def _fit_memory(si, slot_i, q, pol, n_fit):
+    """Engine._fit_memory on the plan in the q fit rows; returns how many entries it kept.
+
+    Entries holding blocks grow first, in plan order; when one cannot, the newest resident
+    request is preempted (maybe itself). Then, unless that happened, new entries are admitted in
+    plan order while they leave the watermark free, up to the first refusal. Kept entries are
+    those with R_BLK > 0 for this fit. (An entry holds blocks at the start of the fit unless it
+    is new, and loses them only when preempted, which also makes it skipped: so entries are
+    told apart as they come.)"""
+    b = pol[P_BLOCK]
+    si[FIT_NO] += 1
+    fit = si[FIT_NO]
+    preempted = False
+    for i in range(n_fit):
+        s = q[Q_FIT_SLOT, i]
+        held = _blocks(si, slot_i, s, b)
+        if held == 0:  # new (or already preempted as a victim)
+            continue
+        need = _ceil_div(_cached(slot_i, s) + q[Q_FIT_TOK, i], b) - held
+        while need > si[KV_FREE]:
+            victim = _newest_resident(si, slot_i, q, b)
+            _preempt(si, slot_i, q, b, victim)
+            preempted = True
+            if victim == s:
+                break
+        if slot_i[s, R_KV] == fit and slot_i[s, R_BLK] == 0:
+            continue
+        slot_i[s, R_KV] = fit
+        slot_i[s, R_BLK] = held + need
+        si[KV_FREE] -= need
+    if not preempted:  # vLLM admits no new request in a step that preempted one
+        floor = pol[P_KV_FLOOR]
+        for i in range(n_fit):
+            s = q[Q_FIT_SLOT, i]
+            if slot_i[s, R_KV] == fit:  # grown above
+                continue
+            need = _ceil_div(q[Q_FIT_TOK, i], b)
+            if si[KV_FREE] - need < floor:
+                break
+            slot_i[s, R_KV] = fit
+            slot_i[s, R_BLK] = need
+            si[KV_FREE] -= need
+            if slot_i[s, R_PLEFT] > 0:
+                si[RES_PROMPTS] += 1
+    kept = 0
+    for i in range(n_fit):
+        s = q[Q_FIT_SLOT, i]
+        if slot_i[s, R_KV] == fit and slot_i[s, R_BLK] > 0:
+            kept += 1
+    return kept
+
+
+@njit(cache=True)
+def _resident_prompts(si, slot_i, q):
+    """The prompts holding blocks, in queue order, into q[Q_TMP]; returns how many. (At a batch
+    boundary, and after a fit that kept nothing, a request holds blocks iff it has cached tokens.)"""
+    cap = q.shape[1]
+    n = 0
+    i = 0
+    while n < si[RES_PROMPTS] and i < si[PQ_LEN]:
+        s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
+        i += 1
+        if _cached(slot_i, s) > 0:
+            q[Q_TMP, n] = s
+            n += 1
+    return n
+
+
+@njit(cache=True)
+def _form_fitted(si, sf, slot_i, slot_f, q, heap, pol):
+    """FastEngine._form_fitted: plan with the full view and fit the plan request by request
+    (Engine._form_plan: victims, watermark, the resident-only re-plan). Leaves the kept prompts
+    in the q plan rows and serves the kept decoders (not necessarily the oldest: IRREGULAR);
+    returns their number, or BLOCKED_PLAN. The run is a single repeat."""
+    cap = q.shape[1]
+    b = pol[P_BLOCK]
+    _unserve_all(si, sf, slot_i, slot_f, q, b)  # every decoder synced, in the waiting ring
+    decoders = _plan(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], si[PQ_LEN], si[DECODERS],
+                     si[RES_PROMPTS])
+    if decoders == 0 and si[PP_LEN] == 0:
+        return BLOCKED_PLAN
+    n_fit = _expand(si, slot_i, q, pol, decoders, False)
+    kept = _fit_memory(si, slot_i, q, pol, n_fit)
+    if kept == 0:  # memory refused every entry: plan again with the requests holding blocks
+        n_vis = _resident_prompts(si, slot_i, q)
+        n_dec = 0
+        for i in range(si[WQ_LEN]):
+            if _cached(slot_i, q[Q_WAIT, (si[WQ_HEAD] + i) % cap]) > 0:
+                n_dec += 1
+        if n_vis + n_dec > 0:
+            decoders = _plan(si, slot_i, q, pol, Q_TMP, 0, n_vis, n_dec, n_vis)
+            if decoders > 0 or si[PP_LEN] > 0:
+                n_fit = _expand(si, slot_i, q, pol, decoders, True)
+                kept = _fit_memory(si, slot_i, q, pol, n_fit)
+    if kept == 0:
+        return BLOCKED_PLAN
+    fit = si[FIT_NO]
+    n_dec = 0
+    n_pre = 0
+    for i in range(n_fit):
+        s = q[Q_FIT_SLOT, i]
+        if slot_i[s, R_KV] != fit or slot_i[s, R_BLK] == 0:
+            continue
+        if slot_i[s, R_PLEFT] == 0:  # a decoder (plan order is arrival order)
+            if _cached(slot_i, s) == 0:
+                si[UNCACHED] -= 1  # served now: it holds blocks from here on
+            q[Q_TMP, n_dec] = s
+            n_dec += 1
+        else:
+            q[Q_PLAN_SLOT, n_pre] = s
+            q[Q_PLAN_TOK, n_pre] = q[Q_FIT_TOK, i]
+            n_pre += 1
+    si[PP_LEN] = n_pre
+    if n_dec > 0:
+        if q[Q_WAIT, (si[WQ_HEAD] + n_dec - 1) % cap] != q[Q_TMP, n_dec - 1]:
+            # not the oldest (the re-plan skipped a decoder holding no blocks): queue the chosen
+            # ones first, the others after them in arrival order, and serve the first n_dec
+            head, n_wq = si[WQ_HEAD], si[WQ_LEN]
+            rest = n_dec
+            for i in range(n_wq):
+                s = q[Q_WAIT, (head + i) % cap]
+                if slot_i[s, R_KV] != fit or slot_i[s, R_BLK] == 0:
+                    q[Q_TMP, rest] = s
+                    rest += 1
+            for i in range(n_wq):
+                q[Q_WAIT, i] = q[Q_TMP, i]
+            si[WQ_HEAD] = 0
+            si[IRREGULAR] = 1
+        _serve(si, sf, slot_i, slot_f, q, heap, b, n_dec)
+    return n_dec
+
+
+@njit(cache=True)
+def _fit_compact(si, sf, slot_i, slot_f, q, heap, pol, decoders):
+    """FastEngine._fit_compact: vLLM's block rules for a compact plan that preempts nobody.
+    Serves the decoders, allocates, and leaves the admitted prompts in the q plan rows; returns
+    their number, or FITTED (nothing allocated) when a request holding blocks could not grow."""
+    b = pol[P_BLOCK]
+    need = 0
+    if decoders > 0:
+        _serve(si, sf, slot_i, slot_f, q, heap, b, decoders)
+        need = si[KV + (-si[SERVES]) % b]
+    for e in range(si[PP_LEN]):
+        c = _cached(slot_i, q[Q_PLAN_SLOT, e])
+        if c > 0:
+            need += _ceil_div(c + q[Q_PLAN_TOK, e], b) - _ceil_div(c, b)
+    if need > si[KV_FREE]:
+        return FITTED
+    si[KV_FREE] -= need
+    floor = pol[P_KV_FLOOR]
+    keep = 0
+    refused = False
+    for e in range(si[PP_LEN]):
+        s, tok = q[Q_PLAN_SLOT, e], q[Q_PLAN_TOK, e]
+        if _cached(slot_i, s) == 0:
+            if refused:
+                continue
+            blocks = _ceil_div(tok, b)
+            if si[KV_FREE] - blocks < floor:
+                refused = True  # the first refusal stops admission (FCFS head of line)
+                continue
+            si[KV_FREE] -= blocks
+            si[RES_PROMPTS] += 1
+        q[Q_PLAN_SLOT, keep] = s
+        q[Q_PLAN_TOK, keep] = tok
+        keep += 1
+    si[PP_LEN] = keep
+    return keep
+
+
+@njit(cache=True)
+def _form_memory(si, sf, slot_i, slot_f, q, heap, pol, decoders):
+    """FastEngine._form_compact after the policy planned ``decoders`` and the q plan rows: fit
+    the plan (asking again with the resident prompts when memory refused all of it). Returns the
+    decoders to serve, BLOCKED_PLAN, or FITTED (the caller then fits it request by request)."""
+    kept = _fit_compact(si, sf, slot_i, slot_f, q, heap, pol, decoders)
+    if kept == FITTED:
+        return FITTED
+    if kept == 0 and decoders == 0:  # memory refused the whole plan
+        n_vis = _resident_prompts(si, slot_i, q)
+        if n_vis > 0 or si[DECODERS] > 0:  # every decoder holds blocks here (none uncached)
+            decoders = _plan(si, slot_i, q, pol, Q_TMP, 0, n_vis, si[DECODERS], n_vis)
+            if decoders > 0 or si[PP_LEN] > 0:
+                kept = _fit_compact(si, sf, slot_i, slot_f, q, heap, pol, decoders)
+                if kept == FITTED:
+                    return FITTED
+        if kept == 0 and decoders == 0:
+            return BLOCKED_PLAN
+    return decoders
+
+
+@njit(cache=True)
+def _growth_at(si, q, b, i):
+    """_Growth.at: blocks that repeats 1..i of the running run allocate beyond its first."""
+    n = i + 1
+    total = (n // b) * si[KV + 2 * b] + si[KV + b + n % b] - si[KV + b + 1]
+    for e in range(si[PP_LEN]):
+        c, t = q[Q_PLAN_C, e], q[Q_PLAN_TOK, e]
+        total += _ceil_div(c + n * t, b) - _ceil_div(c + t, b)
+    return total
+
+
+@njit(cache=True)
+def _repeats_within(si, q, b, free, k):
+    """_Growth.repeats_within: most repeats (1..k) whose growth fits in ``free`` blocks."""
+    if _growth_at(si, q, b, k - 1) <= free:
+        return k
+    lo, hi = 0, k - 1  # at(lo) <= free < at(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _growth_at(si, q, b, mid) <= free:
+            lo = mid
+        else:
+            hi = mid
+    return lo + 1
+
+
+@njit(cache=True)
+def _kv_used(si, sf, pol, used):
+    """Recorder.kv_used: a batch started with ``used`` blocks held."""
+    usage = used / pol[P_KV_TOTAL]
+    if usage > sf[KV_PEAK]:
+        sf[KV_PEAK] = usage
+    sf[KV_SUM] += usage
+    si[KV_BATCHES] += 1
+
+
+@njit(cache=True)
+def _book_blocks(si, sf, q, pol, m):
+    """FastEngine._book_blocks: take what the next m repeats allocate beyond the run's first
+    from the pool, and report the blocks held at each of their starts."""
+    b = pol[P_BLOCK]
+    done = si[RUN_OFF]
+    before = _growth_at(si, q, b, done - 1) if done > 0 else 0
+    si[KV_FREE] -= _growth_at(si, q, b, done + m - 1) - before
+    used = si[KV_RUN_USED]
+    for i in range(done, done + m):
+        _kv_used(si, sf, pol, used + _growth_at(si, q, b, i))
+
+
 @njit(cache=True)
 def _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, next_arrival):
     """Ask the policy once and set up the run of repeats of its plan (FastEngine._start_batch).
 
     The run stops at the first batch end at or after ``next_arrival``: that arrival would cut it
-    there anyway (the same repeats are kept), so later ends are never computed.
+    there anyway (the same repeats are kept), so later ends are never computed. With memory, the
+    plan is fitted into the cache first, and the run stops before the first repeat that would
+    preempt; a plan that preempts (or serves a decoder holding no blocks) runs one repeat.
     """
     if si[IN_SYSTEM] == 0:
         return 0
-    if pol[P_KIND] == KIND_KFCFS:
-        decoders = _plan_kfcfs(si, slot_i, q, pol)
+    b = pol[P_BLOCK]
+    fitted = False
+    if b > 0 and si[UNCACHED] > 0:
+        decoders = _form_fitted(si, sf, slot_i, slot_f, q, heap, pol)
+        fitted = True
     else:
-        decoders = _plan_vllm_chunked(si, slot_i, q, pol)
-    n_plan = si[PP_LEN]
-    if decoders == 0 and n_plan == 0:
+        if pol[P_KIND] == KIND_KFCFS:
+            decoders = _plan_kfcfs(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], si[PQ_LEN], si[DECODERS])
+        else:
+            decoders = _plan_vllm_chunked(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], si[PQ_LEN],
+                                          si[DECODERS], si[RES_PROMPTS] if b > 0 else -1)
+        if decoders == 0 and si[PP_LEN] == 0:
+            decoders = BLOCKED_PLAN
+        elif b > 0:
+            decoders = _form_memory(si, sf, slot_i, slot_f, q, heap, pol, decoders)
+            if decoders == FITTED:
+                decoders = _form_fitted(si, sf, slot_i, slot_f, q, heap, pol)
+                fitted = True
+    if decoders == BLOCKED_PLAN:
         si[BLOCKED] = 1
         sf[BLOCKED_SINCE] = sf[NOW]
         return 0
+    n_plan = si[PP_LEN]
     prefill = 0
-    k = MAX_REPEAT
+    k = 1 if fitted else MAX_REPEAT
     for e in range(n_plan):
         tok = q[Q_PLAN_TOK, e]
         prefill += tok
@@ -504,8 +1001,21 @@ def _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, n
         si[ERR_N] = n
         return BAD_BATCH_TIME
     if decoders > 0:
-        _serve(si, sf, slot_i, slot_f, q, heap, decoders)
+        if not fitted:
+            _serve(si, sf, slot_i, slot_f, q, heap, b, decoders)
         k = min(k, _next_finish(si, slot_i, heap) - si[SERVES])
+    if b > 0:  # the run's block growth (_Growth), and its last repeat that fits
+        s0 = si[SERVES]
+        si[KV + b] = 0
+        acc = 0
+        for j in range(b):
+            if decoders > 0 and not fitted:
+                acc += si[KV + (-(s0 + j)) % b]
+            si[KV + b + j + 1] = acc
+        for e in range(n_plan):
+            q[Q_PLAN_C, e] = _cached(slot_i, q[Q_PLAN_SLOT, e])
+        k = _repeats_within(si, q, b, si[KV_FREE], k)
+        si[KV_RUN_USED] = pol[P_KV_TOTAL] - si[KV_FREE]
     e = sf[NOW]
     run = k
     for i in range(k):
@@ -561,14 +1071,41 @@ def _itl(si, itl, gap, count):
 
 
 @njit(cache=True)
+def _drop_prompts(si, slot_i, q, count):
+    """Remove the ``count`` prompts that finished prefill (FastEngine._drop_prompts, memory
+    only). They held blocks, so they are among the first prompts: the ones before the last of
+    them move up behind it and the head advances."""
+    cap = q.shape[1]
+    head = si[PQ_HEAD]
+    last = -1
+    seen = 0
+    while seen < count and last + 1 < si[PQ_LEN]:
+        last += 1
+        if slot_i[q[Q_PREFILL, (head + last) % cap], R_PLEFT] == 0:
+            seen += 1
+    to = last
+    for i in range(last, -1, -1):
+        s = q[Q_PREFILL, (head + i) % cap]
+        if slot_i[s, R_PLEFT] > 0:
+            q[Q_PREFILL, (head + to) % cap] = s
+            to -= 1
+    si[PQ_HEAD] = (head + count) % cap
+    si[PQ_LEN] -= count
+    si[RES_PROMPTS] -= count
+
+
+@njit(cache=True)
 def _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl, m):
     """Apply the first m running repeats: tokens, timestamps, metrics (FastEngine._book)."""
     cap = q.shape[1]
+    b = pol[P_BLOCK]
     off = si[RUN_OFF]
     prefill, decode, duration = si[P_PRE], si[P_DEC], sf[DURATION]
     n = prefill + decode
     now = ends[off + m - 1]
     first_out = si[N_OUT]
+    if b > 0:
+        _book_blocks(si, sf, q, pol, m)
     if decode > 0:
         first_end = ends[off]
         if si[N_CONT] > 0:
@@ -586,6 +1123,8 @@ def _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_
             _heap_pop(heap, si)
             if act != slot_i[s, R_ACT]:
                 continue
+            if b > 0:
+                si[KV + (_cached(slot_i, s) - slot_i[s, R_C0]) % b] -= 1
             slot_i[s, R_DLEFT] = 0
             slot_f[s, R_LAST] = now
             slot_i[s, R_ACT] += 1
@@ -602,21 +1141,27 @@ def _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_
             si[SV_LEN] = keep
         si[DECODERS] -= done
         si[N_CONT] = decode - done
+    if si[IRREGULAR] == 1:  # a fitted batch served decoders out of order: restore the order
+        _unserve_all(si, sf, slot_i, slot_f, q, b)
     prompts_done = 0
     for e in range(si[PP_LEN]):
         s = q[Q_PLAN_SLOT, e]
         slot_i[s, R_PLEFT] -= q[Q_PLAN_TOK, e] * m
         if slot_i[s, R_PLEFT] == 0:
             prompts_done += 1
-            slot_f[s, R_FIRST] = now
+            if math.isnan(slot_f[s, R_FIRST]):  # else a recomputation: it keeps its first token
+                slot_f[s, R_FIRST] = now
             slot_f[s, R_LAST] = now
             if slot_i[s, R_DLEFT] > 0:
-                _enter_decode(si, sf, slot_i, slot_f, q, heap, s)
+                _enter_decode(si, sf, slot_i, slot_f, q, heap, b, s)
             else:
                 _emit(si, slot_i, slot_f, out_f, out_i, s, now)
-    if prompts_done > 0:  # finished prompts are the oldest ones (FCFS prefill)
-        si[PQ_HEAD] = (si[PQ_HEAD] + prompts_done) % cap
-        si[PQ_LEN] -= prompts_done
+    if prompts_done > 0:
+        if b > 0:  # with memory a finished prompt need not be among the oldest
+            _drop_prompts(si, slot_i, q, prompts_done)
+        else:  # the oldest ones (FCFS prefill)
+            si[PQ_HEAD] = (si[PQ_HEAD] + prompts_done) % cap
+            si[PQ_LEN] -= prompts_done
     si[PREFILL_LEFT] -= prefill * m
     total, viol, wasted = _audit(si, pol, targets, m, n)
     # recorder: tokens done over the m batch ends (closed form), then the batch statistics
@@ -651,10 +1196,13 @@ def _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_
     if si[RUN_LEN] == 0:
         si[ACTIVE] = 0
         sf[BATCH_END] = np.inf
-    # settle: finished requests leave the engine and free their slots
+    # settle: finished requests leave the engine, free their blocks and their slots
     for r in range(first_out, si[N_OUT]):
+        s = out_i[r, 0]
         si[IN_SYSTEM] -= 1
-        q[Q_FREE, si[N_FREE]] = out_i[r, 0]
+        if b > 0:
+            si[KV_FREE] += _ceil_div(slot_i[s, R_PRE] + slot_i[s, R_DEC], b)
+        q[Q_FREE, si[N_FREE]] = s
         si[N_FREE] += 1
 
 
@@ -674,7 +1222,8 @@ def _cut(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i
         si[RUN_LEN] = keep
         sf[BATCH_END] = ends[off + keep - 1]
     if keep > 1:
-        _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl, keep - 1)
+        _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl,
+              keep - 1)
 
 
 @njit(cache=True)
@@ -696,6 +1245,7 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
     columns. ``a_tok`` is carried through untouched (the network loop's token of each visit).
     """
     cap = q.shape[1]
+    b = pol[P_BLOCK]
     n_arr = a_ms.shape[0]
     room = out_f.shape[0]
     itl_room = itl.shape[1]
@@ -719,6 +1269,8 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
                 if overdue and arrival > sf[NOW]:  # (not reached from this loop: kept for parity)
                     code = _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets,
                                         np.inf)
+                    if si[LOST] > 0:
+                        _book_preemptions(si, sf, bins)
                     if code != 0:
                         return code
                 if si[ACTIVE] == 0:
@@ -726,9 +1278,13 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
                         sf[STALL] += arrival - sf[BLOCKED_SINCE]
                         si[BLOCKED] = 0
                     sf[NOW] = arrival
+                pre, dec = a_pre[i], a_dec[i]
+                if b > 0 and _ceil_div(pre + dec, b) > pol[P_KV_TOTAL] - pol[P_KV_FLOOR]:
+                    si[REJECTED] += 1  # its KV cache can never fit (KVCache.fits_alone): refused
+                    si[A_POS] = i + 1
+                    continue
                 si[N_FREE] -= 1
                 s = q[Q_FREE, si[N_FREE]]
-                pre, dec = a_pre[i], a_dec[i]
                 slot_i[s, R_ID] = a_id[i]
                 slot_i[s, R_TOK] = a_tok[i]
                 slot_i[s, R_PRE] = pre
@@ -753,7 +1309,7 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
                     q[Q_PREFILL, (si[PQ_HEAD] + si[PQ_LEN]) % cap] = s
                     si[PQ_LEN] += 1
                 else:
-                    _enter_decode(si, sf, slot_i, slot_f, q, heap, s)
+                    _enter_decode(si, sf, slot_i, slot_f, q, heap, b, s)
                 si[A_POS] = i + 1
                 continue
         elif si[A_FINAL] == 0:
@@ -766,8 +1322,8 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
                 return PAUSED
             if si[ACTIVE] == 1:
                 before = si[N_OUT]
-                _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl,
-                      si[RUN_LEN])
+                _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i,
+                      itl, si[RUN_LEN])
                 if si[END_ONLY] == 1 or si[N_OUT] > before:
                     return ENDED
             elif si[END_ONLY] == 1:
@@ -786,6 +1342,8 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
         next_arrival = a_ms[si[A_POS]] if si[A_POS] < n_arr else np.inf
         code = _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets,
                             next_arrival)
+        if si[LOST] > 0:
+            _book_preemptions(si, sf, bins)
         if code != 0:
             return code
 
@@ -800,6 +1358,9 @@ def stop(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i
     total, viol, wasted = _audit(si, pol, targets, 1, n)
     _batches(si, sf, 1, sf[DURATION], si[P_PRE], si[P_DEC], si[PP_LEN] + si[P_DEC], total, viol,
              wasted)
+    b = pol[P_BLOCK]
+    if b > 0:
+        _kv_used(si, sf, pol, si[KV_RUN_USED] + _growth_at(si, q, b, si[RUN_OFF]))
     si[STOPPED] = 1
 
 

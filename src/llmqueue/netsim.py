@@ -206,7 +206,7 @@ def engine_kind(policy: PolicyFn, spec: EngineSpec, engine: EngineKind = "auto")
     place that decides (ConfigError when the choice cannot run it)."""
     if spec.memory is not None and engine == "compiled":
         raise ConfigError("engine", engine, f"engine {spec.name} has a KV cache (memory): the compiled "
-                          "loop does not model it (use 'auto', 'fast' or 'reference')")
+                          "network loop does not model it (use 'auto', 'fast' or 'reference')")
     supported = spec.memory is None and compiled.supports(policy, spec.budget, False)
     if engine == "compiled" and not supported:
         raise ConfigError("engine", engine, f"engine {spec.name}: policy '{policy_name(policy)}' "

@@ -198,9 +198,7 @@ def simulate(
         raise ConfigError(
             "engine", engine, "a composition-aware batch time runs on the fast and reference engines only"
         )
-    if engine == "compiled" and memory is not None:
-        raise ConfigError("engine", engine, "a memory limit runs on the reference and fast engines only")
-    can_compile = not shaped and memory is None and compiled.supports(policy, budget, keep_batches)
+    can_compile = not shaped and compiled.supports(policy, budget, keep_batches)
     if engine == "compiled" and not can_compile:
         raise ConfigError(
             "engine", engine,
@@ -235,7 +233,7 @@ def simulate(
         assert isinstance(policy, KFCFS | VLLMChunked)
         outcome = compiled.run(
             tally.count(chunks), policy, batch_time, budget, k_max, recorder, horizon_for,
-            progress, keep_pending=keep_requests,
+            progress, keep_pending=keep_requests, memory=memory,
         )
         batches = None
     else:

@@ -36,10 +36,6 @@ from llmqueue.workload import TraceArrivals, make_workload
 
 DEFAULT_BATCH_TIME = "staircase:c=11.28,a=35.47,b0=128"
 NO_LIMIT_WORDS = ("none", "None", "null")
-# the run.engine values that can run a memory limit (simulate refuses the others); widen this
-# when the fast engine models memory
-MEMORY_ENGINES = ("auto", "fast", "reference")
-
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -153,10 +149,6 @@ def parse_config(data: Any, source: str = "config") -> SweepConfig:
     limited = [spec for spec in grid.memory_specs() if spec is not None]
     for spec in limited:
         memory_of(spec, source)
-    if limited and config.run.engine not in MEMORY_ENGINES:
-        raise ConfigError(f"{source}: run.engine", config.run.engine,
-                          f"grid.memory needs one of {', '.join(MEMORY_ENGINES)} (the compiled loop "
-                          "does not model a KV cache)")
     for run in expand(config):  # every value the simulator would refuse fails now
         _build(run, source)
     return config

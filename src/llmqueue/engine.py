@@ -452,8 +452,12 @@ class Engine:
             budget=view.budget,
             k_max=view.k_max,
             prefilling=ReadOnlyList([j for j in self._prefilling if j.blocks]),
-            decoding=ReadOnlyList([j for j in self._decoding if j.blocks]),
+            decoding=ReadOnlyList([j for j in self._decoders_in_order() if j.blocks]),
         )
+
+    def _decoders_in_order(self) -> list[Job]:
+        """All decoding requests in arrival order."""
+        return self._decoding
 
     def _fit_memory(self, plan: Mapping[int, int]) -> list[tuple[Job, int]]:
         """The part of ``plan`` that memory allows, allocating its blocks (vLLM's rules).

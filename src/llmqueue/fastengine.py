@@ -365,16 +365,6 @@ class FastEngine(Engine):
             decoding=ReadOnlyList(self._decoders_in_order()),
         )
 
-    def _resident_view(self, view: EngineView) -> EngineView:
-        """``view`` without the requests that hold no KV blocks."""
-        return EngineView(
-            now_ms=view.now_ms,
-            budget=view.budget,
-            k_max=view.k_max,
-            prefilling=ReadOnlyList([j for j in self._prefilling if j.blocks]),
-            decoding=ReadOnlyList([j for j in self._decoders_in_order() if j.blocks]),
-        )
-
     def _leave_decode(self, job: Job) -> None:
         """A decoder is preempted while a plan is fitted (the served ones are synced then)."""
         waiting, served = self._waiting, self._served

@@ -222,6 +222,18 @@ def _ceil_div(a, b):
 
 
 @njit(cache=True)
+def _clear_served(si, b):
+    """Empty the served prefix, its joiners, its finish heap and its block phases (b: block size,
+    0 without a cache)."""
+    si[SV_LEN] = 0
+    si[N_CONT] = 0
+    si[JN_LEN] = 0
+    si[HP_LEN] = 0
+    if b > 0:
+        si[KV:KV + b] = 0
+
+
+@njit(cache=True)
 def _serve(si, sf, slot_i, slot_f, q, heap, b, count):
     """Make the served prefix exactly the oldest ``count`` decoders (FastEngine._serve)."""
     cap = q.shape[1]
@@ -294,12 +306,7 @@ def _enter_decode(si, sf, slot_i, slot_f, q, heap, b, s):
             q[Q_WAIT, i] = everyone[i]
         si[WQ_HEAD] = 0
         si[WQ_LEN] = everyone.shape[0]
-        si[SV_LEN] = 0
-        si[N_CONT] = 0
-        si[JN_LEN] = 0
-        si[HP_LEN] = 0
-        if b > 0:
-            si[KV:KV + b] = 0
+        _clear_served(si, b)
     si[DECODERS] += 1
     if b > 0 and _cached(slot_i, s) == 0:  # no prompt: it holds no blocks until first served
         si[UNCACHED] += 1
@@ -623,12 +630,7 @@ def _unserve_all(si, sf, slot_i, slot_f, q, b):
             si[WQ_HEAD] = (si[WQ_HEAD] - 1) % cap
             q[Q_WAIT, si[WQ_HEAD]] = q[Q_SERVED, i]
     si[WQ_LEN] = n_sv + n_wq
-    si[SV_LEN] = 0
-    si[N_CONT] = 0
-    si[JN_LEN] = 0
-    si[HP_LEN] = 0
-    if b > 0:
-        si[KV:KV + b] = 0
+    _clear_served(si, b)
 
 
 @njit(cache=True)

@@ -52,6 +52,7 @@ from llmqueue.workload import (
     _check_arrival_order,
     _check_rate,
     _fmt,
+    _num,
     _read_columns,
     _readonly,
     _token_column,
@@ -293,11 +294,9 @@ def _split_spec(text: str, field_name: str) -> tuple[str, dict[str, str]]:
 
 
 def _seconds(text: str, key: str, field_name: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(field_name, spec, f"{key} must be a number of seconds, not {text!r}") from None
-    if not math.isfinite(value) or value < 0:
+    """A time in seconds >= 0 from a spec's ``key`` (workload's number check, then the sign)."""
+    value = _num(text, f"{key} (seconds)", field_name, spec)
+    if value < 0:
         raise ConfigError(field_name, spec, f"{key} must be a finite number of seconds >= 0")
     return value
 

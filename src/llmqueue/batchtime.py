@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 _FIELD = "batch-time"
+DEFAULT_BATCH_TIME = "staircase:c=11.28,a=35.47,b0=128"
+"""The paper's Fig. 1 model: CodeLlama-34B on one A100 (t(n) in ms)."""
 MIN_BATCH_MS = 1e-9
 """Shortest batch time accepted (1 fs): smaller ones are typos and would overflow n / t(n)."""
 # Table times are clamped below at this fraction of the smallest measured time (extrapolation).

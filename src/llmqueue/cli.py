@@ -46,6 +46,14 @@ from llmqueue.reproduce import TARGETS, reproduce
 from llmqueue.saturation import DEFAULT_REQUESTS as SATURATION_REQUESTS
 from llmqueue.saturation import MIN_REQUESTS as SATURATION_MIN_REQUESTS
 from llmqueue.saturation import SaturationResult, saturated_throughput_for
+from llmqueue.settings import (
+    DEFAULT_BATCH_TIME,
+    DEFAULT_DECODE,
+    DEFAULT_LOAD,
+    DEFAULT_PREFILL,
+    default_sizes,
+    resolve_workload,
+)
 from llmqueue.simulate import RunResult, simulate, summarize_theory
 from llmqueue.slo import best_budget_for_slo, max_rate_under_slo, parse_slo
 from llmqueue.slo import claim as slo_claim
@@ -66,12 +74,8 @@ from llmqueue.traces import (
 from llmqueue.traces import Summary as TraceSummary
 from llmqueue.validate import format_rows, prepare
 from llmqueue.validate import validate as validate_run
-from llmqueue.workload import TraceArrivals, Workload, make_workload
+from llmqueue.workload import TraceArrivals, Workload
 
-DEFAULT_BATCH_TIME = "staircase:c=11.28,a=35.47,b0=128"
-DEFAULT_PREFILL = "129"
-DEFAULT_DECODE = "112"
-DEFAULT_LOAD = 0.9
 COMPARE_DEFAULT = "fastertransformer,vllm,orca,sarathi"
 
 
@@ -231,14 +235,6 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _workload(opts: dict[str, Any]) -> Workload:
     """Build the workload; ``--load`` is turned into a rate against lambda* of the setting."""
-    arrival = opts["arrival"]
-    is_trace = arrival.strip().startswith("trace:")
-    prefill = opts["prefill"] if opts["prefill"] is not None else (
-        None if is_trace else DEFAULT_PREFILL
-    )
-    decode = opts["decode"] if opts["decode"] is not None else (
-        None if is_trace else DEFAULT_DECODE
-    )
     rate, load = opts["rate"], opts["load_"]
     ctx = click.get_current_context(silent=True)
     if rate is not None and load is not None and ctx is not None:
@@ -255,15 +251,8 @@ def _workload(opts: dict[str, Any]) -> Workload:
         raise click.UsageError(
             f"give --rate or --load, not both (got --rate {rate:g} --load {load:g})"
         )
-    if rate is None and load is None and not is_trace:
-        load = DEFAULT_LOAD
-    if load is None:
-        return make_workload(arrival, prefill, decode, rate)
-    probe = make_workload(arrival, prefill, decode, None if is_trace else 1.0)
-    mean_tokens = probe.mean_prefill_tokens + probe.mean_decode_tokens
-    token_time = _token_time(opts, probe.mean_prefill_tokens, probe.mean_decode_tokens)
-    lam = theory.critical_rate_per_s(token_time, opts["budget"], mean_tokens)
-    return make_workload(arrival, prefill, decode, load * lam)
+    return resolve_workload(opts["arrival"], opts["prefill"], opts["decode"], rate=rate, load=load,
+                            batch_time=opts["batch_time"], budget=opts["budget"])
 
 
 def _policy(name: str, opts: dict[str, Any]) -> KFCFS | VLLMChunked:
@@ -675,11 +664,7 @@ def _print_doc(doc: dict[str, Any], as_json: bool) -> None:
 
 def _sizes(opts: dict[str, Any]) -> tuple[str, str | None, str | None]:
     """(arrival, prefill, decode) specs with the command's defaults."""
-    arrival = opts["arrival"]
-    is_trace = arrival.strip().startswith("trace:")
-    prefill = opts["prefill"] if opts["prefill"] is not None else (None if is_trace else DEFAULT_PREFILL)
-    decode = opts["decode"] if opts["decode"] is not None else (None if is_trace else DEFAULT_DECODE)
-    return arrival, prefill, decode
+    return (opts["arrival"], *default_sizes(opts["arrival"], opts["prefill"], opts["decode"]))
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmqueue import theory
-from llmqueue.batchtime import BatchTime, mean_decode_context, parse_batch_time
+from llmqueue.batchtime import DEFAULT_BATCH_TIME, BatchTime, mean_decode_context, parse_batch_time
 from llmqueue.configfile import first_error, read_table
 from llmqueue.errors import ConfigError
 from llmqueue.memory import KVCache, parse_memory
@@ -51,7 +51,7 @@ class EngineModel(_Model):
 
     budget: Annotated[int, Field(strict=True, ge=1)]
     k_max: Annotated[int, Field(strict=True, ge=1)] | None = None
-    batch_time: str = "staircase:c=11.28,a=35.47,b0=128"
+    batch_time: str = DEFAULT_BATCH_TIME
     policy: str = "sarathi"
     priority: list[str] | None = None
     memory: str | None = None

@@ -24,17 +24,15 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmqueue import theory
 from llmqueue.batchtime import parse_batch_time
 from llmqueue.configfile import first_error, read_table
 from llmqueue.errors import ConfigError, LLMQueueError
 from llmqueue.memory import KVCache, parse_memory
 from llmqueue.policies import make_policy, policy_name
+from llmqueue.settings import DEFAULT_BATCH_TIME, default_sizes, is_trace_spec, resolve_workload
 from llmqueue.simulate import simulate
 from llmqueue.store import Store, run_key
-from llmqueue.workload import TraceArrivals, make_workload
 
-DEFAULT_BATCH_TIME = "staircase:c=11.28,a=35.47,b0=128"
 NO_LIMIT_WORDS = ("none", "None", "null")
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -166,7 +164,7 @@ def memory_of(spec: str | None, source: str = "config") -> KVCache | None:
 
 
 def _all_traces(grid: Grid) -> bool:
-    return all(w.arrival.strip().startswith("trace:") for w in grid.workloads)
+    return all(is_trace_spec(w.arrival) for w in grid.workloads)
 
 
 def _policy_config(spec: str | PolicySpec) -> dict[str, Any]:
@@ -180,10 +178,7 @@ def _policy_config(spec: str | PolicySpec) -> dict[str, Any]:
 
 
 def _sizes(w: WorkloadSpec) -> tuple[str | None, str | None]:
-    trace = w.arrival.strip().startswith("trace:")
-    prefill = w.prefill if w.prefill is not None else (None if trace else "129")
-    decode = w.decode if w.decode is not None else (None if trace else "112")
-    return prefill, decode
+    return default_sizes(w.arrival, w.prefill, w.decode)
 
 
 def expand(config: SweepConfig) -> Iterator[dict[str, Any]]:
@@ -241,18 +236,13 @@ def _build(run: Mapping[str, Any], source: str = "config") -> tuple[Any, Any, An
         raise ConfigError(f"{source}: grid.policies", p["name"], err.problem) from None
     except TypeError:
         raise ConfigError(f"{source}: grid.policies", p["name"], "unknown policy options") from None
-    rate = run["rate"]
     try:
-        if run["load"] is not None:
-            probe = make_workload(run["arrival"], run["prefill"], run["decode"], 1.0)
-            mean = probe.mean_prefill_tokens + probe.mean_decode_tokens
-            rate = run["load"] * theory.critical_rate_per_s(bt, run["budget"], mean)
-        workload = make_workload(run["arrival"], run["prefill"], run["decode"], rate)
+        workload = resolve_workload(run["arrival"], run["prefill"], run["decode"], batch_time=bt,
+                                    budget=run["budget"], rate=run["rate"], load=run["load"],
+                                    default_load=None)
     except ConfigError as err:
         raise ConfigError(f"{source}: grid.workloads", err.value, f"{err.field}: {err.problem}") from None
-    if isinstance(workload.arrival, TraceArrivals) and rate is None:
-        rate = workload.rate_per_s
-    return workload, policy, bt, rate
+    return workload, policy, bt, workload.rate_per_s
 
 
 def execute(run: Mapping[str, Any], engine: str = "auto") -> tuple[dict[str, Any], float]:

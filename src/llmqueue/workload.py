@@ -18,6 +18,7 @@ import numpy as np
 from scipy import special, stats
 
 from llmqueue.errors import ConfigError
+from llmqueue.limits import MAX_TOKENS
 
 __all__ = [
     "CHUNK_SIZE",
@@ -40,6 +41,7 @@ __all__ = [
     "Uniform",
     "Workload",
     "fixed_requests",
+    "is_trace_spec",
     "load_trace",
     "make_workload",
     "parse_arrival",
@@ -53,8 +55,6 @@ TRACE_ARRIVAL_COLUMN = "arrived_at"
 TRACE_PREFILL_COLUMN = "num_prefill_tokens"
 TRACE_DECODE_COLUMN = "num_decode_tokens"
 
-MAX_TOKENS = 10**9
-"""Largest token count (or mean) accepted: far above any real context, far below int64 limits."""
 
 _MAX_SIGMA = 5.0
 _INT64_SAFE = float(2**62)
@@ -859,6 +859,12 @@ class TraceArrivals:
 
 ArrivalProcess = PoissonArrivals | DeterministicArrivals | GammaArrivals | TraceArrivals
 """Any arrival process: ``chunks_ms(rng)``, ``rate_per_s`` and canonical ``spec``."""
+
+
+def is_trace_spec(spec: object) -> bool:
+    """Whether an arrival or size spec replays a trace (``trace:PATH``, any case, any spaces)."""
+    return isinstance(spec, str) and spec.strip().partition(":")[0].strip().lower() == "trace" \
+        and ":" in spec
 
 
 def parse_arrival(spec: str, rate_per_s: float | None) -> ArrivalProcess:

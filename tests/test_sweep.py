@@ -6,6 +6,7 @@ some runs are stored, and reruns it: no finished run is lost and none is made tw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,10 +25,10 @@ from llmqueue.errors import ConfigError
 from llmqueue.policies import make_policy
 from llmqueue.simulate import simulate
 from llmqueue.store import Store, run_key
-from llmqueue.sweep import expand, load_config, parse_config, run_sweep
+from llmqueue.sweep import expand, grid_size, load_config, parse_config, run_sweep
 from llmqueue.workload import make_workload
 
-from .test_cli import run_cli
+from .helpers import run_cli
 
 SMALL = """
 [grid]
@@ -146,7 +147,8 @@ def test_resume_skips_stored_runs_and_workers_give_identical_results(tmp_path, c
     assert code == 0 and json.loads(out)["ran"] == 24
     code, out, _ = run_cli(capsys, "sweep", str(config), "--db", str(one), "--json")
     assert code == 0 and json.loads(out) | {"wall_s": 0} == {
-        "runs": 24, "already_stored": 24, "ran": 0, "interrupted": False, "wall_s": 0, "db": str(one)
+        "runs": 24, "already_stored": 24, "ran": 0, "skipped": 0, "duplicates_dropped": 0,
+        "interrupted": False, "wall_s": 0, "db": str(one)
     }
     code, _, _ = run_cli(capsys, "sweep", str(config), "--db", str(two), "--workers", "2")
     assert code == 0
@@ -321,3 +323,183 @@ def test_results_table_shows_memory_columns_only_when_a_run_had_a_cache() -> Non
     columns = _sweep_columns([{"memory": None}, {"memory": "tokens=6000"}])
     assert columns[columns.index("k_max") + 1] == "memory"
     assert {"preemptions", "rejected_requests", "peak_kv_usage"} <= set(columns)
+
+
+# -- bounds, grid size, duplicates ----------------------------------------------------------------
+
+ONE = "[grid]\npolicies = ['sarathi']\nloads = [0.5]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (ONE + "budgets = [100000000000000000000000000]\n",
+         r"grid\.budgets\.0: .*less than or equal to 10000000"),
+        (ONE + "k_max = [99999999999999999999]\n", r"grid\.k_max\.0: .*less than or equal to 10000000"),
+        (ONE + "seeds = [99999999999999999999]\n", r"grid\.seeds\.0: .*less than or equal to"),
+        (ONE + "memory = 'tokens=1e300'\n", r"grid\.memory\.tokens: must be <= 1e\+12"),
+        (ONE + "batch_times = ['staircase:c=11.28,a=35.47,b0=1e30']\n", r"grid\.batch_times: .*b0"),
+        (ONE + "[run]\nrequests = 1e400\n", r"run\.requests: .*valid integer \(got inf\)"),
+        (ONE + "[run]\nrequests = 1.5\n", r"run\.requests: .*valid integer \(got 1\.5\)"),
+        (ONE + "[run]\nrequests = 100000000000\n", r"run\.requests: .*less than or equal to 10000000000"),
+        (ONE + "[run]\nduration_s = 1e300\n", r"run\.duration_s: .*less than or equal to 1000000000"),
+        (ONE + "[run]\ndrain_s = 1e10\n", r"run\.drain_s: .*less than or equal to"),
+        ("[grid]\npolicies = ['sarathi']\nrates = [1e300]\n",
+         r"grid\.rates\.0: .*less than or equal to 10000000"),
+        ("[grid]\npolicies = ['sarathi']\nloads = [5000.0]\n",
+         r"grid\.loads\.0: .*less than or equal to 1000"),
+        ("[grid]\npolicies = ['sarathi']\nloads = {start = 0.1, stop = 1e9, num = 3}\n", r"grid\.loads"),
+        ("[grid]\npolicies = [{name = 'kfcfs', k_p = 99999999999}]\nloads = [0.5]\n",
+         r"grid\.policies\.0\.\w*\.?k_p: .*less than or equal to 10000000"),
+        ("[grid]\npolicies = ['sarathi']\nloads = {start = 0.1, stop = 1.0, num = 100000000}\n",
+         r"grid\.loads: the grid has 100,000,000 runs, more than 1,000,000"),
+        ("[grid]\npolicies = ['sarathi', 'orca']\nloads = {start = 0.1, stop = 1.0, num = 1000}\n"
+         "seeds = {start = 1, stop = 1, num = 1}\n", r"grid\.seeds"),
+    ],
+)
+def test_huge_numbers_fail_at_validation_naming_the_key(tmp_path, capsys, text, message) -> None:
+    config = write(tmp_path, text)
+    db = tmp_path / "out.sqlite"
+    code, _, err = run_cli(capsys, "sweep", str(config), "--db", str(db), "--workers", "1")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("llmqueue: error: "), err
+    assert re.search(message, err), err
+    assert not db.exists()
+
+
+def test_a_huge_grid_is_refused_without_expanding_it() -> None:
+    """10^8 loads x 100 seeds: counted from the axis lengths, refused at once (no MemoryError)."""
+    data = {"grid": {"policies": ["sarathi"], "loads": {"start": 0.1, "stop": 1.0, "num": 10**8},
+                     "seeds": list(range(100))}}
+    with pytest.raises(ConfigError, match=r"grid\.loads: the grid has 10,000,000,000 runs"):
+        parse_config(data)
+    fits = parse_config({"grid": {"policies": ["sarathi", "orca"], "seeds": [0, 1],
+                                  "loads": {"start": 0.1, "stop": 1.0, "num": 10**5}}})
+    runs = expand(fits)
+    assert next(runs)["load"] == 0.1 and next(runs)["seed"] == 1  # lazy: one run at a time
+    assert grid_size(fits) == (4 * 10**5, 0)
+
+
+def test_duplicate_grid_values_run_and_store_once(tmp_path, capsys) -> None:
+    config = write(tmp_path, """
+[grid]
+policies = ["sarathi", " Sarathi", {name = "sarathi", priority = "prefill"}, "orca"]
+loads = [0.5, 0.5, 0.9]
+seeds = [0, 0]
+k_max = ["none", 0]
+
+[run]
+requests = 200
+""")
+    runs = list(expand(load_config(config)))
+    assert len(runs) == 4 and len({run_key(r) for r in runs}) == 4
+    db = tmp_path / "d.sqlite"
+    code, out, _ = run_cli(capsys, "sweep", str(config), "--db", str(db), "--dry-run")
+    assert code == 0 and out.startswith("4 runs (44 duplicates dropped): 0 already in")
+    code, out, _ = run_cli(capsys, "sweep", str(config), "--db", str(db), "--workers", "1")
+    assert code == 0 and out.startswith("4 runs (44 duplicates dropped): 0 already stored, 4 ran in")
+    assert rows_in(db) == 4
+    code, out, _ = run_cli(capsys, "sweep", str(config), "--db", str(db), "--json")
+    assert json.loads(out) | {"wall_s": 0} == {
+        "runs": 4, "already_stored": 4, "ran": 0, "skipped": 0, "duplicates_dropped": 44,
+        "interrupted": False, "wall_s": 0, "db": str(db)}
+
+
+def test_ray_address_needs_the_ray_backend_and_workers_are_bounded(tmp_path, capsys) -> None:
+    config = write(tmp_path, SMALL)
+    db = tmp_path / "x.sqlite"
+    for args in (["--ray-address", "ray://head:10001"], ["--workers", "100000"], ["--workers", "0"]):
+        code, _, err = run_cli(capsys, "sweep", str(config), "--db", str(db), *args)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("llmqueue: error: "), err
+        assert ("--ray-address needs --backend ray" in err) == (args[0] == "--ray-address")
+    assert not db.exists()
+    parsed = parse_config({"grid": {"policies": ["sarathi"], "rates": [1.0]}})
+    with Store(tmp_path / "w.sqlite") as store:
+        with pytest.raises(ConfigError, match=r"^ray_address: is used only with backend 'ray'"):
+            run_sweep(parsed, store, ray_address="ray://head:10001")
+        with pytest.raises(ConfigError, match=r"^workers: must be an integer from 1 to 1,024"):
+            run_sweep(parsed, store, workers=1025)
+
+
+# -- SIGTERM, two sweeps at once ------------------------------------------------------------------
+
+
+def children(pid: int) -> set[int]:
+    """Child process ids of ``pid`` (from /proc: every thread's children)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            found |= {int(child) for child in (task / "children").read_text().split()}
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+LONG = """
+[grid]
+policies = ["sarathi", "orca", "vllm", "fastertransformer"]
+loads = {start = 0.5, stop = 1.1, num = 10}
+
+[run]
+requests = 30000
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc")
+def test_sigterm_stops_the_sweep_and_its_workers_cleanly(tmp_path) -> None:
+    """SIGTERM to the sweep process alone (not its group): exit code 143, finished runs stored,
+    claims released, and no worker survives it (communicate() returning proves that no process
+    still holds the stderr pipe)."""
+    config = write(tmp_path, LONG)
+    db = tmp_path / "term.sqlite"
+    proc = start_sweep(config, db, workers=2, rows=1)
+    workers = children(proc.pid)
+    stored = rows_in(db)
+    assert proc.poll() is None and workers and stored >= 1
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.endswith("llmqueue: interrupted: finished runs are stored; rerun to resume\n")
+    assert "Traceback" not in err
+    assert not [pid for pid in workers if alive(pid)]
+    assert stored <= rows_in(db) < 40
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT COUNT(*) FROM claims").fetchone() == (0,)
+
+
+def test_two_sweeps_on_one_store_run_every_run_once(tmp_path) -> None:
+    """A sweep process and, once it has stored a run, a second sweep (this process) on the same
+    file: every run runs in exactly one of them, and the counts say so."""
+    config = write(tmp_path, """
+[grid]
+policies = ["sarathi", "orca"]
+loads = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+[run]
+requests = 6000
+""")
+    db = tmp_path / "both.sqlite"
+    proc = subprocess.Popen(
+        [str(SCRIPT), "sweep", str(config), "--db", str(db), "--workers", "1", "--json", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for _ in range(6000):  # bounded: 2 minutes at most
+        if rows_in(db) >= 1 or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    with Store(db) as store:
+        here = run_sweep(load_config(config), store, workers=1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    there = json.loads(out)
+    assert there["ran"] + here.ran == 12  # each run ran once, in one of the two
+    assert there["already_stored"] + there["ran"] + there["skipped"] == 12
+    assert here.already_done + here.ran + here.skipped == 12
+    with Store(db) as store:
+        assert len(store) == 12 and store.keys() == {run_key(r) for r in expand(load_config(config))}
+        assert store.db.execute("SELECT COUNT(*) FROM claims").fetchone() == (0,)

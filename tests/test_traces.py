@@ -46,7 +46,7 @@ from llmqueue.workload import (
 )
 
 from .conftest import SHARED_DATA
-from .test_cli import run_cli
+from .helpers import run_cli
 
 CONV = str(SHARED_DATA / "traces" / "azure_conv_2023.csv")
 CODE = str(SHARED_DATA / "traces" / "azure_code_2023.csv")

@@ -322,6 +322,14 @@ def test_joint_trace_sampling_keeps_pairs() -> None:
     assert not mixed <= PAIR_ROWS  # without pairing the rows are broken up
 
 
+def test_offered_load_of_a_synthetic_workload() -> None:
+    """A synthetic workload offers its process's rate and its distributions' means, whatever the
+    run's bounds (a trace replay offers those of its replayed requests: test_trace_stream.py)."""
+    workload = gamma_workload()
+    assert workload.offered(100, 5000.0) == (20.0, workload.mean_prefill_tokens, 40.0)
+    assert workload.offered() == workload.offered(3)
+
+
 def test_paired_needs_two_empirical_columns() -> None:
     with pytest.raises(ConfigError, match=r"^paired:"):
         Workload(PoissonArrivals(1.0), Constant(3), Constant(4), paired=True)

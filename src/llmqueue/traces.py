@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -38,6 +39,7 @@ from llmqueue.workload import (
     TRACE_ARRIVAL_COLUMN,
     TRACE_DECODE_COLUMN,
     TRACE_PREFILL_COLUMN,
+    ArrayRows,
     Constant,
     DeterministicArrivals,
     Empirical,
@@ -47,16 +49,15 @@ from llmqueue.workload import (
     Poisson,
     PoissonArrivals,
     SizeDist,
+    TokenCounts,
     TraceArrivals,
     Uniform,
-    _check_arrival_order,
     _check_rate,
+    _csv_token_column,
+    _csv_trace_rows,
     _fmt,
     _num,
-    _read_columns,
     _readonly,
-    _token_column,
-    _token_columns,
 )
 
 __all__ = [
@@ -449,43 +450,81 @@ class RequestTrace:
     def to_arrivals(self, scale_to_rate_per_s: float | None = None,
                     field_name: str = "arrival") -> TraceArrivals:
         """Replay as an arrival process: shifted to start at 0 and, with a rate, time-scaled so that
-        (N - 1) / span equals it (the trace's own sizes ride along)."""
+        (N - 1) / span of the replayed requests equals it (the trace's own sizes ride along)."""
         if scale_to_rate_per_s is not None:
             scale_to_rate_per_s = _check_rate(scale_to_rate_per_s)
         times = self._arrivals(field_name)
-        n = len(self)
-        if n < 2:
-            raise ConfigError(field_name, self.spec.path,
-                              f"trace needs at least 2 rows with arrival times, found {n}")
-        times_ms = (times - times[0]) * 1000.0
-        span_ms = float(times_ms[-1])
-        if span_ms <= 0.0:
-            raise ConfigError(field_name, self.spec.path,
-                              "all trace arrivals are at the same time; the rate is undefined")
-        if scale_to_rate_per_s is not None:
-            trace_rate_per_s = (n - 1) / (span_ms / 1000.0)
-            times_ms = times_ms * (trace_rate_per_s / scale_to_rate_per_s)
-        return TraceArrivals(self.spec.path, times_ms, self.prefill_tokens, self.decode_tokens,
-                             scale_to_rate_per_s, self.spec.options)
+        rows = ArrayRows(times, self.prefill_tokens, self.decode_tokens, field_name)
+        return TraceArrivals(self.spec.path, rows, scale_to_rate_per_s, self.spec.options)
 
 
-def _read_csv(spec: TraceSpec, field_name: str, need_arrivals: bool) -> RequestTrace:
-    """The whole CSV trace of ``spec``; without ``need_arrivals`` or a named arrival column, a file
-    without ``arrived_at`` holds lengths only."""
+def _window_label(spec: TraceSpec) -> str:
+    return f"{_fmt(spec.start_s or 0.0)}:{_fmt(math.inf if spec.end_s is None else spec.end_s)}"
+
+
+def _csv_rows(spec: TraceSpec, field_name: str, need_arrivals: bool
+              ) -> Iterator[tuple[np.ndarray | None, np.ndarray, np.ndarray]]:
+    """The requests of a CSV trace, lazily, in blocks: (arrival s from the trace's first arrival, or
+    None for a lengths-only file; prompt and output tokens), the spec's window applied and re-based
+    to its start.
+
+    The file is read only as far as the blocks are taken. A window's start is found by passing over
+    blocks of lines whose last arrival is before it (their rows are not checked: the trace must be
+    sorted), and reading stops at the first arrival at or after its end. A bad row in what is read
+    raises (with its row and line) when the requests after it are asked for.
+    """
     arrival = spec.arrival_column or TRACE_ARRIVAL_COLUMN
-    optional = () if need_arrivals or spec.arrival_column is not None else (arrival,)
-    data, lines = _read_columns(spec.path, (arrival, spec.prefill_column, spec.decode_column), field_name,
-                                optional)
-    if not lines:
+    optional = not need_arrivals and spec.arrival_column is None
+    unit = TIME_UNITS_S[spec.unit]
+    windowed = spec.start_s is not None or spec.end_s is not None
+    start = spec.start_s or 0.0
+    end = math.inf if spec.end_s is None else spec.end_s
+    origin: float | None = None
+    last: float | None = None
+    seen = kept = 0
+    past_end = False  # the window is empty: read on (passing over blocks) for the last arrival
+
+    def before_window(last_raw: float) -> bool:
+        return past_end or (origin is not None and (last_raw - origin) * unit < start)
+
+    blocks = _csv_trace_rows(spec.path, arrival, spec.prefill_column, spec.decode_column, field_name,
+                             arrival_optional=optional, skip=before_window if windowed else None)
+    for block in blocks:
+        if block.skipped_last is not None:
+            last, seen = block.skipped_last, seen + 1
+            continue
+        raw = block.arrival
+        seen += block.prefill.shape[0]
+        if raw is None:
+            if windowed:
+                raise ConfigError(field_name, spec.text, "start=/end= need arrival times; the trace has none")
+            yield None, block.prefill, block.decode
+            continue
+        if origin is None:
+            origin = float(raw[0])
+        last = float(raw[-1])
+        if past_end:
+            continue
+        times = (raw - origin) * unit
+        if not windowed:
+            yield times, block.prefill, block.decode
+            continue
+        keep = (times >= start) & (times < end)
+        if np.any(keep):
+            kept += int(np.count_nonzero(keep))
+            yield times[keep] - start, block.prefill[keep], block.decode[keep]
+        if times[-1] >= end:
+            if kept:
+                blocks.close()
+                return
+            past_end = True
+    if not seen:
         raise ConfigError(field_name, spec.path, "trace file has no data rows")
-    prefill, decode = _token_columns(data, spec.prefill_column, spec.decode_column, spec.path, field_name,
-                                     lines)
-    times = None
-    if arrival in data:
-        raw = data[arrival]
-        _check_arrival_order(raw, arrival, spec.path, field_name, lines)
-        times = _readonly((raw - raw[0]) * TIME_UNITS_S[spec.unit])
-    return RequestTrace(spec, times, _readonly(prefill), _readonly(decode))
+    if windowed and not kept:
+        assert origin is not None and last is not None
+        raise ConfigError(field_name, _window_label(spec),
+                          f"no request arrives in [{_fmt(start)}, {_fmt(end)}) s (the trace's arrivals run "
+                          f"from 0 to {_fmt((last - origin) * unit)} s)")
 
 
 def _read_vllm(spec: TraceSpec, field_name: str) -> RequestTrace:
@@ -497,33 +536,68 @@ def _read_vllm(spec: TraceSpec, field_name: str) -> RequestTrace:
 
 def load_request_trace(spec: str | TraceSpec, field_name: str = "trace", *,
                        need_arrivals: bool = False) -> RequestTrace:
-    """Read a trace from a spec (text or :class:`TraceSpec`) and apply its window.
+    """Read a trace from a spec (text or :class:`TraceSpec`) into memory, window applied.
 
     With ``need_arrivals`` a CSV must have its arrival column; otherwise a CSV without the default
-    ``arrived_at`` column loads as lengths only. Errors are ConfigError on ``field_name``.
+    ``arrived_at`` column loads as lengths only. A CSV is read in blocks (no Python object per row)
+    and, with a window, only up to the window's end. Errors are ConfigError on ``field_name``.
     """
     parsed = spec if isinstance(spec, TraceSpec) else parse_trace_spec(spec, field_name)
     if parsed.column is not None:
         raise ConfigError(field_name, parsed.text, "column= picks the sizes of --prefill/--decode "
                                                    "trace specs; a whole trace takes no column")
-    whole = replace(parsed, start_s=None, end_s=None)
-    trace = _read_vllm(whole, field_name) if parsed.format == "vllm" else \
-        _read_csv(whole, field_name, need_arrivals)
-    if parsed.start_s is None and parsed.end_s is None:
-        return trace
-    if trace.arrival_s is None:
-        raise ConfigError(field_name, parsed.text, "start=/end= need arrival times; the trace has none")
-    return trace.window(parsed.start_s or 0.0, math.inf if parsed.end_s is None else parsed.end_s,
-                        field_name)
+    if parsed.format == "vllm":
+        trace = _read_vllm(replace(parsed, start_s=None, end_s=None), field_name)
+        if parsed.start_s is None and parsed.end_s is None:
+            return trace
+        return trace.window(parsed.start_s or 0.0, math.inf if parsed.end_s is None else parsed.end_s,
+                            field_name)
+    blocks = list(_csv_rows(parsed, field_name, need_arrivals))
+    times = None if blocks[0][0] is None else _readonly(np.concatenate([b[0] for b in blocks]))
+    prefill, decode = (_readonly(np.concatenate([b[k] for b in blocks])) for k in (1, 2))
+    if parsed.start_s is not None and parsed.start_s <= 0:  # as RequestTrace.window writes it
+        parsed = replace(parsed, start_s=None)
+    return RequestTrace(parsed, times, prefill, decode)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _FileRows:
+    """The requests of a trace file for a replay (:class:`TraceRows`), read afresh by every pass: a
+    CSV lazily in blocks, as far as the pass goes; a vLLM log whole (it is sorted in memory)."""
+
+    spec: TraceSpec
+    field_name: str
+
+    def rows(self) -> Generator[tuple[np.ndarray, np.ndarray, np.ndarray], None, None]:
+        """Blocks of (arrival s, prefill tokens, decode tokens), the spec's window applied."""
+        if self.spec.format == "vllm":
+            trace = load_request_trace(self.spec, self.field_name, need_arrivals=True)
+            assert trace.arrival_s is not None
+            yield trace.arrival_s, trace.prefill_tokens, trace.decode_tokens
+            return
+        blocks = _csv_rows(self.spec, self.field_name, need_arrivals=True)
+        try:
+            for times, prefill, decode in blocks:
+                assert times is not None
+                yield times, prefill, decode
+        finally:
+            blocks.close()
 
 
 def trace_arrivals(text: str, scale_to_rate_per_s: float | None = None,
                    field_name: str = "arrival") -> TraceArrivals:
-    """The arrival process of ``--arrival trace:SPEC``: replay, optionally time-scaled to a rate."""
+    """The arrival process of ``--arrival trace:SPEC``: replay, optionally time-scaled to a rate.
+
+    The trace is read lazily (see :class:`TraceArrivals`): here its first ``CHUNK_SIZE + 1``
+    requests, then as far as each run goes.
+    """
     if scale_to_rate_per_s is not None:
         scale_to_rate_per_s = _check_rate(scale_to_rate_per_s)
-    trace = load_request_trace(text, field_name, need_arrivals=True)
-    return trace.to_arrivals(scale_to_rate_per_s, field_name)
+    spec = parse_trace_spec(text, field_name)
+    if spec.column is not None:
+        raise ConfigError(field_name, spec.text, "column= picks the sizes of --prefill/--decode "
+                                                 "trace specs; a whole trace takes no column")
+    return TraceArrivals(spec.path, _FileRows(spec, field_name), scale_to_rate_per_s, spec.options)
 
 
 def _role(field_name: str, text: str) -> str:
@@ -537,7 +611,10 @@ def _role(field_name: str, text: str) -> str:
 
 def trace_sizes(text: str, field_name: str) -> Empirical:
     """The size distribution of ``--prefill/--decode trace:SPEC[,column=NAME]``: resample the
-    column (by default the prompt column for a prefill field, the output column for decode)."""
+    column (by default the prompt column for a prefill field, the output column for decode).
+
+    The whole column is read (resampling needs it), in blocks into one int32 array: 4 bytes a
+    request, no Python object per row."""
     spec = parse_trace_spec(text, field_name)
     if spec.start_s is not None or spec.end_s is not None:
         raise ConfigError(field_name, text, "start=/end= select arrivals; give them in --arrival "
@@ -550,15 +627,14 @@ def trace_sizes(text: str, field_name: str) -> Empirical:
         if zero.size:
             raise ConfigError(field_name, spec.path, f"request {log.request_ids[int(zero[0])]} has "
                                                      f"{key} = 0; sizes must be >= 1")
-        return Empirical(tuple(values.tolist()), spec.source, key)
+        return Empirical(TokenCounts(_readonly(values.astype(np.int32))), spec.source, key)
     column = spec.column
     if column is None:
         column = spec.prefill_column if _role(field_name, text) == "prefill" else spec.decode_column
-    data, lines = _read_columns(spec.path, (column,), field_name)
-    if not lines:
+    counts = _csv_token_column(spec.path, column, field_name, 1)
+    if not counts.shape[0]:
         raise ConfigError(field_name, text, "trace file has no data rows")
-    counts = _token_column(data[column], column, spec.path, field_name, 1, lines)
-    return Empirical(tuple(counts.tolist()), spec.source, column)
+    return Empirical(TokenCounts(counts), spec.source, column)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,7 +754,7 @@ def size_cdf(dist: SizeDist, k: np.ndarray) -> np.ndarray:
     if isinstance(dist, Constant):
         return (k >= dist.value).astype(np.float64)
     if isinstance(dist, Empirical):
-        values = np.sort(np.asarray(dist.values, dtype=np.float64))
+        values = np.sort(dist.array.astype(np.float64))
         return np.searchsorted(values, k, side="right") / values.shape[0]
     if isinstance(dist, Uniform):
         return np.clip((np.floor(k) - dist.low + 1) / (dist.high - dist.low + 1), 0.0, 1.0)
@@ -696,7 +772,7 @@ def size_quantile(dist: SizeDist, q: float) -> float:
     if isinstance(dist, Constant):
         return float(dist.value)
     if isinstance(dist, Empirical):
-        return float(np.quantile(np.asarray(dist.values), q, method="inverted_cdf"))
+        return float(np.quantile(dist.array, q, method="inverted_cdf"))
     if isinstance(dist, Uniform):
         return float(dist.low + math.ceil(q * (dist.high - dist.low + 1)) - 1)
     if isinstance(dist, LogNormal):

@@ -13,20 +13,31 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmqueue import compiled
 from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
 from llmqueue.errors import ConfigError
 from llmqueue.memory import KVCache
-from llmqueue.policies import KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED, make_policy
+from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED, make_policy
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request, make_workload
 
+from .helpers import (
+    BATCH_TIMES,
+    BURST,
+    CUT_AFTER_PREEMPTION,
+    CUT_MID_RUN,
+    LONG_RUN,
+    REFUSED_LAST,
+    TIES,
+    TOO_LONG,
+    assert_same,
+    memory_examples,
+)
 from .strategies import SHIPPED, policies
 from .strategies import workloads as shared_workloads
-from .test_fastengine import assert_same, batch_times
 
 
 def workloads() -> st.SearchStrategy[list[Request]]:
@@ -47,14 +58,21 @@ def against_reference(requests, policy, batch_time, budget, k_max, **kwargs):
     policy=policies,
     budget=st.integers(1, 64),
     k_max=st.none() | st.integers(1, 9),
-    batch_time=batch_times,
+    batch_time=BATCH_TIMES,
 )
+@example(requests=TIES, policy=SARATHI, budget=4, k_max=2, batch_time=ConstantTime(1.0))
+@example(requests=LONG_RUN, policy=VLLM, budget=8, k_max=None, batch_time=LinearTime(0.5, 0.0625))
+@example(requests=BURST, policy=KFCFS(priority="decode", mixed=False, k_p=1, k_d=1), budget=1, k_max=1,
+         batch_time=StaircaseTime(1.0, 3.0, 8))
+@example(requests=TOO_LONG, policy=FASTERTRANSFORMER, budget=64, k_max=None, batch_time=ConstantTime(1.0))
 def test_compiled_matches_the_reference(requests, policy, budget, k_max, batch_time) -> None:
     against_reference(requests, policy, batch_time, budget, k_max, drain_s=1e6)
 
 
 @given(requests=workloads(), policy=st.sampled_from(SHIPPED), budget=st.integers(4, 64),
        k_max=st.none() | st.integers(1, 9), drain_s=st.sampled_from([0.0, 0.5, 3.0, 20.0]))
+@example(requests=CUT_MID_RUN, policy=SARATHI, budget=8, k_max=None, drain_s=0.0)
+@example(requests=TIES, policy=VLLM_CHUNKED, budget=4, k_max=2, drain_s=0.0)
 def test_compiled_matches_when_cut_at_the_horizon(requests, policy, budget, k_max, drain_s) -> None:
     against_reference(requests, policy, ConstantTime(1.0), budget, k_max, drain_s=drain_s)
 
@@ -153,7 +171,6 @@ def test_vllm_chunked_with_k_max_matches_on_a_trace_like_mix() -> None:
 # ---------------------------------------------------------------- KV-cache memory
 
 
-@settings(max_examples=150, deadline=None)
 @given(
     requests=workloads(),
     policy=policies,
@@ -162,8 +179,9 @@ def test_vllm_chunked_with_k_max_matches_on_a_trace_like_mix() -> None:
     blocks=st.integers(1, 40),
     block_tokens=st.sampled_from([1, 3, 16]),
     watermark=st.sampled_from([0.0, 0.01, 0.05, 0.2]),
-    batch_time=batch_times,
+    batch_time=BATCH_TIMES,
 )
+@memory_examples
 def test_compiled_matches_the_reference_with_memory(requests, policy, budget, k_max, blocks,
                                                     block_tokens, watermark, batch_time) -> None:
     """Admission, watermark, recompute preemption (newest first, decoders and prompts), the
@@ -173,10 +191,11 @@ def test_compiled_matches_the_reference_with_memory(requests, policy, budget, k_
     against_reference(requests, policy, batch_time, budget, k_max, drain_s=1e6, memory=memory)
 
 
-@settings(max_examples=80, deadline=None)
 @given(requests=workloads(), policy=st.sampled_from(SHIPPED), blocks=st.integers(2, 30),
        block_tokens=st.sampled_from([1, 4]), k_max=st.none() | st.integers(2, 9),
        drain_s=st.sampled_from([0.0, 0.5, 3.0, 20.0]))
+@example(requests=REFUSED_LAST, policy=SARATHI, blocks=200, block_tokens=4, k_max=None, drain_s=0.5)
+@example(requests=CUT_AFTER_PREEMPTION, policy=VLLM_CHUNKED, blocks=14, block_tokens=4, k_max=2, drain_s=0.0)
 def test_compiled_matches_with_memory_when_cut_at_the_horizon(requests, policy, blocks, block_tokens,
                                                               k_max, drain_s) -> None:
     """A short drain stops a memory-limited run mid-way (maybe mid-run of repeats, or after a

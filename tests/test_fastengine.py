@@ -15,7 +15,7 @@ import math
 from itertools import pairwise
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmqueue.batchtime import CompositionTime, ConstantTime, LinearTime, StaircaseTime
@@ -23,15 +23,25 @@ from llmqueue.cli import main
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine
 from llmqueue.memory import KVCache
-from llmqueue.policies import ORCA, SARATHI, VLLM, VLLM_CHUNKED
+from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request, make_workload
 
+from .helpers import (
+    BATCH_TIMES,
+    BURST,
+    LONG_RUN,
+    TIES,
+    TOO_LONG,
+    assert_same,
+    memory_examples,
+)
 from .strategies import SHIPPED, policies, workloads
 
-batch_times = st.sampled_from(
-    [ConstantTime(1.0), LinearTime(0.5, 0.0625), StaircaseTime(1.0, 3.0, 8), LinearTime(0.3, 0.01)]
-)
+CUT_AT_3_S = [Request(0, 0.0, 1, 3500), Request(1, 0.0, 2, 3400)]
+"""Drain 3 s of 1 ms batches: the horizon cuts the run of repeats after 3,000 of them."""
+QUEUE_OF_60 = [Request(i, 0.0, 20, 90) for i in range(60)]
+"""In a 120-token cache they run about one at a time, with preemptions: the 3 s horizon cuts them."""
 
 
 def both(requests, policy, batch_time, budget, k_max, **kwargs):
@@ -40,37 +50,18 @@ def both(requests, policy, batch_time, budget, k_max, **kwargs):
     return ref, fast
 
 
-def assert_same(ref, fast) -> None:
-    assert fast.requests is not None and ref.requests is not None
-    for a, b in zip(ref.requests, fast.requests, strict=True):
-        assert a.id == b.id
-        for field in ("first_token_ms", "finish_ms"):
-            x, y = getattr(a, field), getattr(b, field)
-            assert (math.isnan(x) and math.isnan(y)) or y == pytest.approx(x, rel=1e-9)
-    m, f = ref.metrics, fast.metrics
-    assert (f.num_batches, f.wc_violations, f.wc_wasted_tokens) == (
-        m.num_batches, m.wc_violations, m.wc_wasted_tokens
-    )
-    assert (f.completed, f.incomplete, f.arrivals) == (m.completed, m.incomplete, m.arrivals)
-    for key, value in m.as_dict().items():
-        other = f.as_dict()[key]
-        if isinstance(value, float):
-            assert (math.isnan(value) and math.isnan(other)) or other == pytest.approx(
-                value, rel=1e-9, abs=1e-9
-            ), key
-        elif key != "backlog_series":
-            assert other == value, key
-    for (t1, b1), (t2, b2) in zip(m.backlog_series, f.backlog_series, strict=True):
-        assert t2 == pytest.approx(t1) and b2 == pytest.approx(b1, rel=1e-9, abs=1e-6)
-
-
 @given(
     requests=workloads(),
     policy=policies,
     budget=st.integers(1, 64),
     k_max=st.none() | st.integers(1, 9),
-    batch_time=batch_times,
+    batch_time=BATCH_TIMES,
 )
+@example(requests=TIES, policy=SARATHI, budget=4, k_max=2, batch_time=ConstantTime(1.0))
+@example(requests=LONG_RUN, policy=VLLM, budget=8, k_max=None, batch_time=LinearTime(0.5, 0.0625))
+@example(requests=BURST, policy=KFCFS(priority="decode", mixed=False, k_p=1, k_d=1), budget=1, k_max=1,
+         batch_time=StaircaseTime(1.0, 3.0, 8))
+@example(requests=TOO_LONG, policy=FASTERTRANSFORMER, budget=64, k_max=None, batch_time=ConstantTime(1.0))
 def test_fast_engine_matches_the_reference(requests, policy, budget, k_max, batch_time) -> None:
     ref, fast = both(requests, policy, batch_time, budget, k_max, keep_batches=True, drain_s=1e6)
     assert_same(ref, fast)
@@ -78,6 +69,7 @@ def test_fast_engine_matches_the_reference(requests, policy, budget, k_max, batc
 
 
 @given(requests=workloads(), policy=st.sampled_from(SHIPPED), budget=st.integers(8, 64))
+@example(requests=CUT_AT_3_S, policy=SARATHI, budget=8)
 def test_fast_engine_matches_when_cut_at_the_horizon(requests, policy, budget) -> None:
     """A short drain cuts a run of repeats mid-way; both engines stop at the same batch."""
     ref, fast = both(requests, policy, ConstantTime(1.0), budget, None, keep_batches=True, drain_s=3.0)
@@ -178,7 +170,6 @@ def test_cli_engines_agree() -> None:
 # ---------------------------------------------------------------- KV-cache memory
 
 
-@settings(max_examples=150, deadline=None)
 @given(
     requests=workloads(prefill_min=0),
     policy=policies,
@@ -187,8 +178,9 @@ def test_cli_engines_agree() -> None:
     blocks=st.integers(1, 40),
     block_tokens=st.sampled_from([1, 3, 16]),
     watermark=st.sampled_from([0.0, 0.05, 0.2]),
-    batch_time=batch_times,
+    batch_time=BATCH_TIMES,
 )
+@memory_examples
 def test_fast_engine_matches_the_reference_with_memory(requests, policy, budget, k_max, blocks,
                                                        block_tokens, watermark, batch_time) -> None:
     """Admission, watermark, recompute preemption (newest first) and refusal at arrival are
@@ -200,8 +192,9 @@ def test_fast_engine_matches_the_reference_with_memory(requests, policy, budget,
     assert ref.batches == fast.batches
 
 
-@settings(max_examples=60, deadline=None)
 @given(requests=workloads(), policy=st.sampled_from(SHIPPED), blocks=st.integers(2, 30))
+@example(requests=QUEUE_OF_60, policy=SARATHI, blocks=30)
+@example(requests=QUEUE_OF_60, policy=VLLM, blocks=30)
 def test_fast_engine_matches_with_memory_when_cut_at_the_horizon(requests, policy, blocks) -> None:
     """A short drain stops a memory-limited run mid-way on the same batch in both engines."""
     memory = KVCache(blocks * 4, block_tokens=4, watermark=0.0)
@@ -225,14 +218,14 @@ def test_fast_engine_matches_a_long_thrashing_run(policy) -> None:
 
 # ---------------------------------------------------------------- composition-aware batch times
 
-shape_times = st.sampled_from([
+SHAPE_TIMES = [
     CompositionTime(c=1.0, prefill=0.05, decode=0.1),
     CompositionTime(c=0.5, prefill=0.02, decode=0.05, kv=0.003, chunk=0.7, logit=0.2, floor=1.5),
     CompositionTime(c=2.0, prefill=0.01, decode=0.01, kv=0.05, floor=2.5),
-])
+]
+shape_times = st.sampled_from(SHAPE_TIMES)
 
 
-@settings(max_examples=120, deadline=None)
 @given(
     requests=workloads(prefill_min=0),
     policy=policies,
@@ -242,6 +235,12 @@ shape_times = st.sampled_from([
     blocks=st.none() | st.integers(1, 40),
     drain_s=st.sampled_from([1e6, 3.0]),
 )
+@example(requests=[Request(0, 0.0, 1, 60), Request(1, 0.0, 0, 45)], policy=SARATHI, budget=128, k_max=None,
+         batch_time=SHAPE_TIMES[2], blocks=None, drain_s=1e6)  # runs of more than 32 repeats
+@example(requests=[Request(0, 0.0, 90, 10), Request(1, 0.5, 70, 5), Request(2, 0.5, 0, 4)],
+         policy=VLLM_CHUNKED, budget=32, k_max=3, batch_time=SHAPE_TIMES[1], blocks=40, drain_s=1e6)
+@example(requests=CUT_AT_3_S, policy=ORCA, budget=16, k_max=None, batch_time=SHAPE_TIMES[1], blocks=None,
+         drain_s=3.0)
 def test_fast_engine_matches_the_reference_with_shape_times(requests, policy, budget, k_max, batch_time,
                                                             blocks, drain_s) -> None:
     """A composition-aware batch time times every repeat from its own shape (growing contexts and

@@ -14,6 +14,7 @@ In a network, ``KernelEngine`` gives one engine the interface of the Python netw
 from __future__ import annotations
 
 import math
+import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ from llmqueue.workload import CHUNK_SIZE, Request
 MAX_BUDGET = 1 << 17
 """Largest token budget the compiled loop takes (it tabulates t(n) for n = 1..budget)."""
 
+SLOTTED_MARGIN = 64
+"""Prompts and waiting decoders kept in slots beyond the depth a step can reach (the rest of each
+queue is compact records: ``llmqueue.kernel``, "Compact tails"). Any value >= 0 gives the same
+results; tests lower it to 0 to move requests in and out of the compact tails often."""
+
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """Arrivals in time order: (ids int64, arrival_ms float64, prefill int64, decode int64)."""
 _NO_ARRIVALS: Chunk = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -43,6 +49,23 @@ _NO_ARRIVALS: Chunk = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
 def available() -> bool:
     """Whether numba is installed (the ``fast`` extra; looked up once per process)."""
     return find_spec("numba") is not None
+
+
+def needs_compiling() -> bool:
+    """Whether the next compiled run compiles the event loop first (a minute or two on a slow
+    machine): numba has no up-to-date on-disk cache of it and this process has not compiled it.
+    Best effort (it reads where numba keeps its cache); False without numba."""
+    if not available():
+        return False
+    from llmqueue import kernel  # imports numba: only when a compiled run is about to happen
+
+    if kernel.run.signatures:
+        return False
+    try:
+        index = kernel.run._cache._cache_file._index_path
+        return not os.path.exists(index) or os.path.getmtime(index) < os.path.getmtime(kernel.__file__)
+    except (AttributeError, OSError):
+        return True
 
 
 def supports(policy: object, budget: int, keep_batches: bool) -> bool:
@@ -111,6 +134,24 @@ def _grown(a: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
     return out
 
 
+def _resized(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with ``rows`` rows, the old ones kept and the new ones zero, resized in place: numpy
+    reallocates the buffer, which for a large array remaps its pages instead of copying them, so
+    the old and the new buffers do not coexist. Nothing may keep a view of ``a`` across this (the
+    kernel's typed lists of a network are set again after growth)."""
+    a.resize((rows, *a.shape[1:]), refcheck=False)
+    return a
+
+
+def _shift_rows(a: np.ndarray, lo: int, hi: int, by: int) -> None:
+    """Move rows ``lo:hi`` of ``a`` to ``lo + by:hi + by``, from the end in blocks of at most ``by``
+    rows (a block and its destination never overlap, so numpy needs no temporary copy)."""
+    while hi > lo:
+        start = max(lo, hi - by)
+        a[start + by : hi + by] = a[start:hi]
+        hi = start
+
+
 def _free_list(free_list: np.ndarray, n_free: int, capacity: int) -> tuple[np.ndarray, int]:
     """A stack of free indices grown from ``free_list.size`` to ``capacity`` entries: the
     ``n_free`` free ones kept, the new indices pushed above them (the lowest on top). Returns
@@ -123,13 +164,28 @@ def _free_list(free_list: np.ndarray, n_free: int, capacity: int) -> tuple[np.nd
 
 
 class _State:
-    """The kernel's arrays (see ``llmqueue.kernel`` for the layout), growable."""
+    """The kernel's arrays (see ``llmqueue.kernel`` for the layout), growable.
+
+    Memory: each request in a slot costs about 300 bytes (13 + 3 slot columns, 13 queue rows, 8 heap
+    entries), each compact record 48 bytes (56 in a network). Slots are needed only near the head
+    of the queues (about 3 budget + the margin, plus, with a KV cache, the requests holding blocks),
+    so in overload the compact tails hold nearly everyone.
+    """
 
     MIN_ROOM = 1 << 14
     """Least room of the output buffers (finished requests, inter-token latencies)."""
+    START_SLOTS = 1024
+    """Request slots at first."""
+    START_RING = 1024
+    """Records each compact tail holds at first."""
+    SLOT_GROWTH = 1.5
+    """Slots grow by this factor at least."""
+    RING_GROWTH = 1.25
+    """The compact tails grow by this factor at least (they hold nearly all of an unstable run's
+    requests, so their slack is what counts)."""
 
     def __init__(self, policy: KFCFS | VLLMChunked, batch_time: BatchTime, budget: int,
-                 k_max: int | None, capacity: int = 1024, memory: KVCache | None = None) -> None:
+                 k_max: int | None, memory: KVCache | None = None, network: bool = False) -> None:
         from llmqueue import kernel as K
 
         self.K = K
@@ -146,8 +202,16 @@ class _State:
         self.slot_f = np.zeros((0, K.N_RF))
         self.q = np.zeros((K.N_Q, 0), dtype=np.int64)
         self.heap = np.zeros((4, 0), dtype=np.int64)
-        self.grow(capacity)
+        self.grow(self.START_SLOTS)
+        # compact tails (kernel, "Compact tails"): prompts, and waiting decoders (none with a KV cache)
+        n_int = K.N_LZI + int(network)  # the network token (LZ_TOK) only in a network
+        self.lp_i = np.zeros((self.START_RING, n_int), dtype=np.int64)
+        self.lp_f = np.zeros((self.START_RING, K.N_LZF))
+        waiting = 0 if memory is not None else self.START_RING
+        self.lw_i = np.zeros((waiting, n_int), dtype=np.int64)
+        self.lw_f = np.zeros((waiting, K.N_LZF))
         self.pol = _policy_params(policy, budget, k_max, memory)
+        self.pol[K.P_MARGIN] = SLOTTED_MARGIN
         if memory is not None:
             self.si[K.KV_FREE] = memory.total_blocks
         self.t_table = _batch_time_table(batch_time, budget)
@@ -163,30 +227,61 @@ class _State:
         self.kernel_args = self._kernel_args()
 
     def grow(self, capacity: int) -> None:
-        """Room for ``capacity`` requests present at once (rings are unwrapped)."""
+        """Room for ``capacity`` requests in slots (rings are unwrapped). One array at a time, each
+        old one released before the next grows, and only what is in use is copied."""
         K, si, old = self.K, self.si, self.cap
         q = np.zeros((K.N_Q, capacity), dtype=np.int64)
-        for row in (K.Q_SERVED, K.Q_JOIN, K.Q_PLAN_SLOT, K.Q_PLAN_TOK, K.Q_PLAN_C):
-            q[row, :old] = self.q[row]
+        used = ((K.Q_SERVED, si[K.SV_LEN]), (K.Q_JOIN, si[K.JN_LEN]), (K.Q_PLAN_SLOT, si[K.PP_LEN]),
+                (K.Q_PLAN_TOK, si[K.PP_LEN]), (K.Q_PLAN_C, si[K.PP_LEN]))  # the other rows: scratch
+        for row, n in used:
+            q[row, :n] = self.q[row, :n]
         for row, head, length in ((K.Q_PREFILL, K.PQ_HEAD, K.PQ_LEN), (K.Q_WAIT, K.WQ_HEAD, K.WQ_LEN)):
             n = si[length]
             if n:
                 q[row, :n] = self.q[row, (si[head] + np.arange(n)) % old]
             si[head] = 0
         q[K.Q_FREE], si[K.N_FREE] = _free_list(self.q[K.Q_FREE], int(si[K.N_FREE]), capacity)
+        self.q = q
         heap = np.zeros((4, 2 * capacity), dtype=np.int64)
         heap[:, : si[K.HP_LEN]] = self.heap[:, : si[K.HP_LEN]]
-        self.slot_i, self.slot_f = _grown(self.slot_i, capacity), _grown(self.slot_f, capacity)
-        self.q, self.heap, self.cap = q, heap, capacity
+        self.heap = heap
+        self.slot_i = _resized(self.slot_i, capacity)
+        self.slot_f = _resized(self.slot_f, capacity)
+        self.cap = capacity
+
+    def _grow_ring(self, name: str, head: int, length: int, capacity: int) -> None:
+        """A compact tail (``lp`` or ``lw``) with room for ``capacity`` records, resized in place;
+        a ring that wraps has its records from the head to the old end moved to the new end."""
+        si = self.si
+        ints, floats = getattr(self, name + "_i"), getattr(self, name + "_f")
+        h, n, old = int(si[head]), int(si[length]), ints.shape[0]
+        for a in (ints, floats):
+            _resized(a, capacity)
+            if h + n > old:
+                _shift_rows(a, h, old, capacity - old)
+        if h + n > old:
+            si[head] = h + capacity - old
 
     def more_slots(self) -> None:
-        """Double the request slots (the kernel returned ``NEED_SLOTS``)."""
-        self.grow(2 * self.cap)
+        """Grow what the kernel found short (it returned ``NEED_SLOTS``; ``si[WANT_*]`` say what):
+        the slots by ``SLOT_GROWTH``, a compact tail by ``RING_GROWTH``, or more if asked."""
+        K, si = self.K, self.si
+        short = int(si[K.WANT_FREE] - si[K.N_FREE])
+        if short > 0:
+            self.grow(max(self.cap + short, math.ceil(self.cap * self.SLOT_GROWTH)))
+        for name, head, length, want in (("lp", K.LP_HEAD, K.LP_LEN, K.WANT_LP),
+                                         ("lw", K.LW_HEAD, K.LW_LEN, K.WANT_LW)):
+            rows = getattr(self, name + "_i").shape[0]
+            if si[want] > rows:
+                self._grow_ring(name, head, length,
+                                max(int(si[want]), math.ceil(rows * self.RING_GROWTH)))
+        si[K.WANT_FREE] = si[K.WANT_LP] = si[K.WANT_LW] = 0
         self.kernel_args = self._kernel_args()
 
     def _kernel_args(self) -> tuple[np.ndarray, ...]:
         return (self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.t_table,
-                self.ends, self.targets, self.bins, self.out_f, self.out_i, self.itl)
+                self.ends, self.targets, self.bins, self.out_f, self.out_i, self.itl, self.lp_i,
+                self.lp_f, self.lw_i, self.lw_f)
 
     def call(self, arrivals: Chunk, on_room: Callable[[], None]) -> int:
         """Run the kernel on ``arrivals`` (ids, arrival_ms, prefill, decode) until it needs the
@@ -212,8 +307,8 @@ class _State:
 
     def stop(self, horizon_ms: float) -> None:
         """The kernel's ``stop`` at the horizon (the output buffers were drained before)."""
-        args = self.kernel_args
-        self.K.stop(*args[:7], *args[8:], horizon_ms)
+        self.K.stop(self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.ends,
+                    self.targets, self.bins, self.out_f, self.out_i, self.itl, self.lp_i, horizon_ms)
 
     def next_times(self) -> tuple[float, float]:
         """(end of the running batch run, immediate start): each inf when there is none."""
@@ -320,6 +415,7 @@ def run(
     if cut:
         state.stop(horizon)
         _drain(state, recorder)
+        recorder.cut(horizon, state.next_times()[0])  # the running batch's end: busy only to the horizon
     _load_recorder(state, recorder)
     end_ms = horizon if cut else max(float(sf[K.NOW]), float(sf[K.LAST_ARRIVAL]))
     return Outcome(
@@ -351,22 +447,28 @@ def _plain(values: np.ndarray, dtype: type) -> np.ndarray:
 
 
 def _pending(state: _State) -> tuple[RequestRecord, ...]:
-    """Records of the requests still present (first token if reached, no finish), by arrival."""
+    """Records of the requests still present (first token if reached, no finish), by arrival: the
+    requests in slots and those in the compact tails."""
     K, si = state.K, state.si
     free = np.zeros(state.cap, dtype=bool)
     free[state.q[K.Q_FREE, : si[K.N_FREE]]] = True
     slots = np.flatnonzero(~free)
-    slots = slots[np.argsort(state.slot_i[slots, K.R_SEQ], kind="stable")]
+    i, f = state.slot_i[slots], state.slot_f[slots]
+    parts = [(i[:, K.R_SEQ], i[:, K.R_ID], f[:, K.R_ARR], f[:, K.R_FIRST], i[:, K.R_PRE], i[:, K.R_DEC])]
+    for ints, floats, head, length in ((state.lp_i, state.lp_f, K.LP_HEAD, K.LP_LEN),
+                                       (state.lw_i, state.lw_f, K.LW_HEAD, K.LW_LEN)):
+        if si[length]:
+            rows = (si[head] + np.arange(si[length])) % ints.shape[0]
+            i, f = ints[rows], floats[rows]
+            parts.append((i[:, K.LZ_SEQ], i[:, K.LZ_ID], f[:, K.LZ_ARR], f[:, K.LZ_FIRST],
+                          i[:, K.LZ_PRE], i[:, K.LZ_DEC]))
+    seq, ids, arrival, first, prefill, decode = (np.concatenate(c) for c in zip(*parts, strict=True))
+    order = np.argsort(seq, kind="stable")
     return tuple(
-        RequestRecord(
-            id=int(state.slot_i[s, K.R_ID]),
-            arrival_ms=float(state.slot_f[s, K.R_ARR]),
-            first_token_ms=float(state.slot_f[s, K.R_FIRST]),
-            finish_ms=math.nan,
-            prefill_tokens=int(state.slot_i[s, K.R_PRE]),
-            decode_tokens=int(state.slot_i[s, K.R_DEC]),
-        )
-        for s in slots.tolist()
+        RequestRecord(id=int(r), arrival_ms=float(a), first_token_ms=float(t), finish_ms=math.nan,
+                      prefill_tokens=int(p), decode_tokens=int(d))
+        for r, a, t, p, d in zip(ids[order].tolist(), arrival[order].tolist(), first[order].tolist(),
+                                 prefill[order].tolist(), decode[order].tolist(), strict=True)
     )
 
 
@@ -386,7 +488,7 @@ class KernelEngine:
         from llmqueue import kernel as K
 
         self.K = K
-        self.state = _State(policy, batch_time, budget, k_max)
+        self.state = _State(policy, batch_time, budget, k_max, network=True)
         self.state.si[K.NET] = 1
         self.state.si[K.A_FINAL] = 1
         self.recorder = recorder
@@ -646,6 +748,11 @@ class NetworkLoop:
     """End-to-end latencies buffered before they are moved to the per-class arrays."""
     DRAW_CHUNKS = 4
     """Chunks of ``DRAW_CHUNK`` values a random stream is refilled with at once."""
+    LISTS = ("slot_i", "slot_f", "q", "heap", "pol", "t_table", "ends", "targets", "bins", "out_f",
+             "out_i", "itl", "lp_i", "lp_f", "lw_i", "lw_f")
+    """The engines' arrays (``_State``) that the loop takes as typed lists, in ``net_run``'s order."""
+    GROWN = ("slot_i", "slot_f", "q", "heap", "lp_i", "lp_f", "lw_i", "lw_f")
+    """Those that ``_State.more_slots`` replaces or resizes in place."""
 
     def __init__(
         self,
@@ -719,11 +826,7 @@ class NetworkLoop:
         for e, state in enumerate(states):
             state.si, state.sf = self.si_all[e], self.sf_all[e]
             state.kernel_args = state._kernel_args()
-        self.engine_lists = [
-            _typed_list(getattr(s, name) for s in states)
-            for name in ("slot_i", "slot_f", "q", "heap", "pol", "t_table", "ends", "targets", "bins",
-                         "out_f", "out_i", "itl")
-        ]
+        self.engine_lists = [_typed_list(getattr(s, name) for s in states) for name in self.LISTS]
         self.rd = np.zeros(n_eng, dtype=np.int64)
         self.t_min = np.array([e._t_min for e in engines])
 
@@ -805,10 +908,9 @@ class NetworkLoop:
                 self.rd[ask] = 0
             elif code == K.NET_SLOTS:
                 state = self.engines[ask].state
-                state.more_slots()
-                for lst, name in zip(self.engine_lists[:4], ("slot_i", "slot_f", "q", "heap"),
-                                     strict=True):
-                    K.list_set(lst, ask, getattr(state, name))
+                state.more_slots()  # grown or resized in place: the lists get them again
+                for name in self.GROWN:
+                    K.list_set(self.engine_lists[self.LISTS.index(name)], ask, getattr(state, name))
             elif code == K.NET_BAD_BATCH_TIME:
                 self.engines[ask].state.bad_batch_time()
             elif code == K.NET_SIZES:

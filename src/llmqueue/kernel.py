@@ -12,6 +12,10 @@ plans fitted request by request with the reference engine's rules (see "KV-cache
 All state lives in numpy arrays, so a run can stop and resume: the loop returns to Python when it
 needs the next chunk of arrivals, room for its outputs, or more request slots. The driver
 (``llmqueue.compiled``) feeds it and turns what it returns into the usual metrics.
+
+Memory: a request holds a full slot only near the head of its queue; the prompts and the waiting
+decoders deeper than any step can reach are compact records (see "Compact tails" below), so an
+unstable run's memory grows by about 48 bytes per request present, not by a slot's ~300.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from numba import njit
 from numba.typed import List
 
 MAX_REPEAT = 1 << 16  # same as llmqueue.fastengine.MAX_REPEAT
+TARGETS_DUE = 2  # si[T_LIST] after _start_batch with a binding k_max, until _fill_targets
 
 # -- return codes --------------------------------------------------------------------------------
 DONE = 0
 NEED_ARRIVALS = 1
 NEED_ROOM = 2  # output buffers nearly full: drain them and call again
-NEED_SLOTS = 3  # request slots exhausted: grow the state and call again
+NEED_SLOTS = 3  # request slots or compact tails short (si[WANT_FREE], WANT_LP, WANT_LW): grow, call again
 BAD_BATCH_TIME = 4  # t(n) not positive and finite; n in si[ERR_N]
 PAUSED = 5  # network mode: the next event is past the time limit (or the requested step is done)
 ENDED = 6  # network mode: a batch run ended (it finished requests, or only ending was asked for)
@@ -45,7 +50,11 @@ ENDED = 6  # network mode: a batch run ended (it finished requests, or only endi
  # the tokens preempted at the batch start not yet in the recorder's backlog (_book_preemptions),
  # the prompts holding blocks (they are near the head of the queue: scans stop after the last)
  KV_FREE, KV_RUN_USED, UNCACHED, IRREGULAR, FIT_NO, PREEMPTIONS, RECOMPUTED, REJECTED, KV_BATCHES,
- LOST, RES_PROMPTS, N_SI) = range(59)
+ LOST, RES_PROMPTS,
+ # compact tails (see "Compact tails"): head and length of the prompts' ring (lp) and of the waiting
+ # decoders' ring (lw), new decoders bound for lw (q[Q_NEW]); what a NEED_SLOTS return asks for
+ # (free slots, ring capacities)
+ LP_HEAD, LP_LEN, LW_HEAD, LW_LEN, NEW_LEN, WANT_FREE, WANT_LP, WANT_LW, N_SI) = range(67)
 KV = N_SI
 """si[KV:] (memory only): served decoders by block phase (block entries), then the running run's
 block growth over one period as prefix sums (block + 1 entries); si has N_SI + 2 block + 1 entries."""
@@ -60,17 +69,27 @@ block growth over one period as prefix sums (block + 1 entries); si has N_SI + 2
 R_ID, R_PRE, R_DEC, R_PLEFT, R_DLEFT, R_C0, R_ACT, R_SEQ, R_MARK, R_TOK, R_KV, R_BLK, N_RI = range(13)
 R_ARR, R_FIRST, R_LAST, N_RF = range(4)
 
+# -- compact tails: records of the prompts (lp_i, lp_f) and waiting decoders (lw_i, lw_f) that no
+# step reaches (see "Compact tails" below); LZ_TOK only in network mode (one more column there)
+LZ_ID, LZ_SEQ, LZ_PRE, LZ_DEC, LZ_TOK = range(5)
+N_LZI = 4  # int columns without LZ_TOK
+LZ_ARR, LZ_FIRST, N_LZF = range(3)
+
 # -- rows of the queue array q ---------------------------------------------------------------------
-# Q_PLAN_C: cached tokens of each planned prompt when its run started (block growth); Q_FIT_SLOT,
-# Q_FIT_TOK: a plan fitted request by request; Q_TMP: scratch (resident prompts, chosen decoders)
+# Q_PREFILL, Q_WAIT: rings of the slotted heads of the prompt queue and of the waiting decoders
+# (PQ_LEN, WQ_LEN entries; their compact tails follow them: lp, lw rings); Q_NEW: new decoders that
+# join the compact tail at the top of the loop; Q_PLAN_C: cached tokens of each planned prompt when
+# its run started (block growth); Q_FIT_SLOT, Q_FIT_TOK: a plan fitted request by request; Q_TMP:
+# scratch (resident prompts, chosen decoders)
 (Q_FREE, Q_PREFILL, Q_WAIT, Q_SERVED, Q_JOIN, Q_PLAN_SLOT, Q_PLAN_TOK, Q_PLAN_C, Q_FIT_SLOT,
- Q_FIT_TOK, Q_TMP, N_Q) = range(12)
+ Q_FIT_TOK, Q_TMP, Q_NEW, N_Q) = range(13)
 
 # -- policy parameters (pol) ---------------------------------------------------------------------
 # P_BLOCK: KV block size in tokens (0: no memory limit); P_KV_TOTAL: blocks in the pool;
-# P_KV_FLOOR: blocks admission keeps free (the watermark)
+# P_KV_FLOOR: blocks admission keeps free (the watermark); P_MARGIN: slotted entries kept beyond
+# the depth steps can reach (see "Compact tails"; 0 is exact too, tests use it)
 (P_KIND, P_DECODE_FIRST, P_MIXED, P_CHUNKED, P_KP, P_KD, P_BUDGET, P_KMAX, P_BLOCK, P_KV_TOTAL,
- P_KV_FLOOR, N_POL) = range(12)
+ P_KV_FLOOR, P_MARGIN, N_POL) = range(13)
 KIND_KFCFS, KIND_VLLM_CHUNKED = 0, 1
 
 
@@ -221,6 +240,169 @@ def _ceil_div(a, b):
     return -((-a) // b)
 
 
+# -- compact tails ---------------------------------------------------------------------------------
+#
+# An unstable run keeps most of its requests waiting: prompts not yet planned (Sarathi-Serve, the
+# (K_p, K_d)-FCFS family) or decoders beyond the served prefix (vanilla vLLM). A step only reaches
+# the head of each queue, so only the head holds slots; the rest of each queue is a ring of compact
+# records in arrival order (id, seq, prefill, decode, arrival, first token; the network token too in
+# network mode): 48 bytes, against ~300 for a slot with its queue rows and heap entries.
+#
+# - Prompts. A plan reads at most (started prompts) + budget + 1 prompts from the head (each prompt
+#   it plans takes a token; vLLM's started prompts are at most one without memory, and hold blocks
+#   with memory: RES_PROMPTS), and the batch booked just before it drops at most budget prompts
+#   from the head. So 2 budget + 2 + RES_PROMPTS slotted prompts are enough (_prompts_slotted).
+#   A compact prompt is fresh (never planned, no blocks), so the scans for prompts holding blocks
+#   and the drop of finished prompts stay in the slots, and a preempted request, older than every
+#   compact prompt, is inserted among the slotted ones. (Only a prompt-less request can decode while
+#   older prompts are compact; with a KV cache it could be preempted back among them, so its
+#   arrival first moves the compact prompts into slots.) The scan of the whole queue for a binding
+#   k_max (_fill_targets) reads the compact prompts' sizes.
+# - Waiting decoders (no KV cache only: with one, every decoder but a prompt-less one holds blocks,
+#   so the cache bounds them). A plan serves at most budget decoders, the oldest, so budget waiting
+#   decoders in slots are enough (_waiting_slotted). A compact decoder was never served (decode
+#   left = decode, last token = first token). A new decoder younger than every slotted one, once
+#   budget wait in slots or some are compact, is bound for the compact tail: it keeps its slot, in
+#   no queue (no step reaches it), until the top of the loop moves it there in arrival order (among
+#   younger compact decoders if there are: a prompt that finishes after a younger prompt-less
+#   arrival) and frees its slot.
+#
+# At the top of the loop, where it can return for more slots, _stock moves those new decoders and
+# moves records into slots as the heads shorten. It is called only when there is something to do:
+# the loop is short, and a call costs a reference count per array it takes (so the hot path keeps
+# the thresholds as plain integers, and _start_batch does not take the compact prompts: see
+# _fill_targets). An arrival joins the prompts' compact tail once the slotted head is long enough.
+# Everything an arrival books (backlog, counters, the recorder's integrals) happens at its arrival
+# either way: where a request is held does not change any result.
+
+
+@njit(cache=True)
+def _prompts_slotted(pol, res_prompts):
+    """Prompts kept in slots when more are present: what a plan reads, plus what the batch booked
+    before it may drop from the head, plus the margin (``res_prompts``: prompts holding blocks)."""
+    return 2 * pol[P_BUDGET] + 2 + res_prompts + pol[P_MARGIN]
+
+
+@njit(cache=True)
+def _waiting_slotted(pol):
+    """Waiting decoders kept in slots when more are present: a plan serves at most budget."""
+    return pol[P_BUDGET] + pol[P_MARGIN]
+
+
+@njit(cache=True, inline="always")
+def _need(si, free, lp, lw):
+    """Ask the driver for at least ``free`` free slots and rings of ``lp`` and ``lw`` records."""
+    si[WANT_FREE] = free
+    si[WANT_LP] = lp
+    si[WANT_LW] = lw
+    return NEED_SLOTS
+
+
+@njit(cache=True)
+def _lz_write(lz_i, lz_f, r, rid, seq, pre, dec, tok, arr, first):
+    """Write compact record ``r``."""
+    lz_i[r, LZ_ID] = rid
+    lz_i[r, LZ_SEQ] = seq
+    lz_i[r, LZ_PRE] = pre
+    lz_i[r, LZ_DEC] = dec
+    if lz_i.shape[1] > LZ_TOK:
+        lz_i[r, LZ_TOK] = tok
+    lz_f[r, LZ_ARR] = arr
+    lz_f[r, LZ_FIRST] = first
+
+
+@njit(cache=True)
+def _lz_append(si, head_i, len_i, lz_i, lz_f, rid, seq, pre, dec, tok, arr, first):
+    """Append a record to a compact tail (the ring has room: _stock checked it)."""
+    _lz_write(lz_i, lz_f, (si[head_i] + si[len_i]) % lz_i.shape[0], rid, seq, pre, dec, tok, arr,
+              first)
+    si[len_i] += 1
+
+
+@njit(cache=True, inline="always")
+def _slot_new(si, slot_i, slot_f, q, rid, tok, seq, pre, dec, pleft, arr, first):
+    """Take a free slot for a request nothing has been served to (``pleft``: its prompt, or 0 for
+    a decoder); returns it. (R_ACT, R_MARK, R_KV keep the previous holder's counts: they only grow.)"""
+    si[N_FREE] -= 1
+    s = q[Q_FREE, si[N_FREE]]
+    slot_i[s, R_ID] = rid
+    slot_i[s, R_TOK] = tok
+    slot_i[s, R_PRE] = pre
+    slot_i[s, R_DEC] = dec
+    slot_i[s, R_PLEFT] = pleft
+    slot_i[s, R_DLEFT] = dec
+    slot_i[s, R_C0] = 0
+    slot_i[s, R_SEQ] = seq
+    slot_f[s, R_ARR] = arr
+    slot_f[s, R_FIRST] = first
+    slot_f[s, R_LAST] = first
+    return s
+
+
+@njit(cache=True)
+def _slot_from_tail(si, slot_i, slot_f, q, head_i, len_i, lz_i, lz_f, prompt):
+    """Move the first record of a compact tail into a new slot; returns the slot."""
+    r = si[head_i]
+    rid, pre = lz_i[r, LZ_ID], lz_i[r, LZ_PRE]
+    tok = lz_i[r, LZ_TOK] if lz_i.shape[1] > LZ_TOK else rid  # single engine: the token is the id
+    s = _slot_new(si, slot_i, slot_f, q, rid, tok, lz_i[r, LZ_SEQ], pre, lz_i[r, LZ_DEC],
+                  pre if prompt else 0, lz_f[r, LZ_ARR], lz_f[r, LZ_FIRST])
+    si[head_i] = (r + 1) % lz_i.shape[0]
+    si[len_i] -= 1
+    return s
+
+
+@njit(cache=True)
+def _decoder_to_tail(si, slot_i, slot_f, q, lw_i, lw_f, s, pos):
+    """Move decoder ``s`` (never served) into the decoders' compact tail at position ``pos`` (the
+    records from there move back one) and free its slot."""
+    n, head, lcap = si[LW_LEN], si[LW_HEAD], lw_i.shape[0]
+    for i in range(n, pos, -1):
+        dst, src = (head + i) % lcap, (head + i - 1) % lcap
+        lw_i[dst] = lw_i[src]
+        lw_f[dst] = lw_f[src]
+    _lz_write(lw_i, lw_f, (head + pos) % lcap, slot_i[s, R_ID], slot_i[s, R_SEQ], slot_i[s, R_PRE],
+              slot_i[s, R_DEC], slot_i[s, R_TOK], slot_f[s, R_ARR], slot_f[s, R_FIRST])
+    si[LW_LEN] = n + 1
+    q[Q_FREE, si[N_FREE]] = s
+    si[N_FREE] += 1
+
+
+@njit(cache=True)
+def _stock(si, slot_i, slot_f, q, pol, lp_i, lp_f, lw_i, lw_f):
+    """Move the new decoders bound for the compact tail there, top up the slotted heads from the
+    compact tails, and keep room in the prompts' ring for an arrival. Returns 0, or NEED_SLOTS
+    having changed nothing more."""
+    cap = q.shape[1]
+    n_new = si[NEW_LEN]
+    if n_new > 0:
+        if si[LW_LEN] + n_new > lw_i.shape[0]:
+            return _need(si, 0, 0, si[LW_LEN] + n_new)
+        for k in range(n_new):
+            s = q[Q_NEW, k]
+            pos = si[LW_LEN]  # by arrival, from the youngest: a new decoder is usually the youngest
+            while pos > 0 and slot_i[s, R_SEQ] < lw_i[(si[LW_HEAD] + pos - 1) % lw_i.shape[0], LZ_SEQ]:
+                pos -= 1
+            _decoder_to_tail(si, slot_i, slot_f, q, lw_i, lw_f, s, pos)
+        si[NEW_LEN] = 0
+    n_lp, n_lw = si[LP_LEN], si[LW_LEN]
+    want_p, want_w = _prompts_slotted(pol, si[RES_PROMPTS]), _waiting_slotted(pol)
+    short = max(0, min(n_lp, want_p - si[PQ_LEN])) + max(0, min(n_lw, want_w - si[WQ_LEN]))
+    if short > si[N_FREE]:
+        return _need(si, short, 0, 0)
+    while si[LP_LEN] > 0 and si[PQ_LEN] < want_p:
+        s = _slot_from_tail(si, slot_i, slot_f, q, LP_HEAD, LP_LEN, lp_i, lp_f, True)
+        q[Q_PREFILL, (si[PQ_HEAD] + si[PQ_LEN]) % cap] = s
+        si[PQ_LEN] += 1
+    while si[LW_LEN] > 0 and si[WQ_LEN] < want_w:
+        s = _slot_from_tail(si, slot_i, slot_f, q, LW_HEAD, LW_LEN, lw_i, lw_f, False)
+        q[Q_WAIT, (si[WQ_HEAD] + si[WQ_LEN]) % cap] = s
+        si[WQ_LEN] += 1
+    if si[LP_LEN] == lp_i.shape[0]:
+        return _need(si, 0, si[LP_LEN] + 1, 0)
+    return 0
+
+
 @njit(cache=True)
 def _clear_served(si, b):
     """Empty the served prefix, its joiners, its finish heap and its block phases (b: block size,
@@ -274,18 +456,27 @@ def _next_finish(si, slot_i, heap):
 
 
 @njit(cache=True)
-def _enter_decode(si, sf, slot_i, slot_f, q, heap, b, s):
-    """A request starts decoding: it joins the decoders in arrival order."""
+def _enter_decode(si, sf, slot_i, slot_f, q, heap, b, want_w, s):
+    """A request starts decoding: it joins the decoders in arrival order. Without a KV cache, one
+    younger than every slotted decoder is bound for the compact tail (q[Q_NEW]) when some decoders
+    are compact or ``want_w`` wait in slots (see "Compact tails")."""
     cap = q.shape[1]
     seq = slot_i[s, R_SEQ]
+    si[DECODERS] += 1
+    if b > 0 and _cached(slot_i, s) == 0:  # no prompt: it holds no blocks until first served
+        si[UNCACHED] += 1
     newest = -1
     if si[WQ_LEN] > 0:
         newest = q[Q_WAIT, (si[WQ_HEAD] + si[WQ_LEN] - 1) % cap]
     elif si[SV_LEN] > 0:
         newest = q[Q_SERVED, si[SV_LEN] - 1]
     if newest < 0 or seq > slot_i[newest, R_SEQ]:
-        q[Q_WAIT, (si[WQ_HEAD] + si[WQ_LEN]) % cap] = s
-        si[WQ_LEN] += 1
+        if b == 0 and (si[NEW_LEN] > 0 or si[LW_LEN] > 0 or si[WQ_LEN] >= want_w):
+            q[Q_NEW, si[NEW_LEN]] = s
+            si[NEW_LEN] += 1
+        else:
+            q[Q_WAIT, (si[WQ_HEAD] + si[WQ_LEN]) % cap] = s
+            si[WQ_LEN] += 1
     else:  # an older request starts decoding (no prompt, or recomputed): rebuild the order
         n_sv, n_wq = si[SV_LEN], si[WQ_LEN]
         everyone = np.empty(n_sv + n_wq + 1, dtype=np.int64)
@@ -307,9 +498,6 @@ def _enter_decode(si, sf, slot_i, slot_f, q, heap, b, s):
         si[WQ_HEAD] = 0
         si[WQ_LEN] = everyone.shape[0]
         _clear_served(si, b)
-    si[DECODERS] += 1
-    if b > 0 and _cached(slot_i, s) == 0:  # no prompt: it holds no blocks until first served
-        si[UNCACHED] += 1
 
 
 @njit(cache=True)
@@ -428,10 +616,16 @@ def _plan(si, slot_i, q, pol, row, head, n_queue, decoders_present, n_res):
 
 
 @njit(cache=True)
-def _list_targets(si, slot_i, q, pol, targets, k):
-    """Fill targets of ``k`` repeats with a binding k_max (fastengine.fill_targets); returns
-    True when they were written to ``targets``, False when every target is the budget."""
+def _fill_targets(si, slot_i, q, pol, lp_i, targets):
+    """Fill targets of the run _start_batch set up with a binding k_max (fastengine.fill_targets;
+    T_LIST was TARGETS_DUE): written to ``targets`` (T_LIST = 1), or every one the budget. The
+    prompts are scanned in queue order: the slotted ones, then the compact ones (never planned,
+    so their tokens left are their prompts). Called before that run is booked, at the top of the
+    loop or by stop: in _start_batch it would cost every batch start one more array (the compact
+    prompts' ring) for this rare case."""
+    k = si[RUN_LEN]
     cap = q.shape[1]
+    n_pq, n_lp = si[PQ_LEN], si[LP_LEN]
     budget, k_max = pol[P_BUDGET], pol[P_KMAX]
     n_plan = si[PP_LEN]
     si[PLAN_NO] += 1
@@ -442,23 +636,33 @@ def _list_targets(si, slot_i, q, pol, targets, k):
         slot_i[s, R_MARK] = mark
         lower += slot_i[s, R_PLEFT] - q[Q_PLAN_TOK, e] * (k - 1)
     slots = k_max - n_plan
-    for i in range(si[PQ_LEN]):
+    for i in range(n_pq + n_lp):
         if lower >= budget or slots <= 0:
             break
+        if i >= n_pq:
+            lower += lp_i[(si[LP_HEAD] + i - n_pq) % lp_i.shape[0], LZ_PRE]
+            slots -= 1
+            continue
         s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
         if slot_i[s, R_MARK] != mark:
             lower += slot_i[s, R_PLEFT]
             slots -= 1
     decoders = si[DECODERS]
     if lower + min(max(slots, 0), decoders) >= budget:
-        return False
-    others = np.empty(si[PQ_LEN], dtype=np.int64)
+        si[T_LIST] = 0  # every target is the budget
+        si[T_BASE] = budget
+        si[T_X] = 0
+        return
+    others = np.empty(n_pq + n_lp, dtype=np.int64)
     n_others = 0
-    for i in range(si[PQ_LEN]):
+    for i in range(n_pq):
         s = q[Q_PREFILL, (si[PQ_HEAD] + i) % cap]
         if slot_i[s, R_MARK] != mark:
             others[n_others] = slot_i[s, R_PLEFT]
             n_others += 1
+    for i in range(n_lp):
+        others[n_others] = lp_i[(si[LP_HEAD] + i) % lp_i.shape[0], LZ_PRE]
+        n_others += 1
     others = np.sort(others[:n_others])[::-1]
     n_constant = n_others + decoders
     best_constant = np.zeros(k_max + 1, dtype=np.int64)
@@ -475,7 +679,8 @@ def _list_targets(si, slot_i, q, pol, targets, k):
         value = min(budget, best_constant[min(k_max, n_constant)])
         for j in range(k):
             targets[j] = value
-        return True
+        si[T_LIST] = 1
+        return
     for j in range(k):
         for e in range(n_plan):
             shrinking[e] = slot_i[q[Q_PLAN_SLOT, e], R_PLEFT] - q[Q_PLAN_TOK, e] * j
@@ -488,7 +693,7 @@ def _list_targets(si, slot_i, q, pol, targets, k):
             rest = min(k_max - t, n_constant)
             top = max(top, acc + best_constant[rest])
         targets[j] = min(budget, top)
-    return True
+    si[T_LIST] = 1
 
 
 @njit(cache=True)
@@ -794,7 +999,7 @@ def _form_fitted(si, sf, slot_i, slot_f, q, heap, pol):
     cap = q.shape[1]
     b = pol[P_BLOCK]
     _unserve_all(si, sf, slot_i, slot_f, q, b)  # every decoder synced, in the waiting ring
-    decoders = _plan(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], si[PQ_LEN], si[DECODERS],
+    decoders = _plan(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], si[PQ_LEN] + si[LP_LEN], si[DECODERS],
                      si[RES_PROMPTS])
     if decoders == 0 and si[PP_LEN] == 0:
         return BLOCKED_PLAN
@@ -964,20 +1169,22 @@ def _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, n
     The run stops at the first batch end at or after ``next_arrival``: that arrival would cut it
     there anyway (the same repeats are kept), so later ends are never computed. With memory, the
     plan is fitted into the cache first, and the run stops before the first repeat that would
-    preempt; a plan that preempts (or serves a decoder holding no blocks) runs one repeat.
+    preempt; a plan that preempts (or serves a decoder holding no blocks) runs one repeat. With a
+    binding k_max its fill targets are left due (T_LIST = TARGETS_DUE: see _fill_targets).
     """
     if si[IN_SYSTEM] == 0:
         return 0
     b = pol[P_BLOCK]
+    prompts = si[PQ_LEN] + si[LP_LEN]  # the planners read only the slotted head of them
     fitted = False
     if b > 0 and si[UNCACHED] > 0:
         decoders = _form_fitted(si, sf, slot_i, slot_f, q, heap, pol)
         fitted = True
     else:
         if pol[P_KIND] == KIND_KFCFS:
-            decoders = _plan_kfcfs(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], si[PQ_LEN], si[DECODERS])
+            decoders = _plan_kfcfs(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], prompts, si[DECODERS])
         else:
-            decoders = _plan_vllm_chunked(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], si[PQ_LEN],
+            decoders = _plan_vllm_chunked(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], prompts,
                                           si[DECODERS], si[RES_PROMPTS] if b > 0 else -1)
         if decoders == 0 and si[PP_LEN] == 0:
             decoders = BLOCKED_PLAN
@@ -1030,16 +1237,12 @@ def _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, n
     si[RUN_OFF] = 0
     si[RUN_LEN] = k
     si[T_OFF] = 0
-    if pol[P_KMAX] == 0 or si[PQ_LEN] + si[DECODERS] <= pol[P_KMAX]:
+    if pol[P_KMAX] == 0 or si[PQ_LEN] + si[LP_LEN] + si[DECODERS] <= pol[P_KMAX]:
         si[T_LIST] = 0
         si[T_BASE] = si[PREFILL_LEFT] + si[DECODERS]
         si[T_X] = prefill
-    elif _list_targets(si, slot_i, q, pol, targets, k):
-        si[T_LIST] = 1
     else:
-        si[T_LIST] = 0
-        si[T_BASE] = pol[P_BUDGET]
-        si[T_X] = 0
+        si[T_LIST] = TARGETS_DUE
     si[ACTIVE] = 1
     si[P_DEC] = decoders
     si[P_PRE] = prefill
@@ -1146,6 +1349,7 @@ def _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_
     if si[IRREGULAR] == 1:  # a fitted batch served decoders out of order: restore the order
         _unserve_all(si, sf, slot_i, slot_f, q, b)
     prompts_done = 0
+    want_w = _waiting_slotted(pol)
     for e in range(si[PP_LEN]):
         s = q[Q_PLAN_SLOT, e]
         slot_i[s, R_PLEFT] -= q[Q_PLAN_TOK, e] * m
@@ -1155,7 +1359,7 @@ def _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_
                 slot_f[s, R_FIRST] = now
             slot_f[s, R_LAST] = now
             if slot_i[s, R_DLEFT] > 0:
-                _enter_decode(si, sf, slot_i, slot_f, q, heap, b, s)
+                _enter_decode(si, sf, slot_i, slot_f, q, heap, b, want_w, s)
             else:
                 _emit(si, slot_i, slot_f, out_f, out_i, s, now)
     if prompts_done > 0:
@@ -1239,30 +1443,45 @@ def _next_event(si, sf):
 
 @njit(cache=True)
 def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_f, out_i, itl,
-        a_ms, a_pre, a_dec, a_id, a_tok):
+        lp_i, lp_f, lw_i, lw_f, a_ms, a_pre, a_dec, a_id, a_tok):
     """Run the event loop of ``simulate`` until done or until the driver must act (return code).
 
     Finished requests are appended to ``out_f`` (arrival, first token, finish) and ``out_i``
     (slot, id, prefill, decode, token); inter-token latencies to ``itl`` as (value, count)
     columns. ``a_tok`` is carried through untouched (the network loop's token of each visit).
+    ``lp_*``, ``lw_*``: the compact tails of the prompts and of the waiting decoders.
     """
     cap = q.shape[1]
     b = pol[P_BLOCK]
     n_arr = a_ms.shape[0]
     room = out_f.shape[0]
     itl_room = itl.shape[1]
+    lp_cap = lp_i.shape[0]
+    prompts_slotted = _prompts_slotted(pol, 0)  # + si[RES_PROMPTS]
+    waiting_slotted = _waiting_slotted(pol)
     while True:
         # a step books at most (served prefix + planned prompts) records and ITL entries
         need = si[SV_LEN] + si[PP_LEN] + si[JN_LEN] + 4
         if si[N_OUT] + need > room or si[N_ITL] + need > itl_room:
             return NEED_ROOM
+        if si[T_LIST] == TARGETS_DUE:
+            _fill_targets(si, slot_i, q, pol, lp_i, targets)
+        if (si[NEW_LEN] > 0 or si[LP_LEN] == lp_cap  # whether _stock has something to do
+                or (si[LP_LEN] > 0 and si[PQ_LEN] < prompts_slotted + si[RES_PROMPTS])
+                or (si[LW_LEN] > 0 and si[WQ_LEN] < waiting_slotted)):
+            code = _stock(si, slot_i, slot_f, q, pol, lp_i, lp_f, lw_i, lw_f)
+            if code != 0:
+                return code
         t = _next_event(si, sf)
         if si[A_POS] < n_arr:
             i = si[A_POS]
             arrival = a_ms[i]
             if arrival <= t:
+                pre, dec = a_pre[i], a_dec[i]
                 if si[N_FREE] == 0:
-                    return NEED_SLOTS
+                    return _need(si, 1, 0, 0)
+                if b > 0 and pre == 0 and si[N_FREE] <= si[LP_LEN]:  # it slots the compact prompts
+                    return _need(si, si[LP_LEN] + 1, 0, 0)
                 # -- submit (FastEngine.submit, then Engine.submit) --
                 if si[ACTIVE] == 1 and arrival >= sf[NOW]:
                     _cut(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i,
@@ -1280,25 +1499,13 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
                         sf[STALL] += arrival - sf[BLOCKED_SINCE]
                         si[BLOCKED] = 0
                     sf[NOW] = arrival
-                pre, dec = a_pre[i], a_dec[i]
                 if b > 0 and _ceil_div(pre + dec, b) > pol[P_KV_TOTAL] - pol[P_KV_FLOOR]:
                     si[REJECTED] += 1  # its KV cache can never fit (KVCache.fits_alone): refused
                     si[A_POS] = i + 1
                     continue
-                si[N_FREE] -= 1
-                s = q[Q_FREE, si[N_FREE]]
-                slot_i[s, R_ID] = a_id[i]
-                slot_i[s, R_TOK] = a_tok[i]
-                slot_i[s, R_PRE] = pre
-                slot_i[s, R_DEC] = dec
-                slot_i[s, R_PLEFT] = pre
-                slot_i[s, R_DLEFT] = dec
-                slot_i[s, R_C0] = 0
-                slot_i[s, R_SEQ] = si[SEQ]
+                seq = si[SEQ]
                 si[SEQ] += 1
-                slot_f[s, R_ARR] = arrival
-                slot_f[s, R_FIRST] = np.nan if pre > 0 else arrival
-                slot_f[s, R_LAST] = slot_f[s, R_FIRST]
+                first = np.nan if pre > 0 else arrival
                 tokens = pre + dec
                 _advance(si, sf, bins, arrival)
                 si[BACKLOG] += tokens
@@ -1308,10 +1515,22 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
                 sf[LAST_ARRIVAL] = arrival
                 if pre > 0:
                     si[PREFILL_LEFT] += pre
-                    q[Q_PREFILL, (si[PQ_HEAD] + si[PQ_LEN]) % cap] = s
-                    si[PQ_LEN] += 1
+                    if si[LP_LEN] > 0 or si[PQ_LEN] >= prompts_slotted + si[RES_PROMPTS]:
+                        _lz_append(si, LP_HEAD, LP_LEN, lp_i, lp_f, a_id[i], seq, pre, dec, a_tok[i],
+                                   arrival, first)
+                    else:
+                        s = _slot_new(si, slot_i, slot_f, q, a_id[i], a_tok[i], seq, pre, dec, pre,
+                                      arrival, first)
+                        q[Q_PREFILL, (si[PQ_HEAD] + si[PQ_LEN]) % cap] = s
+                        si[PQ_LEN] += 1
                 else:
-                    _enter_decode(si, sf, slot_i, slot_f, q, heap, b, s)
+                    while b > 0 and si[LP_LEN] > 0:  # with memory: every older prompt into slots
+                        s = _slot_from_tail(si, slot_i, slot_f, q, LP_HEAD, LP_LEN, lp_i, lp_f, True)
+                        q[Q_PREFILL, (si[PQ_HEAD] + si[PQ_LEN]) % cap] = s
+                        si[PQ_LEN] += 1
+                    s = _slot_new(si, slot_i, slot_f, q, a_id[i], a_tok[i], seq, pre, dec, 0, arrival,
+                                  first)
+                    _enter_decode(si, sf, slot_i, slot_f, q, heap, b, waiting_slotted, s)
                 si[A_POS] = i + 1
                 continue
         elif si[A_FINAL] == 0:
@@ -1351,10 +1570,12 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
 
 
 @njit(cache=True)
-def stop(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl, horizon):
+def stop(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl, lp_i, horizon):
     """End at the horizon: book the repeats that end before it and count the one running."""
     if si[ACTIVE] == 0 or si[STOPPED] == 1:
         return
+    if si[T_LIST] == TARGETS_DUE:  # the run was set up and the loop returned before its top
+        _fill_targets(si, slot_i, q, pol, lp_i, targets)
     _cut(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl, horizon)
     n = si[P_PRE] + si[P_DEC]
     total, viol, wasted = _audit(si, pol, targets, 1, n)
@@ -1654,7 +1875,7 @@ def net_run(ns, nf, nodes, next_target, next_prob, branches, cls_start, due, tim
             tok_i, tok_f, tok_free, frames, fr_free, pend_ms, pend_pre, pend_dec, pend_id, pend_tok,
             pend_ht, ext_t, ext_st, size_buf, size_st, choice_buf, choice_st, cls_i, cls_f, cls_bins,
             lat_f, lat_c, si_all, sf_all, e_slot_i, e_slot_f, e_q, e_heap, e_pol, e_t_table, e_ends,
-            e_targets, e_bins, e_out_f, e_out_i, e_itl, rd, t_min):
+            e_targets, e_bins, e_out_f, e_out_i, e_itl, e_lp_i, e_lp_f, e_lw_i, e_lw_f, rd, t_min):
     """Run the network until done or until the driver must act (a NET_ code; see above).
 
     Engines are numbered in engine-name order: their scalars are the rows of ``si_all`` and
@@ -1776,9 +1997,9 @@ def net_run(ns, nf, nodes, next_target, next_prob, branches, cls_start, due, tim
             si, sf, out_i = si_all[e], sf_all[e], e_out_i[e]
             h, tail = pend_ht[e, 0], pend_ht[e, 1]
             code = run(si, sf, e_slot_i[e], e_slot_f[e], e_q[e], e_heap[e], e_pol[e], e_t_table[e],
-                       e_ends[e], e_targets[e], e_bins[e], e_out_f[e], out_i, e_itl[e],
-                       pend_ms[e, h:tail], pend_pre[e, h:tail], pend_dec[e, h:tail],
-                       pend_id[e, h:tail], pend_tok[e, h:tail])
+                       e_ends[e], e_targets[e], e_bins[e], e_out_f[e], out_i, e_itl[e], e_lp_i[e],
+                       e_lp_f[e], e_lw_i[e], e_lw_f[e], pend_ms[e, h:tail], pend_pre[e, h:tail],
+                       pend_dec[e, h:tail], pend_id[e, h:tail], pend_tok[e, h:tail])
             if not _take(si, out_i, rd, fin, ns, e):
                 return NET_BROKEN
             if code in (NEED_ROOM, NEED_SLOTS, BAD_BATCH_TIME):

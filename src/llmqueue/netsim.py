@@ -12,12 +12,15 @@ metric set per engine.
 When every engine runs in the compiled loop (the shipped K-FCFS and current-vLLM policies, numba
 installed), the whole loop, routing included, runs compiled (``compiled.NetworkLoop``): the same
 steps, draws and float operations in the same order, so the same run (docs/networks.md, Speed).
-An engine with a KV cache (``memory``) runs on the fast or reference engine (``engine_kind`` decides
-every engine's kind); a request its cache can never hold is refused and leaves the network unfinished.
+An engine with a KV cache (``memory``) or a composition-aware batch time (each batch timed from its
+shape) runs on the fast or reference engine (``engine_kind`` decides every engine's kind); a request
+its cache can never hold is refused and leaves the network unfinished. The network's observed verdict
+weighs several kinds of evidence (``stability.network_evidence``; docs/stability.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from array import array
 from collections.abc import Callable, Iterator, Mapping
@@ -28,12 +31,13 @@ from typing import Literal
 import numpy as np
 
 from llmqueue import compiled
+from llmqueue.batchtime import is_shape_model
 from llmqueue.compiled import DRAW_CHUNK, KernelEngine, NetworkLoop, route_tables
 from llmqueue.engine import Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.fastengine import FastEngine, needs_reference
 from llmqueue.metrics import Recorder, RunMetrics, TimeBins, downsample, summary
-from llmqueue.network import EXIT, Analysis, ClassSpec, EngineSpec, Network, Node, analyze
+from llmqueue.network import EXIT, Analysis, ClassSpec, EngineSpec, Network, Node, analyze, as_network
 from llmqueue.policies import (
     KFCFS,
     ClassPriority,
@@ -44,7 +48,14 @@ from llmqueue.policies import (
     policy_name,
 )
 from llmqueue.simulate import WARMUP_FRACTION, horizon_ms
-from llmqueue.stability import Observation, Prediction, observe
+from llmqueue.stability import (
+    CRITICAL_TOLERANCE,
+    NetworkEvidence,
+    Observation,
+    Prediction,
+    network_evidence,
+    observe,
+)
 from llmqueue.workload import CHUNK_SIZE, Request
 
 EngineKind = Literal["auto", "compiled", "fast", "reference"]
@@ -154,7 +165,8 @@ class NetworkResult:
     classes: Mapping[str, ClassResult]
     duration_s: float
     predicted: Prediction
-    observed: Observation
+    observed: Observation  # the network's verdict (``evidence``), with the token backlog's trend
+    evidence: NetworkEvidence
     backlog_series: tuple[tuple[float, float], ...]
     visits: int
     notes: tuple[str, ...]
@@ -167,7 +179,9 @@ class NetworkResult:
             "stable_predicted": self.predicted.verdict,
             "stable_predicted_reason": self.predicted.reason,
             "stable_observed": self.observed.verdict,
+            "stable_observed_reason": self.evidence.reason,
             "backlog_slope_tokens_per_s": self.observed.slope_tokens_per_s,
+            "observed_evidence": self.evidence.to_dict(),
             "bottleneck": self.analysis.bottleneck,
             "critical_scale": self.analysis.critical_scale,
             "cyclic": self.analysis.cyclic,
@@ -203,11 +217,18 @@ def network_policy(net: Network, engine: str) -> PolicyFn:
 
 def engine_kind(policy: PolicyFn, spec: EngineSpec, engine: EngineKind = "auto") -> RunKind:
     """Which engine runs one engine of a network, for the caller's ``engine`` choice: the one
-    place that decides (ConfigError when the choice cannot run it)."""
+    place that decides (ConfigError when the choice cannot run it). An engine with a KV cache or
+    a composition-aware (shape) batch time runs on a Python engine: the compiled network loop
+    models neither (it times batches by token count)."""
     if spec.memory is not None and engine == "compiled":
         raise ConfigError("engine", engine, f"engine {spec.name} has a KV cache (memory): the compiled "
                           "network loop does not model it (use 'auto', 'fast' or 'reference')")
-    supported = spec.memory is None and compiled.supports(policy, spec.budget, False)
+    shaped = is_shape_model(spec.batch_time)
+    if shaped and engine == "compiled":
+        raise ConfigError("engine", engine, f"engine {spec.name} has a composition-aware batch time: "
+                          "the compiled loop times batches by token count only (use 'auto', 'fast' or "
+                          "'reference')")
+    supported = spec.memory is None and not shaped and compiled.supports(policy, spec.budget, False)
     if engine == "compiled" and not supported:
         raise ConfigError("engine", engine, f"engine {spec.name}: policy '{policy_name(policy)}' "
                           "has no compiled form (or numba is not installed)")
@@ -271,6 +292,7 @@ def simulate_network(
     installed), else in the Python fast engine, else in the reference engine; ``fast`` and
     ``reference`` force those. All give the same results. An engine with a KV cache runs on
     the fast engine under ``auto`` (``engine_kind``; ``compiled`` is refused for it)."""
+    net = as_network(net)
     if engine not in ("auto", "compiled", "fast", "reference"):
         raise ConfigError("engine", engine, "must be 'auto', 'compiled', 'fast' or 'reference'")
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
@@ -286,7 +308,9 @@ def simulate_network(
     for name in policies or {}:
         if name not in net.engines:
             raise ConfigError("policies", name, f"unknown engine; known: {sorted(net.engines)}")
-    analysis = analyze(net, {name: policy_name(p) for name, p in (policies or {}).items()})
+    overrides = policies or {}
+    analysis = analyze(net, {name: policy_name(p) for name, p in overrides.items()},
+                       {name: p.order for name, p in overrides.items() if isinstance(p, ClassPriority)})
     duration_ms = None if duration_s is None else duration_s * 1000.0
     return _Run(net, analysis, seed, max_requests, duration_ms, drain_s, policies or {},
                 engine).result()
@@ -334,6 +358,12 @@ class _Run:
             self.notes.append(f"engine(s) {', '.join(cached)} have a KV cache: they ran on the "
                               "fast engine, and the routing in Python (the compiled loop does not "
                               "model memory)")
+        shaped = [n for n in names if is_shape_model(net.engines[n].batch_time)]
+        if shaped:
+            self.notes.append(
+                f"engine(s) {', '.join(shaped)} have a composition-aware batch time: every batch is "
+                "timed from its shape (Python engines, routing in Python); the loads see it through "
+                "each engine's offered mix (mean prompt and output tokens per visit)")
         self.class_rejected = dict.fromkeys(net.classes, 0)
         self.engine_list = [self.engines[n] for n in names]
         self.pressure_engines = [e for e in self.engine_list if isinstance(e, _BufferedEngine)]
@@ -566,9 +596,10 @@ class _Run:
         engines = self.engine_list
         cut = any(math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon for e in engines)
         end_ms = horizon if cut else max([self.last_arrival_ms, *(e.now_ms for e in engines)])
-        for e in engines:
+        for name, e in zip(self.engine_names, engines, strict=True):
             if math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon:
                 e.stop(horizon)
+                self.recorders[name].cut(horizon, e.next_event_ms())  # busy only up to the horizon
         for k in self.kernels:
             k.finish()
         return self._collect(end_ms)
@@ -627,6 +658,20 @@ class _Run:
             )
         starts, means = total.series(end_ms)
         backlog = downsample(starts / 1000.0, means, 512)
+        present = TimeBins()  # requests of every class in the network (the classes' bins, summed)
+        for cname in self.net.classes:
+            self.class_bins[cname]._fit(end_ms)  # (done by ``series`` above: the same bin widths)
+            present.width_ms = self.class_bins[cname].width_ms
+            present.sums = present.sums + self.class_bins[cname].sums
+        arrivals = sum(self.class_arrivals.values())
+        rejected = sum(self.class_rejected.values())
+        evidence = network_evidence(
+            total, present, start, window_end, end_ms, offered_total,
+            arrivals / (window_end / 1000.0) if window_end > 0 else 0.0,
+            {n: e.observed for n, e in engine_results.items()},
+            arrivals - rejected, sum(self.class_done.values()), observed,
+        )
+        observed = dataclasses.replace(observed, verdict=evidence.verdict)
         notes = list(self.notes)
         blocked = [n for n in self.engine_names
                    if self.engines[n].blocked_since_ms is not None and self.engines[n].in_system]
@@ -634,8 +679,7 @@ class _Run:
             notes.append(f"engine(s) {', '.join(blocked)} stalled: requests wait but the policy forms "
                          "no batch (a prompt larger than the budget under a non-chunking policy?)")
         if observed.verdict == "unstable":
-            notes.append("the network's backlog grows: latency percentiles are not steady-state values")
-        rejected = sum(self.class_rejected.values())
+            notes.append("the network does not keep up: latency percentiles are not steady-state values")
         if rejected:
             notes.append(f"{rejected} request(s) refused: a visit needed more KV cache than its engine "
                          "can ever hold (rejected_requests per engine)")
@@ -649,6 +693,7 @@ class _Run:
             duration_s=duration_s,
             predicted=predict_network(self.net, self.analysis, self.policy_names),
             observed=observed,
+            evidence=evidence,
             backlog_series=backlog,
             visits=self.visit_total,
             notes=tuple(notes),
@@ -657,19 +702,50 @@ class _Run:
 
 def predict_network(net: Network, analysis: Analysis,
                     policy_names: Mapping[str, str] | None = None) -> Prediction:
-    """The theory's verdict for the network (v3: work-conserving K-FCFS engines are throughput-
-    optimal for DAG and fork-join networks; nothing is promised for cyclic routing).
-    ``policy_names`` gives the policies actually run, when they differ from the file's."""
+    """The theory's verdict for the network.
+
+    ``unstable`` when an engine's load exceeds 1 (no policy keeps up), or when the class
+    priorities make a virtual station whose load exceeds 1 (the Rybko–Stolyar instability of
+    §5.4: the network diverges although every engine is below nominal load). ``stable`` for
+    work-conserving K-FCFS engines without ``k_max`` or a KV cache on a DAG or fork-join network
+    below nominal load (v3, §5). Otherwise ``no guarantee``, with the reason: nothing is promised
+    for cyclic routing (not even for max-pressure or for priorities without an overloaded virtual
+    station, which the simulations find stable but no theorem here covers). ``policy_names`` gives
+    the policies actually run, when they differ from the file's (``analysis`` must have been made
+    with them too, so that its virtual stations are those of the priorities that ran).
+    """
     top = analysis.engines[analysis.bottleneck].rho
-    if top > 1 + 1e-9:
+    if top > 1 + CRITICAL_TOLERANCE:
         return Prediction("unstable", f"engine {analysis.bottleneck} is loaded at {top:.3f} > 1: "
                           "no policy keeps up")
-    if abs(top - 1) <= 1e-9:
+    stations = sorted(analysis.virtual_stations, key=lambda v: -v.load)
+    if stations and stations[0].load > 1 + CRITICAL_TOLERANCE:
+        vs = stations[0]
+        return Prediction(
+            "unstable",
+            f"the class priorities make {vs.buffers[0]} (engine {vs.engines[0]}) and {vs.buffers[1]} "
+            f"(engine {vs.engines[1]}) a virtual station (Rybko-Stolyar, §5.4) with load "
+            f"{vs.load:.3f} > 1: they are never served together, so the backlog swings between the "
+            f"engines with growing peaks although every engine is below nominal load (largest "
+            f"{top:.3f}); reverse the priorities or use max-pressure",
+        )
+    if abs(top - 1) <= CRITICAL_TOLERANCE:
         return Prediction("no guarantee", "the bottleneck is at load 1: the theorems do not decide")
-    if analysis.cyclic:
-        return Prediction("no guarantee", "cyclic routing: the throughput-optimality theorem (DAG "
-                          "and fork-join networks) does not apply")
+    if stations and abs(stations[0].load - 1) <= CRITICAL_TOLERANCE:
+        return Prediction("no guarantee", f"the virtual station {stations[0].buffers[0]} + "
+                          f"{stations[0].buffers[1]} is at load 1: the theorems do not decide")
     names = {name: (policy_names or {}).get(name, e.policy) for name, e in net.engines.items()}
+    if analysis.cyclic:
+        reason = ("cyclic routing: the throughput-optimality theorem (DAG and fork-join networks) "
+                  "does not apply")
+        if any(p == "priority" for p in names.values()):
+            reason += (f"; no virtual station of the class priorities is overloaded (largest load "
+                       f"{stations[0].load:.3f})" if stations else
+                       "; the class priorities form no virtual station (§5.4)")
+        if any(p == "max-pressure" for p in names.values()):
+            reason += ("; max-pressure's throughput optimality (Dai & Lin 2005) is proved for "
+                       "unbatched processing networks, not for token batches")
+        return Prediction("no guarantee", reason)
     kfcfs = all(names[e.name] in K_FCFS_WORK_CONSERVING and e.k_max is None
                 for e in net.engines.values())
     cached = [e.name for e in net.engines.values() if e.memory is not None]
@@ -682,4 +758,3 @@ def predict_network(net: Network, analysis: Analysis,
                           f"bottleneck {analysis.bottleneck} at load {top:.3f} < 1 (v3, §5)")
     return Prediction("no guarantee", "below nominal capacity, but not every engine runs a "
                       "work-conserving K-FCFS policy without k_max: the theorem does not apply")
-

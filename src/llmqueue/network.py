@@ -12,7 +12,9 @@ the route ends with probability 1.
 The buffer of a visit is ``class.node``: requests of that class waiting at or served by that
 visit. The analysis solves the traffic equations (expected visits per request of each node)
 to get every engine's token load, its load against capacity (with the batch-size limit its KV
-cache sets, docs/memory.md), the bottleneck and the critical scaling of all arrival rates. It
+cache sets, docs/memory.md; a composition-aware batch time seen through the engine's offered mix,
+as ``llmqueue capacity`` sees it for one engine), the bottleneck and the critical scaling of all
+arrival rates. It
 also warns when the routing between engines is cyclic, where the throughput-optimality theorem
 does not apply, and flags the virtual stations of two-engine priority networks such as the
 Rybko–Stolyar network of §5.4.
@@ -21,7 +23,7 @@ Rybko–Stolyar network of §5.4.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,7 +32,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmqueue import theory
-from llmqueue.batchtime import DEFAULT_BATCH_TIME, BatchTime, mean_decode_context, parse_batch_time
+from llmqueue.batchtime import (
+    DEFAULT_BATCH_TIME,
+    BatchTime,
+    ShapeTime,
+    mean_decode_context,
+    mix_batch_time,
+    parse_batch_time,
+)
 from llmqueue.configfile import first_error, read_table
 from llmqueue.errors import ConfigError
 from llmqueue.memory import KVCache, parse_memory
@@ -94,7 +103,7 @@ class EngineSpec:
     name: str
     budget: int
     k_max: int | None
-    batch_time: BatchTime
+    batch_time: BatchTime | ShapeTime  # a shape model times each batch from its composition
     policy: str
     priority: tuple[str, ...]
     memory: KVCache | None = None  # the engine's KV cache (None: unlimited, as in the paper)
@@ -170,9 +179,23 @@ def _arrival(spec: str, rate: float, cls: str) -> ArrivalProcess:
 # -- reading -------------------------------------------------------------------------------------------
 
 
-def load_network(path: str | Path) -> Network:
-    """Read and validate a network file (TOML or YAML)."""
+def load_network(path: str | Path | Mapping[str, Any]) -> Network:
+    """Read and validate a network file (TOML or YAML), or a mapping with its content."""
+    if isinstance(path, Mapping):
+        return parse_network(dict(path))
+    if not isinstance(path, str | Path):
+        raise ConfigError("network", type(path).__name__, "must be a network file's path or a mapping")
     return parse_network(read_table(path, "network"))
+
+
+def as_network(net: object) -> Network:
+    """A Network from a Network, a network file's path or a mapping with its content."""
+    if isinstance(net, Network):
+        return net
+    if isinstance(net, str | Path | Mapping):
+        return load_network(net)  # type: ignore[arg-type]
+    raise ConfigError("network", type(net).__name__, "must be a Network (llmqueue.load_network), a "
+                      "network file's path or a mapping")
 
 
 def parse_network(data: Any) -> Network:
@@ -448,10 +471,24 @@ class EngineLoad:
     rho: float
     buffers: tuple[str, ...]
     memory_batch_limit: int | None = None  # the requests the KV cache lets decode at once
+    token_time: BatchTime | None = None  # the t(n) the loads use (a shape model: its view of the mix)
+    visits_per_s: float = 0.0  # visits per second (the traffic equations)
 
     @property
     def tokens_per_s(self) -> float:
         return self.prefill_tokens_per_s + self.decode_tokens_per_s
+
+    @property
+    def mean_prefill_tokens(self) -> float:
+        """Mean prompt tokens per visit of this engine (0 when nothing visits it)."""
+        visits = self.visits_per_s
+        return self.prefill_tokens_per_s / visits if visits > 0 else 0.0
+
+    @property
+    def mean_decode_tokens(self) -> float:
+        """Mean output tokens per visit of this engine (0 when nothing visits it)."""
+        visits = self.visits_per_s
+        return self.decode_tokens_per_s / visits if visits > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,12 +515,17 @@ class Analysis:
     buffer_tokens_per_s: Mapping[str, float]
 
 
-def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Analysis:
+def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
+            priorities: Mapping[str, Sequence[str]] | None = None) -> Analysis:
     """Traffic equations, loads, bottleneck, critical scaling and warnings (no simulation).
 
-    ``policy_names`` overrides engines' policy names (a simulation with other policies).
+    ``policy_names`` overrides engines' policy names (a simulation with other policies);
+    ``priorities`` the priority order of engines put on ``priority`` that way (else the file's).
     """
+    net = as_network(net)
     policy_of = {name: (policy_names or {}).get(name, e.policy) for name, e in net.engines.items()}
+    order_of = {name: tuple((priorities or {}).get(name, e.priority)) if policy_of[name] == "priority"
+                else () for name, e in net.engines.items()}
     visits = {name: visit_counts(c) for name, c in net.classes.items()}
     prefill = dict.fromkeys(net.engines, 0.0)
     decode = dict.fromkeys(net.engines, 0.0)
@@ -507,15 +549,21 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
     loads = {}
     memory_warnings: list[str] = []
     for e in net.engines.values():
-        capacity = theory.capacity_tokens_per_ms(e.batch_time, e.budget) * 1000.0
-        rho = _engine_rho(e, prefill[e.name], decode[e.name], capacity, e.k_max)
+        visits_e = visit_rate[e.name]
+        mean_p = prefill[e.name] / visits_e if visits_e > 0 else 0.0
+        mean_d = decode[e.name] / visits_e if visits_e > 0 else 0.0
+        ctx = context[e.name] / decode[e.name] if decode[e.name] > 0 else None
+        # a composition-aware model is seen through this engine's offered mix (as `capacity` does
+        # for one engine); the decoders' KV context is the decode-token-weighted mean of its visits
+        token_time = mix_batch_time(e.batch_time, mean_p, mean_d, ctx)
+        capacity = theory.capacity_tokens_per_ms(token_time, e.budget) * 1000.0
+        rho = _engine_rho(token_time, e.budget, prefill[e.name], decode[e.name], capacity, e.k_max)
         k_mem = None
-        if e.memory is not None and visit_rate[e.name] > 0:  # the cache bounds the batch too (§4)
-            mean_p, mean_d = prefill[e.name] / visit_rate[e.name], decode[e.name] / visit_rate[e.name]
-            ctx = context[e.name] / decode[e.name] if decode[e.name] > 0 else None
+        if e.memory is not None and visits_e > 0:  # the cache bounds the batch too (§4)
             k_mem = theory.memory_batch_limit(e.memory, mean_p, mean_d, ctx)
             k_limit = k_mem if e.k_max is None else min(e.k_max, k_mem)
-            rho_mem = _engine_rho(e, prefill[e.name], decode[e.name], capacity, k_limit)
+            rho_mem = _engine_rho(token_time, e.budget, prefill[e.name], decode[e.name], capacity,
+                                  k_limit)
             if rho_mem > rho + 1e-9:
                 memory_warnings.append(
                     f"engine {e.name}: its KV cache ({e.memory.capacity_tokens} tokens) binds: it "
@@ -524,7 +572,7 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
                 )
             rho = max(rho, rho_mem)
         loads[e.name] = EngineLoad(e.name, prefill[e.name], decode[e.name], capacity, rho,
-                                   tuple(buffers[e.name]), k_mem)
+                                   tuple(buffers[e.name]), k_mem, token_time, visits_e)
     bottleneck = max(loads, key=lambda k: loads[k].rho)
     top = loads[bottleneck].rho
     cycle = _engine_cycle(net)
@@ -536,7 +584,7 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
             "nominal load is not guaranteed stable (with class priorities it can diverge: §5.4)"
         )
     warnings.extend(memory_warnings)
-    stations = _virtual_stations(net, loads, buffer_rate)
+    stations = _virtual_stations(net, loads, buffer_rate, order_of)
     for vs in stations:
         if vs.load > 1:
             warnings.append(
@@ -564,12 +612,13 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None) -> Anal
                     cycle, stations, tuple(warnings), buffer_rate)
 
 
-def _engine_rho(e: EngineSpec, prefill_per_s: float, decode_per_s: float, capacity_per_s: float,
-                k_limit: int | None) -> float:
-    """An engine's load: token rate over capacity, or against the §4 region of ``k_limit``."""
+def _engine_rho(token_time: BatchTime, budget: int, prefill_per_s: float, decode_per_s: float,
+                capacity_per_s: float, k_limit: int | None) -> float:
+    """An engine's load: token rate over capacity, or against the §4 region of ``k_limit``
+    (``token_time``: the engine's t(n), a shape model's view of its mix)."""
     if k_limit is None:
         return (prefill_per_s + decode_per_s) / capacity_per_s
-    return theory.kmax_load(prefill_per_s / 1000.0, decode_per_s / 1000.0, e.batch_time, e.budget,
+    return theory.kmax_load(prefill_per_s / 1000.0, decode_per_s / 1000.0, token_time, budget,
                             k_limit)
 
 
@@ -667,15 +716,17 @@ def _engine_cycle(net: Network) -> tuple[str, ...]:
     return ()
 
 
-def _virtual_stations(net: Network, loads: Mapping[str, EngineLoad],
-                      buffer_rate: Mapping[str, float]) -> tuple[VirtualStation, ...]:
+def _virtual_stations(net: Network, loads: Mapping[str, EngineLoad], buffer_rate: Mapping[str, float],
+                      order_of: Mapping[str, tuple[str, ...]]) -> tuple[VirtualStation, ...]:
     """Pairs of top-priority buffers x (engine j) and y (engine k) such that x is fed by a
-    lower-priority buffer at k and y by a lower-priority buffer at j (the RS pattern)."""
+    lower-priority buffer at k and y by a lower-priority buffer at j (the RS pattern).
+    ``order_of``: each engine's class priority as run (empty: not on a priority policy)."""
     tops: dict[str, set[str]] = {}
     for e in net.engines.values():
-        if e.policy != "priority" or not e.priority:
+        order = order_of.get(e.name, ())
+        if not order:
             continue
-        first = e.priority[0]
+        first = order[0]
         tops[e.name] = {b for b in loads[e.name].buffers if b == first or b.startswith(first + ".")}
     feeders: dict[str, set[str]] = {}  # buffer -> buffers that feed it
     for c in net.classes.values():

@@ -8,7 +8,7 @@ limit. *Observed* is a trend test on the time-averaged backlog over the run's ar
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -333,3 +333,153 @@ def check_instability(
         for i in range(replicates)
     ]
     return replicated_verdict(runs, alpha=alpha)
+
+
+# ---------------------------------------------------------------- networks of engines
+
+PEAK_GROWTH = 4.0
+"""A stable-looking network whose backlog peak in the second half of the test window is at least
+this many times the first half's is called inconclusive (measured on stable examples: at most
+2.4x)."""
+MIN_COMPLETED = 0.99
+"""A network that drained at least as long as its arrivals lasted and still holds more than 1 %
+of its requests is not called stable (a stable network completes almost all of them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkEvidence:
+    """What a network run shows about its stability, and the verdict drawn from it.
+
+    ``backlog``: the trend test of the network's summed token backlog; ``requests``: the same
+    test on the number of requests in the network (every class, a fork counted once);
+    ``engines_unstable``: engines whose own backlog test says unstable; ``first_peak_tokens`` /
+    ``second_peak_tokens``: the highest backlog (time-bin mean) in the first / second half of
+    the test window; ``completed_fraction``: completed over arrived requests (refused ones left
+    out) at the end of the run; ``drain_s``: how long the run went on after its arrivals.
+    ``requests`` is an :class:`Observation` whose ``*_tokens_per_s`` fields are requests per
+    second (its threshold: 2 % of the external arrival rate).
+    """
+
+    verdict: Observed
+    reason: str
+    backlog: Observation
+    requests: Observation
+    engines_unstable: tuple[str, ...]
+    first_peak_tokens: float
+    second_peak_tokens: float
+    completed_fraction: float
+    drain_s: float
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready summary."""
+        return {
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "backlog_verdict": self.backlog.verdict,
+            "backlog_slope_tokens_per_s": self.backlog.slope_tokens_per_s,
+            "backlog_ci_low_tokens_per_s": self.backlog.ci_low_tokens_per_s,
+            "backlog_ci_high_tokens_per_s": self.backlog.ci_high_tokens_per_s,
+            "requests_verdict": self.requests.verdict,
+            "requests_slope_per_s": self.requests.slope_tokens_per_s,
+            "requests_ci_low_per_s": self.requests.ci_low_tokens_per_s,
+            "requests_ci_high_per_s": self.requests.ci_high_tokens_per_s,
+            "engines_unstable": list(self.engines_unstable),
+            "first_peak_tokens": self.first_peak_tokens,
+            "second_peak_tokens": self.second_peak_tokens,
+            "completed_fraction": self.completed_fraction,
+            "drain_s": self.drain_s,
+        }
+
+
+def window_peaks(bins: TimeBins, start_ms: float, end_ms: float) -> tuple[float, float]:
+    """The highest bin mean of ``bins`` in the first and in the second half of [start, end)
+    (NaN for a half without a whole bin)."""
+    w = bins.width_ms
+    i0 = math.ceil(start_ms / w)
+    i1 = min(math.floor(end_ms / w), bins.max_bins)
+    mid = (i0 + i1) // 2
+    means = bins.sums / w
+    first = float(means[i0:mid].max()) if mid > i0 else math.nan
+    second = float(means[mid:i1].max()) if i1 > mid else math.nan
+    return first, second
+
+
+def network_evidence(
+    backlog_bins: TimeBins,
+    requests_bins: TimeBins,
+    start_ms: float,
+    window_end_ms: float,
+    end_ms: float,
+    offered_tokens_per_s: float,
+    arrival_rate_per_s: float,
+    engines: Mapping[str, Observation],
+    arrived: int,
+    completed: int,
+    backlog: Observation | None = None,
+) -> NetworkEvidence:
+    """Gather a network run's evidence (see :class:`NetworkEvidence`) and draw its verdict
+    (:func:`network_verdict`). ``backlog``: the token-backlog test if already computed."""
+    if backlog is None:
+        backlog = observe(backlog_bins, start_ms, window_end_ms, offered_tokens_per_s)
+    requests = observe(requests_bins, start_ms, window_end_ms, arrival_rate_per_s)
+    first, second = window_peaks(backlog_bins, start_ms, window_end_ms)
+    unstable = tuple(name for name, obs in engines.items() if obs.verdict == "unstable")
+    done = completed / arrived if arrived > 0 else math.nan
+    drain_s = max(0.0, end_ms - window_end_ms) / 1000.0
+    verdict, reason = network_verdict(backlog, requests, unstable, first, second, done,
+                                      drain_s, window_end_ms / 1000.0)
+    return NetworkEvidence(verdict, reason, backlog, requests, unstable, first, second, done, drain_s)
+
+
+def network_verdict(
+    backlog: Observation,
+    requests: Observation,
+    engines_unstable: Sequence[str],
+    first_peak_tokens: float,
+    second_peak_tokens: float,
+    completed_fraction: float,
+    drain_s: float,
+    arrival_window_s: float,
+) -> tuple[Observed, str]:
+    """The network's observed verdict from its evidence, and the reason (docs/stability.md,
+    "Networks of engines").
+
+    ``unstable`` when (1) the token backlog's trend test says so; or (2) the requests in the
+    network grow (their trend test says unstable: interval above 0, slope at least 2 % of the
+    external arrival rate) and the token backlog's slope is positive; or (3) an engine's own
+    test says unstable and the network's backlog slope interval lies above 0. ``stable`` when
+    the token backlog's test says stable and nothing contradicts it: the requests test is not
+    unstable, no engine is unstable, the backlog's peak in the window's second half is less
+    than ``PEAK_GROWTH`` times the first half's, and a run that drained at least as long as its
+    arrival window completed at least ``MIN_COMPLETED`` of its requests. Else ``inconclusive``.
+    """
+    slope, lo, hi = backlog.slope_tokens_per_s, backlog.ci_low_tokens_per_s, backlog.ci_high_tokens_per_s
+    trend = f"backlog slope {slope:+,.0f} tokens/s [{lo:+,.0f}, {hi:+,.0f}]"
+    counted = (f"requests in network {requests.slope_tokens_per_s:+,.3g}/s "
+               f"[{requests.ci_low_tokens_per_s:+,.3g}, {requests.ci_high_tokens_per_s:+,.3g}]")
+    if backlog.verdict == "unstable":
+        return "unstable", f"the backlog grows: {trend}"
+    if requests.verdict == "unstable" and slope > 0:
+        return "unstable", f"requests pile up: {counted}; {trend}"
+    if engines_unstable and lo > 0:
+        return "unstable", (f"engine(s) {', '.join(engines_unstable)} grow, and so does the network's "
+                            f"backlog: {trend}")
+    doubts = []
+    if requests.verdict == "unstable":
+        doubts.append(f"{counted} although the backlog does not grow")
+    if engines_unstable:
+        doubts.append(f"engine(s) {', '.join(engines_unstable)} grow")
+    if second_peak_tokens >= PEAK_GROWTH * first_peak_tokens > 0:
+        doubts.append(f"the backlog's peak grew {second_peak_tokens / first_peak_tokens:.1f}x over the "
+                      "window")
+    if drain_s >= arrival_window_s and completed_fraction < MIN_COMPLETED:
+        doubts.append(f"only {completed_fraction:.1%} of the requests completed in a drain of "
+                      f"{drain_s:,.0f} s")
+    if backlog.verdict == "stable" and not doubts:
+        return "stable", f"no growth: {trend}; {counted}"
+    if backlog.verdict == "stable":
+        return "inconclusive", f"{trend}, but " + "; ".join(doubts)
+    if math.isnan(slope):
+        return "inconclusive", "run too short for the trend tests"
+    return "inconclusive", f"{trend} (run too short or too noisy); {counted}" + "".join(
+        f"; {d}" for d in doubts)

@@ -1,19 +1,187 @@
-"""Test settings: hypothesis is derandomized so the suite never flakes."""
+"""Test settings: hypothesis profiles (derandomized in CI, so the suite never flakes), and numba's
+event loops compiled once per session, ahead of the tests that use them, reported in the summary.
+
+Hypothesis profiles, chosen with the environment variable ``LLMQUEUE_HYPOTHESIS``:
+
+- ``ci`` (the default): derandomized (each property's examples are fixed by its name, so a run is
+  repeatable), no example database, ``CI_EXAMPLES`` examples per property plus the explicit
+  ``@example`` cases of the tricky situations (tests/helpers.py).
+- ``thorough``: random examples, ten times as many (``LLMQUEUE_HYPOTHESIS=thorough pytest``),
+  for longer local runs; a failure prints the blob that reproduces it.
+
+numba: with a cold cache (a fresh clone, or kernel.py edited) the compiled event loops take about
+a minute to compile. A process of its own compiles them (``helpers.warm_up``, filling numba's
+on-disk cache) while the modules that never touch the compiled loop run first; the first test that
+needs it waits for that process (outside any test's timing) and loads the compiled code from the
+cache. With numba's cache up to date nothing of this happens (loading takes a fraction of a second);
+``LLMQUEUE_WARMUP=0`` turns it off (each process then compiles on first use, as numba does).
+"""
 
 from __future__ import annotations
 
+import importlib.abc
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.util import find_spec
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "llmqueue",
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.load_profile("llmqueue")
+from .helpers import CI_EXAMPLES, ROOT, SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+__all__ = ["ROOT", "SHARED_DATA"]  # re-exported: some test modules import them from here
+
+_COMMON = dict(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("ci", derandomize=True, max_examples=CI_EXAMPLES, **_COMMON)
+settings.register_profile("thorough", derandomize=False, max_examples=10 * CI_EXAMPLES, **_COMMON)
+PROFILE = os.environ.get("LLMQUEUE_HYPOTHESIS", "ci").strip() or "ci"
+if PROFILE not in ("ci", "thorough"):
+    raise ValueError(f"LLMQUEUE_HYPOTHESIS={PROFILE!r}: use 'ci' (the default) or 'thorough'")
+settings.load_profile(PROFILE)
+
+
+# ---------------------------------------------------------------- numba: compile once, visibly
+
+KERNEL_FREE = frozenset({
+    "test_batchtime.py", "test_composition.py", "test_fit.py", "test_netpolicies.py",
+    "test_paper_example.py", "test_realfig1.py", "test_theory.py", "test_trace_stream.py",
+    "test_validate.py", "test_workload.py",
+})
+"""Modules that never run the compiled loop (shape-model and Python-only engines, fits, parsers):
+they run first, while the loop compiles. A module listed here that starts using the loop only
+waits for the compile; one missing from the list only runs later."""
+
+
+WAIT_LIMIT_S = 900.0
+"""The longest the tests wait for the compiling process (it takes about a minute)."""
+
+
+class _WarmUp:
+    """``helpers.warm_up`` in a child process; :meth:`wait` blocks until it is done (once)."""
+
+    def __init__(self) -> None:
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read in the summary, closed at exit)
+        self.started = time.perf_counter()
+        code = "from tests.helpers import warm_up; print(f'{warm_up():.1f}')"
+        self.process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=self.log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.waited: float | None = None
+        self.finished: float | None = None
+
+    def wait(self) -> None:
+        if self.waited is not None:
+            return
+        start = time.perf_counter()
+        try:
+            self.process.wait(timeout=WAIT_LIMIT_S)
+        except subprocess.TimeoutExpired:  # stuck: end it, the tests compile on first use instead
+            self.process.kill()
+            self.process.wait()
+        self.finished = time.perf_counter()
+        self.waited = self.finished - start
+        _remove_import_guard()
+
+    def stop(self) -> None:
+        """End the child if the session ends before any test needed it (its finished functions
+        stay in numba's cache)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        _remove_import_guard()
+
+    def summary(self) -> str:
+        self.log.seek(0)
+        output = self.log.read().strip().splitlines()
+        if self.waited is None:
+            return "numba warm-up: not needed by the tests run (stopped)"
+        if self.process.returncode != 0:
+            tail = " | ".join(output[-3:])
+            return (f"numba warm-up FAILED (exit {self.process.returncode}); each compiled run compiled "
+                    f"on first use instead: {tail}")
+        compile_s = output[-1] if output else "?"
+        return (f"numba event loops: compiled or loaded from cache in a separate process ({compile_s} s of "
+                f"{self.finished - self.started:.1f} s from the start of the session, while the "
+                f"kernel-free modules ran); the tests waited {self.waited:.1f} s for it")
+
+
+_STATE: dict[str, _WarmUp] = {}
+_NOTES: list[str] = []
+
+
+class _ImportGuard(importlib.abc.MetaPathFinder):
+    """Whatever imports the compiled loop first waits for the warm-up: it then loads the compiled
+    code from numba's cache instead of compiling it a second time, in parallel."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "llmqueue.kernel" and "warm-up" in _STATE:
+            _STATE["warm-up"].wait()
+        return None
+
+
+_GUARD = _ImportGuard()
+
+
+def _remove_import_guard() -> None:
+    if _GUARD in sys.meta_path:
+        sys.meta_path.remove(_GUARD)
+
+
+def _cache_is_fresh() -> bool:
+    """Whether numba's on-disk cache has the entry points of the compiled loop, written after the
+    last edit of kernel.py (then the first test that needs them loads them in a fraction of a
+    second, and a separate process would only add its start-up). Best effort: False when unsure."""
+    spec = find_spec("llmqueue.kernel")
+    if spec is None or spec.origin is None:
+        return False
+    source = Path(spec.origin)
+    folders = [source.parent / "__pycache__"]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        folders = [Path(os.environ["NUMBA_CACHE_DIR"])]
+    edited = source.stat().st_mtime
+    for name in ("run", "stop", "net_run"):
+        indexes = [p for folder in folders for p in folder.rglob(f"kernel.{name}-*.nbi")]
+        if not any(p.stat().st_mtime >= edited for p in indexes):
+            return False
+    return True
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if (config.option.collectonly or os.environ.get("LLMQUEUE_WARMUP", "1").strip() == "0"
+            or find_spec("numba") is None or "llmqueue.kernel" in sys.modules):
+        return
+    if _cache_is_fresh():
+        _NOTES.append("numba event loops: on-disk cache up to date, loaded by the first test that runs them")
+        return
+    _STATE["warm-up"] = _WarmUp()
+    sys.meta_path.insert(0, _GUARD)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if "warm-up" in _STATE:  # the kernel-free modules first, each module's order kept
+        items.sort(key=lambda item: Path(str(item.path)).name not in KERNEL_FREE)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> None:
+    if "warm-up" in _STATE and Path(str(item.path)).name not in KERNEL_FREE:
+        _STATE["warm-up"].wait()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "warm-up" in _STATE:
+        _STATE["warm-up"].stop()
+        _STATE.pop("warm-up").log.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if "warm-up" in _STATE:
+        terminalreporter.write_line(_STATE["warm-up"].summary())
+    for note in _NOTES:
+        terminalreporter.write_line(note)
+    default = settings.default
+    how = "derandomized (LLMQUEUE_HYPOTHESIS=thorough: more, random)" if default.derandomize else "random"
+    terminalreporter.write_line(f"hypothesis: {default.max_examples} examples per property by default, {how}")

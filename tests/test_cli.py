@@ -12,11 +12,10 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from llmqueue.cli import main
+from .helpers import run_cli, run_json, strict_json
 
 STAIRCASE = "staircase:c=11.28,a=35.47,b0=128"
 SETTING = ["--batch-time", STAIRCASE, "--budget", "512", "--prefill", "129", "--decode", "112"]
@@ -40,27 +39,7 @@ COMMON_HELP = (
 )
 
 
-def _no_constants(token: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {token!r}")
-
-
-def _strict(text: str) -> Any:
-    """Parse exactly one strict JSON document (no NaN/Infinity tokens)."""
-    return json.loads(text, parse_constant=_no_constants)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop anything printed before
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
-    code, out, err = run_cli(capsys, *args, "--json")
-    assert code == 0, err
-    assert err == ""
-    return _strict(out)
+_strict = strict_json
 
 
 # -- 1. simulate --json ------------------------------------------------------------------------

@@ -4,10 +4,11 @@ tests/test_region.py and tests/test_reproduce.py; here: options, output, exit co
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from .test_cli import run_cli
+from .helpers import run_cli
 
 VERTEX_C = ["--budget", "128", "--k-max", "100", "--prefill", "290", "--decode", "990"]
 
@@ -33,7 +34,8 @@ def test_region_load_and_margin(capsys) -> None:
                            "0.05", "--json")
     assert code == 0 and not json.loads(out)["inside"]
     code, out, _ = run_cli(capsys, "region", *VERTEX_C, "--region-load", "1.2")
-    assert code == 0 and "region load 1.200000000: outside" in out
+    match = re.search(r"region load ([0-9.]+): outside", out)
+    assert code == 0 and match and float(match.group(1)) == pytest.approx(1.2, rel=1e-8)
 
 
 def test_region_plot_and_bad_path(tmp_path, capsys) -> None:

@@ -4,7 +4,7 @@ decode tokens, chunks, KV tokens read, logit rows), and the theory's token view 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from llmqueue.batchtime import (
@@ -44,7 +44,6 @@ def test_token_only_composition_equals_linear_time() -> None:
     assert a.requests == b.requests
 
 
-@settings(max_examples=40, deadline=None)
 @given(requests=workloads(), kv=st.sampled_from([0.0, 0.003]), chunk=st.sampled_from([0.0, 0.7]))
 def test_shape_runs_conserve_and_are_deterministic(requests, kv, chunk) -> None:
     model = CompositionTime(c=1.0, prefill=0.02, decode=0.05, kv=kv, chunk=chunk, logit=0.01)

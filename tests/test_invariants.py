@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
@@ -27,6 +27,7 @@ from llmqueue.policies import (
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request
 
+from .helpers import BURST, TIES
 from .strategies import policies
 
 
@@ -116,6 +117,8 @@ def replay(
     k_max=st.none() | st.integers(1, 8),
     batch_time=batch_time_strategy,
 )
+@example(requests=TIES, policy=SARATHI, budget=4, k_max=None, batch_time=ConstantTime(1.0))
+@example(requests=BURST, policy=VLLM, budget=1, k_max=1, batch_time=StaircaseTime(1.0, 3.0, 8))
 def test_every_batch_obeys_the_rules(requests, policy, budget, k_max, batch_time) -> None:
     result = simulate(
         requests, policy, batch_time, budget, k_max=k_max, keep_batches=True, drain_s=1e6
@@ -131,6 +134,7 @@ def test_every_batch_obeys_the_rules(requests, policy, budget, k_max, batch_time
 
 
 @given(requests=requests_strategy(), budget=st.integers(1, 48))
+@example(requests=TIES, budget=3)
 def test_work_conserving_policies_fill_the_budget(requests, budget) -> None:
     for policy in (ORCA, SARATHI, VLLM_CHUNKED):
         result = simulate(requests, policy, ConstantTime(1.0), budget, keep_batches=True)

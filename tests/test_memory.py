@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmqueue.batchtime import ConstantTime, LinearTime, PiecewiseTime
@@ -22,6 +22,7 @@ from llmqueue.policies import ORCA, SARATHI, VLLM, VLLM_CHUNKED
 from llmqueue.simulate import simulate
 from llmqueue.workload import Request, fixed_requests
 
+from .helpers import NEVER_FITS, PREEMPT, TIES, WATERMARK
 from .strategies import SHIPPED, policies, workloads
 
 # ---------------------------------------------------------------- sizing
@@ -182,7 +183,6 @@ def _run_checked(requests: list[Request], policy, memory: KVCache, budget: int,
     return eng, recorder
 
 
-@settings(max_examples=120, deadline=None)
 @given(
     requests=workloads(prefill_min=0),
     policy=policies,
@@ -191,6 +191,10 @@ def _run_checked(requests: list[Request], policy, memory: KVCache, budget: int,
     watermark=st.sampled_from([0.0, 0.05, 0.2]),
     k_max=st.none() | st.integers(1, 5),
 )
+@example(requests=PREEMPT, policy=SARATHI, blocks=4, block_tokens=16, watermark=0.0, k_max=None)
+@example(requests=NEVER_FITS, policy=VLLM_CHUNKED, blocks=10, block_tokens=3, watermark=0.2, k_max=2)
+@example(requests=WATERMARK, policy=VLLM, blocks=5, block_tokens=16, watermark=0.2, k_max=None)
+@example(requests=TIES, policy=ORCA, blocks=1, block_tokens=16, watermark=0.0, k_max=1)
 def test_memory_invariants_and_progress(requests, policy, blocks, block_tokens, watermark,
                                         k_max) -> None:
     budget = 128  # every prompt (<= 90 tokens) fits, so non-chunking policies can serve all
@@ -209,9 +213,9 @@ def test_memory_invariants_and_progress(requests, policy, blocks, block_tokens, 
     assert processed == arrived + metrics.recomputed_tokens
 
 
-@settings(max_examples=60, deadline=None)
 @given(requests=workloads(prefill_min=0), policy=st.sampled_from(SHIPPED),
        k_max=st.none() | st.integers(1, 5))
+@example(requests=TIES, policy=VLLM, k_max=1)
 def test_unlimited_memory_changes_nothing(requests, policy, k_max) -> None:
     """A cache larger than everything, with no watermark, gives the paper's model exactly."""
     memory = KVCache(1 << 20, block_tokens=16, watermark=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,7 @@ from llmqueue.errors import ConfigError
 from llmqueue.policies import SARATHI
 from llmqueue.simulate import simulate
 
-from .conftest import SHARED_DATA
-from .test_cli import run_cli
+from .helpers import SHARED_DATA, run_cli
 
 ENGINE = SHARED_DATA / "gpu" / "engine_fig1"
 FOLDERS = {"run1": ENGINE, "run2": ENGINE / "run2_load095"}
@@ -163,14 +163,31 @@ def test_verdict_agreement_levels(comp: rf.Comparison) -> None:
     assert pc.verdict_agreement("unstable") == "no"
 
 
-def test_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str], comp: rf.Comparison,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--quick compares the replays alone: the comparison the module's fixture made (same data, no
+    what-if runs, no fresh streams), which the CLI gets instead of computing it a second time."""
+    calls = []
+
+    def same_comparison(data_dir: str | Path, *, what_if: bool = True, replicates: int = 8) -> rf.Comparison:
+        calls.append((Path(data_dir), what_if, replicates))
+        return comp
+
+    monkeypatch.setattr(rf, "compare_real", same_comparison)
     code, out, err = run_cli(capsys, "reproduce", "fig1", "--real", "--quick", "--out", str(tmp_path),
                              "--data-dir", str(SHARED_DATA))
+    assert calls == [(SHARED_DATA, False, 0)]
     assert code == 0, err  # 0 although some quantities disagree: the comparison ran
     assert "agrees" in out and "fig1_real.md" in out
     text = (tmp_path / "fig1_real.md").read_text(encoding="utf-8")
     assert "| quantity | measured on H200 | predicted by llmqueue | error | agrees |" in text
-    assert "max(13.32, 8.036 + 0.01158 P + 0.03104 D + 1.986 C) ms" in text
+    # the run-1 fit in words, 4 significant digits of nnls coefficients: compared as numbers
+    words = re.search(r"max\(([\d.]+), ([\d.]+) \+ ([\d.]+) P \+ ([\d.]+) D \+ ([\d.]+) C\) ms", text)
+    assert words is not None
+    printed = [float(v) for v in words.groups()]
+    assert printed == pytest.approx([13.32, 8.036, 0.01158, 0.03104, 1.986], rel=5e-4)
+    m = comp.run("run1").fit.model
+    assert printed == pytest.approx([m.floor, m.c, m.prefill, m.decode, m.chunk], rel=5e-4)
     assert "| thr req/s (2nd half) | 73.60 |" in text  # measured Sarathi, as in summary.csv
     for name in ("fig1_real_run1.png", "fig1_real_run2.png"):
         assert (tmp_path / name).stat().st_size > 10_000

@@ -17,6 +17,8 @@ from llmqueue.region import OperatingPoint, Region, plot_region, region
 from llmqueue.simulate import simulate
 from llmqueue.workload import make_workload
 
+from .helpers import examples
+
 CODELLAMA = StaircaseTime(11.28, 35.47, 128)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -32,7 +34,7 @@ batch_times = st.one_of(
         PiecewiseTime, st.floats(5.0, 30.0), st.floats(0.01, 0.5), st.sampled_from([16, 64, 128])
     ),
 )
-settings_ = dict(max_examples=40)
+settings_ = dict(max_examples=examples(40))
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ def test_result_is_consistent(name: str) -> None:
     assert r.as_dict()["preemptions"] == r.preemptions
 
 
-@settings(max_examples=12)
+@settings(max_examples=12, derandomize=True)  # a bound up to an estimate's noise: fixed examples
 @given(
     sizes=st.sampled_from([("64", "512"), ("uniform:1,200", "uniform:1,300"),
                            ("lognormal:mean=100,sigma=0.6", "lognormal:mean=150,sigma=0.6")]),
@@ -217,7 +217,7 @@ def test_capacity_saturation_can_be_skipped_and_checks_its_size() -> None:
 def test_capacity_saturation_policy_and_a_trace_too_short_for_it(tmp_path, capsys) -> None:
     """The saturated run takes the named policy (Orca thrashes more than Sarathi here); a trace
     with fewer requests than the run needs is a one-line error naming the option."""
-    from .test_cli import run_cli
+    from .helpers import run_cli
 
     sarathi = json.loads(_capacity("--rate", "9.5", "--saturation-requests", "1000").output)
     orca = json.loads(_capacity("--rate", "9.5", "--saturation-requests", "1000",

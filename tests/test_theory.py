@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmqueue.batchtime import (
@@ -144,8 +144,11 @@ def _model_and_budget(draw: st.DrawFn) -> tuple[BatchTime, int, bool]:
     return PiecewiseTime(c, a, b0), budget, budget <= b0 or c >= a * b0
 
 
-@settings(max_examples=150, deadline=None)
 @given(_model_and_budget())
+@example((PiecewiseTime(1.0, 1.0, 10), 50, False))  # c < a b0: n/t(n) peaks at b0 although b0 | b
+@example((PiecewiseTime(1.0, 0.01, 64), 30, True))  # budget below the knee
+@example((StaircaseTime(11.28, 35.47, 128), 600, False))  # b0 does not divide b: n* = 512
+@example((LinearTime(1e-3, 0.0), 3000, True))  # flat: every n gives the same t
 def test_max_throughput_bounds_capacity(case: tuple[BatchTime, int, bool]) -> None:
     bt, budget, equal = case
     cap = capacity_tokens_per_ms(bt, budget)

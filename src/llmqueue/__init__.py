@@ -39,7 +39,7 @@ from llmqueue.saturation import SaturationResult, saturated_throughput
 from llmqueue.simulate import RunResult, TheorySummary, simulate, summarize_theory
 from llmqueue.traces import RequestTrace, fit_trace, load_request_trace, trace_stats
 from llmqueue.validate import ValidationReport, validate
-from llmqueue.workload import Request, Workload, make_workload
+from llmqueue.workload import Request, Workload, fixed_requests, make_workload
 
 __all__ = [
     "FASTERTRANSFORMER",
@@ -80,6 +80,7 @@ __all__ = [
     "analyze",
     "check_plan",
     "fit_trace",
+    "fixed_requests",
     "load_network",
     "load_request_trace",
     "make_policy",

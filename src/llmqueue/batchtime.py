@@ -26,6 +26,7 @@ from scipy.optimize import nnls
 
 from llmqueue.configfile import split_items
 from llmqueue.errors import ConfigError
+from llmqueue.limits import MAX_BUDGET_TOKENS, MAX_TIME_MS
 
 __all__ = [
     "BatchShape",
@@ -121,6 +122,17 @@ def is_shape_model(model: object) -> bool:
     return callable(getattr(model, "shape_time_ms", None))
 
 
+def as_batch_time(model: object, field: str = "batch_time") -> BatchTime | ShapeTime:
+    """A batch-time model from a model object or its spec text (``staircase:c=..``,
+    ``preset:NAME``, ``table:PATH``); ConfigError naming ``field`` for anything else."""
+    if isinstance(model, str):
+        return parse_batch_time(model)
+    if is_shape_model(model) or (callable(model) and isinstance(getattr(model, "spec", None), str)):
+        return model  # type: ignore[return-value]
+    raise ConfigError(field, model, "must be a batch-time model (t(n) in ms with a spec) or its spec "
+                      "text, e.g. 'staircase:c=11.28,a=35.47,b0=128'")
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -137,18 +149,27 @@ def _real(name: str, value: object) -> float:
         raise ConfigError(_FIELD, value, f"{name} must be a number")
     try:
         x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(_FIELD, value, f"{name} must be a number") from None
     if not math.isfinite(x):
         raise ConfigError(_FIELD, value, f"{name} must be finite")
+    if abs(x) > MAX_TIME_MS:
+        raise ConfigError(_FIELD, value, f"{name} must be at most {MAX_TIME_MS:g} in magnitude")
     return x
 
 
 def _positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1 (integral floats accepted), else ConfigError."""
-    x = _real(name, value)
-    if not x.is_integer() or x < 1:
+    """``value`` as an int in [1, MAX_BUDGET_TOKENS] (integral floats accepted), else ConfigError."""
+    if isinstance(value, bool):
         raise ConfigError(_FIELD, value, f"{name} must be an integer >= 1")
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(_FIELD, value, f"{name} must be an integer >= 1") from None
+    if not math.isfinite(x) or not x.is_integer() or x < 1:
+        raise ConfigError(_FIELD, value, f"{name} must be an integer >= 1")
+    if x > MAX_BUDGET_TOKENS:
+        raise ConfigError(_FIELD, value, f"{name} must be at most {MAX_BUDGET_TOKENS:,} tokens")
     return int(x)
 
 
@@ -529,10 +550,15 @@ def _parse_table(spec: str, body: str) -> TableTime:
     path = Path(path_text)
     if not path.is_file():
         raise ConfigError(_FIELD, spec, f"table file not found: {path_text}")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError as err:
+        raise ConfigError(_FIELD, spec, f"{path_text} is not UTF-8 text (byte {err.start})") from None
+    except (OSError, csv.Error) as err:
+        raise ConfigError(_FIELD, spec, f"{path_text} cannot be read: {err}") from None
     n_col = next((c for c in ("n_tokens", "n") if c in columns), None)
     t_col = next((c for c in ("time_ms", "median_ms") if c in columns), None)
     if n_col is None:

@@ -7,12 +7,15 @@ names; flags on the command line win). Bad input exits with code 2 and one line 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,29 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from llmqueue import theory
-from llmqueue.batchtime import BatchTime, mix_batch_time, parse_batch_time
+from llmqueue import compiled, theory
+from llmqueue.batchtime import BatchTime, is_shape_model, mix_batch_time, parse_batch_time
 from llmqueue.configfile import read_table
 from llmqueue.errors import ConfigError, LLMQueueError
+from llmqueue.fileio import atomic_write, atomic_write_text
 from llmqueue.fit import DATA_SETS, FIT_DATE, fit_data, load_data, parse_columns, parse_filters, plot_fit
+from llmqueue.limits import (
+    MAX_BATCH_REQUESTS,
+    MAX_BUDGET_TOKENS,
+    MAX_DURATION_S,
+    MAX_LOAD,
+    MAX_RATE_PER_S,
+    MAX_REQUESTS,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_SEEDS,
+    MAX_TIME_MS,
+    MAX_WORKERS,
+    MIN_RATE_PER_S,
+    MIN_TOLERANCE,
+)
 from llmqueue.memory import KVCache, parse_memory
+from llmqueue.metrics import parse_goodput
 from llmqueue.netsim import NetworkResult, predict_network, simulate_network
 from llmqueue.network import Analysis, Network, load_network
 from llmqueue.network import analyze as analyze_network
@@ -48,19 +68,32 @@ from llmqueue.saturation import MIN_REQUESTS as SATURATION_MIN_REQUESTS
 from llmqueue.saturation import SaturationResult, saturated_throughput_for
 from llmqueue.settings import (
     DEFAULT_BATCH_TIME,
+    DEFAULT_BUDGET,
     DEFAULT_DECODE,
     DEFAULT_LOAD,
     DEFAULT_PREFILL,
+    DEFAULT_REQUESTS,
     default_sizes,
     resolve_workload,
 )
 from llmqueue.simulate import RunResult, simulate, summarize_theory
-from llmqueue.slo import best_budget_for_slo, max_rate_under_slo, parse_slo
+from llmqueue.slo import best_budget_for_slo, is_deterministic, max_rate_under_slo, max_steps, parse_slo
 from llmqueue.slo import claim as slo_claim
-from llmqueue.store import Store, jsonable, parse_where, run_key, select, to_csv, to_json
-from llmqueue.sweep import expand as expand_sweep
+from llmqueue.store import (
+    LOCK_TIMEOUT_S,
+    Store,
+    constant_columns,
+    jsonable,
+    parse_where,
+    results_table,
+    select,
+    table_cell,
+    to_csv,
+    to_json,
+    without_series,
+)
 from llmqueue.sweep import load_config as load_sweep
-from llmqueue.sweep import run_sweep
+from llmqueue.sweep import plan_sweep, run_sweep
 from llmqueue.traces import (
     PEAK_WINDOW_S,
     DistFit,
@@ -80,6 +113,21 @@ COMPARE_DEFAULT = "fastertransformer,vllm,orca,sarathi"
 
 
 # -- option parsing helpers ------------------------------------------------------------------
+
+
+class _FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def _finite(low: float, high: float, *, min_open: bool = False, max_open: bool = False) -> _FiniteRange:
+    """A finite float in [low, high] (open ends as asked): every float option's bounds."""
+    return _FiniteRange(low, high, min_open=min_open, max_open=max_open)
 
 
 def _batch_time(ctx: click.Context, param: click.Parameter, value: str) -> BatchTime:
@@ -128,15 +176,57 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         for opt in p.opts
         if opt.startswith("--")
     }
+    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
     defaults: dict[str, Any] = {}
     for key, item in data.items():
         name = names.get(str(key).replace("-", "_"))
         if name is None:
             raise click.BadParameter(f"unknown key {key!r} in {value!r}", ctx, param)
-        if isinstance(item, list):
-            item = ",".join(str(x) for x in item)
-        defaults[name] = item
+        defaults[name] = _config_value(params[name], key, item, value, ctx, param)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+def _config_value(option: click.Option, key: object, item: Any, path: str, ctx: click.Context,
+                  param: click.Parameter) -> Any:
+    """A config file's value for ``option``, checked against the option's kind: an integer key
+    refuses 1.5 (no silent truncation), a flag wants true/false, a number wants a number; lists
+    become comma-separated text. The option's own range checks run afterwards, as for a flag."""
+    def bad(problem: str) -> click.BadParameter:
+        return click.BadParameter(f"key {key!r} in {path!r} {problem} (got {item!r})", ctx, param)
+
+    if option.is_flag:
+        if not isinstance(item, bool):
+            raise bad("must be true or false")
+        return item
+    if isinstance(item, bool):
+        raise bad("must not be true/false")
+    if isinstance(option.type, click.types.IntParamType):
+        if isinstance(item, float) and math.isfinite(item) and item.is_integer():
+            item = int(item)
+        if isinstance(item, str):
+            try:
+                item = int(item.strip())
+            except ValueError:
+                raise bad("must be an integer") from None
+        if not isinstance(item, int):
+            raise bad("must be an integer")
+        return item
+    if isinstance(option.type, click.types.FloatParamType):
+        if isinstance(item, str):
+            try:
+                item = float(item.strip())
+            except ValueError:
+                raise bad("must be a number") from None
+        if not isinstance(item, int | float) or not math.isfinite(item):
+            raise bad("must be a finite number")
+        return item
+    if isinstance(item, list):
+        if not all(isinstance(x, str | int | float) and not isinstance(x, bool) for x in item):
+            raise bad("must be a list of numbers or names")
+        return ",".join(str(x) for x in item)
+    if isinstance(item, dict | list) or item is None:
+        raise bad("must be a single value")
+    return str(item) if not isinstance(item, str) else item
 
 
 def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -151,11 +241,12 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="TOML or YAML file of option values (flags override it).",
         ),
         click.option(
-            "--budget", type=click.IntRange(min=1), default=512, show_default=True,
+            "--budget", "--max-num-batched-tokens", "budget", type=click.IntRange(1, MAX_BUDGET_TOKENS),
+            default=DEFAULT_BUDGET, show_default=True,
             help="Token budget b per batch (vllm-chunked: max_num_batched_tokens).",
         ),
         click.option(
-            "--k-max", "k_max", type=click.IntRange(min=1), default=None,
+            "--k-max", "--max-num-seqs", "k_max", type=click.IntRange(1, MAX_BATCH_REQUESTS), default=None,
             help="At most this many requests per batch (vllm-chunked: max_num_seqs).",
         ),
         click.option(
@@ -171,11 +262,11 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "kv_heads=..,head_dim=..[,dtype_bytes=2,tp=1,util=0.9] (default: unlimited).",
         ),
         click.option(
-            "--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+            "--rate", "--request-rate", "rate", type=_finite(MIN_RATE_PER_S, MAX_RATE_PER_S), default=None,
             help="Arrival rate, requests/s (a trace is time-scaled to it).",
         ),
         click.option(
-            "--load", "load_", type=click.FloatRange(min=0, min_open=True), default=None,
+            "--load", "load_", type=_finite(0, MAX_LOAD, min_open=True), default=None,
             help=f"Arrival rate as a fraction of the critical rate lambda* "
             f"(default {DEFAULT_LOAD} when neither --rate nor a trace sets the rate).",
         ),
@@ -194,19 +285,21 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help=f"Output tokens, same forms as --prefill (default {DEFAULT_DECODE}).",
         ),
         click.option(
-            "--requests", "requests_", type=click.IntRange(min=1), default=None,
-            help="Number of arrivals (default 5000 unless --duration-s or a trace bounds them).",
+            "--requests", "--num-prompts", "requests_", type=click.IntRange(1, MAX_REQUESTS), default=None,
+            help=f"Number of arrivals (default {DEFAULT_REQUESTS} unless --duration-s or a trace "
+            "bounds them).",
         ),
         click.option(
-            "--duration-s", "duration_s", type=click.FloatRange(min=0, min_open=True),
+            "--duration-s", "duration_s", type=_finite(0, MAX_DURATION_S, min_open=True),
             default=None, help="Arrivals stop at this simulated time (s).",
         ),
         click.option(
-            "--drain-s", "drain_s", type=click.FloatRange(min=0), default=None,
+            "--drain-s", "drain_s", type=_finite(0, MAX_DURATION_S), default=None,
             help="After the last arrival, run at most this long (default: as long as the "
             "arrival window, at least 60 s).",
         ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+                     help="Random seed."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
         click.option(
             "--priority", type=click.Choice(["prefill", "decode"]), default="decode",
@@ -214,9 +307,9 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--mixed/--no-mixed", default=True, help="kfcfs: mixed batches."),
         click.option("--chunked/--no-chunked", default=True, help="kfcfs: chunked prefill."),
-        click.option("--k-p", "k_p", type=click.IntRange(min=1), default=None,
+        click.option("--k-p", "k_p", type=click.IntRange(1, MAX_BATCH_REQUESTS), default=None,
                      help="kfcfs: at most K_p prompts per batch."),
-        click.option("--k-d", "k_d", type=click.IntRange(min=1), default=None,
+        click.option("--k-d", "k_d", type=click.IntRange(1, MAX_BATCH_REQUESTS), default=None,
                      help="kfcfs: at most K_d decoders per batch."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bar (default: on when stderr is a terminal)."),
@@ -228,9 +321,43 @@ def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "fastest the policy allows.",
         ),
     ]
+    return _decorated(func, options)
+
+
+def _decorated(func: Callable[..., Any], options: list[Callable[..., Any]]) -> Callable[..., Any]:
+    """``func`` with these click options, listed in ``--help`` in this order."""
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _goodput(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    try:
+        return parse_goodput(value)
+    except LLMQueueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the commands that simulate a workload as a benchmark client would send it."""
+    options = [
+        click.option(
+            "--goodput", default=None, callback=_goodput,
+            help="Latency targets in ms, e.g. ttft:500,tpot:50 (keys ttft, tpot, e2el): also report "
+            "request_goodput, the completed requests per second meeting all of them "
+            "(vllm bench serve --goodput).",
+        ),
+        click.option(
+            "--max-concurrency", "max_concurrency", type=click.IntRange(1, MAX_BATCH_REQUESTS),
+            default=None,
+            help="At most this many requests in the engine; later arrivals wait at the client and "
+            "are sent as requests finish (vllm bench serve --max-concurrency; latencies count "
+            "from the send). Runs on the Python engines.",
+        ),
+    ]
+    return _decorated(func, options)
 
 
 def _workload(opts: dict[str, Any]) -> Workload:
@@ -252,7 +379,34 @@ def _workload(opts: dict[str, Any]) -> Workload:
             f"give --rate or --load, not both (got --rate {rate:g} --load {load:g})"
         )
     return resolve_workload(opts["arrival"], opts["prefill"], opts["decode"], rate=rate, load=load,
-                            batch_time=opts["batch_time"], budget=opts["budget"])
+                            batch_time=opts["batch_time"], budget=opts["budget"],
+                            max_requests=opts["requests_"])
+
+
+_KFCFS_KNOBS = ("priority", "mixed", "chunked", "k_p", "k_d")
+
+
+def _given(name: str) -> bool:
+    """Whether the option ``name`` was set by the user (command line, config file or environment)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    return ctx.get_parameter_source(name) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT,
+        click.core.ParameterSource.DEFAULT_MAP,  # a --config file
+    )
+
+
+def _check_knobs(names: Sequence[str]) -> None:
+    """Refuse kfcfs knobs when no named policy is kfcfs: they would be silently ignored."""
+    if any(n.strip().lower().replace("_", "-") in ("kfcfs", "k-fcfs") for n in names):
+        return
+    for knob in _KFCFS_KNOBS:
+        if _given(knob):
+            flag = "--" + knob.replace("_", "-")
+            raise click.UsageError(
+                f"{flag} is a kfcfs knob; policy {', '.join(names)} ignores it (use --policy kfcfs)"
+            )
 
 
 def _policy(name: str, opts: dict[str, Any]) -> KFCFS | VLLMChunked:
@@ -272,7 +426,7 @@ def _run(name: str, workload: Workload, opts: dict[str, Any], keep_requests: boo
     if limit is None and opts["duration_s"] is None and not isinstance(
         workload.arrival, TraceArrivals
     ):
-        limit = 5000
+        limit = DEFAULT_REQUESTS
     show = opts["progress"] if opts["progress"] is not None else sys.stderr.isatty()
     kwargs: dict[str, Any] = dict(
         k_max=opts["k_max"],
@@ -283,8 +437,16 @@ def _run(name: str, workload: Workload, opts: dict[str, Any], keep_requests: boo
         keep_requests=keep_requests,
         engine=opts["engine"],
         memory=opts["memory"],
+        goodput=opts.get("goodput"),
+        max_concurrency=opts.get("max_concurrency"),
     )
     policy = _policy(name, opts)
+    compiles = (opts["engine"] in ("auto", "compiled") and opts.get("max_concurrency") is None
+                and not is_shape_model(opts["batch_time"])
+                and compiled.supports(policy, opts["budget"], keep_batches=False))
+    if show and compiles and compiled.needs_compiling():
+        click.echo("llmqueue: compiling the event loop (once after an install or upgrade: a minute or "
+                   "two; `llmqueue warmup` does it ahead)...", err=True)
     if not show:
         return simulate(workload, policy, opts["batch_time"], opts["budget"], **kwargs)
     with Progress(
@@ -307,14 +469,37 @@ def _run(name: str, workload: Workload, opts: dict[str, Any], keep_requests: boo
         )
 
 
+def _stderr(show: bool) -> Console:
+    """The progress bars' console: quiet when the bar is off (rich 13.0, our lower bound, still
+    ends a disabled bar with an empty line)."""
+    return Console(stderr=True, quiet=not show)
+
+
+@contextlib.contextmanager
+def _bar(label: str, unit: str, total: int | None, show: bool | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (default: when stderr is a terminal); yields ``advance(n)``."""
+    show = show if show is not None else sys.stderr.isatty()
+    progress = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
+        console=_stderr(show), transient=True, disable=not show,
+    )
+    with progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
 def _dump(document: Any) -> None:
     click.echo(json.dumps(jsonable(document), allow_nan=False))
 
 
 def _console() -> Console:
-    """stdout console; when piped, wide enough that tables are not cut to 80 columns."""
+    """stdout console; when piped, wide enough that tables are not cut to 80 columns (200, or
+    $COLUMNS when set)."""
     console = Console()
-    return console if console.is_terminal else Console(width=200)
+    if console.is_terminal:
+        return console
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) >= 40 else 200)
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -326,12 +511,12 @@ def _fmt(x: Any, digits: int = 1) -> str:
 
 
 def _write_requests(path: str, result: RunResult) -> None:
-    """One record per request: CSV or JSON lines by the file's extension."""
+    """One record per request: CSV or JSON lines by the file's extension (written atomically)."""
     fields = ("id", "arrival_ms", "first_token_ms", "finish_ms", "prefill_tokens", "decode_tokens")
     rows = [
         {f: jsonable(getattr(r, f)) for f in fields} for r in (result.requests or ())
     ]
-    with open(path, "w", encoding="utf-8", newline="") as out:
+    with atomic_write(path, "w", newline="") as out:
         if path.endswith(".csv"):
             writer = csv.DictWriter(out, fieldnames=fields)
             writer.writeheader()
@@ -341,10 +526,31 @@ def _write_requests(path: str, result: RunResult) -> None:
 
 
 def _check_out_path(value: str | None, suffixes: Sequence[str], option: str) -> None:
-    if value is not None and not value.endswith(tuple(suffixes)):
+    """Check an output file before any work: its suffix, and that it can be written there."""
+    if value is None:
+        return
+    if not value.endswith(tuple(suffixes)):
         raise click.BadParameter(
             f"{value!r} must end in {' or '.join(suffixes)}", param_hint=option
         )
+    _check_writable(value, option)
+
+
+def _check_writable(value: str, option: str, folder: bool = False) -> None:
+    """Refuse an output path that cannot be written (before a long run, not after it)."""
+    path = Path(value)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise click.BadParameter(f"{value!r} exists and is not a folder", param_hint=option)
+        parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    else:
+        if path.is_dir():
+            raise click.BadParameter(f"{value!r} is a folder, not a file", param_hint=option)
+        parent = path.parent
+        if not parent.is_dir():
+            raise click.BadParameter(f"folder {str(parent)!r} does not exist", param_hint=option)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write in {str(parent)!r}", param_hint=option)
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -359,19 +565,22 @@ def cli() -> None:
 @cli.command("simulate")
 @click.option(
     "--policy", default="sarathi", show_default=True,
-    help=f"One of: {', '.join(POLICY_NAMES)}.",
+    help=f"One of: {', '.join(POLICY_NAMES)} (vllm: vanilla vLLM as of 2023, the paper's, without "
+    "chunked prefill; vllm-chunked: current vLLM).",
 )
 @_shared_options
 @click.option(
     "--requests-out", "requests_out", default=None,
     help="Write one record per request to PATH (.csv or .jsonl).",
 )
+@_run_options
 def simulate_cmd(policy: str, requests_out: str | None, **opts: Any) -> None:
     """Simulate one engine under one policy and report metrics and stability."""
     _check_out_path(requests_out, (".csv", ".jsonl"), "--requests-out")
+    _check_knobs([policy])
     _policy(policy, opts)  # fail fast on a bad name before any work
     workload = _workload(opts)
-    result = _run(policy, workload, opts, keep_requests=True)
+    result = _run(policy, workload, opts, keep_requests=requests_out is not None)
     if requests_out is not None:
         _write_requests(requests_out, result)
     if opts["as_json"]:
@@ -419,6 +628,11 @@ def _print_result(console: Console, result: RunResult) -> None:
         f"work-conservation violations {m.wc_violations} "
         f"({m.wc_wasted_fraction:.1%} of fillable tokens wasted)"
     )
+    if m.good_requests is not None:
+        console.print(
+            f"request_goodput {m.request_goodput:.3f} req/s: {m.good_requests:,} of {m.completed:,} "
+            "completed requests met every --goodput target"
+        )
     if math.isfinite(m.peak_kv_usage):
         console.print(
             f"KV cache: peak {m.peak_kv_usage:.1%}, mean {m.mean_kv_usage:.1%} of blocks held at "
@@ -426,13 +640,13 @@ def _print_result(console: Console, result: RunResult) -> None:
             f"recomputed, {m.rejected_requests} requests refused"
         )
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)
 
 
 @cli.command("capacity")
 @_shared_options
 @click.option(
-    "--max-iteration-ms", "max_iteration_ms", type=click.FloatRange(min=0, min_open=True),
+    "--max-iteration-ms", "max_iteration_ms", type=_finite(0, MAX_TIME_MS, min_open=True),
     default=None, help="Also find the budget with the best b/t(b) under this iteration-time cap.",
 )
 @click.option("--slo", default=None,
@@ -444,15 +658,15 @@ def _print_result(console: Console, result: RunResult) -> None:
               help="With --slo: comma-separated budgets to search (default: --budget).")
 @click.option("--best-budget", "best_budget", is_flag=True,
               help="With --slo: at the given --rate/--load, pick the best of --budgets instead.")
-@click.option("--slo-seeds", "slo_seeds", type=click.IntRange(min=2), default=3, show_default=True,
+@click.option("--slo-seeds", "slo_seeds", type=click.IntRange(2, MAX_SEEDS), default=3, show_default=True,
               help="Replicated seeds per evaluated rate.")
-@click.option("--slo-requests", "slo_requests", type=click.IntRange(min=1), default=5000,
+@click.option("--slo-requests", "slo_requests", type=click.IntRange(1, MAX_REQUESTS), default=5000,
               show_default=True, help="Requests per replicated run.")
-@click.option("--confidence", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+@click.option("--confidence", type=_finite(0, 1, min_open=True, max_open=True),
               default=0.95, show_default=True, help="Level of the one-sided upper bounds.")
-@click.option("--tolerance", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+@click.option("--tolerance", type=_finite(MIN_TOLERANCE, 1, max_open=True),
               default=0.01, show_default=True, help="Relative width at which the search stops.")
-@click.option("--saturation-requests", "saturation_requests", type=click.IntRange(min=0),
+@click.option("--saturation-requests", "saturation_requests", type=click.IntRange(0, MAX_REQUESTS),
               default=SATURATION_REQUESTS, show_default=True, callback=_saturation_requests,
               help="With --memory: requests in the saturated run that measures preemption "
               f"thrash (0 skips it, else >= {SATURATION_MIN_REQUESTS}).")
@@ -466,6 +680,18 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
     """Capacity, critical rate, load and fluid slope of a setting (theory); with --memory, also
     the saturated engine's rate (simulation); with --slo, the highest rate that is stable and
     meets latency targets (simulation)."""
+    for name in ("slo_seeds", "slo_requests", "confidence", "tolerance", "policies", "budgets",
+                 "best_budget"):
+        if slo is None and _given(name):
+            raise click.UsageError(f"--{name.replace('_', '-')} given without --slo: the SLO "
+                                   "search options need --slo")
+    for name in ("saturation_requests", "saturation_policy"):
+        if opts["memory"] is None and _given(name):
+            raise click.UsageError(f"--{name.replace('_', '-')} given without --memory: the "
+                                   "saturated run options need --memory")
+    simulated = ([p.strip() for p in policies.split(",") if p.strip()] if slo is not None else [])
+    simulated += [saturation_policy] if opts["memory"] is not None else []
+    _check_knobs(simulated or ["(theory only)"])
     workload = _workload(opts)
     budget, k_max = opts["budget"], opts["k_max"]
     bt = _token_time(opts, workload.mean_prefill_tokens, workload.mean_decode_tokens)
@@ -513,8 +739,6 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
             best_budget_tokens_per_s=choice.tokens_per_s,
         )
     if slo is None:
-        if best_budget or budgets is not None or policies != "sarathi":
-            raise click.UsageError("--policies, --budgets and --best-budget need --slo")
         _print_doc(doc, opts["as_json"])
         return
     targets = parse_slo(slo)
@@ -528,36 +752,41 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
     seeds = tuple(range(slo_seeds))
     rows: list[dict[str, Any]] = []
     statement = ""
-    for name in names:
-        policy = _policy(name, opts)
-        if best_budget:
-            search = best_budget_for_slo(
-                sizes, policy, bt, budget_list, workload.rate_per_s, targets, k_max=k_max,
-                seeds=seeds, max_requests=slo_requests, confidence=confidence,
-            )
-            statement = search.statement
-            for c in search.candidates:
+    steps = len(budget_list) if best_budget else max_steps(tolerance) * len(budget_list)
+    with _bar("SLO search", "rates", len(names) * steps, opts["progress"]) as advance:
+        for name in names:
+            policy = _policy(name, opts)
+            if best_budget:
+                search = best_budget_for_slo(
+                    sizes, policy, opts["batch_time"], budget_list, workload.rate_per_s, targets,
+                    k_max=k_max, seeds=seeds, max_requests=slo_requests, confidence=confidence,
+                    on_point=lambda point: advance(1),
+                )
+                statement = search.statement
+                for c in search.candidates:
+                    rows.append({
+                        "policy": name, "budget": c.budget, "rate": search.rate_per_s,
+                        "passed": c.passed, "worst_ratio": c.worst_ratio,
+                        "best": search.best is not None and c.budget == search.best.budget,
+                        "bound_rate": c.bound_rate_per_s,
+                        **({} if c.point is None
+                           else {f"{k}_upper": v for k, v in c.point.upper_bounds.items()}),
+                        "reasons": list(c.reasons),
+                    })
+                continue
+            for b in budget_list:
+                cap = max_rate_under_slo(
+                    sizes, policy, opts["batch_time"], b, targets, k_max=k_max, seeds=seeds,
+                    max_requests=slo_requests, tolerance=tolerance, confidence=confidence,
+                    on_point=lambda point: advance(1),
+                )
+                statement = cap.statement
                 rows.append({
-                    "policy": name, "budget": c.budget, "rate": search.rate_per_s,
-                    "passed": c.passed, "worst_ratio": c.worst_ratio,
-                    "best": search.best is not None and c.budget == search.best.budget,
-                    "bound_rate": c.bound_rate_per_s,
-                    **({} if c.point is None else {f"{k}_upper": v for k, v in c.point.upper_bounds.items()}),
-                    "reasons": list(c.reasons),
+                    "policy": name, "budget": b, "slo_rate": cap.max_rate_per_s,
+                    "fraction_of_critical": cap.fraction_of_critical,
+                    "critical_rate": cap.critical_rate_per_s, "bound_rate": cap.bound_rate_per_s,
+                    "lowest_failing_rate": cap.lowest_failing_rate_per_s, "runs": cap.runs,
                 })
-            continue
-        for b in budget_list:
-            cap = max_rate_under_slo(
-                sizes, policy, bt, b, targets, k_max=k_max, seeds=seeds,
-                max_requests=slo_requests, tolerance=tolerance, confidence=confidence,
-            )
-            statement = cap.statement
-            rows.append({
-                "policy": name, "budget": b, "slo_rate": cap.max_rate_per_s,
-                "fraction_of_critical": cap.fraction_of_critical,
-                "critical_rate": cap.critical_rate_per_s, "bound_rate": cap.bound_rate_per_s,
-                "lowest_failing_rate": cap.lowest_failing_rate_per_s, "runs": cap.runs,
-            })
     doc["slo"] = targets
     doc["slo_results"] = rows
     doc["slo_statement"] = statement
@@ -583,11 +812,13 @@ def capacity_cmd(max_iteration_ms: float | None, slo: str | None, policies: str,
                           _fmt(r["lowest_failing_rate"], 3), str(r["runs"]))
     targets_text = ", ".join(f"{k} <= {v:g}" for k, v in targets.items())
     where = f" at {workload.rate_per_s:.4g} req/s" if best_budget else ""
-    console.print(f"SLO {targets_text}{where}; {len(seeds)} seeds x {slo_requests} requests per rate")
+    runs = ("1 run (the workload draws nothing from the seed)" if is_deterministic(workload)
+            else f"{len(seeds)} seeds x {slo_requests} requests")
+    console.print(f"SLO {targets_text}{where}; {runs} per rate")
     console.print(table)
     console.print(
         "claim, for each passing row at its rate: "
-        f"{slo_claim(targets, seeds, slo_requests, confidence)}"
+        f"{slo_claim(targets, seeds, slo_requests, confidence, is_deterministic(workload))}"
     )
 
 
@@ -680,24 +911,27 @@ def _int_list(text: str, option: str) -> list[int]:
 @cli.command("compare")
 @click.option(
     "--policies", default=COMPARE_DEFAULT, show_default=True,
-    help="Comma-separated policy names.",
+    help=f"Comma-separated policy names: {', '.join(POLICY_NAMES)} (vllm is vanilla vLLM as of 2023; "
+    "vllm-chunked is current vLLM).",
 )
 @_shared_options
 @click.option(
     "--plot", "plot_path", default="compare.png", show_default=True,
     help="PNG of the backlog over time ('' for none).",
 )
+@_run_options
 def compare_cmd(policies: str, plot_path: str, **opts: Any) -> None:
     """Several policies on one workload: a table, and a PNG of backlog over time."""
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise click.BadParameter("no policy named", param_hint="--policies")
+    _check_knobs(names)
     for name in names:
         _policy(name, opts)
     if plot_path:
         _check_out_path(plot_path, (".png",), "--plot")
     workload = _workload(opts)
-    results = [_run(name, workload, opts, keep_requests=True) for name in names]
+    results = [_run(name, workload, opts, keep_requests=False) for name in names]
     if plot_path:
         _plot(results, plot_path)
     if opts["as_json"]:
@@ -710,32 +944,78 @@ def compare_cmd(policies: str, plot_path: str, **opts: Any) -> None:
         f"rate={first.rate:.4g} req/s  load={first.theory.load:.3f}  "
         f"lambda*={first.theory.critical_rate:.4g} req/s"
     )
-    table = Table(show_header=True, header_style="bold")
-    columns = (
-        "policy", "completed", "req/s", "mean TTFT ms", "p99 TTFT ms", "mean TPOT ms",
-        "mean E2EL ms", "mean backlog", "slope tok/s", "predicted", "observed", "WC viol.",
-    )
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("policy",) else "right")
-    for r in results:
-        m = r.metrics
-        table.add_row(
-            r.policy, f"{m.completed}/{m.arrivals}", _fmt(m.request_throughput, 2),
-            _fmt(m.latency["mean_ttft_ms"]), _fmt(m.latency["p99_ttft_ms"]),
-            _fmt(m.latency["mean_tpot_ms"]), _fmt(m.latency["mean_e2el_ms"]),
-            _fmt(m.mean_backlog_tokens, 0), _fmt(r.observed.slope_tokens_per_s),
-            r.predicted.verdict, r.observed.verdict, str(m.wc_violations),
-        )
-    console.print(table)
+    console.print(_compare_table(results))
+    for line in _compare_notes(results):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     if plot_path:
         console.print(f"backlog plot: {plot_path}")
 
 
+_POLICY_LABELS = {"vllm": "vllm (2023)", "vllm-chunked": "vllm-chunked"}
+
+
+def _compare_table(results: Sequence[RunResult]) -> Table:
+    """Metrics as rows, one column per policy: fits a normal terminal for up to about six policies."""
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("metric")
+    for r in results:
+        table.add_column(_POLICY_LABELS.get(r.policy, r.policy), justify="right")
+
+    def row(label: str, cells: Sequence[str]) -> None:
+        table.add_row(label, *cells)
+
+    ms = [r.metrics for r in results]
+    row("completed", [f"{m.completed}/{m.arrivals}" for m in ms])
+    row("request_throughput", [_fmt(m.request_throughput, 2) for m in ms])
+    if any(m.good_requests is not None for m in ms):
+        row("request_goodput", [_fmt(m.request_goodput, 2) for m in ms])
+    for key in ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_e2el_ms", "p99_e2el_ms"):
+        row(key, [_fmt(m.latency[key]) for m in ms])
+    row("mean_backlog_tokens", [_fmt(m.mean_backlog_tokens, 0) for m in ms])
+    row("backlog slope tok/s", [_fmt(r.observed.slope_tokens_per_s) for r in results])
+    row("predicted", [r.predicted.verdict for r in results])
+    row("observed", [r.observed.verdict for r in results])
+    row("WC violations", [f"{m.wc_violations:,}" for m in ms])
+    if any(math.isfinite(m.peak_kv_usage) for m in ms):
+        row("preemptions", [f"{m.preemptions:,}" for m in ms])
+    return table
+
+
+def _same_run(a: RunResult, b: RunResult) -> bool:
+    """Whether two policies produced the same run (metrics equal, NaN equal to NaN)."""
+    da, db = a.metrics.as_dict(), b.metrics.as_dict()
+    return da.keys() == db.keys() and all(
+        x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+        for x, y in zip(da.values(), db.values(), strict=True)
+    )
+
+
+def _compare_notes(results: Sequence[RunResult]) -> list[str]:
+    """Every run's notes (a note all runs share, once), identical schedules, and what 'vllm' is."""
+    lines: list[str] = []
+    shared = set.intersection(*(set(r.notes) for r in results)) if results else set()
+    lines += [f"note: {n}" for n in results[0].notes if n in shared]
+    for r in results:
+        lines += [f"note [{r.policy}]: {n}" for n in r.notes if n not in shared]
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            if a.policy != b.policy and _same_run(a, b):
+                pair = {a.policy, b.policy}
+                why = (": with one token budget and k_max, current vLLM's chunked prefill is "
+                       "Sarathi-Serve's batching" if pair == {"sarathi", "vllm-chunked"} else "")
+                lines.append(f"note: {a.policy} and {b.policy} ran the same schedule here "
+                             f"(identical runs{why})")
+    if any(r.policy == "vllm" for r in results):
+        lines.append("note: vllm is vanilla vLLM as of 2023 (the paper's: prefill first, whole prompts, no "
+                     "mixed batches); vllm-chunked is current vLLM with chunked prefill")
+    return lines
+
+
 @cli.command("region")
 @_shared_options
-@click.option("--region-load", "region_load", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--region-load", "region_load", type=_finite(0, MAX_LOAD, min_open=True), default=None,
               help="Move the operating point along its ray to this load against the region.")
-@click.option("--margin", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+@click.option("--margin", type=_finite(0, 1, max_open=True), default=0.0,
               show_default=True, help="Inside means region load <= 1 - margin.")
 @click.option("--plot", "plot_path", default=None, help="Write a PNG of the region here.")
 def region_cmd(region_load: float | None, margin: float, plot_path: str | None, **opts: Any) -> None:
@@ -833,7 +1113,10 @@ def region_cmd(region_load: float | None, margin: float, plot_path: str | None, 
               "(DATA_DIR/gpu/engine_fig1); exits 0 whenever the comparison ran.")
 @click.option("--data-dir", "data_dir", default="../shared/data", show_default=True,
               help="With --real: the project's shared data.")
-def reproduce_cmd(name: str, out_dir: str, quick: bool, real: bool, data_dir: str) -> None:
+@click.option("--progress/--no-progress", default=None,
+              help="Say which target runs, on stderr (default: when stderr is a terminal).")
+def reproduce_cmd(name: str, out_dir: str, quick: bool, real: bool, data_dir: str,
+                  progress: bool | None) -> None:
     """Reproduce the paper: fig1 | example | theorem | vertex-c | all (figures + a markdown report).
 
     Exits with code 1 if a claim of the paper does not hold in the measurement (not with --real,
@@ -841,7 +1124,20 @@ def reproduce_cmd(name: str, out_dir: str, quick: bool, real: bool, data_dir: st
     """
     if real and name != "fig1":
         raise ConfigError("real", name, "--real is for fig1 only")
-    report = reproduce_real(out_dir, data_dir, quick=quick) if real else reproduce(name, out_dir, quick=quick)
+    _check_writable(out_dir, "--out", folder=True)
+    started = time.perf_counter()
+
+    def say(target: str, i: int, n: int) -> None:
+        if not (progress if progress is not None else sys.stderr.isatty()):
+            return
+        click.echo(f"llmqueue: reproducing {target} ({i + 1} of {n}; {time.perf_counter() - started:.0f} s "
+                   "so far)...", err=True)
+
+    if real:
+        say("fig1 against the real engine", 0, 1)
+        report = reproduce_real(out_dir, data_dir, quick=quick)
+    else:
+        report = reproduce(name, out_dir, quick=quick, on_target=say)
     console = _console()
     table = Table(show_header=True, header_style="bold")
     table.add_column("claim")
@@ -862,9 +1158,9 @@ def reproduce_cmd(name: str, out_dir: str, quick: bool, real: bool, data_dir: st
               "profile_tp<N> folder beside the run.")
 @click.option("--batch-time", "batch_time", default=None,
               help="Any batch-time spec instead of a profile, e.g. a fitted composition:... model.")
-@click.option("--budget", type=click.IntRange(min=1), default=None,
+@click.option("--budget", type=click.IntRange(1, MAX_BUDGET_TOKENS), default=None,
               help="max_num_batched_tokens (default: the run's meta.json).")
-@click.option("--max-seqs", "max_seqs", type=click.IntRange(min=1), default=None,
+@click.option("--max-seqs", "max_seqs", type=click.IntRange(1, MAX_BATCH_REQUESTS), default=None,
               help="max_num_seqs (default: the run's meta.json).")
 @click.option("--memory", default=None,
               help="KV cache: tokens=M | gpu_gib=..,params_b=..,... | none (default: from the run's "
@@ -901,7 +1197,7 @@ def validate_cmd(run: str, profile_dir: str | None, batch_time: str | None, budg
     console.print(f"simulated {m.num_batches} batches of {m.mean_batch_tokens:.1f} tokens on average; "
                   f"KV cache peak {_fmt(100 * m.peak_kv_usage)}%, {m.preemptions} preemption(s)")
     for note in report.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)
     for path in plots:
         console.print(f"wrote {path}")
 
@@ -941,7 +1237,7 @@ def _print_analysis(console: Console, analysis: Analysis, net: Network) -> None:
 
 @network_group.command("analyze")
 @click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
-@click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--scale", type=_finite(0, MAX_SCALE, min_open=True), default=1.0, show_default=True,
               help="Multiply every class's arrival rate by this.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def network_analyze_cmd(path: str, scale: float, as_json: bool) -> None:
@@ -954,7 +1250,8 @@ def network_analyze_cmd(path: str, scale: float, as_json: bool) -> None:
                             "decode_tokens_per_s": e.decode_tokens_per_s,
                             "capacity_tokens_per_s": e.capacity_tokens_per_s, "buffers": list(e.buffers),
                             "memory": None if net.engines[n].memory is None else net.engines[n].memory.spec,
-                            "memory_batch_limit": e.memory_batch_limit}
+                            "memory_batch_limit": e.memory_batch_limit,
+                            "token_batch_time": None if e.token_time is None else e.token_time.spec}
                         for n, e in analysis.engines.items()},
             "bottleneck": analysis.bottleneck,
             "critical_scale": analysis.critical_scale,
@@ -965,6 +1262,7 @@ def network_analyze_cmd(path: str, scale: float, as_json: bool) -> None:
                                  for v in analysis.virtual_stations],
             "warnings": list(analysis.warnings),
             "predicted": predict_network(net, analysis).verdict,
+            "predicted_reason": predict_network(net, analysis).reason,
         })
         return
     console = _console()
@@ -975,16 +1273,16 @@ def network_analyze_cmd(path: str, scale: float, as_json: bool) -> None:
 
 @network_group.command("simulate")
 @click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
-@click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--scale", type=_finite(0, MAX_SCALE, min_open=True), default=1.0, show_default=True,
               help="Multiply every class's arrival rate by this.")
-@click.option("--requests", "requests_", type=click.IntRange(min=1), default=None,
+@click.option("--requests", "requests_", type=click.IntRange(1, MAX_REQUESTS), default=None,
               help="External arrivals over all classes (default 20000 unless --duration-s).")
-@click.option("--duration-s", "duration_s", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--duration-s", "duration_s", type=_finite(0, MAX_DURATION_S, min_open=True), default=None,
               help="Arrivals stop at this simulated time (s).")
-@click.option("--drain-s", "drain_s", type=click.FloatRange(min=0), default=None,
+@click.option("--drain-s", "drain_s", type=_finite(0, MAX_DURATION_S), default=None,
               help="After the last arrival, run at most this long (default: the arrival window, "
               "at least 60 s).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--plot", "plot_path", default=None, help="PNG of the backlog per engine over time.")
 def network_simulate_cmd(path: str, scale: float, requests_: int | None, duration_s: float | None,
@@ -1031,12 +1329,11 @@ def network_simulate_cmd(path: str, scale: float, requests_: int | None, duratio
     console.print(table)
     console.print(
         f"network: predicted [bold]{result.predicted.verdict}[/] ({result.predicted.reason}); "
-        f"observed [bold]{result.observed.verdict}[/] (backlog slope "
-        f"{_fmt(result.observed.slope_tokens_per_s)} tokens/s); {result.visits} engine visits in "
-        f"{result.duration_s:,.1f} s"
+        f"observed [bold]{result.observed.verdict}[/] ({result.evidence.reason}); {result.visits} "
+        f"engine visits in {result.duration_s:,.1f} s"
     )
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)
     if plot_path:
         console.print(f"backlog plot: {plot_path}")
 
@@ -1113,7 +1410,7 @@ def _trace_heading(stats: TraceStats) -> str:
 @trace_group.command("stats")
 @click.argument("spec", metavar="SPEC")
 @click.option("--window", default=None, help="Keep arrivals in START:END s of the trace (re-based to 0).")
-@click.option("--busiest", "busiest_s", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--busiest", "busiest_s", type=_finite(0, MAX_DURATION_S, min_open=True), default=None,
               help="Also find the busiest window of this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def trace_stats_cmd(spec: str, window: str | None, busiest_s: float | None, as_json: bool) -> None:
@@ -1203,38 +1500,49 @@ def trace_fit_cmd(spec: str, window: str | None, as_json: bool) -> None:
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--db", "db_path", default=None,
               help="Results file (SQLite; default: CONFIG with the suffix .sqlite).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Local worker processes (default: the number of CPUs).")
+@click.option("--workers", type=click.IntRange(min=1, max=MAX_WORKERS), default=None,
+              help=f"Local worker processes, at most {MAX_WORKERS:,} (default: the number of CPUs).")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: run on a Ray cluster (pip install 'llmqueue[ray]').")
 @click.option("--ray-address", "ray_address", default=None,
-              help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
-@click.option("--dry-run", "dry_run", is_flag=True, help="Validate and count the runs; run none.")
+              help="Ray cluster address, with --backend ray (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--lock-timeout", "lock_timeout_s", type=_finite(0, 1e6),
+              default=LOCK_TIMEOUT_S, show_default=True,
+              help="Seconds a write waits in all for another writer's lock; then the sweep stops and "
+                   "saves its finished runs to a side file the next sweep imports (exit code 2).")
+@click.option("--dry-run", "dry_run", is_flag=True,
+              help="Validate and count the runs; run none (the results file is only read).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar with ETA (default: on when stderr is a terminal).")
 def sweep_cmd(config_path: str, db_path: str | None, workers: int | None, backend: str,
-              ray_address: str | None, dry_run: bool, as_json: bool, progress: bool | None) -> None:
+              ray_address: str | None, lock_timeout_s: float, dry_run: bool, as_json: bool,
+              progress: bool | None) -> None:
     """Run a grid of simulations from a config file; every finished run is stored at once.
 
-    Rerunning the same command resumes: runs already in the results file are skipped.
+    Rerunning the same command resumes: runs already in the results file are skipped. Two sweeps
+    on one file share the work (each run runs once). Ctrl-C exits with code 130, SIGTERM with 143;
+    finished runs are stored either way.
     """
+    if ray_address is not None and backend != "ray":
+        raise click.UsageError("--ray-address needs --backend ray")
     config = load_sweep(config_path)
     path = Path(db_path) if db_path else Path(config_path).with_suffix(".sqlite")
-    workers = workers or os.cpu_count() or 1
+    workers = workers or min(os.cpu_count() or 1, MAX_WORKERS)
     show = progress if progress is not None else sys.stderr.isatty()
-    with Store(path) as store:
-        if dry_run:
-            total = sum(1 for _ in expand_sweep(config))
-            done = len({run_key(r) for r in expand_sweep(config)} & store.keys())
-            doc = {"runs": total, "already_stored": done, "to_run": total - done, "db": str(path)}
-            _dump(doc) if as_json else click.echo(
-                f"{total} runs: {done} already in {path}, {total - done} to run"
-            )
-            return
+    if dry_run:
+        plan = plan_sweep(config, path)
+        dropped = f" ({plan.duplicates} duplicates dropped)" if plan.duplicates else ""
+        doc = {"runs": plan.total, "already_stored": plan.already_done, "to_run": plan.to_run,
+               "duplicates_dropped": plan.duplicates, "db": str(path)}
+        _dump(doc) if as_json else click.echo(
+            f"{plan.total} runs{dropped}: {plan.already_done} already in {path}, {plan.to_run} to run"
+        )
+        return
+    with Store(path, lock_timeout_s=lock_timeout_s) as store:
         bar = Progress(
             TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True),
+            TextColumn("eta"), TimeRemainingColumn(), console=_stderr(show),
             transient=True, disable=not show,
         )
         with bar:
@@ -1250,63 +1558,77 @@ def sweep_cmd(config_path: str, db_path: str | None, workers: int | None, backen
             )
     doc = {
         "runs": outcome.total, "already_stored": outcome.already_done, "ran": outcome.ran,
+        "skipped": outcome.skipped, "duplicates_dropped": outcome.duplicates,
         "interrupted": outcome.interrupted, "wall_s": outcome.wall_s, "db": str(path),
     }
     if as_json:
         _dump(doc)
     else:
+        dropped = f" ({outcome.duplicates} duplicates dropped)" if outcome.duplicates else ""
+        skipped = f", {outcome.skipped} left to another sweep on this file" if outcome.skipped else ""
         click.echo(
-            f"{outcome.total} runs: {outcome.already_done} already stored, {outcome.ran} ran in "
-            f"{outcome.wall_s:.1f} s; results in {path} (llmqueue results {path})"
+            f"{outcome.total} runs{dropped}: {outcome.already_done} already stored, {outcome.ran} ran "
+            f"in {outcome.wall_s:.1f} s{skipped}; results in {path} (llmqueue results {path})"
         )
     if outcome.interrupted:
         click.echo("llmqueue: interrupted: finished runs are stored; rerun to resume", err=True)
-        raise click.exceptions.Exit(130)
+        raise click.exceptions.Exit(128 + (outcome.signal or 2))
 
 
 @cli.command("results")
-@click.argument("db_path", metavar="DB", type=click.Path(exists=True, dir_okay=False))
+@click.argument("db_path", metavar="DB", type=click.Path(dir_okay=False))
 @click.option("--where", "where", multiple=True,
               help="Filter: field=value, field!=value, field<value, field>value (repeatable).")
 @click.option("--columns", default=None,
-              help="Comma-separated fields (default for the table: a summary set; csv/json: all).")
+              help="Comma-separated fields (default: a summary set for the table; every field but "
+                   "series such as backlog_series for csv; every field for json).")
+@click.option("--all-columns", "all_columns", is_flag=True,
+              help="Every field, series included (csv), every column (table).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-@click.option("--out", "out_path", default=None, help="Write to this file instead of stdout.")
-def results_cmd(db_path: str, where: tuple[str, ...], columns: str | None, fmt: str,
+@click.option("--out", "out_path", default=None,
+              help="Write to this file (replaced whole, never left half-written) instead of stdout.")
+def results_cmd(db_path: str, where: tuple[str, ...], columns: str | None, all_columns: bool, fmt: str,
                 out_path: str | None) -> None:
-    """Query and export the runs stored by `llmqueue sweep`."""
+    """Query and export the runs stored by `llmqueue sweep` (the file is only read)."""
+    if columns and all_columns:
+        raise click.UsageError("give --columns or --all-columns, not both")
     clauses = parse_where(where)
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
-    with Store(db_path) as store:
+    with Store(db_path, readonly=True) as store:
         rows = select(store.rows(), clauses, chosen)
-    if chosen is None and fmt == "table":
+    summary = chosen is None and not all_columns and fmt == "table"
+    if summary:
         chosen = _sweep_columns(rows)
-        rows = [{c: row.get(c) for c in chosen} for row in rows]
+    elif chosen is None and fmt == "table":
+        chosen = list(dict.fromkeys(name for row in rows for name in row))
     if fmt == "csv":
-        text = to_csv(rows)
+        text = to_csv(rows if chosen or all_columns else without_series(rows))
     elif fmt == "json":
         text = to_json(rows)
     else:
-        table = Table(show_header=True, header_style="bold")
         names = chosen or []
-        for name in names:
-            table.add_column(name, justify="left" if name == "policy" else "right")
-        for row in rows:
-            table.add_row(*(_fmt(row.get(n), 3) if isinstance(row.get(n), float)
-                            else ("-" if row.get(n) is None else str(row.get(n))) for n in names))
-        console = _console() if out_path is None else Console(
-            file=open(out_path, "w", encoding="utf-8"), width=250  # noqa: SIM115
+        hideable = [n for n in ("budget", "k_max", "memory", "seed") if n in names] if summary else []
+        same = constant_columns(rows, hideable)  # shown once above the table
+        console = _console() if out_path is None else Console(file=io.StringIO(), width=250)
+        table, left_out = results_table(
+            rows, [n for n in names if n not in same], console.width,
+            droppable=("mean_ttft_ms", "completed", "rate", "mean_e2el_ms", "rejected_requests",
+                       "peak_kv_usage", "p99_tpot_ms", "preemptions") if summary else (),
         )
+        if same:
+            console.print("in every run: " + ", ".join(
+                f"{k}={'none' if v is None else table_cell(v)}" for k, v in same.items()), soft_wrap=True)
         console.print(table)
-        console.print(f"{len(rows)} run(s)")
+        note = f"; left out to fit {console.width} columns: {', '.join(left_out)}" if left_out else ""
+        console.print(f"{len(rows)} run(s){note}", soft_wrap=True)
         if out_path is not None:
-            console.file.close()
+            atomic_write_text(out_path, console.file.getvalue())  # type: ignore[attr-defined]
         return
     if out_path is None:
         click.echo(text, nl=False)
     else:
-        Path(out_path).write_text(text, encoding="utf-8")
+        atomic_write_text(out_path, text)
 
 
 def _plot(results: Sequence[RunResult], path: str) -> None:
@@ -1413,13 +1735,31 @@ def _print_presets(as_json: bool) -> None:
         console.print(f"  {', '.join(names)}: {source}", soft_wrap=True)
 
 
+@cli.command("warmup")
+def warmup_cmd() -> None:
+    """Compile the numba event loops now (they compile on first use after an install or upgrade,
+    a minute or two on a slow machine), so later runs start at once."""
+    if not compiled.available():
+        click.echo("numba is not installed: runs use the Python engines, nothing to compile "
+                   "(pip install 'llmqueue[fast]' for the compiled one)")
+        return
+    click.echo("compiling the event loops (cached on disk afterwards)...", err=True)
+    from llmqueue.warmup import warm_up  # imports numba and the network simulator
+
+    click.echo(f"compiled event loops ready in {warm_up():.1f} s")
+
+
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+"""Raised for a bare group since click 8.2 (before, the group prints its help and exits 0 itself)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI; bad input gives one line on stderr and exit code 2."""
     try:
         code = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
         if isinstance(code, int):  # click returns the code of an Exit in this mode
             return code
-    except click.exceptions.NoArgsIsHelpError as err:
+    except _NO_ARGS_IS_HELP as err:
         click.echo(err.ctx.get_help() if err.ctx else str(err))
         return 0
     except click.UsageError as err:

@@ -149,6 +149,11 @@ def check_plan(
     takes only prefill tokens (at most what is left: prefill before decode); a decoding request
     takes exactly one token; at most ``budget`` tokens; at most ``k_max`` requests.
     """
+    if not isinstance(plan, Mapping):
+        shown = repr(plan)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise PlanError("plan is a mapping", f"the policy returned {type(plan).__name__} {shown}, "
+                        "not a mapping {request_id: tokens}")
     if view.k_max is not None and len(plan) > view.k_max:
         raise PlanError("batch-size limit", f"{len(plan)} requests > k_max={view.k_max}")
     prefill = decode = 0
@@ -425,7 +430,7 @@ class Engine:
             return None
         view = self.view()
         plan = self.policy(view)
-        if not plan:
+        if plan is None or (isinstance(plan, Mapping) and not plan):  # no batch: the engine blocks
             self._blocked_since = self.now_ms
             return None
         prefill, decode = check_plan(plan, view, self._jobs)

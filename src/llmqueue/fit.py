@@ -129,12 +129,17 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
         raise ConfigError("data", str(path), "file not found")
     rows: list[dict[str, str]] = []
     lines: list[int] = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        for row in reader:
-            rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
-            lines.append(reader.line_num)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            for row in reader:
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as err:
+        raise ConfigError("data", str(path), f"is not UTF-8 text (byte {err.start})") from None
+    except (OSError, csv.Error) as err:
+        raise ConfigError("data", str(path), f"cannot be read: {err}") from None
     if not columns:
         raise ConfigError("data", str(path), "CSV has no header")
     return columns, rows, lines

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from llmqueue.configfile import split_items
 from llmqueue.errors import ConfigError
+from llmqueue.limits import MAX_GPU_GIB, MAX_KV_TOKENS
 
 __all__ = ["KVCache", "ModelShape", "kv_bytes_per_token", "parse_memory"]
 
@@ -21,17 +22,27 @@ _FIELD = "memory"
 GIB = 1024**3
 
 
+_HIGH = {"tokens": MAX_KV_TOKENS, "block": 2**20, "gpu_gib": MAX_GPU_GIB, "reserved_gib": MAX_GPU_GIB,
+         "params_billion": 1e6, "layers": 10**6, "kv_heads": 10**6, "head_dim": 10**6, "dtype_bytes": 64,
+         "tp": 10**5}
+"""Upper bounds of the cache's parameters (llmqueue.limits; the shapes' far beyond any model)."""
+
+
 def _number(key: str, value: object, *, low: float, integer: bool = False,
             low_open: bool = False) -> float:
-    """``value`` as a finite number >= low (> low when ``low_open``), else ConfigError on ``key``."""
+    """``value`` as a finite number >= low (> low when ``low_open``) and at most its bound in
+    ``_HIGH``, else ConfigError on ``key``."""
     if isinstance(value, bool):
         raise ConfigError(f"{_FIELD}.{key}", value, "must be a number")
     try:
         x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{_FIELD}.{key}", value, "must be a number") from None
     if not math.isfinite(x) or (x <= low if low_open else x < low):
         raise ConfigError(f"{_FIELD}.{key}", value, f"must be {'>' if low_open else '>='} {low:g}")
+    high = _HIGH.get(key, math.inf)
+    if x > high:
+        raise ConfigError(f"{_FIELD}.{key}", value, f"must be <= {high:g}")
     if integer and not x.is_integer():
         raise ConfigError(f"{_FIELD}.{key}", value, "must be an integer")
     return x
@@ -169,3 +180,14 @@ def parse_memory(spec: str) -> KVCache:
         utilization=items.get("util", 0.9), reserved_gib=items.get("reserved_gib", 0.0),  # type: ignore[arg-type]
         **common,  # type: ignore[arg-type]
     )
+
+
+def as_memory(memory: object, field: str = "memory") -> KVCache | None:
+    """A KV cache from a KVCache, its spec text (``tokens=M,...``, ``gpu_gib=...``) or None
+    (unlimited, also the word ``none``); ConfigError naming ``field`` for anything else."""
+    if memory is None or isinstance(memory, KVCache):
+        return memory
+    if isinstance(memory, str):
+        return None if memory.strip().lower() == "none" else parse_memory(memory)
+    raise ConfigError(field, memory, "must be a KVCache, its spec text 'tokens=M[,block=16,"
+                      "watermark=0.01]' or None")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from llmqueue.errors import ConfigError
 
 PERCENTILES = (("mean", None), ("median", 50.0), ("p90", 90.0), ("p99", 99.0))
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
@@ -231,6 +233,8 @@ class RunMetrics:
     rejected_requests: int = 0
     peak_kv_usage: float = math.nan
     mean_kv_usage: float = math.nan
+    good_requests: int | None = None
+    request_goodput: float = math.nan
 
     def as_dict(self) -> dict[str, object]:
         """Flat mapping with vLLM-style keys (``mean_ttft_ms``...); the series as [s, tokens]."""
@@ -242,6 +246,8 @@ class RunMetrics:
             "request_throughput": self.request_throughput,
             "output_throughput": self.output_throughput,
             "total_token_throughput": self.total_token_throughput,
+            "request_goodput": self.request_goodput,
+            "good_requests": self.good_requests,
         }
         out.update(self.latency)
         out.update(
@@ -269,6 +275,42 @@ class RunMetrics:
         return out
 
 
+GOODPUT_KEYS = ("ttft", "tpot", "e2el")
+"""What a goodput target may bound (ms), as ``vllm bench serve --goodput ttft:500 tpot:50``."""
+
+
+def check_goodput(targets: Mapping[str, float]) -> dict[str, float]:
+    """Goodput targets ``{ttft|tpot|e2el: ms}``, checked: known keys, finite values > 0."""
+    if not isinstance(targets, Mapping) or not targets:
+        raise ConfigError("goodput", targets, "must map ttft, tpot or e2el to a target in ms")
+    out: dict[str, float] = {}
+    for key, value in targets.items():
+        if key not in GOODPUT_KEYS:
+            raise ConfigError("goodput", key, f"unknown target (known: {', '.join(GOODPUT_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and value > 0):
+            raise ConfigError("goodput", value, f"the {key} target must be a finite number of ms > 0")
+        out[key] = float(value)
+    return out
+
+
+def parse_goodput(text: str) -> dict[str, float]:
+    """``ttft:500,tpot:50`` (or ``ttft=500 tpot=50``, vLLM's form) into checked targets."""
+    pieces = [p for p in text.replace(",", " ").split() if p]
+    targets: dict[str, float] = {}
+    for piece in pieces:
+        key, sep, value = piece.replace("=", ":").partition(":")
+        key = key.strip().lower().removesuffix("_ms")
+        if not sep:
+            raise ConfigError("goodput", text, f"expected KEY:MS pairs like ttft:500, found {piece!r}")
+        try:
+            targets[key] = float(value)
+        except ValueError:
+            raise ConfigError("goodput", text, f"{key} target must be a number of ms, "
+                              f"not {value!r}") from None
+    return check_goodput(targets)
+
+
 def summary(name: str, values: np.ndarray) -> dict[str, float]:
     """mean/median/p90/p99 of ``values`` under vLLM-style keys (NaN when empty)."""
     out: dict[str, float] = {}
@@ -293,9 +335,12 @@ class Recorder:
     """
 
     def __init__(
-        self, *, max_bins: int = 2048, keep_requests: bool = True, exact_limit: int = 100_000
+        self, *, max_bins: int = 2048, keep_requests: bool = True, exact_limit: int = 100_000,
+        goodput: Mapping[str, float] | None = None,
     ) -> None:
         self.keep_requests = keep_requests
+        self.goodput = None if goodput is None else check_goodput(goodput)
+        self.good = 0  # completed requests folded so far that met every goodput target
         self.exact_limit = exact_limit
         self.histograms: dict[str, LogHistogram] | None = None
         self.folded = {"completed": 0, "prefill_tokens": 0, "decode_tokens": 0}
@@ -314,6 +359,7 @@ class Recorder:
         self.batch_prefill = 0
         self.batch_decode = 0
         self.busy_ms = 0.0
+        self.busy_past_end_ms = 0.0  # of the batch running when the run was cut (see ``cut``)
         self.wc_violations = 0
         self.wc_wasted = 0
         self.wc_target = 0
@@ -370,6 +416,13 @@ class Recorder:
         self.wc_target += target_sum
         self.wc_violations += violations
         self.wc_wasted += wasted
+
+    def cut(self, end_ms: float, batch_end_ms: float) -> None:
+        """The run was cut at ``end_ms`` while a batch, booked in full when it started, ran until
+        ``batch_end_ms`` (inf: none ran): its time past the end is not busy time of the run, so
+        ``busy_fraction`` is the busy time within [0, end] over end."""
+        if math.isfinite(batch_end_ms) and batch_end_ms > end_ms:
+            self.busy_past_end_ms = batch_end_ms - end_ms
 
     def tokens_done(self, t_ms: float, tokens: int) -> None:
         """A batch of ``tokens`` tokens ended at ``t_ms``."""
@@ -446,6 +499,7 @@ class Recorder:
         if self.histograms is None:
             self.histograms = {name: LogHistogram() for name in ("ttft", "tpot", "e2el")}
         arrival, first, finish, prefill, decode = self._columns()
+        self.good += self._count_good(arrival, first, finish, decode)
         has_decode = decode > 0
         self.histograms["ttft"].add(first - arrival)
         self.histograms["tpot"].add((finish[has_decode] - first[has_decode]) / decode[has_decode])
@@ -479,6 +533,7 @@ class Recorder:
         latency: dict[str, float] = {}
         if self.histograms is None:
             arrival, first, finish, prefill, decode = self._columns()
+            good = self._count_good(arrival, first, finish, decode)
             completed = len(arrival)
             prefill_sum, decode_sum = float(prefill.sum()), float(decode.sum())
             has_decode = decode > 0
@@ -489,6 +544,7 @@ class Recorder:
             latency.update(summary("e2el", finish - arrival))
         else:
             self._fold()
+            good = self.good
             completed = self.folded["completed"]
             prefill_sum = float(self.folded["prefill_tokens"])
             decode_sum = float(self.folded["decode_tokens"])
@@ -525,7 +581,9 @@ class Recorder:
             mean_batch_requests=per_batch(self.batch_requests),
             mean_batch_prefill_tokens=per_batch(self.batch_prefill),
             mean_batch_decode_tokens=per_batch(self.batch_decode),
-            busy_fraction=self.busy_ms / end_ms if end_ms > 0 else math.nan,
+            # busy time within [0, end] (the last batch may run past a cut), in [0, 1] despite rounding
+            busy_fraction=(min(1.0, max(0.0, (self.busy_ms - self.busy_past_end_ms) / end_ms))
+                           if end_ms > 0 else math.nan),
             wc_violations=self.wc_violations,
             wc_wasted_tokens=self.wc_wasted,
             wc_wasted_fraction=self.wc_wasted / self.wc_target if self.wc_target else 0.0,
@@ -538,7 +596,26 @@ class Recorder:
             rejected_requests=self.rejected_requests,
             peak_kv_usage=self.kv_peak if self.kv_batches else math.nan,
             mean_kv_usage=self.kv_sum / self.kv_batches if self.kv_batches else math.nan,
+            good_requests=None if self.goodput is None else good,
+            request_goodput=math.nan if self.goodput is None else per_s(good),
         )
+
+    def _count_good(self, arrival: np.ndarray, first: np.ndarray, finish: np.ndarray,
+                    decode: np.ndarray) -> int:
+        """How many of these completed requests meet every goodput target (vLLM's rule: TPOT is
+        0 for a request without decode tokens)."""
+        if self.goodput is None:
+            return 0
+        ok = np.ones(len(arrival), dtype=bool)
+        for key, target in self.goodput.items():
+            if key == "ttft":
+                ok &= first - arrival <= target
+            elif key == "e2el":
+                ok &= finish - arrival <= target
+            else:
+                safe = np.maximum(decode, 1)
+                ok &= np.where(decode > 0, (finish - first) / safe, 0.0) <= target
+        return int(np.count_nonzero(ok))
 
     def completed_records(self) -> Iterable[RequestRecord]:
         """Records of the completed requests, in completion order (needs ``keep_requests``)."""

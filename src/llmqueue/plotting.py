@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from llmqueue.errors import ConfigError
+from llmqueue.fileio import atomic_write
 
 
 def pyplot() -> Any:
@@ -21,9 +22,13 @@ def pyplot() -> Any:
 
 
 def save(fig: Any, path: str | Path) -> Path:
-    """Lay out, write as PNG (120 dpi) and close ``fig``; returns the path."""
+    """Lay out, write as PNG (120 dpi, atomically: a killed run leaves the old file) and close
+    ``fig``; returns the path."""
     plt = pyplot()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as out:
+            fig.savefig(out, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return Path(path)

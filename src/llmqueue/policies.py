@@ -329,6 +329,20 @@ def make_policy(
     raise ConfigError("policy", name, f"unknown policy; choose from {', '.join(POLICY_NAMES)}")
 
 
+def as_policy(policy: object, field: str = "policy") -> Callable[[EngineView], Mapping[int, int]]:
+    """A policy from a policy function or a shipped policy's name; ConfigError naming ``field``
+    for anything else (a path, a number, a class instead of an instance)."""
+    if isinstance(policy, str):
+        try:
+            return make_policy(policy)
+        except ConfigError as err:
+            raise ConfigError(field, policy, err.problem) from None
+    if not callable(policy) or isinstance(policy, type):
+        raise ConfigError(field, policy, "must be a function view -> {request_id: tokens} or a "
+                          f"policy name ({', '.join(POLICY_NAMES)})")
+    return policy  # type: ignore[return-value]
+
+
 def _fill(ordered: Sequence[RequestView], budget: int, k_max: int | None) -> Plan:
     """Serve ``ordered`` greedily: one token per decoding request, prompts chunked to fill, until
     the budget or the request limit ``k_max`` is spent (a prompt chunk counts as one request)."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from llmqueue.batchtime import BatchShape, CompositionTime
 from llmqueue.errors import ConfigError
+from llmqueue.fileio import atomic_write_text
 from llmqueue.fit import _even_chunks, fit_composition, goodness
 from llmqueue.metrics import Recorder
 from llmqueue.plotting import pyplot, save
@@ -119,8 +120,11 @@ def _read(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV with the given columns; ConfigError when the file or a column is missing."""
     if not path.is_file():
         raise ConfigError("data-dir", str(path.parent), f"no {path.name} there (the engine_fig1 data set)")
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(path.name, str(path), f"cannot be read as CSV text: {err}") from None
     if not rows:
         raise ConfigError(path.name, str(path), "has no rows")
     missing = [c for c in columns if c not in rows[0]]
@@ -933,5 +937,5 @@ def reproduce_real(out_dir: str | Path, data_dir: str | Path = "../shared/data",
     parts.append("Why they differ:\n\n" + "\n".join(f"- {n}" for n in _notes(comp)))
     text = "\n\n".join(p for p in parts if p) + "\n"
     md = out / "fig1_real.md"
-    md.write_text(text, encoding="utf-8")
+    atomic_write_text(md, text)
     return Report(name="fig1-real", markdown=text, files=(*figures, md), claims=tuple(claims))

@@ -60,9 +60,13 @@ def rate_for_load(load: float, batch_time: BatchTime | ShapeTime, budget: int,
 
 def resolve_workload(arrival: str, prefill: str | None, decode: str | None, *,
                      batch_time: BatchTime | ShapeTime, budget: int, rate: float | None = None,
-                     load: float | None = None, default_load: float | None = DEFAULT_LOAD) -> Workload:
+                     load: float | None = None, default_load: float | None = DEFAULT_LOAD,
+                     max_requests: int | None = None) -> Workload:
     """The workload of a setting. ``rate`` (requests/s) and ``load`` are exclusive; with neither,
-    a trace keeps its own rate and anything else runs at ``default_load`` (None: an error)."""
+    a trace keeps its own rate and anything else runs at ``default_load`` (None: an error).
+
+    A trace replay at a ``load`` takes the mean sizes of the requests the run replays (its first
+    ``max_requests``), so the simulated requests are at that load, not the whole file."""
     if rate is not None and load is not None:
         raise ConfigError("rate", rate, f"give a rate or a load, not both (load {load!r})")
     if rate is not None:
@@ -76,5 +80,6 @@ def resolve_workload(arrival: str, prefill: str | None, decode: str | None, *,
     if load is None:
         return make_workload(arrival, prefill, decode, rate)
     probe = make_workload(arrival, prefill, decode, None if trace else 1.0)
-    rate = rate_for_load(load, batch_time, budget, probe.mean_prefill_tokens, probe.mean_decode_tokens)
+    _, mean_p, mean_d = probe.offered(max_requests)
+    rate = rate_for_load(load, batch_time, budget, mean_p, mean_d)
     return make_workload(arrival, prefill, decode, rate)

@@ -31,14 +31,15 @@ import numpy as np
 from scipy import stats
 
 from llmqueue import theory
-from llmqueue.batchtime import BatchTime, parse_batch_time
+from llmqueue.batchtime import BatchTime, ShapeTime, mix_batch_time, parse_batch_time
 from llmqueue.engine import PolicyFn
 from llmqueue.errors import ConfigError
+from llmqueue.limits import MIN_TOLERANCE
 from llmqueue.metrics import LATENCIES, PERCENTILES
 from llmqueue.policies import make_policy, policy_name
 from llmqueue.simulate import simulate
 from llmqueue.stability import Observed, Predicted, replicated_verdict
-from llmqueue.workload import Workload, make_workload
+from llmqueue.workload import Constant, DeterministicArrivals, TraceArrivals, Workload, make_workload
 
 __all__ = [
     "SLO_METRICS",
@@ -305,7 +306,8 @@ def _build(workload_at: WorkloadAt, rate_per_s: float) -> Workload:
     return w
 
 
-def _resolve(policy: PolicyFn | str, batch_time: BatchTime | str) -> tuple[PolicyFn, BatchTime]:
+def _resolve(policy: PolicyFn | str, batch_time: BatchTime | ShapeTime | str
+             ) -> tuple[PolicyFn, BatchTime | ShapeTime]:
     """Policy and batch-time objects from objects or their names/specs."""
     pol = make_policy(policy) if isinstance(policy, str) else policy
     bt = parse_batch_time(batch_time) if isinstance(batch_time, str) else batch_time
@@ -338,7 +340,7 @@ def bound_rate_per_s(
 def evaluate_rate(
     workload: WorkloadSpec,
     policy: PolicyFn | str,
-    batch_time: BatchTime | str,
+    batch_time: BatchTime | ShapeTime | str,
     budget: int,
     rate_per_s: float,
     slo: Mapping[str, float] | str,
@@ -362,7 +364,7 @@ def evaluate_rate(
 def _evaluate(
     workload_at: WorkloadAt,
     policy: PolicyFn,
-    batch_time: BatchTime,
+    batch_time: BatchTime | ShapeTime,
     budget: int,
     k_max: int | None,
     rate_per_s: float,
@@ -373,13 +375,15 @@ def _evaluate(
 ) -> SLOPoint:
     """The unchecked core of :func:`evaluate_rate`."""
     w = _build(workload_at, rate_per_s)
+    if is_deterministic(w):
+        seeds = seeds[:1]  # every seed gives this run: one run, no t bound (see claim)
     results = [
         simulate(w, policy, batch_time, budget, k_max=k_max, seed=s, max_requests=max_requests,
                  keep_requests=False)
         for s in seeds
     ]
     r = len(seeds)
-    t_quantile = float(stats.t.ppf(confidence, r - 1))
+    t_quantile = float(stats.t.ppf(confidence, r - 1)) if r > 1 else 0.0
     means: dict[str, float] = {}
     uppers: dict[str, float] = {}
     reasons: list[str] = []
@@ -391,16 +395,16 @@ def _evaluate(
             reasons.append(f"{key} undefined in some run (no request reached it)")
             continue
         mean = float(values.mean())
-        upper = mean + t_quantile * float(values.std(ddof=1)) / math.sqrt(r)
+        upper = mean + (t_quantile * float(values.std(ddof=1)) / math.sqrt(r) if r > 1 else 0.0)
         means[key], uppers[key] = mean, upper
         if upper > target:
             reasons.append(f"{key} upper bound {upper:.4g} ms > target {target:g} ms")
     observed = tuple(res.observed.verdict for res in results)
     predicted = results[0].predicted.verdict
-    drift = replicated_verdict(results)
+    drift = replicated_verdict(results) if r > 1 else None
     if "unstable" in observed:
         reasons.append(f"observed unstable in {observed.count('unstable')} of {r} runs")
-    elif drift.verdict == "unstable":
+    elif drift is not None and drift.verdict == "unstable":
         reasons.append(
             f"replicated drift test: backlog grows ({drift.mean_slope_tokens_per_s:,.1f} tokens/s "
             f"over {r} runs, p = {drift.p_value:.2g}; single runs: {', '.join(observed)})"
@@ -413,15 +417,41 @@ def _evaluate(
         means=means,
         upper_bounds=uppers,
         observed=observed,
-        replicated=drift.verdict,
+        replicated=observed[0] if drift is None else drift.verdict,
         predicted=predicted,
         passed=not reasons,
         reasons=tuple(reasons),
     )
 
 
-def claim(slo: Mapping[str, float], seeds: tuple[int, ...], max_requests: int, confidence: float) -> str:
-    """The confidence statement shared by both searches."""
+def max_steps(tolerance: float) -> int:
+    """The most rates one bisection evaluates at ``tolerance``: each halves the bracket."""
+    return math.ceil(math.log2(1.0 / tolerance)) + 2
+
+
+def is_deterministic(workload: Workload) -> bool:
+    """Whether every seed gives the same run: deterministic or replayed arrivals with constant or
+    replayed sizes (the seed draws nothing). Replicating such a run replicates nothing."""
+    return isinstance(workload.arrival, DeterministicArrivals | TraceArrivals) and all(
+        d is None or isinstance(d, Constant) for d in (workload.prefill, workload.decode)
+    )
+
+
+def claim(slo: Mapping[str, float], seeds: tuple[int, ...], max_requests: int, confidence: float,
+          deterministic: bool = False) -> str:
+    """The confidence statement shared by both searches (``deterministic``: the workload draws
+    nothing from the seed, so one run stands for all and no confidence bound is claimed)."""
+    if deterministic:
+        return (
+            f"for each SLO metric ({', '.join(f'{k} <= {v:g}' for k, v in slo.items())}), the "
+            f"statistic of ONE run of {max_requests} requests (over all its requests, warm-up "
+            "included) is at or below the target, that run was not observed unstable, and the "
+            "theory does not predict instability. The workload draws nothing from the seed "
+            "(deterministic or replayed arrivals with constant or replayed sizes), so every seed "
+            "gives this same run: no seeds are replicated and no confidence bound is claimed; "
+            "resample sizes (e.g. --prefill trace:PATH --decode trace:PATH) or use random "
+            "arrivals for replicated runs"
+        )
     return (
         f"for each SLO metric separately ({', '.join(f'{k} <= {v:g}' for k, v in slo.items())}), "
         f"the one-sided {confidence:.0%} Student-t upper confidence bound ({len(seeds)} seeds, "
@@ -449,7 +479,7 @@ def _check_common(slo: Mapping[str, float] | str, seeds: Sequence[int], max_requ
 def max_rate_under_slo(
     workload: WorkloadSpec,
     policy: PolicyFn | str,
-    batch_time: BatchTime | str,
+    batch_time: BatchTime | ShapeTime | str,
     budget: int,
     slo: Mapping[str, float] | str,
     *,
@@ -458,6 +488,7 @@ def max_rate_under_slo(
     max_requests: int = DEFAULT_MAX_REQUESTS,
     tolerance: float = 0.01,
     confidence: float = 0.95,
+    on_point: Callable[[SLOPoint], None] | None = None,
 ) -> SLOCapacity:
     """The highest arrival rate (requests/s) that passes: stable and within the SLO (module doc).
 
@@ -467,23 +498,37 @@ def max_rate_under_slo(
     ``tolerance`` times the bound (then ``max_rate_per_s`` is None: even tiny rates fail). The
     search assumes passing is monotone in the rate; the same seeds at every rate (common random
     numbers) make the metrics nearly monotone, and a tighter SLO never yields a higher rate.
+    ``on_point`` is called after each evaluated rate (progress); the search makes at most
+    ``max_steps(tolerance)`` of them.
     """
     targets, seed_list, n, level = _check_common(slo, seeds, max_requests, confidence)
     tol = _check_fraction(tolerance, "tolerance", 0.0, 1.0)
+    if tol < MIN_TOLERANCE:
+        raise ConfigError("tolerance", tolerance, f"must be >= {MIN_TOLERANCE:g} (finer is below "
+                          "simulation noise, and the bisection would outrun float spacing)")
     pol, bt = _resolve(policy, batch_time)
     workload_at = _workload_at(workload)
     probe = _build(workload_at, 1.0)
     m_p, m_d = probe.mean_prefill_tokens, probe.mean_decode_tokens
-    bound = bound_rate_per_s(bt, budget, k_max, m_p, m_d)
-    critical = theory.critical_rate_per_s(bt, budget, m_p + m_d)
+    token_time = mix_batch_time(bt, m_p, m_d)
+    bound = bound_rate_per_s(token_time, budget, k_max, m_p, m_d)
+    critical = theory.critical_rate_per_s(token_time, budget, m_p + m_d)
+    if is_deterministic(probe):
+        seed_list = seed_list[:1]
 
     lo, hi = 0.0, bound
     failing: float | None = None
     points: list[SLOPoint] = []
+    # each step halves the bracket: about log2(1/tol) steps, bounded so that nothing loops forever
+    steps = max_steps(tol)
     while not ((lo > 0 and hi - lo <= tol * hi) or (lo == 0 and hi <= tol * bound)):
         mid = 0.5 * (lo + hi)
+        if len(points) >= steps or not lo < mid < hi:
+            break
         point = _evaluate(workload_at, pol, bt, budget, k_max, mid, targets, seed_list, n, level)
         points.append(point)
+        if on_point is not None:
+            on_point(point)
         if point.passed:
             lo = mid
         else:
@@ -516,14 +561,14 @@ def max_rate_under_slo(
         tolerance=tol,
         runs=len(points) * len(seed_list),
         points=tuple(points),
-        statement=head + claim(targets, seed_list, n, level) + ".",
+        statement=head + claim(targets, seed_list, n, level, is_deterministic(probe)) + ".",
     )
 
 
 def best_budget_for_slo(
     workload: WorkloadSpec,
     policy: PolicyFn | str,
-    batch_time: BatchTime | str,
+    batch_time: BatchTime | ShapeTime | str,
     budgets: Sequence[int],
     rate_per_s: float,
     slo: Mapping[str, float] | str,
@@ -532,6 +577,7 @@ def best_budget_for_slo(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     max_requests: int = DEFAULT_MAX_REQUESTS,
     confidence: float = 0.95,
+    on_point: Callable[[SLOPoint], None] | None = None,
 ) -> BudgetSearch:
     """Evaluate each candidate budget at ``rate_per_s`` (same pass rule) and pick the best.
 
@@ -546,16 +592,22 @@ def best_budget_for_slo(
     pol, bt = _resolve(policy, batch_time)
     workload_at = _workload_at(workload)
     w = _build(workload_at, rate)
+    token_time = mix_batch_time(bt, w.mean_prefill_tokens, w.mean_decode_tokens)
+    deterministic = is_deterministic(w)
+    if deterministic:
+        seed_list = seed_list[:1]
 
     outcomes: list[BudgetOutcome] = []
     runs = 0
     for b in candidates:
-        bound = bound_rate_per_s(bt, b, k_max, w.mean_prefill_tokens, w.mean_decode_tokens)
+        bound = bound_rate_per_s(token_time, b, k_max, w.mean_prefill_tokens, w.mean_decode_tokens)
         if rate >= bound:
             reason = f"rate {rate:g} >= analytic bound {bound:.4g} requests/s: no policy is stable"
             outcomes.append(BudgetOutcome(b, bound, None, False, math.inf, (reason,)))
             continue
         point = _evaluate(workload_at, pol, bt, b, k_max, rate, targets, seed_list, n, level)
+        if on_point is not None:
+            on_point(point)
         runs += len(seed_list)
         ratio = point.worst_ratio(targets)
         outcomes.append(BudgetOutcome(b, bound, point, point.passed, ratio, point.reasons))
@@ -575,5 +627,5 @@ def best_budget_for_slo(
         best=best,
         runs=runs,
         confidence=level,
-        statement=head + claim(targets, seed_list, n, level) + ".",
+        statement=head + claim(targets, seed_list, n, level, deterministic) + ".",
     )

@@ -410,3 +410,13 @@ def test_a_table_too_wide_even_without_optional_columns_folds_instead_of_cutting
     console = Console(width=80, file=io.StringIO())
     console.print(table)
     assert "…" not in console.file.getvalue() and left_out == []
+
+
+def test_results_on_an_empty_store_say_so(tmp_path, capsys) -> None:
+    path = tmp_path / "empty.sqlite"
+    with Store(path):
+        pass
+    code, out, err = run_cli(capsys, "results", str(path))
+    assert (code, out, err) == (0, f"no runs in {path}\n", "")
+    code, out, _ = run_cli(capsys, "results", str(path), "--where", "rate>1")
+    assert code == 0 and out == f"no runs in {path} match --where\n"

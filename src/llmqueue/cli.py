@@ -1606,6 +1606,8 @@ def results_cmd(db_path: str, where: tuple[str, ...], columns: str | None, all_c
         text = to_csv(rows if chosen or all_columns else without_series(rows))
     elif fmt == "json":
         text = to_json(rows)
+    elif not rows:
+        text = f"no runs in {db_path}" + (" match --where" if clauses else "") + "\n"
     else:
         names = chosen or []
         hideable = [n for n in ("budget", "k_max", "memory", "seed") if n in names] if summary else []

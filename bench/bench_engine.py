@@ -16,7 +16,8 @@ import resource
 import statistics
 import time
 
-from llmqueue import SARATHI, StaircaseTime, make_workload, simulate
+from llmqueue import SARATHI, StaircaseTime, make_workload
+from llmqueue.sim.run import simulate
 
 
 def main() -> None:

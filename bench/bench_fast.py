@@ -33,8 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-from llmqueue import SARATHI, VLLM, VLLM_CHUNKED, LinearTime, StaircaseTime, make_workload, simulate, theory
-from llmqueue.memory import KVCache
+from llmqueue import SARATHI, VLLM, VLLM_CHUNKED, LinearTime, StaircaseTime, make_workload
+from llmqueue.model.memory import KVCache
+from llmqueue.sim.run import simulate
+from llmqueue.theory import capacity as theory
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURE = ROOT.parent / "shared" / "data" / "traces" / "azure_conv_2023.csv"

@@ -41,7 +41,7 @@ AZURE_RATE_PER_S = 5.53
 
 REPLAY_ONLY = """
 import sys
-from llmqueue.workload import make_workload
+from llmqueue.model.specs import make_workload
 workload = make_workload(sys.argv[1], None, None, None)
 print(sum(chunk[0].shape[0] for chunk in workload.chunks(0, max_requests=int(sys.argv[2]))),
       workload.offered(int(sys.argv[2])))

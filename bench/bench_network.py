@@ -25,8 +25,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from llmqueue.netsim import NetworkResult, _Run, simulate_network
-from llmqueue.network import analyze, load_network
+from llmqueue.model.network import load_network
+from llmqueue.sim.network import NetworkResult, _Run, simulate_network
+from llmqueue.theory.network import analyze
 
 AGENT_FILE = Path(__file__).resolve().parent.parent / "examples" / "networks" / "agent.toml"
 

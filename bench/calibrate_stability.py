@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from llmqueue import ORCA, SARATHI, VLLM_CHUNKED, StaircaseTime, make_workload, simulate, theory
-from llmqueue.policies import FASTERTRANSFORMER, make_policy
-from llmqueue.stability import ReplicatedVerdict, replicated_verdict
+from llmqueue import ORCA, SARATHI, VLLM_CHUNKED, StaircaseTime, make_workload
+from llmqueue.policies.fcfs import FASTERTRANSFORMER, make_policy
+from llmqueue.sim.run import simulate
+from llmqueue.theory import capacity as theory
+from llmqueue.theory.stability import ReplicatedVerdict, replicated_verdict
 
 CODELLAMA = StaircaseTime(11.28, 35.47, 128)
 BUDGET = 512

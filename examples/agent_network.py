@@ -21,9 +21,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from llmqueue.netsim import NetworkResult, simulate_network
-from llmqueue.network import Analysis, Network, analyze, load_network
-from llmqueue.policies import make_policy
+from llmqueue.model.network import Network, load_network
+from llmqueue.policies.fcfs import make_policy
+from llmqueue.sim.network import NetworkResult, simulate_network
+from llmqueue.theory.network import Analysis, analyze
 
 AGENT_FILE = Path(__file__).resolve().parent / "networks" / "agent.toml"
 COMPARED_POLICIES = ("vllm-chunked", "vllm", "sarathi", "orca")

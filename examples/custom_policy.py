@@ -9,7 +9,8 @@ against the batch rules, so a mistake shows up as a ``PlanError`` naming the bro
 
 from __future__ import annotations
 
-from llmqueue import EngineView, Plan, make_workload, parse_batch_time, simulate
+from llmqueue import EngineView, Plan, make_workload, parse_batch_time
+from llmqueue.sim.run import simulate
 
 
 def shortest_prompt_first(view: EngineView) -> Plan:

@@ -13,16 +13,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from llmqueue import (
-    FASTERTRANSFORMER,
-    ORCA,
-    SARATHI,
-    VLLM,
-    RunResult,
-    TableTime,
-    make_workload,
-    simulate,
-)
+from llmqueue import FASTERTRANSFORMER, ORCA, SARATHI, VLLM, RunResult, TableTime, make_workload
+from llmqueue.sim.run import simulate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpu" / "engine_fig1"
 

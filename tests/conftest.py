@@ -117,7 +117,7 @@ class _ImportGuard(importlib.abc.MetaPathFinder):
     code from numba's cache instead of compiling it a second time, in parallel."""
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if name == "llmqueue.kernel" and "warm-up" in _STATE:
+        if name == "llmqueue.engines.kernel" and "warm-up" in _STATE:
             _STATE["warm-up"].wait()
         return None
 
@@ -134,7 +134,7 @@ def _cache_is_fresh() -> bool:
     """Whether numba's on-disk cache has the entry points of the compiled loop, written after the
     last edit of kernel.py (then the first test that needs them loads them in a fraction of a
     second, and a separate process would only add its start-up). Best effort: False when unsure."""
-    spec = find_spec("llmqueue.kernel")
+    spec = find_spec("llmqueue.engines.kernel")
     if spec is None or spec.origin is None:
         return False
     source = Path(spec.origin)
@@ -151,7 +151,7 @@ def _cache_is_fresh() -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     if (config.option.collectonly or os.environ.get("LLMQUEUE_WARMUP", "1").strip() == "0"
-            or find_spec("numba") is None or "llmqueue.kernel" in sys.modules):
+            or find_spec("numba") is None or "llmqueue.engines.kernel" in sys.modules):
         return
     if _cache_is_fresh():
         _NOTES.append("numba event loops: on-disk cache up to date, loaded by the first test that runs them")

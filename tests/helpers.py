@@ -22,9 +22,9 @@ import pytest
 from hypothesis import example, settings
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
-from llmqueue.policies import ORCA, SARATHI, VLLM, VLLM_CHUNKED
-from llmqueue.workload import Request, SizeDist
+from llmqueue.model.batchtime import ConstantTime, LinearTime, StaircaseTime
+from llmqueue.model.workload import Request, SizeDist
+from llmqueue.policies.fcfs import ORCA, SARATHI, VLLM, VLLM_CHUNKED
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -209,10 +209,10 @@ def assert_same(ref: Any, fast: Any) -> None:
 
 
 def warm_up() -> float:
-    """Compile every compiled event loop (llmqueue.warmup: about a minute on a cold cache) or load
+    """Compile every compiled event loop (llmqueue.sim.warmup: about a minute on a cold cache) or load
     them from numba's on-disk cache; the seconds it took. tests/conftest.py runs it once per
     session, in a process of its own."""
-    from llmqueue.warmup import warm_up as compile_loops
+    from llmqueue.sim.warmup import warm_up as compile_loops
 
     return compile_loops()
 
@@ -222,7 +222,7 @@ def warm_up() -> float:
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """``llmqueue ARGS`` in-process: (exit code, stdout, stderr)."""
-    from llmqueue.cli import main
+    from llmqueue.cli.app import main
 
     capsys.readouterr()  # drop anything printed before
     code = main(list(args))

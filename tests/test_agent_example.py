@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmqueue.netsim import NetworkResult, simulate_network
-from llmqueue.network import Network, analyze, load_network
+from llmqueue.model.network import Network, load_network
+from llmqueue.sim.network import NetworkResult, simulate_network
+from llmqueue.theory.network import analyze
 
 AGENT = Path(__file__).resolve().parent.parent / "examples" / "networks" / "agent.toml"
 ENGINE_OF_NODE = {"plan": "planner", "tool": "tools", "sub": "subagent", "review": "critic"}

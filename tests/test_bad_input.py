@@ -25,11 +25,11 @@ from llmqueue import (
     fixed_requests,
     load_network,
     make_workload,
-    simulate,
     simulate_network,
 )
 from llmqueue.limits import MAX_BUDGET_TOKENS, MAX_REQUESTS
-from llmqueue.memory import parse_memory
+from llmqueue.model.memory import parse_memory
+from llmqueue.sim.run import simulate
 
 from .helpers import SHARED_DATA, run_cli
 
@@ -245,7 +245,7 @@ def test_a_full_disk_names_the_file(capsys, tmp_path) -> None:
 
 def test_a_killed_write_leaves_the_old_file(tmp_path, monkeypatch) -> None:
     """Output files are replaced atomically: an error while writing keeps the old content."""
-    from llmqueue.fileio import atomic_write
+    from llmqueue.io.fileio import atomic_write
 
     path = tmp_path / "old.csv"
     path.write_text("old\n", encoding="utf-8")

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmqueue.batchtime import (
+from llmqueue.errors import ConfigError
+from llmqueue.model.batchtime import (
     BatchTime,
     ConstantTime,
     LinearTime,
@@ -18,7 +19,6 @@ from llmqueue.batchtime import (
     fit_staircase,
     parse_batch_time,
 )
-from llmqueue.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
 POINTS_CSV = DATA / "batchtime_points.csv"

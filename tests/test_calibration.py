@@ -12,12 +12,14 @@ import math
 import pytest
 from scipy import stats
 
-from llmqueue import stability, theory
-from llmqueue.batchtime import StaircaseTime
 from llmqueue.errors import ConfigError
-from llmqueue.policies import FASTERTRANSFORMER, ORCA, SARATHI, VLLM_CHUNKED
-from llmqueue.stability import Observation, ReplicatedVerdict, replicated_verdict
-from llmqueue.workload import Workload, make_workload
+from llmqueue.model.batchtime import StaircaseTime
+from llmqueue.model.specs import make_workload
+from llmqueue.model.workload import Workload
+from llmqueue.policies.fcfs import FASTERTRANSFORMER, ORCA, SARATHI, VLLM_CHUNKED
+from llmqueue.sim.run import check_instability
+from llmqueue.theory import capacity as theory
+from llmqueue.theory.stability import Observation, ReplicatedVerdict, replicated_verdict
 
 CODELLAMA = StaircaseTime(11.28, 35.47, 128)
 BUDGET = 512
@@ -36,7 +38,7 @@ def _obs(slope: float, threshold: float = 10.0) -> Observation:
 
 
 def _test(workload: Workload, policy: object, **kw: object) -> ReplicatedVerdict:
-    return stability.check_instability(workload, policy, CODELLAMA, BUDGET, **kw)  # type: ignore[arg-type]
+    return check_instability(workload, policy, CODELLAMA, BUDGET, **kw)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- arithmetic and inputs

@@ -1,6 +1,6 @@
 """The ``llmqueue`` command line: JSON output, determinism, configs, request logs and bad input.
 
-Everything runs in-process through ``llmqueue.cli.main`` except one test of the installed console
+Everything runs in-process through ``llmqueue.cli.app.main`` except one test of the installed console
 script. Runs are small (a few hundred requests) so the file stays fast.
 """
 

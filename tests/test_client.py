@@ -17,12 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
-from llmqueue.cli import main
-from llmqueue.metrics import Recorder, parse_goodput
-from llmqueue.policies import SARATHI
-from llmqueue.simulate import simulate
-from llmqueue.workload import fixed_requests, make_workload
+from llmqueue.cli.app import main
+from llmqueue.engines.metrics import Recorder, parse_goodput
+from llmqueue.model.batchtime import ConstantTime, LinearTime, StaircaseTime
+from llmqueue.model.specs import make_workload
+from llmqueue.model.workload import fixed_requests
+from llmqueue.policies.fcfs import SARATHI
+from llmqueue.sim.run import simulate
 
 from .strategies import SHIPPED, workloads
 

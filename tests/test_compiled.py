@@ -1,6 +1,6 @@
 """The compiled event loop against the reference engine: same requests' times, same metrics.
 
-The compiled loop (``llmqueue.kernel``) ports the fast engine and the shipped policies to numba;
+The compiled loop (``llmqueue.engines.kernel``) ports the fast engine and the shipped policies to numba;
 hypothesis checks it against the reference per-iteration engine on random workloads, including
 prompt-less requests (they reorder the decoders), horizon cuts, k_max and every policy knob, and
 the driver paths that only long runs reach (slot growth, output drains, chunked arrivals); also
@@ -16,13 +16,14 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from llmqueue import compiled
-from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
+from llmqueue.engines import compiled
 from llmqueue.errors import ConfigError
-from llmqueue.memory import KVCache
-from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED, make_policy
-from llmqueue.simulate import simulate
-from llmqueue.workload import Request, make_workload
+from llmqueue.model.batchtime import ConstantTime, LinearTime, StaircaseTime
+from llmqueue.model.memory import KVCache
+from llmqueue.model.specs import make_workload
+from llmqueue.model.workload import Request
+from llmqueue.policies.fcfs import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED, make_policy
+from llmqueue.sim.run import simulate
 
 from .helpers import (
     BATCH_TIMES,

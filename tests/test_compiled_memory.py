@@ -1,4 +1,4 @@
-"""The compiled loop's compact tails (``llmqueue.kernel``, "Compact tails") against the reference.
+"""The compiled loop's compact tails (``llmqueue.engines.kernel``, "Compact tails") against the reference.
 
 The compiled loop keeps request slots only for the heads of its queues (the prompts and waiting
 decoders a step can reach); deeper requests are compact records, moved into slots as the heads
@@ -23,15 +23,17 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from llmqueue import compiled, kernel
-from llmqueue.batchtime import ConstantTime, LinearTime
-from llmqueue.memory import KVCache
-from llmqueue.netsim import simulate_network
-from llmqueue.network import Network, analyze, parse_network
-from llmqueue.policies import KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED
-from llmqueue.simulate import simulate
-from llmqueue.theory import critical_rate_per_s
-from llmqueue.workload import Request, make_workload
+from llmqueue.engines import compiled, kernel
+from llmqueue.model.batchtime import ConstantTime, LinearTime
+from llmqueue.model.memory import KVCache
+from llmqueue.model.network import Network, parse_network
+from llmqueue.model.specs import make_workload
+from llmqueue.model.workload import Request
+from llmqueue.policies.fcfs import KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED
+from llmqueue.sim.network import simulate_network
+from llmqueue.sim.run import simulate
+from llmqueue.theory.capacity import critical_rate_per_s
+from llmqueue.theory.network import analyze
 
 from .helpers import BATCH_TIMES, TIES, SometimesZero, assert_same, examples
 from .strategies import policies

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import (
+from llmqueue.errors import ConfigError
+from llmqueue.model.batchtime import (
     BatchShape,
     CompositionTime,
     LinearTime,
@@ -15,10 +16,10 @@ from llmqueue.batchtime import (
     mix_batch_time,
     parse_batch_time,
 )
-from llmqueue.errors import ConfigError
-from llmqueue.policies import ORCA, SARATHI, VLLM_CHUNKED
-from llmqueue.simulate import simulate
-from llmqueue.workload import fixed_requests, make_workload
+from llmqueue.model.specs import make_workload
+from llmqueue.model.workload import fixed_requests
+from llmqueue.policies.fcfs import ORCA, SARATHI, VLLM_CHUNKED
+from llmqueue.sim.run import simulate
 
 from .strategies import workloads
 

@@ -7,8 +7,9 @@ import importlib.util
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmqueue import SARATHI, ConstantTime, StaircaseTime, make_workload, simulate
-from llmqueue.workload import Request
+from llmqueue import SARATHI, ConstantTime, StaircaseTime, make_workload
+from llmqueue.model.workload import Request
+from llmqueue.sim.run import simulate
 
 from .conftest import ROOT
 

@@ -18,14 +18,15 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import CompositionTime, ConstantTime, LinearTime, StaircaseTime
-from llmqueue.cli import main
+from llmqueue.cli.app import main
+from llmqueue.engines.fast import FastEngine
 from llmqueue.errors import ConfigError
-from llmqueue.fastengine import FastEngine
-from llmqueue.memory import KVCache
-from llmqueue.policies import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED
-from llmqueue.simulate import simulate
-from llmqueue.workload import Request, make_workload
+from llmqueue.model.batchtime import CompositionTime, ConstantTime, LinearTime, StaircaseTime
+from llmqueue.model.memory import KVCache
+from llmqueue.model.specs import make_workload
+from llmqueue.model.workload import Request
+from llmqueue.policies.fcfs import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM, VLLM_CHUNKED
+from llmqueue.sim.run import simulate
 
 from .helpers import (
     BATCH_TIMES,

@@ -23,7 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import nnls
 
-from llmqueue.batchtime import (
+from llmqueue.cli.app import main
+from llmqueue.errors import ConfigError
+from llmqueue.model.batchtime import (
     BatchShape,
     BatchTime,
     CompositionTime,
@@ -33,9 +35,8 @@ from llmqueue.batchtime import (
     fit_staircase,
     parse_batch_time,
 )
-from llmqueue.cli import main
-from llmqueue.errors import ConfigError
-from llmqueue.fit import (
+from llmqueue.model.presets import PRESETS, get_preset
+from llmqueue.studies.fit import (
     DataFit,
     FitData,
     ModelFit,
@@ -49,7 +50,6 @@ from llmqueue.fit import (
     read_h200,
     read_splitwise,
 )
-from llmqueue.presets import PRESETS, get_preset
 
 from .helpers import (
     FIT_ABS,
@@ -462,7 +462,7 @@ def test_cli_list_presets(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_user_csv_errors_name_the_file_line_after_filtering(tmp_path) -> None:
     """With --where, a bad cell is reported at its line in the file, not in the filtered rows."""
-    from llmqueue.fit import read_csv
+    from llmqueue.studies.fit import read_csv
 
     path = tmp_path / "times.csv"
     path.write_text("kind,n_tokens,time_ms\na,1,1.0\nb,2,2.0\na,3,x\na,4,4.0\na,5,5.0\n")

@@ -13,19 +13,13 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import ConstantTime, LinearTime, StaircaseTime
-from llmqueue.engine import Engine
+from llmqueue.engines.reference import Engine
 from llmqueue.errors import PlanError
-from llmqueue.policies import (
-    FASTERTRANSFORMER,
-    ORCA,
-    SARATHI,
-    VLLM,
-    VLLM_CHUNKED,
-    EngineView,
-)
-from llmqueue.simulate import simulate
-from llmqueue.workload import Request
+from llmqueue.model.batchtime import ConstantTime, LinearTime, StaircaseTime
+from llmqueue.model.workload import Request
+from llmqueue.policies.fcfs import FASTERTRANSFORMER, ORCA, SARATHI, VLLM, VLLM_CHUNKED
+from llmqueue.policies.view import EngineView
+from llmqueue.sim.run import simulate
 
 from .helpers import BURST, TIES
 from .strategies import policies

@@ -13,14 +13,14 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import ConstantTime, LinearTime, PiecewiseTime
-from llmqueue.engine import Engine
+from llmqueue.engines.metrics import Recorder
+from llmqueue.engines.reference import Engine
 from llmqueue.errors import ConfigError
-from llmqueue.memory import KVCache, ModelShape, kv_bytes_per_token, parse_memory
-from llmqueue.metrics import Recorder
-from llmqueue.policies import ORCA, SARATHI, VLLM, VLLM_CHUNKED
-from llmqueue.simulate import simulate
-from llmqueue.workload import Request, fixed_requests
+from llmqueue.model.batchtime import ConstantTime, LinearTime, PiecewiseTime
+from llmqueue.model.memory import KVCache, ModelShape, kv_bytes_per_token, parse_memory
+from llmqueue.model.workload import Request, fixed_requests
+from llmqueue.policies.fcfs import ORCA, SARATHI, VLLM, VLLM_CHUNKED
+from llmqueue.sim.run import simulate
 
 from .helpers import NEVER_FITS, PREEMPT, TIES, WATERMARK
 from .strategies import SHIPPED, policies, workloads
@@ -229,7 +229,7 @@ def test_unlimited_memory_changes_nothing(requests, policy, k_max) -> None:
 @pytest.mark.parametrize("policy", [SARATHI, ORCA, VLLM_CHUNKED])
 def test_tight_memory_costs_latency_not_requests(policy) -> None:
     """Poisson load 0.6 with a cache for ~3 mean requests: all finish, some are preempted."""
-    from llmqueue.workload import make_workload
+    from llmqueue.model.specs import make_workload
 
     workload = make_workload("poisson", "lognormal:mean=200,sigma=0.5", "lognormal:mean=150,sigma=0.5",
                              rate_per_s=2.0)
@@ -255,8 +255,8 @@ def test_memory_binds_where_the_theory_says(prefill, decode, tokens, bt) -> None
     1.05 of its §4 limit the run is unstable while the same run without the limit is not; at
     0.6 of it both are stable. (Near the limit preemption thrash costs 13-22 %: the limit is an
     upper bound; the saturated rate, tests/test_saturation.py, is where stability ends.)"""
-    from llmqueue import theory
-    from llmqueue.workload import make_workload
+    from llmqueue.model.specs import make_workload
+    from llmqueue.theory import capacity as theory
 
     memory = KVCache(tokens, block_tokens=16, watermark=0.01)
     probe = make_workload("poisson", prefill, decode, rate_per_s=1.0)
@@ -278,7 +278,7 @@ def test_memory_binds_where_the_theory_says(prefill, decode, tokens, bt) -> None
 
 def test_memory_batch_limit_closed_form() -> None:
     """Usable (2000 - 20) blocks x 16 tokens over a footprint p + (d + 1)/2 + 7.5 tokens."""
-    from llmqueue import theory
+    from llmqueue.theory import capacity as theory
 
     memory = KVCache(32000, block_tokens=16, watermark=0.01)
     assert theory.memory_batch_limit(memory, 64, 512) == int(1980 * 16 // (64 + 256.5 + 7.5))
@@ -292,7 +292,7 @@ def test_cli_memory_warning_region_and_bad_spec() -> None:
 
     from click.testing import CliRunner
 
-    from llmqueue.cli import cli
+    from llmqueue.cli.app import cli
 
     args = ["--prefill", "64", "--decode", "512", "--batch-time", "linear:c=10,a=0.05",
             "--memory", "tokens=32000", "--rate", "12.8", "--json"]

@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import ConstantTime, StaircaseTime
-from llmqueue.metrics import LogHistogram, Recorder, TimeBins, ValueCounts
-from llmqueue.policies import SARATHI, VLLM
-from llmqueue.simulate import simulate
-from llmqueue.workload import Request, make_workload
+from llmqueue.engines.metrics import LogHistogram, Recorder, TimeBins, ValueCounts
+from llmqueue.model.batchtime import ConstantTime, StaircaseTime
+from llmqueue.model.specs import make_workload
+from llmqueue.model.workload import Request
+from llmqueue.policies.fcfs import SARATHI, VLLM
+from llmqueue.sim.run import simulate
 
 segments = st.lists(
     st.tuples(st.floats(0.0, 500.0), st.floats(0.0, 1e4)), min_size=1, max_size=60

@@ -13,12 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmqueue import ConstantTime, simulate
-from llmqueue.engine import Job, check_plan
+from llmqueue import ConstantTime
+from llmqueue.engines.fast import needs_reference
+from llmqueue.engines.reference import Job, check_plan
 from llmqueue.errors import ConfigError
-from llmqueue.fastengine import needs_reference
-from llmqueue.policies import ClassPriority, EngineView, MaxPressure
-from llmqueue.workload import Request
+from llmqueue.model.workload import Request
+from llmqueue.policies.network import ClassPriority, MaxPressure
+from llmqueue.policies.view import EngineView
+from llmqueue.sim.run import simulate
 
 CLASSES = ("A.short", "A.long", "B.short", "B.long", "C", "")
 

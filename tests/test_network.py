@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmqueue.cli import main
+from llmqueue.cli.app import main
 from llmqueue.errors import ConfigError
-from llmqueue.netsim import _Run, simulate_network
-from llmqueue.network import Network, analyze, parse_network, visit_counts
-from llmqueue.reproduce import BAD, GOOD, rs_network
+from llmqueue.model.network import Network, parse_network, visit_counts
+from llmqueue.paper.reproduce import BAD, GOOD, rs_network
+from llmqueue.sim.network import _Run, simulate_network
+from llmqueue.theory.network import analyze
 
 from .helpers import SometimesZero, examples, run_cli
 
@@ -271,7 +272,7 @@ def test_network_cli(tmp_path, capsys) -> None:
 def test_overrides_and_oversized_prompts_are_in_the_analysis() -> None:
     """A run with vanilla vLLM put in by override is warned about like one from the file, and a
     prompt that can exceed the budget of a non-chunking engine is named."""
-    from llmqueue.policies import make_policy
+    from llmqueue.policies.fcfs import make_policy
 
     data = fork_join(1.0)
     data["classes"]["task"]["nodes"]["review"]["prefill"] = "uniform:100,700"  # > b = 512 possible
@@ -318,7 +319,7 @@ def test_compiled_network_engines_match_the_python_engines(scale, p_back, drain_
 
 def test_mixed_compiled_and_python_engines_match() -> None:
     """Max-pressure (Python) engines next to compiled ones, ties at shared instants included."""
-    from llmqueue.policies import make_policy
+    from llmqueue.policies.fcfs import make_policy
 
     data = fork_join(3.0, p_back=0.2)
     data["engines"]["sub"]["policy"] = "max-pressure"
@@ -442,7 +443,7 @@ def test_compiled_routing_is_the_python_routing_on_random_networks(case) -> None
 def test_every_resumable_step_of_the_compiled_routing(monkeypatch) -> None:
     """With the network loop's buffers and pools started at one entry, it returns to the driver
     for each kind of need (growth, refill, drain, horizon) again and again; the run stays exact."""
-    from llmqueue import compiled, kernel
+    from llmqueue.engines import compiled, kernel
 
     for name in ("START_TOKENS", "START_FRAMES", "START_PENDING", "LATENCY_ROOM", "DRAW_CHUNKS"):
         monkeypatch.setattr(compiled.NetworkLoop, name, 1)
@@ -559,8 +560,8 @@ def test_tight_memory_engine_completes_every_request_and_preempts() -> None:
 def _records(net: Network, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict, dict]:
     """(to_dict, every engine's request records, every class's end-to-end latencies) of a run on the
     reference engines (seed 5, 200 requests), with the per-request records kept."""
-    from llmqueue import netsim
-    from llmqueue.metrics import Recorder
+    from llmqueue.engines.metrics import Recorder
+    from llmqueue.sim import network as netsim
 
     monkeypatch.setattr(netsim, "Recorder", lambda keep_requests: Recorder(keep_requests=True))
     r = _Run(net, analyze(net), 5, 200, None, None, {}, "reference")
@@ -621,8 +622,8 @@ def test_a_visit_the_cache_cannot_hold_loses_its_request() -> None:
 def test_memory_engines_pick_their_engine_in_one_place() -> None:
     """``engine_kind`` runs a memory engine on the fast engine (the reference one when forced or
     when its policy needs it); a forced compiled run is refused in one line."""
-    from llmqueue import netsim
-    from llmqueue.policies import make_policy
+    from llmqueue.policies.fcfs import make_policy
+    from llmqueue.sim import network as netsim
 
     net = parse_network(chat_loop(5.0, "tokens=4096"))
     gen, judge = net.engines["gen"], net.engines["judge"]

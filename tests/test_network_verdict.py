@@ -14,14 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmqueue import make_workload, simulate
-from llmqueue.batchtime import CompositionTime, MixTime, parse_batch_time
+from llmqueue import make_workload
 from llmqueue.errors import ConfigError
-from llmqueue.netsim import NetworkResult, engine_kind, network_policy, predict_network, simulate_network
-from llmqueue.network import Network, analyze, load_network, parse_network
-from llmqueue.policies import ClassPriority, make_policy
-from llmqueue.reproduce import BAD, GOOD, rs_network
-from llmqueue.stability import Observation, network_verdict
+from llmqueue.model.batchtime import CompositionTime, MixTime, parse_batch_time
+from llmqueue.model.network import Network, load_network, parse_network
+from llmqueue.paper.reproduce import BAD, GOOD, rs_network
+from llmqueue.policies.fcfs import make_policy
+from llmqueue.policies.network import ClassPriority
+from llmqueue.sim.network import NetworkResult, engine_kind, network_policy, predict_network, simulate_network
+from llmqueue.sim.run import simulate
+from llmqueue.theory.network import analyze
+from llmqueue.theory.stability import Observation, network_verdict
 
 from .helpers import run_cli, run_json
 

@@ -11,13 +11,13 @@ import math
 import pytest
 from rich.console import Console
 
-from llmqueue.batchtime import ConstantTime, StaircaseTime
-from llmqueue.cli import _compare_table
+from llmqueue.cli.app import _compare_table
 from llmqueue.errors import ConfigError
-from llmqueue.policies import SARATHI, VLLM, VLLM_CHUNKED
-from llmqueue.simulate import simulate
-from llmqueue.slo import is_deterministic, max_rate_under_slo, max_steps
-from llmqueue.workload import make_workload
+from llmqueue.model.batchtime import ConstantTime, StaircaseTime
+from llmqueue.model.specs import make_workload
+from llmqueue.policies.fcfs import SARATHI, VLLM, VLLM_CHUNKED
+from llmqueue.sim.run import simulate
+from llmqueue.studies.slo import is_deterministic, max_rate_under_slo, max_steps
 
 from .helpers import SHARED_DATA, run_cli
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmqueue.batchtime import ConstantTime
-from llmqueue.policies import FASTERTRANSFORMER, ORCA, SARATHI, VLLM
-from llmqueue.simulate import simulate
-from llmqueue.workload import Request
+from llmqueue.model.batchtime import ConstantTime
+from llmqueue.model.workload import Request
+from llmqueue.policies.fcfs import FASTERTRANSFORMER, ORCA, SARATHI, VLLM
+from llmqueue.sim.run import simulate
 
 NAMES = "ABCDE"
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmqueue import realfig1 as rf
 from llmqueue.errors import ConfigError
-from llmqueue.policies import SARATHI
-from llmqueue.simulate import simulate
+from llmqueue.paper import realfig1 as rf
+from llmqueue.policies.fcfs import SARATHI
+from llmqueue.sim.run import simulate
 
 from .helpers import SHARED_DATA, run_cli
 
@@ -224,7 +224,7 @@ def test_summary_errors_name_the_policys_line(tmp_path: Path, comp: rf.Compariso
 def test_iteration_times_refuse_terms_the_log_cannot_feed() -> None:
     """iterations.csv has no KV-token or logit-row counts: a model with those terms is refused,
     one without them times every logged iteration."""
-    from llmqueue.batchtime import CompositionTime
+    from llmqueue.model.batchtime import CompositionTime
 
     ones = np.ones(3)
     plain = CompositionTime(c=1.0, prefill=0.5, decode=0.25, chunk=2.0, floor=3.0)

@@ -1,4 +1,4 @@
-"""The §4 batch-size-limit region (llmqueue.region): geometry, loads, vertex C, simulation, plot."""
+"""The §4 batch-size-limit region (llmqueue.theory.region): geometry, loads, vertex C, simulation, plot."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmqueue import theory
-from llmqueue.batchtime import LinearTime, PiecewiseTime, StaircaseTime
 from llmqueue.errors import ConfigError
-from llmqueue.policies import POLICY_NAMES, SARATHI, make_policy
-from llmqueue.region import OperatingPoint, Region, plot_region, region
-from llmqueue.simulate import simulate
-from llmqueue.workload import make_workload
+from llmqueue.model.batchtime import LinearTime, PiecewiseTime, StaircaseTime
+from llmqueue.model.specs import make_workload
+from llmqueue.policies.fcfs import POLICY_NAMES, SARATHI, make_policy
+from llmqueue.sim.run import simulate
+from llmqueue.theory import capacity as theory
+from llmqueue.theory.region import OperatingPoint, Region, plot_region, region
 
 from .helpers import examples
 

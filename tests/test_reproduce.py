@@ -1,4 +1,4 @@
-"""llmqueue.reproduce: each target writes its figures and report; the paper's claims hold (quick)."""
+"""llmqueue.paper.reproduce: each target writes its figures and report; the paper's claims hold (quick)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llmqueue.errors import ConfigError
-from llmqueue.reproduce import TARGETS, Report, reproduce
+from llmqueue.paper.reproduce import TARGETS, Report, reproduce
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TABLE_HEADER = "| claim | paper | llmqueue measured | holds? |"

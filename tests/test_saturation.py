@@ -1,4 +1,4 @@
-"""Capacity by the saturation rule (``llmqueue.saturation``).
+"""Capacity by the saturation rule (``llmqueue.studies.saturation``).
 
 The saturated engine's rate is where stability ends on the two memory-bound workloads of
 docs/memory.md: Poisson arrivals at 0.95 of it are stable, at 1.05 unstable, although both lie
@@ -18,15 +18,15 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmqueue import theory
-from llmqueue.batchtime import BatchTime, LinearTime, PiecewiseTime
-from llmqueue.cli import cli
+from llmqueue.cli.app import cli
 from llmqueue.errors import ConfigError
-from llmqueue.memory import KVCache
-from llmqueue.policies import SARATHI
-from llmqueue.saturation import SaturationResult, saturated_throughput
-from llmqueue.simulate import simulate
-from llmqueue.workload import make_workload, parse_size
+from llmqueue.model.batchtime import BatchTime, LinearTime, PiecewiseTime
+from llmqueue.model.memory import KVCache
+from llmqueue.model.specs import make_workload, parse_size
+from llmqueue.policies.fcfs import SARATHI
+from llmqueue.sim.run import simulate
+from llmqueue.studies.saturation import SaturationResult, saturated_throughput
+from llmqueue.theory import capacity as theory
 
 LOGNORMAL = "lognormal:mean=300,sigma=0.6"
 

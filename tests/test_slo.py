@@ -10,10 +10,12 @@ import math
 
 import pytest
 
-from llmqueue.batchtime import StaircaseTime
 from llmqueue.errors import ConfigError
-from llmqueue.policies import FASTERTRANSFORMER, SARATHI
-from llmqueue.slo import (
+from llmqueue.model.batchtime import StaircaseTime
+from llmqueue.model.specs import make_workload
+from llmqueue.model.workload import Workload
+from llmqueue.policies.fcfs import FASTERTRANSFORMER, SARATHI
+from llmqueue.studies.slo import (
     SLO_METRICS,
     SLOCapacity,
     best_budget_for_slo,
@@ -21,7 +23,6 @@ from llmqueue.slo import (
     max_rate_under_slo,
     parse_slo,
 )
-from llmqueue.workload import Workload, make_workload
 
 CODELLAMA = StaircaseTime(11.28, 35.47, 128)
 WORKLOAD = ("poisson", "129", "112")

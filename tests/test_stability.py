@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from llmqueue import theory
-from llmqueue.batchtime import StaircaseTime
-from llmqueue.policies import FASTERTRANSFORMER, ORCA, SARATHI, VLLM
-from llmqueue.simulate import simulate
-from llmqueue.stability import predict
-from llmqueue.workload import make_workload
+from llmqueue.model.batchtime import StaircaseTime
+from llmqueue.model.specs import make_workload
+from llmqueue.policies.fcfs import FASTERTRANSFORMER, ORCA, SARATHI, VLLM
+from llmqueue.sim.run import simulate
+from llmqueue.theory import capacity as theory
+from llmqueue.theory.stability import predict
 
 CODELLAMA = StaircaseTime(11.28, 35.47, 128)
 

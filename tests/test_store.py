@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-import llmqueue.sweep as sweep_module
-from llmqueue.configfile import read_table
+import llmqueue.studies.sweep as sweep_module
 from llmqueue.errors import ConfigError, LLMQueueError
-from llmqueue.fileio import atomic_write, atomic_write_text
-from llmqueue.store import Owner, Store, StoreWriteError, results_table, run_key
-from llmqueue.sweep import expand, parse_config, run_sweep
+from llmqueue.io.configfile import read_table
+from llmqueue.io.fileio import atomic_write, atomic_write_text
+from llmqueue.io.store import Owner, Store, StoreWriteError, results_table, run_key
+from llmqueue.studies.sweep import expand, parse_config, run_sweep
 
 from .helpers import run_cli
 
@@ -394,7 +394,7 @@ def test_the_default_table_fits_120_columns_without_cutting_numbers(tmp_path, ca
                                                                     memory) -> None:
     path = tmp_path / "wide.sqlite"
     _wide_store(path, memory)
-    monkeypatch.setattr("llmqueue.cli._console", lambda: Console(width=120))
+    monkeypatch.setattr("llmqueue.cli.app._console", lambda: Console(width=120))
     code, out, _ = run_cli(capsys, "results", str(path))
     assert code == 0
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= 120

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from llmqueue.batchtime import parse_batch_time
-from llmqueue.cli import main
+from llmqueue.cli.app import main
 from llmqueue.errors import ConfigError
-from llmqueue.policies import make_policy
-from llmqueue.simulate import simulate
-from llmqueue.store import Store, run_key
-from llmqueue.sweep import expand, grid_size, load_config, parse_config, run_sweep
-from llmqueue.workload import make_workload
+from llmqueue.io.store import Store, run_key
+from llmqueue.model.batchtime import parse_batch_time
+from llmqueue.model.specs import make_workload
+from llmqueue.policies.fcfs import make_policy
+from llmqueue.sim.run import simulate
+from llmqueue.studies.sweep import expand, grid_size, load_config, parse_config, run_sweep
 
 from .helpers import run_cli
 
@@ -317,7 +317,7 @@ def test_default_keys_are_unchanged_by_the_memory_axis() -> None:
 
 
 def test_results_table_shows_memory_columns_only_when_a_run_had_a_cache() -> None:
-    from llmqueue.cli import SWEEP_COLUMNS, _sweep_columns
+    from llmqueue.cli.app import SWEEP_COLUMNS, _sweep_columns
 
     assert _sweep_columns([{"memory": None}, {}]) == list(SWEEP_COLUMNS)
     columns = _sweep_columns([{"memory": None}, {"memory": "tokens=6000"}])

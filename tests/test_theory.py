@@ -9,7 +9,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from llmqueue.batchtime import (
+from llmqueue.errors import ConfigError
+from llmqueue.model.batchtime import (
     BatchTime,
     ConstantTime,
     LinearTime,
@@ -17,8 +18,7 @@ from llmqueue.batchtime import (
     StaircaseTime,
     TableTime,
 )
-from llmqueue.errors import ConfigError
-from llmqueue.theory import (
+from llmqueue.theory.capacity import (
     BudgetChoice,
     best_budget,
     capacity_tokens_per_ms,

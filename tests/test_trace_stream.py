@@ -12,18 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmqueue import workload as workload_module
 from llmqueue.errors import ConfigError
-from llmqueue.traces import load_request_trace
-from llmqueue.workload import (
-    CHUNK_SIZE,
-    Empirical,
-    TokenCounts,
-    TraceArrivals,
-    make_workload,
-    parse_arrival,
-    parse_size,
-)
+from llmqueue.model import workload as workload_module
+from llmqueue.model.specs import make_workload, parse_arrival, parse_size
+from llmqueue.model.traces import load_request_trace
+from llmqueue.model.workload import CHUNK_SIZE, Empirical, TokenCounts, TraceArrivals
 
 from .conftest import SHARED_DATA
 from .helpers import run_cli

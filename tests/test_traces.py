@@ -1,4 +1,4 @@
-"""Tests of llmqueue.traces: the three trace formats on the real data files, windows, rate scaling,
+"""Tests of llmqueue.model.traces: the three trace formats on the real data files, windows, rate scaling,
 trace specs as workloads, statistics, fitted distributions, the ``trace`` commands and bad input."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from llmqueue.errors import ConfigError
-from llmqueue.traces import (
+from llmqueue.model.specs import make_workload, parse_arrival, parse_size
+from llmqueue.model.traces import (
     RequestTrace,
     TraceFit,
     fit_lengths,
@@ -28,9 +29,10 @@ from llmqueue.traces import (
     read_vllm_log,
     size_cdf,
     size_quantile,
+    trace_arrivals,
     trace_stats,
 )
-from llmqueue.workload import (
+from llmqueue.model.workload import (
     Constant,
     Empirical,
     GammaArrivals,
@@ -40,9 +42,6 @@ from llmqueue.workload import (
     SizeDist,
     TraceArrivals,
     Uniform,
-    make_workload,
-    parse_arrival,
-    parse_size,
 )
 
 from .conftest import SHARED_DATA
@@ -253,10 +252,10 @@ def test_rate_scaling_is_exact_for_every_format(tmp_path: Path, which: str, rate
     assert [r.decode_tokens for r in requests] == plain.decode.tolist()
 
 
-def test_trace_arrivals_load_reads_every_format() -> None:
-    replay = TraceArrivals.load(VLLM, 2.0)
+def test_trace_arrivals_reads_every_format() -> None:
+    replay = trace_arrivals(VLLM, 2.0)
     assert len(replay) == 300 and replay.rate_per_s == pytest.approx(2.0, rel=1e-12)
-    assert TraceArrivals.load(CONV).spec == f"trace:{CONV}"  # plain CSV specs are unchanged
+    assert trace_arrivals(CONV).spec == f"trace:{CONV}"  # plain CSV specs are unchanged
 
 
 def test_busiest_window_on_real_trace(conv: RequestTrace) -> None:

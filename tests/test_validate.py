@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llmqueue.batchtime import BatchShape, CompositionTime
-from llmqueue.cli import main
+from llmqueue.cli.app import main
 from llmqueue.errors import ConfigError
-from llmqueue.policies import VLLM_CHUNKED
-from llmqueue.profile import (
+from llmqueue.model.batchtime import BatchShape, CompositionTime
+from llmqueue.model.profile import (
     LAYER_KERNELS,
     LLAMA31_8B,
     MODEL_KERNELS,
@@ -29,9 +28,10 @@ from llmqueue.profile import (
     parse_profile_spec,
     scale_factors,
 )
-from llmqueue.simulate import simulate
-from llmqueue.validate import load_batch_time, memory_for, prepare, read_run, validate
-from llmqueue.workload import Request
+from llmqueue.model.workload import Request
+from llmqueue.policies.fcfs import VLLM_CHUNKED
+from llmqueue.sim.run import simulate
+from llmqueue.studies.validate import load_batch_time, memory_for, prepare, read_run, validate
 
 from .conftest import SHARED_DATA
 

@@ -36,7 +36,7 @@ def test_vanilla_vllm_backlog_slope_lies_in_the_simulated_spread() -> None:
     """Vanilla vLLM at this load is near its knee, so one arrival stream's slope is noisy: over 9
     streams the simulated slope is 428-1,182 tokens/s (median 840), unstable in 7 and
     inconclusive in 2. The measured 1,087 lies inside that spread, not on any one stream's value."""
-    from llmqueue.policies import VLLM
+    from llmqueue.policies.fcfs import VLLM
 
     measured = None
     slopes, verdicts = [], []

@@ -1,4 +1,4 @@
-"""Tests of llmqueue.workload: exact means, spec round trips, arrivals, determinism, bad input."""
+"""Tests of llmqueue.model.workload: exact means, spec round trips, arrivals, determinism, bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from scipy import special
 
 from llmqueue.errors import ConfigError
-from llmqueue.workload import (
+from llmqueue.model.specs import make_workload, parse_arrival, parse_size
+from llmqueue.model.workload import (
     CHUNK_SIZE,
     Constant,
     DeterministicArrivals,
@@ -29,9 +30,6 @@ from llmqueue.workload import (
     Workload,
     fixed_requests,
     load_trace,
-    make_workload,
-    parse_arrival,
-    parse_size,
 )
 
 DATA = Path(__file__).parent / "data"

@@ -1,0 +1,966 @@
+"""Driver of the compiled event loop (``llmqueue.engines.kernel``): feeds arrivals, collects outputs.
+
+``simulate(..., engine="auto")`` uses it for the shipped policies (``KFCFS`` and ``VLLMChunked``
+instances, not subclasses) when numba is installed (``pip install 'llmqueue[fast]'``), with or
+without a KV cache; otherwise the pure-Python fast engine runs, with the same results. Arrivals
+come in numpy chunks and finished requests leave in numpy chunks, so the loop never builds a
+Python object per request.
+
+In a network, ``KernelEngine`` gives one engine the interface of the Python network loop, and
+``NetworkLoop`` runs a network whose engines are all compiled with the routing compiled as well
+(engines without a KV cache only: the network simulator runs those with one on the fast engine).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib.util import find_spec
+from typing import NoReturn
+
+import numpy as np
+
+from llmqueue.engines.metrics import Recorder, RequestRecord
+from llmqueue.errors import ConfigError
+from llmqueue.model.batchtime import BatchTime
+from llmqueue.model.memory import KVCache
+from llmqueue.model.network import EXIT, Network
+from llmqueue.model.workload import CHUNK_SIZE, Request
+from llmqueue.policies.fcfs import KFCFS, VLLMChunked
+
+MAX_BUDGET = 1 << 17
+"""Largest token budget the compiled loop takes (it tabulates t(n) for n = 1..budget)."""
+
+SLOTTED_MARGIN = 64
+"""Prompts and waiting decoders kept in slots beyond the depth a step can reach (the rest of each
+queue is compact records: ``llmqueue.engines.kernel``, "Compact tails"). Any value >= 0 gives the same
+results; tests lower it to 0 to move requests in and out of the compact tails often."""
+
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Arrivals in time order: (ids int64, arrival_ms float64, prefill int64, decode int64)."""
+_NO_ARRIVALS: Chunk = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+@cache
+def available() -> bool:
+    """Whether numba is installed (the ``fast`` extra; looked up once per process)."""
+    return find_spec("numba") is not None
+
+
+def needs_compiling() -> bool:
+    """Whether the next compiled run compiles the event loop first (a minute or two on a slow
+    machine): numba has no up-to-date on-disk cache of it and this process has not compiled it.
+    Best effort (it reads where numba keeps its cache); False without numba."""
+    if not available():
+        return False
+    from llmqueue.engines import kernel  # imports numba: only when a compiled run is about to happen
+
+    if kernel.run.signatures:
+        return False
+    try:
+        index = kernel.run._cache._cache_file._index_path
+        return not os.path.exists(index) or os.path.getmtime(index) < os.path.getmtime(kernel.__file__)
+    except (AttributeError, OSError):
+        return True
+
+
+def supports(policy: object, budget: int, keep_batches: bool) -> bool:
+    """Whether the compiled loop can run this setting (else the Python fast engine does)."""
+    return (
+        type(policy) in (KFCFS, VLLMChunked)
+        and not keep_batches
+        and isinstance(budget, int)
+        and 1 <= budget <= MAX_BUDGET
+        and available()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a compiled run ended (what ``simulate`` needs besides the recorder)."""
+
+    end_ms: float
+    cut: bool
+    blocked_since_ms: float | None
+    in_system: int
+    pending: tuple[RequestRecord, ...]
+
+
+def _policy_params(policy: KFCFS | VLLMChunked, budget: int, k_max: int | None,
+                   memory: KVCache | None = None) -> np.ndarray:
+    """The kernel's fixed parameters: the policy's knobs, the batch limits and the KV cache."""
+    from llmqueue.engines import kernel as K
+
+    pol = np.zeros(K.N_POL, dtype=np.int64)
+    pol[K.P_BUDGET] = budget
+    pol[K.P_KMAX] = 0 if k_max is None else k_max
+    if memory is not None:
+        pol[K.P_BLOCK] = memory.block_tokens
+        pol[K.P_KV_TOTAL] = memory.total_blocks
+        pol[K.P_KV_FLOOR] = memory.watermark_blocks
+    if isinstance(policy, KFCFS):
+        pol[K.P_KIND] = K.KIND_KFCFS
+        pol[K.P_DECODE_FIRST] = int(policy.priority == "decode")
+        pol[K.P_MIXED] = int(policy.mixed)
+        pol[K.P_CHUNKED] = int(policy.chunked)
+        pol[K.P_KP] = 0 if policy.k_p is None else policy.k_p
+        pol[K.P_KD] = 0 if policy.k_d is None else policy.k_d
+    else:
+        pol[K.P_KIND] = K.KIND_VLLM_CHUNKED
+    return pol
+
+
+def _batch_time_table(batch_time: BatchTime, budget: int) -> np.ndarray:
+    """t(n) for n = 0..budget; NaN where the model fails (reported only if such a batch runs)."""
+    table = np.full(budget + 1, math.nan)
+    for n in range(1, budget + 1):
+        try:
+            table[n] = float(batch_time(n))
+        except Exception:
+            table[n] = math.nan
+    return table
+
+
+def _grown(a: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
+    """``a`` with ``size`` entries along ``axis`` (the old ones copied, the new ones zero)."""
+    shape = list(a.shape)
+    shape[axis] = size
+    out = np.zeros(shape, dtype=a.dtype)
+    out[tuple(slice(n) for n in a.shape)] = a
+    return out
+
+
+def _resized(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with ``rows`` rows, the old ones kept and the new ones zero, resized in place: numpy
+    reallocates the buffer, which for a large array remaps its pages instead of copying them, so
+    the old and the new buffers do not coexist. Nothing may keep a view of ``a`` across this (the
+    kernel's typed lists of a network are set again after growth)."""
+    a.resize((rows, *a.shape[1:]), refcheck=False)
+    return a
+
+
+def _shift_rows(a: np.ndarray, lo: int, hi: int, by: int) -> None:
+    """Move rows ``lo:hi`` of ``a`` to ``lo + by:hi + by``, from the end in blocks of at most ``by``
+    rows (a block and its destination never overlap, so numpy needs no temporary copy)."""
+    while hi > lo:
+        start = max(lo, hi - by)
+        a[start + by : hi + by] = a[start:hi]
+        hi = start
+
+
+def _free_list(free_list: np.ndarray, n_free: int, capacity: int) -> tuple[np.ndarray, int]:
+    """A stack of free indices grown from ``free_list.size`` to ``capacity`` entries: the
+    ``n_free`` free ones kept, the new indices pushed above them (the lowest on top). Returns
+    the stack and its new length."""
+    old = free_list.shape[0]
+    out = np.zeros(capacity, dtype=np.int64)
+    out[:n_free] = free_list[:n_free]
+    out[n_free : n_free + capacity - old] = np.arange(capacity - 1, old - 1, -1)
+    return out, n_free + capacity - old
+
+
+class _State:
+    """The kernel's arrays (see ``llmqueue.engines.kernel`` for the layout), growable.
+
+    Memory: each request in a slot costs about 300 bytes (13 + 3 slot columns, 13 queue rows, 8 heap
+    entries), each compact record 48 bytes (56 in a network). Slots are needed only near the head
+    of the queues (about 3 budget + the margin, plus, with a KV cache, the requests holding blocks),
+    so in overload the compact tails hold nearly everyone.
+    """
+
+    MIN_ROOM = 1 << 14
+    """Least room of the output buffers (finished requests, inter-token latencies)."""
+    START_SLOTS = 1024
+    """Request slots at first."""
+    START_RING = 1024
+    """Records each compact tail holds at first."""
+    SLOT_GROWTH = 1.5
+    """Slots grow by this factor at least."""
+    RING_GROWTH = 1.25
+    """The compact tails grow by this factor at least (they hold nearly all of an unstable run's
+    requests, so their slack is what counts)."""
+
+    def __init__(self, policy: KFCFS | VLLMChunked, batch_time: BatchTime, budget: int,
+                 k_max: int | None, memory: KVCache | None = None, network: bool = False) -> None:
+        from llmqueue.engines import kernel as K
+
+        self.K = K
+        self.batch_time = batch_time
+        block = 0 if memory is None else memory.block_tokens
+        self.si = np.zeros(K.N_SI + 2 * block + 1, dtype=np.int64)  # KV tail: see kernel.KV
+        self.sf = np.zeros(K.N_SF)
+        self.sf[K.BATCH_END] = math.inf
+        self.sf[K.HORIZON] = math.inf
+        self.sf[K.BIN_WIDTH] = 1.0
+        self.si[K.A_FINAL] = 0
+        self.cap = 0
+        self.slot_i = np.zeros((0, K.N_RI), dtype=np.int64)
+        self.slot_f = np.zeros((0, K.N_RF))
+        self.q = np.zeros((K.N_Q, 0), dtype=np.int64)
+        self.heap = np.zeros((4, 0), dtype=np.int64)
+        self.grow(self.START_SLOTS)
+        # compact tails (kernel, "Compact tails"): prompts, and waiting decoders (none with a KV cache)
+        n_int = K.N_LZI + int(network)  # the network token (LZ_TOK) only in a network
+        self.lp_i = np.zeros((self.START_RING, n_int), dtype=np.int64)
+        self.lp_f = np.zeros((self.START_RING, K.N_LZF))
+        waiting = 0 if memory is not None else self.START_RING
+        self.lw_i = np.zeros((waiting, n_int), dtype=np.int64)
+        self.lw_f = np.zeros((waiting, K.N_LZF))
+        self.pol = _policy_params(policy, budget, k_max, memory)
+        self.pol[K.P_MARGIN] = SLOTTED_MARGIN
+        if memory is not None:
+            self.si[K.KV_FREE] = memory.total_blocks
+        self.t_table = _batch_time_table(batch_time, budget)
+        self.ends = np.zeros(K.MAX_REPEAT)
+        self.targets = np.zeros(K.MAX_REPEAT, dtype=np.int64)
+        self.bins = np.zeros(2048)
+        # one step writes at most (served decoders + planned prompts + joiners + 4) <= 3 b + 4
+        # records and ITL entries, so the kernel's "need room" always leaves room once drained
+        room = max(self.MIN_ROOM, 4 * budget + 64)
+        self.out_f = np.zeros((room, 3))
+        self.out_i = np.zeros((room, 5), dtype=np.int64)  # slot, id, prefill, decode, token
+        self.itl = np.zeros((2, room))
+        self.kernel_args = self._kernel_args()
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` requests in slots (rings are unwrapped). One array at a time, each
+        old one released before the next grows, and only what is in use is copied."""
+        K, si, old = self.K, self.si, self.cap
+        q = np.zeros((K.N_Q, capacity), dtype=np.int64)
+        used = ((K.Q_SERVED, si[K.SV_LEN]), (K.Q_JOIN, si[K.JN_LEN]), (K.Q_PLAN_SLOT, si[K.PP_LEN]),
+                (K.Q_PLAN_TOK, si[K.PP_LEN]), (K.Q_PLAN_C, si[K.PP_LEN]))  # the other rows: scratch
+        for row, n in used:
+            q[row, :n] = self.q[row, :n]
+        for row, head, length in ((K.Q_PREFILL, K.PQ_HEAD, K.PQ_LEN), (K.Q_WAIT, K.WQ_HEAD, K.WQ_LEN)):
+            n = si[length]
+            if n:
+                q[row, :n] = self.q[row, (si[head] + np.arange(n)) % old]
+            si[head] = 0
+        q[K.Q_FREE], si[K.N_FREE] = _free_list(self.q[K.Q_FREE], int(si[K.N_FREE]), capacity)
+        self.q = q
+        heap = np.zeros((4, 2 * capacity), dtype=np.int64)
+        heap[:, : si[K.HP_LEN]] = self.heap[:, : si[K.HP_LEN]]
+        self.heap = heap
+        self.slot_i = _resized(self.slot_i, capacity)
+        self.slot_f = _resized(self.slot_f, capacity)
+        self.cap = capacity
+
+    def _grow_ring(self, name: str, head: int, length: int, capacity: int) -> None:
+        """A compact tail (``lp`` or ``lw``) with room for ``capacity`` records, resized in place;
+        a ring that wraps has its records from the head to the old end moved to the new end."""
+        si = self.si
+        ints, floats = getattr(self, name + "_i"), getattr(self, name + "_f")
+        h, n, old = int(si[head]), int(si[length]), ints.shape[0]
+        for a in (ints, floats):
+            _resized(a, capacity)
+            if h + n > old:
+                _shift_rows(a, h, old, capacity - old)
+        if h + n > old:
+            si[head] = h + capacity - old
+
+    def more_slots(self) -> None:
+        """Grow what the kernel found short (it returned ``NEED_SLOTS``; ``si[WANT_*]`` say what):
+        the slots by ``SLOT_GROWTH``, a compact tail by ``RING_GROWTH``, or more if asked."""
+        K, si = self.K, self.si
+        short = int(si[K.WANT_FREE] - si[K.N_FREE])
+        if short > 0:
+            self.grow(max(self.cap + short, math.ceil(self.cap * self.SLOT_GROWTH)))
+        for name, head, length, want in (("lp", K.LP_HEAD, K.LP_LEN, K.WANT_LP),
+                                         ("lw", K.LW_HEAD, K.LW_LEN, K.WANT_LW)):
+            rows = getattr(self, name + "_i").shape[0]
+            if si[want] > rows:
+                self._grow_ring(name, head, length,
+                                max(int(si[want]), math.ceil(rows * self.RING_GROWTH)))
+        si[K.WANT_FREE] = si[K.WANT_LP] = si[K.WANT_LW] = 0
+        self.kernel_args = self._kernel_args()
+
+    def _kernel_args(self) -> tuple[np.ndarray, ...]:
+        return (self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.t_table,
+                self.ends, self.targets, self.bins, self.out_f, self.out_i, self.itl, self.lp_i,
+                self.lp_f, self.lw_i, self.lw_f)
+
+    def call(self, arrivals: Chunk, on_room: Callable[[], None]) -> int:
+        """Run the kernel on ``arrivals`` (ids, arrival_ms, prefill, decode) until it needs the
+        caller: slots are grown and output room made (``on_room`` drains) here; returns the code."""
+        K = self.K
+        ids, arrival_ms, prefill, decode = arrivals
+        while True:
+            code = K.run(*self.kernel_args, arrival_ms, prefill, decode, ids, ids)
+            if code == K.NEED_ROOM:
+                on_room()
+            elif code == K.NEED_SLOTS:
+                self.more_slots()
+            elif code == K.BAD_BATCH_TIME:
+                self.bad_batch_time()
+            else:
+                return code
+
+    def bad_batch_time(self) -> NoReturn:
+        """Raise for the batch size the kernel found no valid time for (``BAD_BATCH_TIME``)."""
+        n = int(self.si[self.K.ERR_N])
+        value = self.batch_time(n)  # re-raises the model's own error, if it has one
+        raise ConfigError("batch-time", value, f"t({n}) must be a positive finite time")
+
+    def stop(self, horizon_ms: float) -> None:
+        """The kernel's ``stop`` at the horizon (the output buffers were drained before)."""
+        self.K.stop(self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.ends,
+                    self.targets, self.bins, self.out_f, self.out_i, self.itl, self.lp_i, horizon_ms)
+
+    def next_times(self) -> tuple[float, float]:
+        """(end of the running batch run, immediate start): each inf when there is none."""
+        K, si, sf = self.K, self.si, self.sf
+        if si[K.ACTIVE]:
+            return float(sf[K.BATCH_END]), math.inf
+        if si[K.IN_SYSTEM] and not si[K.BLOCKED]:
+            return math.inf, float(sf[K.NOW])
+        return math.inf, math.inf
+
+
+def _drain(state: _State, recorder: Recorder) -> None:
+    """Move finished requests and inter-token latencies into the recorder."""
+    K, si = state.K, state.si
+    n = int(si[K.N_OUT])
+    if n:
+        recorder.requests_done(
+            state.out_i[:n, 1], state.out_f[:n, 0], state.out_f[:n, 1], state.out_f[:n, 2],
+            state.out_i[:n, 2], state.out_i[:n, 3],
+        )
+        si[K.N_OUT] = 0
+    g = int(si[K.N_ITL])
+    if g:
+        values, inverse = np.unique(state.itl[0, :g], return_inverse=True)
+        counts = np.bincount(inverse, weights=state.itl[1, :g])
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            recorder.itl.add(value, int(count))
+        si[K.N_ITL] = 0
+
+
+_INT_TOTALS = (
+    ("backlog_tokens", "BACKLOG"), ("in_system", "IN_SYSTEM"), ("arrivals", "ARRIVALS"),
+    ("arrived_tokens", "ARRIVED_TOKENS"), ("batches_started", "BATCHES"),
+    ("batch_tokens", "BATCH_TOKENS"), ("batch_requests", "BATCH_REQUESTS"),
+    ("batch_prefill", "BATCH_PREFILL"), ("batch_decode", "BATCH_DECODE"),
+    ("wc_target", "WC_TARGET"), ("wc_violations", "WC_VIOL"), ("wc_wasted", "WC_WASTED"),
+    ("preemptions", "PREEMPTIONS"), ("recomputed_tokens", "RECOMPUTED"),
+    ("rejected_requests", "REJECTED"), ("kv_batches", "KV_BATCHES"),
+)
+_FLOAT_TOTALS = (
+    ("last_ms", "REC_LAST"), ("backlog_area", "BACKLOG_AREA"), ("in_system_area", "IN_SYSTEM_AREA"),
+    ("last_arrival_ms", "LAST_ARRIVAL"), ("busy_ms", "BUSY"), ("stall_ms", "STALL"),
+    ("kv_peak", "KV_PEAK"), ("kv_sum", "KV_SUM"),
+)
+"""Recorder field -> the kernel's scalar holding it (same meaning)."""
+
+
+def _load_recorder(state: _State, recorder: Recorder) -> None:
+    """Copy the kernel's integrals and counters into the recorder."""
+    K, si, sf = state.K, state.si, state.sf
+    for field, index in _INT_TOTALS:
+        setattr(recorder, field, int(si[getattr(K, index)]))
+    for field, index in _FLOAT_TOTALS:
+        setattr(recorder, field, float(sf[getattr(K, index)]))
+    recorder.backlog_bins.sums[:] = state.bins
+    recorder.backlog_bins.width_ms = float(sf[K.BIN_WIDTH])
+
+
+def run(
+    chunks: Iterable[Chunk],
+    policy: KFCFS | VLLMChunked,
+    batch_time: BatchTime,
+    budget: int,
+    k_max: int | None,
+    recorder: Recorder,
+    horizon_for: Callable[[float], float],
+    progress: Callable[[int], None] | None = None,
+    keep_pending: bool = True,
+    memory: KVCache | None = None,
+) -> Outcome:
+    """Run arrivals through one engine with the compiled loop; fills ``recorder``.
+
+    ``horizon_for(last_arrival_ms)`` gives the horizon once the arrivals are over (the same rule
+    as ``simulate``'s Python loop). ``memory``: the engine's KV cache (None: unlimited).
+    """
+    from llmqueue.engines import kernel as K
+
+    state = _State(policy, batch_time, budget, k_max, memory=memory)
+    si, sf = state.si, state.sf
+    source: Iterator[Chunk] = iter(chunks)
+    current = next(source, _NO_ARRIVALS)
+    while True:
+        upcoming = next(source, None)
+        final = upcoming is None
+        ids, arrival_ms, prefill, decode = (
+            _plain(a, t) for a, t in zip(current, (np.int64, np.float64, np.int64, np.int64), strict=True)
+        )
+        si[K.A_POS] = 0
+        si[K.A_FINAL] = int(final)
+        if final:
+            sf[K.HORIZON] = horizon_for(_last_admitted(arrival_ms, prefill, decode, memory,
+                                                       float(sf[K.LAST_ARRIVAL])))
+        code = state.call((ids, arrival_ms, prefill, decode), lambda: _drain(state, recorder))
+        if progress is not None:
+            progress(int(si[K.ARRIVALS]))
+        if upcoming is None or code != K.NEED_ARRIVALS:
+            break
+        current = upcoming
+
+    _drain(state, recorder)
+    horizon = float(sf[K.HORIZON])
+    t_next = min(state.next_times())
+    cut = math.isfinite(t_next) and t_next >= horizon
+    if cut:
+        state.stop(horizon)
+        _drain(state, recorder)
+        recorder.cut(horizon, state.next_times()[0])  # the running batch's end: busy only to the horizon
+    _load_recorder(state, recorder)
+    end_ms = horizon if cut else max(float(sf[K.NOW]), float(sf[K.LAST_ARRIVAL]))
+    return Outcome(
+        end_ms=end_ms,
+        cut=cut,
+        blocked_since_ms=float(sf[K.BLOCKED_SINCE]) if si[K.BLOCKED] else None,
+        in_system=int(si[K.IN_SYSTEM]),
+        pending=_pending(state) if keep_pending else (),
+    )
+
+
+def _last_admitted(arrival_ms: np.ndarray, prefill: np.ndarray, decode: np.ndarray,
+                   memory: KVCache | None, before: float) -> float:
+    """The last arrival of the final chunk that the engine takes in (``before`` if none): the
+    horizon counts from it, as from ``Recorder.last_arrival_ms`` (a refused request is no
+    arrival)."""
+    if memory is not None and arrival_ms.size:
+        blocks = -(-(prefill + decode) // memory.block_tokens)
+        admitted = np.flatnonzero(blocks <= memory.total_blocks - memory.watermark_blocks)
+        arrival_ms = arrival_ms[admitted]
+    return float(arrival_ms[-1]) if arrival_ms.size else before
+
+
+def _plain(values: np.ndarray, dtype: type) -> np.ndarray:
+    """A writable contiguous array of ``dtype``: one compiled signature for every source (numba
+    compiles a new one for read-only or strided arrays)."""
+    out = np.ascontiguousarray(values, dtype=dtype)
+    return out if out.flags.writeable else out.copy()
+
+
+def _pending(state: _State) -> tuple[RequestRecord, ...]:
+    """Records of the requests still present (first token if reached, no finish), by arrival: the
+    requests in slots and those in the compact tails."""
+    K, si = state.K, state.si
+    free = np.zeros(state.cap, dtype=bool)
+    free[state.q[K.Q_FREE, : si[K.N_FREE]]] = True
+    slots = np.flatnonzero(~free)
+    i, f = state.slot_i[slots], state.slot_f[slots]
+    parts = [(i[:, K.R_SEQ], i[:, K.R_ID], f[:, K.R_ARR], f[:, K.R_FIRST], i[:, K.R_PRE], i[:, K.R_DEC])]
+    for ints, floats, head, length in ((state.lp_i, state.lp_f, K.LP_HEAD, K.LP_LEN),
+                                       (state.lw_i, state.lw_f, K.LW_HEAD, K.LW_LEN)):
+        if si[length]:
+            rows = (si[head] + np.arange(si[length])) % ints.shape[0]
+            i, f = ints[rows], floats[rows]
+            parts.append((i[:, K.LZ_SEQ], i[:, K.LZ_ID], f[:, K.LZ_ARR], f[:, K.LZ_FIRST],
+                          i[:, K.LZ_PRE], i[:, K.LZ_DEC]))
+    seq, ids, arrival, first, prefill, decode = (np.concatenate(c) for c in zip(*parts, strict=True))
+    order = np.argsort(seq, kind="stable")
+    return tuple(
+        RequestRecord(id=int(r), arrival_ms=float(a), first_token_ms=float(t), finish_ms=math.nan,
+                      prefill_tokens=int(p), decode_tokens=int(d))
+        for r, a, t, p, d in zip(ids[order].tolist(), arrival[order].tolist(), first[order].tolist(),
+                                 prefill[order].tolist(), decode[order].tolist(), strict=True)
+    )
+
+
+class KernelEngine:
+    """One engine of a network run by the compiled loop, with the engine interface the network
+    simulator uses (``submit``, ``next_event_ms``, ``end_batch``/``start_at`` at a shared
+    instant, ``stop``), plus ``advance``: run alone up to a time limit, stopping after a batch that
+    finished requests so they are routed before the next batch starts.
+
+    Arrivals handed in wait in a list until the next call; the kernel takes them in time order,
+    exactly as ``FastEngine.submit`` would have at that moment (the engine's state does not change
+    in between). Results equal those of ``FastEngine`` (tests/test_network.py).
+    """
+
+    def __init__(self, policy: KFCFS | VLLMChunked, batch_time: BatchTime, budget: int,
+                 k_max: int | None, recorder: Recorder) -> None:
+        from llmqueue.engines import kernel as K
+
+        self.K = K
+        self.state = _State(policy, batch_time, budget, k_max, network=True)
+        self.state.si[K.NET] = 1
+        self.state.si[K.A_FINAL] = 1
+        self.recorder = recorder
+        self._times: list[float] = []
+        self._prefill: list[int] = []
+        self._decode: list[int] = []
+        self._ids: list[int] = []
+        self._stopped = False
+        self._read = 0  # output records already handed to the router (drained only when full)
+        finite = self.state.t_table[1:][np.isfinite(self.state.t_table[1:])]
+        self._t_min = float(finite.min()) if finite.size else math.inf
+        # the kernel's next batch end and immediate start, cached as floats after every call
+        # (the network loop asks for them at every event)
+        self._end, self._start = math.inf, math.inf
+
+    # -- the engine interface ---------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Hand in an arrival (taken by the kernel at its next call)."""
+        self._times.append(request.arrival_ms)
+        self._prefill.append(request.prefill_tokens)
+        self._decode.append(request.decode_tokens)
+        self._ids.append(request.id)
+
+    def next_event_ms(self) -> float:
+        """The engine's next event: a batch end, an immediate start, a pending arrival, or inf."""
+        t = self._end if self._end < self._start else self._start
+        if self._times and self._times[0] < t:
+            return self._times[0]
+        return t
+
+    @property
+    def now_ms(self) -> float:
+        return float(self.state.sf[self.K.NOW])
+
+    @property
+    def in_system(self) -> int:
+        return int(self.state.si[self.K.IN_SYSTEM])
+
+    @property
+    def blocked_since_ms(self) -> float | None:
+        K = self.K
+        return float(self.state.sf[K.BLOCKED_SINCE]) if self.state.si[K.BLOCKED] else None
+
+    def completion_bound_ms(self) -> float:
+        """No request can finish here before this time: completions happen only where a run of
+        repeats ends naturally. A pending arrival may cut the current run, but the part it keeps
+        finishes nothing, and a new run lasts at least min t(n)."""
+        start = self._start
+        if self._times and self._times[0] < start:
+            start = self._times[0]
+        start += self._t_min
+        return self._end if self._end < start else start
+
+    def ends_at(self, t_ms: float) -> bool:
+        """Whether a batch run ends exactly at ``t_ms``."""
+        return self._end == t_ms
+
+    def advance(self, limit_ms: float) -> tuple[list[int], float]:
+        """Run events before ``limit_ms``; stop early after a batch that finished requests.
+        Returns the finished requests' ids and the time they finished."""
+        return self._call(math.nextafter(limit_ms, -math.inf), end_only=False, start_only=False)
+
+    def end_batch(self) -> list[int]:
+        """At a shared instant (this engine is due now): end the batch due now (if any), without
+        starting the next."""
+        return self._call(self.next_event_ms(), end_only=True, start_only=False)[0]
+
+    def start_at(self, t_ms: float) -> None:
+        """At the shared instant ``t_ms``: take the arrivals due then and start the next batch
+        (nothing later: a batch ending after the instant is another event)."""
+        finished, _ = self._call(t_ms, end_only=False, start_only=True)
+        assert not finished, "start_at ended a batch"
+
+    def stop(self, horizon_ms: float) -> None:
+        """End at the horizon: book what ends before it and count the batch running."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._hand_in()
+        self.state.stop(horizon_ms)
+        self._take()
+        self._flush()
+        self._end, self._start = self.state.next_times()
+
+    def finish(self) -> None:
+        """Move the kernel's totals into the recorder (before ``Recorder.finish``)."""
+        self._hand_in()
+        self._take()
+        self._flush()
+        _load_recorder(self.state, self.recorder)
+
+    def _hand_in(self) -> None:
+        """Give the kernel the arrivals still waiting here, and nothing else (no batch ends or
+        starts): at the end of a run, an arrival at the horizon (no drain) counts as handed in,
+        as in the Python engines, which book an arrival when it is submitted."""
+        if self._times:
+            finished, _ = self._call(-math.inf, end_only=False, start_only=False)
+            assert not finished, "handing in arrivals ended a batch"
+
+    # -- the call -----------------------------------------------------------------------------
+    def _call(self, limit_ms: float, *, end_only: bool, start_only: bool) -> tuple[list[int], float]:
+        K, state = self.K, self.state
+        si, sf = state.si, state.sf
+        sf[K.LIMIT] = limit_ms
+        si[K.END_ONLY] = int(end_only)
+        si[K.START_ONLY] = int(start_only)
+        n = len(self._times)
+        if n:
+            ids = np.array(self._ids, dtype=np.int64)
+            arrival_ms = np.array(self._times, dtype=np.float64)
+            prefill = np.array(self._prefill, dtype=np.int64)
+            decode = np.array(self._decode, dtype=np.int64)
+        else:
+            ids, arrival_ms, prefill, decode = _NO_ARRIVALS
+        si[K.A_POS] = 0
+        finished: list[int] = []
+
+        def drain() -> None:
+            finished.extend(self._take())
+            self._flush()
+
+        state.call((ids, arrival_ms, prefill, decode), drain)
+        taken = int(si[K.A_POS])
+        if taken:
+            del self._times[:taken], self._prefill[:taken], self._decode[:taken], self._ids[:taken]
+        finished.extend(self._take())
+        self._end, self._start = state.next_times()
+        return finished, float(sf[K.NOW])
+
+    def _take(self) -> list[int]:
+        """Ids of the finished requests not yet handed out (they stay buffered for the recorder)."""
+        count = int(self.state.si[self.K.N_OUT])
+        if count == self._read:
+            return []
+        out = self.state.out_i[self._read:count, 1].tolist()
+        self._read = count
+        return out
+
+    def _flush(self) -> None:
+        """Move the buffered records and inter-token latencies into the recorder."""
+        _drain(self.state, self.recorder)
+        self._read = 0
+
+
+# -- a whole network in the compiled loop ----------------------------------------------------------
+
+DRAW_CHUNK = 1024
+"""Values per draw of a route's random streams (as ``llmqueue.sim.network``'s Python routing draws)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTables:
+    """A network's routes as the kernel's arrays (``llmqueue.engines.kernel``, network loop).
+
+    Nodes are numbered class by class (classes and node ids in sorted order); ``keys[i]`` is
+    node ``i``'s (class, node id). A node's next targets and fork branches are slices of
+    ``next_target``/``next_prob`` and ``branches`` (targets -1: exit).
+    """
+
+    classes: tuple[str, ...]
+    keys: tuple[tuple[str, str], ...]
+    nodes: np.ndarray
+    next_target: np.ndarray
+    next_prob: np.ndarray
+    branches: np.ndarray
+    class_start: np.ndarray
+
+
+def route_tables(net: Network, engine_names: Sequence[str]) -> RouteTables:
+    """The routes of ``net`` for the network loop; engines are numbered as in ``engine_names``."""
+    from llmqueue.engines import kernel as K
+
+    classes = tuple(sorted(net.classes))
+    keys = tuple((c, nid) for c in classes for nid in sorted(net.classes[c].nodes))
+    index = {key: i for i, key in enumerate(keys)}
+    engine_index = {name: i for i, name in enumerate(engine_names)}
+    kinds = {"visit": K.KIND_VISIT, "fork": K.KIND_FORK, "join": K.KIND_JOIN}
+    nodes = np.full((len(keys), K.N_ND), -1, dtype=np.int64)
+    targets: list[int] = []
+    probs: list[float] = []
+    branches: list[int] = []
+    for i, (cname, nid) in enumerate(keys):
+        spec = net.classes[cname]
+        node = spec.nodes[nid]
+        row = nodes[i]
+        row[K.ND_KIND] = kinds[node.kind]
+        if node.kind == "visit":
+            row[K.ND_ENGINE] = engine_index[node.engine or ""]
+        if node.kind == "fork":
+            row[K.ND_JOIN] = index[(cname, spec.join_of(nid))]
+        row[K.ND_NEXT0], row[K.ND_NEXT_N] = len(targets), len(node.next)
+        for target, prob in node.next:
+            targets.append(K.EXIT_NODE if target == EXIT else index[(cname, target)])
+            probs.append(float(prob))
+        row[K.ND_BR0], row[K.ND_BR_N] = len(branches), len(node.branches)
+        branches.extend(index[(cname, b)] for b in node.branches)
+    return RouteTables(
+        classes=classes,
+        keys=keys,
+        nodes=nodes,
+        next_target=np.array([*targets, K.EXIT_NODE], dtype=np.int64),  # never empty
+        next_prob=np.array([*probs, 0.0]),
+        branches=np.array([*branches, -1], dtype=np.int64),
+        class_start=np.array([index[(c, net.classes[c].start)] for c in classes], dtype=np.int64),
+    )
+
+
+def _typed_list(arrays: Iterable[np.ndarray]) -> object:
+    """A numba typed list of ``arrays`` (all of one type), built by cached compiled helpers."""
+    from llmqueue.engines import kernel as K
+
+    items = iter(arrays)
+    out = K.list_of(next(items))
+    for a in items:
+        K.list_append(out, a)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ClassTotals:
+    """One class's counters after a network loop (what ``netsim._Run`` keeps per class)."""
+
+    arrivals: int
+    done: int
+    present: int
+    area: float
+    last_ms: float
+    bins: np.ndarray
+    bin_width_ms: float
+
+
+class NetworkLoop:
+    """A network run entirely in the compiled loop (``llmqueue.engines.kernel.net_run``): the engines (each
+    a ``KernelEngine``, whose arrays the loop works on in place) and the routing between them.
+
+    Python only feeds it: the next chunk of a random stream or of a class's arrivals, more room
+    (engine slots, tokens, fork frames, pending arrivals), draining engine outputs into their
+    recorders and finished requests' latencies into ``latency``, and the horizon once arrivals
+    end. The random streams are those of the Python routing (chunks of ``DRAW_CHUNK`` values from
+    the same sources), consumed in the same order, so the run is the same.
+
+    The engines' scalar arrays (``si``, ``sf``) become rows of two stacked arrays here, so the
+    loop reads every engine's next event without building array views. After ``run``, the engines
+    are left as if the Python loop had driven them (``KernelEngine``'s pending arrivals and cached
+    times synced), ready for ``stop`` and ``finish``; per-class counters: ``class_totals``.
+    Memory: the pools (tokens, fork frames, pending arrivals) grow to the most ever present at
+    once; buffers of draws, arrivals, latencies and engine outputs are fixed and drained.
+    """
+
+    START_TOKENS = 1024
+    """Tokens (requests and fork branches in the network) held at first; doubled when short."""
+    START_FRAMES = 256
+    """Forks in progress held at first; doubled when short."""
+    START_PENDING = 1024
+    """Arrivals waiting for an engine's next call, per engine, held at first; doubled when short."""
+    LATENCY_ROOM = 4096
+    """End-to-end latencies buffered before they are moved to the per-class arrays."""
+    DRAW_CHUNKS = 4
+    """Chunks of ``DRAW_CHUNK`` values a random stream is refilled with at once."""
+    LISTS = ("slot_i", "slot_f", "q", "heap", "pol", "t_table", "ends", "targets", "bins", "out_f",
+             "out_i", "itl", "lp_i", "lp_f", "lw_i", "lw_f")
+    """The engines' arrays (``_State``) that the loop takes as typed lists, in ``net_run``'s order."""
+    GROWN = ("slot_i", "slot_f", "q", "heap", "lp_i", "lp_f", "lw_i", "lw_f")
+    """Those that ``_State.more_slots`` replaces or resizes in place."""
+
+    def __init__(
+        self,
+        tables: RouteTables,
+        engines: Sequence[KernelEngine],
+        arrivals: Sequence[Iterator[np.ndarray]],
+        sizes: Sequence[Callable[[], np.ndarray] | None],
+        choices: Sequence[Callable[[], np.ndarray] | None],
+        latency: Sequence[array],
+        max_requests: int | None,
+        stop_ms: float,
+        horizon_for: Callable[[float], float],
+    ) -> None:
+        """``arrivals[c]``: class c's arrival-time chunks (ms); ``sizes[2 i]``/``sizes[2 i + 1]``:
+        node i's next chunk of prefill/decode sizes (None: not a visit); ``choices[i]``: node i's
+        next chunk of uniform draws for its routing choice; ``latency[c]``: where class c's
+        end-to-end latencies are appended; ``horizon_for(last_arrival_ms)``: the run's end once
+        arrivals are over."""
+        from llmqueue.engines import kernel as K
+
+        if any(engine._times or engine._read for engine in engines):
+            raise ValueError("the network loop starts with fresh engines")
+        self.K = K
+        self.engines = list(engines)
+        self.arrivals = list(arrivals)
+        self.sizes = list(sizes)
+        self.choices = list(choices)
+        self.latency = list(latency)
+        self.horizon_for = horizon_for
+        n_eng, n_cls, n_nodes = len(engines), len(tables.classes), len(tables.keys)
+        self.ns = np.zeros(K.N_NS, dtype=np.int64)
+        self.nf = np.zeros(K.N_NF)
+        self.ns[K.NS_STAGE] = K.ST_NEXT_EXT
+        self.ns[K.NS_MAX_REQ] = -1 if max_requests is None else max_requests
+        self.nf[K.NF_HORIZON] = math.inf
+        self.nf[K.NF_STOP] = stop_ms
+        self.tables = tables
+        self.due = np.zeros(n_eng, dtype=np.int64)
+        self.times = np.zeros(n_eng)
+        self.fin = np.zeros(sum(e.state.out_i.shape[0] for e in engines) + 16, dtype=np.int64)
+        self.tok_i = np.zeros((0, K.N_TK), dtype=np.int64)
+        self.tok_f = np.zeros(0)
+        self.tok_free = np.zeros(0, dtype=np.int64)
+        self.stack = np.zeros((2, 0), dtype=np.int64)
+        self._grow_tokens(self.START_TOKENS)
+        self.frames = np.zeros((0, K.N_FR), dtype=np.int64)
+        self.fr_free = np.zeros(0, dtype=np.int64)
+        self._grow_frames(self.START_FRAMES)
+        self.pend_ms = np.zeros((n_eng, 0))
+        self.pend_i = [np.zeros((n_eng, 0), dtype=np.int64) for _ in range(4)]  # pre, dec, id, tok
+        self.pend_ht = np.zeros((n_eng, 2), dtype=np.int64)
+        self._grow_pending(self.START_PENDING)
+        self.ext_t = np.zeros((n_cls, CHUNK_SIZE))
+        self.ext_st = np.zeros((n_cls, 3), dtype=np.int64)
+        for c in range(n_cls):
+            self._next_arrivals(c)
+        self.size_buf = np.zeros((2 * n_nodes, self.DRAW_CHUNKS * DRAW_CHUNK), dtype=np.int64)
+        self.size_st = np.zeros((2 * n_nodes, 2), dtype=np.int64)
+        self.choice_buf = np.zeros((n_nodes, self.DRAW_CHUNKS * DRAW_CHUNK))
+        self.choice_st = np.zeros((n_nodes, 2), dtype=np.int64)
+        self.class_i = np.zeros((n_cls, K.N_CI), dtype=np.int64)
+        self.class_f = np.zeros((n_cls, K.N_CF))
+        self.class_f[:, K.CF_WIDTH] = 1.0  # TimeBins() defaults
+        self.class_bins = np.zeros((n_cls, 2048))
+        self.lat_f = np.zeros(self.LATENCY_ROOM)
+        self.lat_c = np.zeros(self.LATENCY_ROOM, dtype=np.int64)
+        states = [e.state for e in engines]
+        # the engines' scalars move into two stacked arrays (their own become row views)
+        self.si_all = np.stack([s.si for s in states])
+        self.sf_all = np.stack([s.sf for s in states])
+        for e, state in enumerate(states):
+            state.si, state.sf = self.si_all[e], self.sf_all[e]
+            state.kernel_args = state._kernel_args()
+        self.engine_lists = [_typed_list(getattr(s, name) for s in states) for name in self.LISTS]
+        self.rd = np.zeros(n_eng, dtype=np.int64)
+        self.t_min = np.array([e._t_min for e in engines])
+
+    # -- growth and refills (the loop asked for them) ------------------------------------------------
+    def _grow_tokens(self, capacity: int) -> None:
+        K, ns = self.K, self.ns
+        self.tok_i = _grown(self.tok_i, capacity)
+        self.tok_f = _grown(self.tok_f, capacity)
+        self.tok_free, ns[K.NS_TOK_FREE] = _free_list(self.tok_free, int(ns[K.NS_TOK_FREE]), capacity)
+        self.stack = _grown(self.stack, capacity, axis=1)  # each entry is a distinct live token
+
+    def _grow_frames(self, capacity: int) -> None:
+        K, ns = self.K, self.ns
+        self.frames = _grown(self.frames, capacity)
+        self.fr_free, ns[K.NS_FR_FREE] = _free_list(self.fr_free, int(ns[K.NS_FR_FREE]), capacity)
+
+    def _grow_pending(self, width: int) -> None:
+        self.pend_ms = _grown(self.pend_ms, width, axis=1)
+        self.pend_i = [_grown(a, width, axis=1) for a in self.pend_i]
+
+    def _next_arrivals(self, c: int) -> None:
+        """Class c's next chunk of arrival times (an empty or missing chunk ends its stream)."""
+        chunk = np.asarray(next(self.arrivals[c], np.zeros(0)), dtype=np.float64)
+        if chunk.size > self.ext_t.shape[1]:
+            self.ext_t = _grown(self.ext_t, chunk.size, axis=1)
+        self.ext_t[c, : chunk.size] = chunk
+        self.ext_st[c] = (0, chunk.size, int(chunk.size == 0))
+
+    def _refill(self, buf: np.ndarray, st: np.ndarray, row: int,
+                source: Callable[[], np.ndarray] | None, sizes: bool) -> None:
+        """Fill an empty stream buffer with the source's next chunks."""
+        if source is None:
+            raise AssertionError(f"stream {row} has no source")
+        for k in range(buf.shape[1] // DRAW_CHUNK):
+            values = np.asarray(source())
+            if values.shape != (DRAW_CHUNK,):
+                raise ValueError(f"a sampler returned {values.shape} values for {DRAW_CHUNK}")
+            if sizes:
+                values = values.astype(np.int64)  # as int(value) does (truncation)
+                if values.min() < 0:
+                    bad = int(values.min())
+                    raise ConfigError("request.tokens", bad, "a visit's token count must be >= 0")
+            buf[row, k * DRAW_CHUNK : (k + 1) * DRAW_CHUNK] = values
+        st[row] = (0, buf.shape[1])
+
+    def _drain_latency(self) -> None:
+        K = self.K
+        n = int(self.ns[K.NS_LAT_N])
+        values, classes = self.lat_f[:n], self.lat_c[:n]
+        for c, out in enumerate(self.latency):
+            out.frombytes(np.ascontiguousarray(values[classes == c]).tobytes())
+        self.ns[K.NS_LAT_N] = 0
+
+    def _args(self) -> tuple[object, ...]:
+        t = self.tables
+        return (
+            self.ns, self.nf, t.nodes, t.next_target, t.next_prob, t.branches, t.class_start,
+            self.due, self.times, self.fin, self.stack, self.tok_i, self.tok_f, self.tok_free,
+            self.frames, self.fr_free, self.pend_ms, *self.pend_i, self.pend_ht, self.ext_t,
+            self.ext_st, self.size_buf, self.size_st, self.choice_buf, self.choice_st, self.class_i,
+            self.class_f, self.class_bins, self.lat_f, self.lat_c, self.si_all, self.sf_all,
+            *self.engine_lists, self.rd,
+            self.t_min,
+        )
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def run(self) -> float:
+        """Run until no engine has an event before the horizon; returns the horizon."""
+        K, ns = self.K, self.ns
+        args = self._args()
+        while True:
+            code = K.net_run(*args)
+            ask = int(ns[K.NS_ASK])
+            if code == K.NET_DONE:
+                break
+            if code == K.NET_ROOM:
+                engine = self.engines[ask]
+                _drain(engine.state, engine.recorder)
+                self.rd[ask] = 0
+            elif code == K.NET_SLOTS:
+                state = self.engines[ask].state
+                state.more_slots()  # grown or resized in place: the lists get them again
+                for name in self.GROWN:
+                    K.list_set(self.engine_lists[self.LISTS.index(name)], ask, getattr(state, name))
+            elif code == K.NET_BAD_BATCH_TIME:
+                self.engines[ask].state.bad_batch_time()
+            elif code == K.NET_SIZES:
+                self._refill(self.size_buf, self.size_st, ask, self.sizes[ask], sizes=True)
+            elif code == K.NET_CHOICES:
+                self._refill(self.choice_buf, self.choice_st, ask, self.choices[ask], sizes=False)
+            elif code == K.NET_TOKENS:
+                self._grow_tokens(2 * self.tok_f.shape[0])
+                args = self._args()
+            elif code == K.NET_FRAMES:
+                self._grow_frames(2 * self.frames.shape[0])
+                args = self._args()
+            elif code == K.NET_PENDING:
+                self._grow_pending(2 * self.pend_ms.shape[1])
+                args = self._args()
+            elif code == K.NET_LATENCY:
+                self._drain_latency()
+            elif code == K.NET_ARRIVALS:
+                self._next_arrivals(ask)
+                args = self._args()
+            elif code == K.NET_HORIZON:
+                self.nf[K.NF_HORIZON] = self.horizon_for(float(self.nf[K.NF_LAST_ARRIVAL]))
+            else:
+                raise AssertionError(f"network loop: inconsistent routing state (code {code})")
+        self._drain_latency()
+        for e, engine in enumerate(self.engines):  # hand the engines back to the Python interface
+            h, tail = (int(x) for x in self.pend_ht[e])
+            engine._times = self.pend_ms[e, h:tail].tolist()
+            engine._prefill, engine._decode, engine._ids = (
+                a[e, h:tail].tolist() for a in self.pend_i[:3]
+            )
+            engine._read = int(self.rd[e])
+            engine._end, engine._start = engine.state.next_times()
+        return float(self.nf[K.NF_HORIZON])
+
+    def class_totals(self, c: int) -> ClassTotals:
+        """Class c's counters and time integrals (class index as in ``RouteTables.classes``)."""
+        K, ci, cf = self.K, self.class_i[c], self.class_f[c]
+        return ClassTotals(
+            arrivals=int(ci[K.CI_ARRIVALS]), done=int(ci[K.CI_DONE]), present=int(ci[K.CI_PRESENT]),
+            area=float(cf[K.CF_AREA]), last_ms=float(cf[K.CF_LAST]), bins=self.class_bins[c].copy(),
+            bin_width_ms=float(cf[K.CF_WIDTH]),
+        )
+
+    @property
+    def visits(self) -> int:
+        """Engine visits started (requests handed to engines)."""
+        return int(self.ns[self.K.NS_VISITS])
+
+    @property
+    def last_arrival_ms(self) -> float:
+        """Time of the last external arrival (0 before any)."""
+        return float(self.nf[self.K.NF_LAST_ARRIVAL])

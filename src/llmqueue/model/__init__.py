@@ -1,0 +1,3 @@
+"""What is simulated: requests, size distributions, arrivals, workloads, traces, batch-time models,
+KV memory, networks.
+"""

@@ -1,0 +1,1 @@
+"""The paper's experiments reproduced: each as experiment, claims and report."""

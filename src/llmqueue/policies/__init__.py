@@ -1,0 +1,1 @@
+"""Schedulers as pure functions: the read-only view and plan types, the FCFS family, network policies."""

@@ -1,0 +1,43 @@
+"""Compile the numba event loops once, ahead of a first real run (``llmqueue warmup``).
+
+numba compiles the compiled engine's loop on its first use after an install or an upgrade and
+caches it on disk; that first use costs a minute or two on a slow machine. Tiny runs through
+every compiled path (one engine with and without a KV cache, a network with compiled routing)
+pay that cost up front, so later runs start at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from llmqueue.engines import compiled
+from llmqueue.model.batchtime import ConstantTime
+from llmqueue.model.memory import KVCache
+from llmqueue.model.network import parse_network
+from llmqueue.model.workload import fixed_requests
+from llmqueue.policies.fcfs import SARATHI, VLLM_CHUNKED
+from llmqueue.sim.network import simulate_network
+from llmqueue.sim.run import simulate
+
+_NETWORK = {
+    "engines": {"a": {"policy": "sarathi", "budget": 16, "batch_time": "constant:c=1"},
+                "b": {"policy": "sarathi", "budget": 16, "batch_time": "constant:c=1"}},
+    "classes": {"task": {"rate": 1.0, "start": "a",
+                         "nodes": {"a": {"engine": "a", "prefill": "4", "decode": "2", "next": "b"},
+                                   "b": {"engine": "b", "prefill": "4", "decode": "2", "next": "exit"}}}},
+}
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's cache) every compiled event loop; the seconds it took.
+    Returns 0.0 without numba (nothing to compile: the Python engines run)."""
+    if not compiled.available():
+        return 0.0
+    start = time.perf_counter()
+    requests = fixed_requests([(0.0, 8, 3), (0.5, 20, 2), (1.0, 3, 5)])
+    t = ConstantTime(1.0)
+    simulate(requests, SARATHI, t, 16, engine="compiled", keep_requests=False)
+    simulate(requests, VLLM_CHUNKED, t, 16, k_max=2, engine="compiled", keep_requests=True,
+             memory=KVCache(64, block_tokens=4), drain_s=0.0)  # cut at a horizon: compiles stop
+    simulate_network(parse_network(_NETWORK), max_requests=3, engine="compiled")
+    return time.perf_counter() - start

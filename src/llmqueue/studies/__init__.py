@@ -1,0 +1,1 @@
+"""Many runs: sweeps, SLO capacity, saturation, fits of batch-time models, validation against real engines."""

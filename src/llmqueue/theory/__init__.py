@@ -1,0 +1,3 @@
+"""What can be known without simulating: capacity, the batch-size-limit region, predicted and
+observed stability verdicts, network analysis.
+"""

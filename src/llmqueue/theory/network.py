@@ -1,0 +1,309 @@
+"""Network analysis without simulation: traffic equations, per-engine loads, virtual stations and the
+network's predicted verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmqueue.model.batchtime import (
+    BatchTime,
+    mean_decode_context,
+    mix_batch_time,
+)
+from llmqueue.model.network import EXIT, ClassSpec, EngineSpec, Network, _successors, as_network, visit_counts
+from llmqueue.theory import capacity as theory
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One engine's offered load from the traffic equations (token rates per second)."""
+
+    engine: str
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    capacity_tokens_per_s: float
+    rho: float
+    buffers: tuple[str, ...]
+    memory_batch_limit: int | None = None  # the requests the KV cache lets decode at once
+    token_time: BatchTime | None = None  # the t(n) the loads use (a shape model: its view of the mix)
+    visits_per_s: float = 0.0  # visits per second (the traffic equations)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.prefill_tokens_per_s + self.decode_tokens_per_s
+
+    @property
+    def mean_prefill_tokens(self) -> float:
+        """Mean prompt tokens per visit of this engine (0 when nothing visits it)."""
+        visits = self.visits_per_s
+        return self.prefill_tokens_per_s / visits if visits > 0 else 0.0
+
+    @property
+    def mean_decode_tokens(self) -> float:
+        """Mean output tokens per visit of this engine (0 when nothing visits it)."""
+        visits = self.visits_per_s
+        return self.decode_tokens_per_s / visits if visits > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualStation:
+    """Two top-priority buffers on two engines that feed each other's low-priority work (§5.4)."""
+
+    buffers: tuple[str, str]
+    engines: tuple[str, str]
+    load: float
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What the traffic equations say about a network."""
+
+    visits: Mapping[str, Mapping[str, float]]
+    engines: Mapping[str, EngineLoad]
+    bottleneck: str
+    critical_scale: float
+    cyclic: bool
+    cycle: tuple[str, ...]
+    virtual_stations: tuple[VirtualStation, ...]
+    warnings: tuple[str, ...]
+    buffer_tokens_per_s: Mapping[str, float]
+
+
+def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
+            priorities: Mapping[str, Sequence[str]] | None = None) -> Analysis:
+    """Traffic equations, loads, bottleneck, critical scaling and warnings (no simulation).
+
+    ``policy_names`` overrides engines' policy names (a simulation with other policies);
+    ``priorities`` the priority order of engines put on ``priority`` that way (else the file's).
+    """
+    net = as_network(net)
+    policy_of = {name: (policy_names or {}).get(name, e.policy) for name, e in net.engines.items()}
+    order_of = {name: tuple((priorities or {}).get(name, e.priority)) if policy_of[name] == "priority"
+                else () for name, e in net.engines.items()}
+    visits = {name: visit_counts(c) for name, c in net.classes.items()}
+    prefill = dict.fromkeys(net.engines, 0.0)
+    decode = dict.fromkeys(net.engines, 0.0)
+    buffers: dict[str, list[str]] = {e: [] for e in net.engines}
+    buffer_rate: dict[str, float] = {}
+    visit_rate = dict.fromkeys(net.engines, 0.0)
+    context = dict.fromkeys(net.engines, 0.0)  # decode-token-weighted KV context (for memory)
+    for name, c in net.classes.items():
+        for nid, node in c.nodes.items():
+            if node.kind != "visit" or node.engine is None:
+                continue
+            assert node.prefill is not None and node.decode is not None
+            rate = c.rate_per_s * visits[name][nid]
+            prefill[node.engine] += rate * node.prefill.mean
+            decode[node.engine] += rate * node.decode.mean
+            visit_rate[node.engine] += rate
+            context[node.engine] += rate * node.decode.mean * mean_decode_context(
+                node.prefill.mean, node.decode.mean)
+            buffers[node.engine].append(f"{name}.{nid}")
+            buffer_rate[f"{name}.{nid}"] = rate * node.mean_tokens
+    loads = {}
+    memory_warnings: list[str] = []
+    for e in net.engines.values():
+        visits_e = visit_rate[e.name]
+        mean_p = prefill[e.name] / visits_e if visits_e > 0 else 0.0
+        mean_d = decode[e.name] / visits_e if visits_e > 0 else 0.0
+        ctx = context[e.name] / decode[e.name] if decode[e.name] > 0 else None
+        # a composition-aware model is seen through this engine's offered mix (as `capacity` does
+        # for one engine); the decoders' KV context is the decode-token-weighted mean of its visits
+        token_time = mix_batch_time(e.batch_time, mean_p, mean_d, ctx)
+        capacity = theory.capacity_tokens_per_ms(token_time, e.budget) * 1000.0
+        rho = _engine_rho(token_time, e.budget, prefill[e.name], decode[e.name], capacity, e.k_max)
+        k_mem = None
+        if e.memory is not None and visits_e > 0:  # the cache bounds the batch too (§4)
+            k_mem = theory.memory_batch_limit(e.memory, mean_p, mean_d, ctx)
+            k_limit = k_mem if e.k_max is None else min(e.k_max, k_mem)
+            rho_mem = _engine_rho(token_time, e.budget, prefill[e.name], decode[e.name], capacity,
+                                  k_limit)
+            if rho_mem > rho + 1e-9:
+                memory_warnings.append(
+                    f"engine {e.name}: its KV cache ({e.memory.capacity_tokens} tokens) binds: it "
+                    f"holds about {k_mem} decoding requests, load {rho_mem:.3f} (without it "
+                    f"{rho:.3f}); an upper bound: preemption costs capacity near it (docs/memory.md)"
+                )
+            rho = max(rho, rho_mem)
+        loads[e.name] = EngineLoad(e.name, prefill[e.name], decode[e.name], capacity, rho,
+                                   tuple(buffers[e.name]), k_mem, token_time, visits_e)
+    bottleneck = max(loads, key=lambda k: loads[k].rho)
+    top = loads[bottleneck].rho
+    cycle = _engine_cycle(net)
+    warnings: list[str] = []
+    if cycle:
+        warnings.append(
+            "routing between engines is cyclic (" + " -> ".join(cycle) + "): the throughput-"
+            "optimality theorem (DAG and fork-join networks) does not apply; a network below its "
+            "nominal load is not guaranteed stable (with class priorities it can diverge: §5.4)"
+        )
+    warnings.extend(memory_warnings)
+    stations = _virtual_stations(net, loads, buffer_rate, order_of)
+    for vs in stations:
+        if vs.load > 1:
+            warnings.append(
+                f"the priorities make {vs.buffers[0]} and {vs.buffers[1]} a virtual station "
+                f"(Rybko-Stolyar) with load {vs.load:.3f} > 1: expect instability although every "
+                "engine is below capacity; reverse the priorities or use max-pressure"
+            )
+    for e in net.engines.values():
+        for buffer in _unfitting(net, e):
+            tokens = e.memory.capacity_tokens if e.memory is not None else 0
+            warnings.append(
+                f"engine {e.name}: requests of {buffer} can need more KV cache than its {tokens} "
+                "tokens hold: they are refused (rejected_requests) and leave the network unfinished"
+            )
+        policy = policy_of[e.name]
+        if policy in ("vllm", "fastertransformer"):
+            warnings.append(f"engine {e.name}: policy '{policy}' is not work-conserving: no "
+                            "stability guarantee below nominal load (Fig. 1)")
+            for buffer in _oversized(net, e):
+                warnings.append(
+                    f"engine {e.name}: prompts of {buffer} can exceed the budget {e.budget} and "
+                    f"policy '{policy}' never chunks them: such a prompt blocks the engine for good"
+                )
+    return Analysis(visits, loads, bottleneck, 1.0 / top if top > 0 else math.inf, bool(cycle),
+                    cycle, stations, tuple(warnings), buffer_rate)
+
+
+def _engine_rho(token_time: BatchTime, budget: int, prefill_per_s: float, decode_per_s: float,
+                capacity_per_s: float, k_limit: int | None) -> float:
+    """An engine's load: token rate over capacity, or against the §4 region of ``k_limit``
+    (``token_time``: the engine's t(n), a shape model's view of its mix)."""
+    if k_limit is None:
+        return (prefill_per_s + decode_per_s) / capacity_per_s
+    return theory.kmax_load(prefill_per_s / 1000.0, decode_per_s / 1000.0, token_time, budget,
+                            k_limit)
+
+
+def _oversized(net: Network, engine: EngineSpec) -> list[str]:
+    """Buffers at ``engine`` whose prompts can exceed its budget (checked on 20,000 draws, fixed
+    seed: a heavy tail that this misses is rare enough not to matter for a run of that size)."""
+    out = []
+    rng = np.random.default_rng(0)
+    for c in net.classes.values():
+        for nid, node in c.nodes.items():
+            at_engine = node.kind == "visit" and node.engine == engine.name and node.prefill is not None
+            if at_engine and int(node.prefill.sample(rng, 20_000).max()) > engine.budget:  # type: ignore[union-attr]
+                out.append(f"{c.name}.{nid}")
+    return out
+
+
+def _unfitting(net: Network, engine: EngineSpec) -> list[str]:
+    """Buffers at ``engine`` whose prompt plus output can exceed what its KV cache can ever hold
+    (checked as ``_oversized`` is, on 20,000 draws with a fixed seed)."""
+    if engine.memory is None:
+        return []
+    out = []
+    rng = np.random.default_rng(0)
+    for c in net.classes.values():
+        for nid, node in c.nodes.items():
+            if node.kind != "visit" or node.engine != engine.name:
+                continue
+            assert node.prefill is not None and node.decode is not None
+            largest = int((node.prefill.sample(rng, 20_000) + node.decode.sample(rng, 20_000)).max())
+            if not engine.memory.fits_alone(largest):
+                out.append(f"{c.name}.{nid}")
+    return out
+
+
+def _engine_edges(net: Network) -> set[tuple[str, str]]:
+    """Engine-to-engine moves of requests (through forks and joins); a revisit is a self-loop."""
+    edges: set[tuple[str, str]] = set()
+    for c in net.classes.values():
+        for nid, node in c.nodes.items():
+            if node.kind != "visit":
+                continue
+            for nxt in _next_visits(c, nid):
+                edges.add((node.engine or "", c.nodes[nxt].engine or ""))
+    return edges
+
+
+def _next_visits(c: ClassSpec, node_id: str) -> set[str]:
+    """The visit nodes a request can reach next from ``node_id`` (through forks and joins)."""
+    out: set[str] = set()
+    seen: set[str] = set()
+    stack = list(_successors(c, node_id))
+    while stack:
+        nid = stack.pop()
+        if nid == EXIT or nid in seen:
+            continue
+        seen.add(nid)
+        node = c.nodes[nid]
+        if node.kind == "visit":
+            out.add(nid)
+        elif node.kind == "fork":
+            stack.extend(node.branches)
+        else:
+            stack.extend(_successors(c, nid))
+    return out
+
+
+def _engine_cycle(net: Network) -> tuple[str, ...]:
+    """A cycle of engines in the routing graph, as engine names (empty if acyclic)."""
+    edges = _engine_edges(net)
+    graph: dict[str, list[str]] = {e: [] for e in net.engines}
+    for a, b in sorted(edges):
+        graph[a].append(b)
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(u: str) -> tuple[str, ...]:
+        state[u] = 1
+        path.append(u)
+        for v in graph[u]:
+            if state.get(v) == 1:
+                return (*path[path.index(v):], v)
+            if v not in state:
+                found = visit(v)
+                if found:
+                    return found
+        path.pop()
+        state[u] = 2
+        return ()
+
+    for u in graph:
+        if u not in state:
+            found = visit(u)
+            if found:
+                return found
+    return ()
+
+
+def _virtual_stations(net: Network, loads: Mapping[str, EngineLoad], buffer_rate: Mapping[str, float],
+                      order_of: Mapping[str, tuple[str, ...]]) -> tuple[VirtualStation, ...]:
+    """Pairs of top-priority buffers x (engine j) and y (engine k) such that x is fed by a
+    lower-priority buffer at k and y by a lower-priority buffer at j (the RS pattern).
+    ``order_of``: each engine's class priority as run (empty: not on a priority policy)."""
+    tops: dict[str, set[str]] = {}
+    for e in net.engines.values():
+        order = order_of.get(e.name, ())
+        if not order:
+            continue
+        first = order[0]
+        tops[e.name] = {b for b in loads[e.name].buffers if b == first or b.startswith(first + ".")}
+    feeders: dict[str, set[str]] = {}  # buffer -> buffers that feed it
+    for c in net.classes.values():
+        for nid, node in c.nodes.items():
+            if node.kind == "visit":
+                for nxt in _next_visits(c, nid):
+                    feeders.setdefault(f"{c.name}.{nxt}", set()).add(f"{c.name}.{nid}")
+    engine_of = {b: e for e, load in loads.items() for b in load.buffers}
+    out = []
+    names = sorted(tops)
+    for i, j in enumerate(names):
+        for k in names[i + 1:]:
+            for x in sorted(tops[j]):
+                for y in sorted(tops[k]):
+                    x_fed = any(engine_of.get(f) == k and f not in tops[k] for f in feeders.get(x, ()))
+                    y_fed = any(engine_of.get(f) == j and f not in tops[j] for f in feeders.get(y, ()))
+                    if x_fed and y_fed:
+                        load = (buffer_rate[x] / loads[j].capacity_tokens_per_s
+                                + buffer_rate[y] / loads[k].capacity_tokens_per_s)
+                        out.append(VirtualStation((x, y), (j, k), load))
+    return tuple(out)

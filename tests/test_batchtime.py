@@ -136,7 +136,8 @@ def test_bad_constructor_values(make: object) -> None:
         (f"table:{POINTS_CSV},colour=red", "unknown column 'colour'"),
         (f"table:{POINTS_CSV},gpu=z", "no table rows"),
         (f"table:{POINTS_CSV},gpu=a,gpu=b", "duplicate key"),
-        (f"table:{DATA / 'batchtime_bad_cell.csv'}", "non-numeric"),
+        (f"table:{DATA / 'batchtime_bad_cell.csv'}",
+         "line 3 column 'median_ms' is not a finite number: 'fast'"),
     ],
 )
 def test_bad_specs(spec: str, needle: str) -> None:

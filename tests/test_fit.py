@@ -358,20 +358,26 @@ def _csv(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("text", "columns", "field", "value"), [
-    ("n_tokens,ms\n1,2\n2,3\n3,4\n", None, "time_ms", "bad.csv"),
-    ("time_ms,prefill_tokens\n1,2\n2,3\n3,4\n", None, "n_tokens", "bad.csv"),
-    ("n_tokens,time_ms\n1,2\n2,x\n3,4\n", None, "time_ms", "x"),
-    ("n,t\n1,2\n2,3\n3,-4\n", "n_tokens=n,time_ms=t", "t", "-4"),
-    ("n_tokens,time_ms\n1,2\n2,3\n", None, "rows", 2),
-    ("n_tokens,time_ms\n1.5,2\n2,3\n3,4\n", None, "n_tokens", "1.5"),
-    ("prefill_tokens,decode_tokens,chunks,time_ms\n10,0,0,2\n0,2,0,3\n5,1,1,4\n", None, "chunks", 0),
+@pytest.mark.parametrize(("text", "columns", "field", "words"), [
+    ("n_tokens,ms\n1,2\n2,3\n3,4\n", None, "data", "missing column 'time_ms'"),
+    ("time_ms,prefill_tokens\n1,2\n2,3\n3,4\n", None, "n_tokens", "missing column"),
+    ("n_tokens,time_ms\n1,2\n2,x\n3,4\n", None, "data",
+     "line 3 column 'time_ms' is not a finite number: 'x'"),
+    ("n,t\n1,2\n2,3\n3,-4\n", "n_tokens=n,time_ms=t", "data", "line 4 column 't' must be > 0: '-4'"),
+    ("n_tokens,time_ms\n1,2\n2,3\n", None, "rows", "at least"),
+    ("n_tokens,time_ms\n1.5,2\n2,3\n3,4\n", None, "data",
+     "line 2 column 'n_tokens' must be an integer >= 0: '1.5'"),
+    ("prefill_tokens,decode_tokens,chunks,time_ms\n10,0,0,2\n0,2,0,3\n5,1,1,4\n", None, "data",
+     "line 2 column 'chunks' must be 1 to prefill_tokens (10), or 0 without prefill: '0'"),
 ])
 def test_bad_csv_names_the_field(tmp_path: Path, text: str, columns: str | None, field: str,
-                                 value: object) -> None:
+                                 words: str) -> None:
+    """Errors name the option (``data``) and the file; a cell's, its line and column too (as the
+    trace reader's do). Before the shared table reader the field was the column and the value the
+    cell: the same facts, and now the file's path as well."""
     with pytest.raises(ConfigError) as err:
         read_csv(_csv(tmp_path, text), parse_columns(columns))
-    assert err.value.field == field and err.value.value == value and "\n" not in str(err.value)
+    assert err.value.field == field and words in str(err.value) and "\n" not in str(err.value)
 
 
 def test_other_bad_inputs_name_the_field(tmp_path: Path) -> None:
@@ -468,4 +474,4 @@ def test_user_csv_errors_name_the_file_line_after_filtering(tmp_path) -> None:
     path.write_text("kind,n_tokens,time_ms\na,1,1.0\nb,2,2.0\na,3,x\na,4,4.0\na,5,5.0\n")
     with pytest.raises(ConfigError) as err:
         read_csv(path, where={"kind": "a"})
-    assert err.value.field == "time_ms" and "line 4" in str(err.value)
+    assert err.value.field == "data" and "line 4 column 'time_ms'" in str(err.value)

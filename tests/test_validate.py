@@ -313,7 +313,7 @@ def test_bad_profile_files(tmp_path: Path) -> None:
         ProfileTime.from_dir(folder, layers=32)
     (folder / "attention.csv").write_text((PROFILE / "attention.csv").read_text())
     (folder / "dense.csv").write_text("layer,tokens,time_us\nqkv_proj,1,abc\n")
-    with pytest.raises(ConfigError, match="line 2: 'time_us' is not a number"):
+    with pytest.raises(ConfigError, match="line 2 column 'time_us' is not a finite number: 'abc'"):
         ProfileTime.from_dir(folder, layers=32)
     (folder / "dense.csv").write_text("layer,tokens,time_us\nqkv_proj,1,3.0\n")
     with pytest.raises(ConfigError, match="no times for kernel"):

@@ -11,20 +11,20 @@ rows. The engine builds the shape of every batch for them; the theory uses
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from llmqueue.errors import ConfigError
 from llmqueue.io.configfile import split_items
+from llmqueue.io.tables import read_csv_table
+from llmqueue.io.text import format_number
 from llmqueue.limits import MAX_BUDGET_TOKENS, MAX_TIME_MS
 from llmqueue.model.presets import get_preset
 
@@ -136,13 +136,6 @@ def as_batch_time(model: object, field: str = "batch_time") -> BatchTime | Shape
 # ---------------------------------------------------------------- helpers
 
 
-def _fmt(x: float) -> str:
-    """Shortest text that reads back as exactly ``x`` (integral values without '.0')."""
-    if x.is_integer() and abs(x) < 1e16:
-        return str(int(x))
-    return repr(x)
-
-
 def _real(name: str, value: object) -> float:
     """``value`` as a finite float, else ConfigError naming the parameter ``name``."""
     if isinstance(value, bool):
@@ -206,7 +199,7 @@ class ConstantTime:
 
     @property
     def spec(self) -> str:
-        return f"constant:c={_fmt(self.c)}"
+        return f"constant:c={format_number(self.c)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +223,7 @@ class LinearTime:
 
     @property
     def spec(self) -> str:
-        return f"linear:c={_fmt(self.c)},a={_fmt(self.a)}"
+        return f"linear:c={format_number(self.c)},a={format_number(self.a)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +250,7 @@ class PiecewiseTime:
 
     @property
     def spec(self) -> str:
-        return f"piecewise:c={_fmt(self.c)},a={_fmt(self.a)},b0={self.b0}"
+        return f"piecewise:c={format_number(self.c)},a={format_number(self.a)},b0={self.b0}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +276,7 @@ class StaircaseTime:
 
     @property
     def spec(self) -> str:
-        return f"staircase:c={_fmt(self.c)},a={_fmt(self.a)},b0={self.b0}"
+        return f"staircase:c={format_number(self.c)},a={format_number(self.a)},b0={self.b0}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +384,7 @@ class CompositionTime:
 
     @property
     def spec(self) -> str:
-        body = ",".join(f"{k}={_fmt(getattr(self, k))}" for k in _COMPOSITION_KEYS)
+        body = ",".join(f"{k}={format_number(getattr(self, k))}" for k in _COMPOSITION_KEYS)
         return f"composition:{body}"
 
 
@@ -438,8 +431,8 @@ class MixTime:
     @property
     def spec(self) -> str:
         return (
-            f"mix({self.model.spec};p={_fmt(float(self.mean_prefill_tokens))},"
-            f"d={_fmt(float(self.mean_decode_tokens))},kv={_fmt(float(self.decode_context_tokens))})"
+            f"mix({self.model.spec};p={format_number(float(self.mean_prefill_tokens))},"
+            f"d={format_number(float(self.mean_decode_tokens))},kv={format_number(float(self.decode_context_tokens))})"
         )
 
 
@@ -545,40 +538,22 @@ def _parse_table(spec: str, body: str) -> TableTime:
     if not path_text:
         raise ConfigError(_FIELD, spec, "table spec needs a CSV path: table:PATH[,column=value...]")
     filters = sorted(split_items(spec, rest, _FIELD)) if rest.strip() else []
-    path = Path(path_text)
-    if not path.is_file():
-        raise ConfigError(_FIELD, spec, f"table file not found: {path_text}")
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except UnicodeDecodeError as err:
-        raise ConfigError(_FIELD, spec, f"{path_text} is not UTF-8 text (byte {err.start})") from None
-    except (OSError, csv.Error) as err:
-        raise ConfigError(_FIELD, spec, f"{path_text} cannot be read: {err}") from None
-    n_col = next((c for c in ("n_tokens", "n") if c in columns), None)
-    t_col = next((c for c in ("time_ms", "median_ms") if c in columns), None)
+    table = read_csv_table(path_text, _FIELD, "table file", spec)
+    n_col = next((c for c in ("n_tokens", "n") if c in table.columns), None)
+    t_col = next((c for c in ("time_ms", "median_ms") if c in table.columns), None)
     if n_col is None:
         raise ConfigError(_FIELD, spec, "table CSV needs a column 'n_tokens' or 'n'")
     if t_col is None:
         raise ConfigError(_FIELD, spec, "table CSV needs a column 'time_ms' or 'median_ms'")
     for key, _ in filters:
-        if key not in columns:
+        if key not in table.columns:
             raise ConfigError(_FIELD, spec, f"table filter names unknown column {key!r}")
-    rows = [r for r in rows if all(r.get(k) == v for k, v in filters)]
-    if not rows:
+    table = table.where(dict(filters))
+    if not len(table):
         raise ConfigError(_FIELD, spec, "no table rows match the filters")
     by_n: dict[int, list[float]] = {}
-    for row in rows:
-        try:
-            n_val, t_val = float(row[n_col]), float(row[t_col])
-        except ValueError:
-            bad = (row[n_col], row[t_col])
-            raise ConfigError(_FIELD, spec, f"non-numeric table cell in {bad!r}") from None
-        if not n_val.is_integer() or n_val < 1:
-            raise ConfigError(_FIELD, spec, f"table {n_col} must be integers >= 1, not {n_val!r}")
-        by_n.setdefault(int(n_val), []).append(t_val)
+    for i in range(len(table)):
+        by_n.setdefault(table.count(i, n_col, 1), []).append(table.number(i, t_col))
     ns = tuple(sorted(by_n))
     ts = tuple(float(statistics.median(by_n[n])) for n in ns)
     source = ",".join([path_text, *(f"{k}={v}" for k, v in filters)])

@@ -30,7 +30,6 @@ dips are measurement noise (3 timed runs per point).
 
 from __future__ import annotations
 
-import csv
 import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ import numpy as np
 
 from llmqueue.errors import ConfigError
 from llmqueue.io.configfile import read_table
+from llmqueue.io.tables import CsvTable, read_csv_table
 from llmqueue.model.batchtime import BatchShape
 from llmqueue.model.memory import ModelShape
 
@@ -345,41 +345,31 @@ class AttentionTable:
 # ---------------------------------------------------------------- the model
 
 
-def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of a profile CSV with the expected header; ConfigError naming the file otherwise."""
-    if not path.is_file():
-        raise ConfigError(_FIELD, str(path), "profile file not found")
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            header = [c.strip() for c in reader.fieldnames or []]
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise ConfigError(_FIELD, str(path), f"missing column '{missing[0]}'")
-            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(_FIELD, str(path), f"cannot read: {err}") from None
+def _read_csv(path: Path, columns: tuple[str, ...]) -> CsvTable:
+    """A profile CSV with the expected header (the shared table reader; errors name the file)."""
+    table = read_csv_table(path, _FIELD, "profile file")
+    table.require(columns)
+    return table
 
 
-def _number(path: Path, line: int, key: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(_FIELD, str(path), f"line {line}: '{key}' is not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(_FIELD, str(path), f"line {line}: '{key}' must be finite and >= 0")
+def _number(table: CsvTable, i: int, column: str) -> float:
+    """Row ``i``'s cell in ``column``: a finite number >= 0 (error naming file, line and column)."""
+    value = table.number(i, column)
+    if value < 0:
+        raise table.cell_error(i, column, "must be >= 0")
     return value
 
 
 def _curves(path: Path, size_col: str) -> dict[str, Curve]:
     """Per kernel, its curve over ``size_col`` (repeated sizes: their median)."""
     points: dict[str, dict[int, list[float]]] = {}
-    for line, row in enumerate(_read_csv(path, ("layer", size_col, "time_us")), start=2):
-        size = _number(path, line, size_col, row[size_col])
-        time = _number(path, line, "time_us", row["time_us"])
-        if not size.is_integer() or size < 1 or time <= 0:
-            raise ConfigError(_FIELD, str(path), f"line {line}: need {size_col} >= 1 and time_us > 0")
-        points.setdefault(row["layer"], {}).setdefault(int(size), []).append(time)
+    table = _read_csv(path, ("layer", size_col, "time_us"))
+    for i, row in enumerate(table.rows):
+        size = table.count(i, size_col, 1)
+        time = _number(table, i, "time_us")
+        if time <= 0:
+            raise table.cell_error(i, "time_us", "must be > 0")
+        points.setdefault(row["layer"], {}).setdefault(size, []).append(time)
     return {
         name: Curve(tuple(sorted(by)), tuple(float(np.median(by[s])) for s in sorted(by)))
         for name, by in points.items()
@@ -388,8 +378,8 @@ def _curves(path: Path, size_col: str) -> dict[str, Curve]:
 
 def _attention_rows(path: Path) -> np.ndarray:
     cols = ("prefill_chunk", "kv_prefill", "n_decode", "kv_decode", "time_us")
-    rows = [[_number(path, line, c, row[c]) for c in cols]
-            for line, row in enumerate(_read_csv(path, cols), start=2)]
+    table = _read_csv(path, cols)
+    rows = [[_number(table, i, c) for c in cols] for i in range(len(table))]
     if not rows:
         raise ConfigError(_FIELD, str(path), "no rows")
     return np.asarray(rows, dtype=float)

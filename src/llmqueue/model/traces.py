@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from llmqueue.errors import ConfigError
+from llmqueue.io.text import format_number
 from llmqueue.model.workload import (
     TRACE_ARRIVAL_COLUMN,
     TRACE_DECODE_COLUMN,
@@ -54,7 +55,6 @@ from llmqueue.model.workload import (
     _check_rate,
     _csv_token_column,
     _csv_trace_rows,
-    _fmt,
     _num,
     _readonly,
 )
@@ -246,9 +246,9 @@ class TraceSpec:
         if self.unit != "s":
             parts.append(f"unit={self.unit}")
         if self.start_s is not None:
-            parts.append(f"start={_fmt(self.start_s)}")
+            parts.append(f"start={format_number(self.start_s)}")
         if self.end_s is not None:
-            parts.append(f"end={_fmt(self.end_s)}")
+            parts.append(f"end={format_number(self.end_s)}")
         if self.column is not None:
             parts.append(f"column={self.column}")
         return "".join("," + part for part in parts)
@@ -330,8 +330,8 @@ def parse_trace_spec(text: str, field_name: str = "trace") -> TraceSpec:
     start = _seconds(named["start"], "start", field_name, text) if "start" in named else None
     end = _seconds(named["end"], "end", field_name, text) if "end" in named else None
     if end is not None and end <= (start or 0.0):
-        raise ConfigError(field_name, text, f"end ({_fmt(end)} s) must be after start "
-                                            f"({_fmt(start or 0.0)} s)")
+        raise ConfigError(field_name, text, f"end ({format_number(end)} s) must be after start "
+                                            f"({format_number(start or 0.0)} s)")
     return TraceSpec(path, fmt, named.get("arrival"),
                      named.get("prefill", TRACE_PREFILL_COLUMN), named.get("decode", TRACE_DECODE_COLUMN),
                      unit, start, end, named.get("column"))
@@ -418,14 +418,15 @@ class RequestTrace:
         times = self._arrivals(field_name)
         if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (start_s, end_s)):
             raise ConfigError(field_name, (start_s, end_s), "window bounds must be numbers of seconds")
-        label = f"{_fmt(start_s)}:{_fmt(end_s)}"
+        label = f"{format_number(start_s)}:{format_number(end_s)}"
         if not (math.isfinite(start_s) and start_s >= 0 and end_s > start_s):
             raise ConfigError(field_name, label, "window needs 0 <= start < end (finite start)")
         keep = (times >= start_s) & (times < end_s)
         if not np.any(keep):
             raise ConfigError(field_name, label,
-                              f"no request arrives in [{_fmt(start_s)}, {_fmt(end_s)}) s (the trace's "
-                              f"arrivals run from {_fmt(float(times[0]))} to {_fmt(float(times[-1]))} s)")
+                              f"no request arrives in [{format_number(start_s)}, {format_number(end_s)}) s "
+                              f"(the trace's arrivals run from {format_number(float(times[0]))} to "
+                              f"{format_number(float(times[-1]))} s)")
         base = self.spec.start_s or 0.0
         end = None if math.isinf(end_s) else base + end_s
         if self.spec.end_s is not None:
@@ -458,7 +459,8 @@ class RequestTrace:
 
 
 def _window_label(spec: TraceSpec) -> str:
-    return f"{_fmt(spec.start_s or 0.0)}:{_fmt(math.inf if spec.end_s is None else spec.end_s)}"
+    end = math.inf if spec.end_s is None else spec.end_s
+    return f"{format_number(spec.start_s or 0.0)}:{format_number(end)}"
 
 
 def _csv_rows(spec: TraceSpec, field_name: str, need_arrivals: bool
@@ -522,8 +524,8 @@ def _csv_rows(spec: TraceSpec, field_name: str, need_arrivals: bool
     if windowed and not kept:
         assert origin is not None and last is not None
         raise ConfigError(field_name, _window_label(spec),
-                          f"no request arrives in [{_fmt(start)}, {_fmt(end)}) s (the trace's arrivals run "
-                          f"from 0 to {_fmt((last - origin) * unit)} s)")
+                          f"no request arrives in [{format_number(start)}, {format_number(end)}) s (the "
+                          f"trace's arrivals run from 0 to {format_number((last - origin) * unit)} s)")
 
 
 def _read_vllm(spec: TraceSpec, field_name: str) -> RequestTrace:
@@ -976,7 +978,7 @@ class TraceFit:
         """Options for ``llmqueue simulate`` that draw a workload with the fitted statistics."""
         args: list[str] = []
         if self.arrival is not None and self.rate_per_s is not None:
-            args += ["--arrival", self.arrival.best.spec, "--rate", _fmt(self.rate_per_s)]
+            args += ["--arrival", self.arrival.best.spec, "--rate", format_number(self.rate_per_s)]
         return [*args, "--prefill", self.prefill.best.spec, "--decode", self.decode.best.spec]
 
     def to_dict(self) -> dict[str, Any]:

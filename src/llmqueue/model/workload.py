@@ -20,6 +20,8 @@ from typing import Any, BinaryIO, NamedTuple, Protocol
 import numpy as np
 
 from llmqueue.errors import ConfigError
+from llmqueue.io.tables import cell_problem, header_names, is_blank, not_utf8
+from llmqueue.io.text import format_number
 from llmqueue.limits import MAX_RATE_PER_S, MAX_TOKENS, MIN_RATE_PER_S
 
 __all__ = [
@@ -92,11 +94,11 @@ def _check_real(name: str, value: object, *, positive: bool = True, low: float =
     if not math.isfinite(fvalue):
         raise ConfigError(name, value, "must be finite")
     if positive and fvalue <= low:
-        raise ConfigError(name, value, f"must be > {_fmt(low)}")
+        raise ConfigError(name, value, f"must be > {format_number(low)}")
     if not positive and fvalue < low:
-        raise ConfigError(name, value, f"must be >= {_fmt(low)}")
+        raise ConfigError(name, value, f"must be >= {format_number(low)}")
     if fvalue > high:
-        raise ConfigError(name, value, f"must be <= {_fmt(high)}")
+        raise ConfigError(name, value, f"must be <= {format_number(high)}")
     return fvalue
 
 
@@ -104,13 +106,6 @@ def _check_n(n: object) -> int:
     if not _is_int(n) or int(n) < 0:  # type: ignore[call-overload]
         raise ConfigError("n", n, "sample size must be a non-negative integer")
     return int(n)  # type: ignore[call-overload]
-
-
-def _fmt(x: float) -> str:
-    """Shortest text for a number that parses back to the same float (integers without '.0')."""
-    if float(x).is_integer() and abs(x) < 1e15:
-        return str(int(x))
-    return repr(float(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,8 +230,8 @@ def _read_problem(path: str, field_name: str, exc: Exception) -> ConfigError:
 
 
 def _not_text(path: str, field_name: str, line: int, byte: int) -> ConfigError:
-    return ConfigError(field_name, path, f"cannot read trace file: line {line} is not UTF-8 text "
-                                         f"(byte 0x{byte:02x}); a trace is a CSV or JSON lines file")
+    return ConfigError(field_name, path, f"cannot read trace file: {not_utf8(line, byte)}; a trace is a CSV "
+                                         "or JSON lines file")
 
 
 def _decode(raw: bytes, path: str, field_name: str, first_line: int) -> str:
@@ -247,11 +242,6 @@ def _decode(raw: bytes, path: str, field_name: str, first_line: int) -> str:
     except UnicodeDecodeError as exc:
         raise _not_text(path, field_name, first_line + raw.count(b"\n", 0, exc.start),
                         raw[exc.start]) from None
-
-
-def _is_blank(fields: list[str]) -> bool:
-    """A row the csv module reads from an empty or whitespace-only line: skipped, not a row."""
-    return not fields or (len(fields) == 1 and not fields[0].strip())
 
 
 def _skim(block: bytes) -> tuple[int, int] | None:
@@ -336,7 +326,7 @@ class _CsvParser:
         error: ConfigError | None = None
         try:
             for fields in reader:
-                if _is_blank(fields):
+                if is_blank(fields):
                     continue
                 if len(fields) != self.fields:
                     error = ConfigError(self.field_name, self.path,
@@ -363,8 +353,8 @@ class _CsvParser:
             if bad.size:
                 stop = int(bad[0])
                 error = ConfigError(self.field_name, self.path,
-                                    f"trace row {row + stop} (line {lines[stop]}) column '{name}' is not a "
-                                    f"finite number: {column_texts[stop].strip()!r}")
+                                    cell_problem(f"trace row {row + stop} (line {lines[stop]})", name,
+                                                 "is not a finite number", column_texts[stop]))
             columns[name] = values
         columns = {name: values[:stop] for name, values in columns.items()}
         return _CsvBlock(columns, np.array(lines[:stop], dtype=np.int64), row, error)
@@ -393,10 +383,9 @@ def _csv_header(handle: BinaryIO, path: str, field_name: str) -> list[str]:
         raw = raw[len(codecs.BOM_UTF8):]
     text = _decode(raw, path, field_name, 1)
     try:
-        header = next(csv.reader([text]), [])
+        return header_names(text)
     except csv.Error as exc:
         raise _read_problem(path, field_name, exc) from None
-    return [name.strip() for name in header]
 
 
 def _csv_blocks(path: str, columns: Sequence[str], field_name: str, optional: Sequence[str] = (),
@@ -493,7 +482,7 @@ def _bad_count(block: _CsvBlock, r: int, column: str, value: float, minimum: int
                field_name: str) -> ConfigError:
     return ConfigError(field_name, path,
                        f"trace row {block.first_row + r} (line {int(block.lines[r])}) column '{column}' must "
-                       f"be an integer token count >= {minimum}, found {_fmt(float(value))}")
+                       f"be an integer token count >= {minimum}, found {format_number(float(value))}")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -549,8 +538,8 @@ def _csv_trace_rows(path: str, arrival_column: str, prefill_column: str, decode_
                 problems.append((r, ConfigError(
                     field_name, path,
                     f"trace row {block.first_row + r} (line {int(block.lines[r])}) column '{arrival_column}' "
-                    f"goes back in time ({_fmt(float(raw[r]))} < {_fmt(before)}); arrivals must be "
-                    "non-decreasing")))
+                    f"goes back in time ({format_number(float(raw[r]))} < {format_number(before)}); arrivals "
+                    "must be non-decreasing")))
         stop, error = min(problems, key=lambda problem: problem[0]) if problems else (len(block), block.error)
         if stop:
             yield _TraceBlock(None if raw is None else raw[:stop], prefill[:stop].astype(np.int64),
@@ -657,7 +646,7 @@ class Poisson:
     def spec(self) -> str:
         """Canonical spec text, e.g. ``poisson:129`` or ``poisson:129,min=4``."""
         extra = f",min={self.min_tokens}" if self.min_tokens != 1 else ""
-        return f"poisson:{_fmt(self.mean_param)}{extra}"
+        return f"poisson:{format_number(self.mean_param)}{extra}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,7 +678,7 @@ class Geometric:
     def spec(self) -> str:
         """Canonical spec text, e.g. ``geometric:112``."""
         extra = f",min={self.min_tokens}" if self.min_tokens != 1 else ""
-        return f"geometric:{_fmt(self.mean_param)}{extra}"
+        return f"geometric:{format_number(self.mean_param)}{extra}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -785,7 +774,7 @@ class LogNormal:
     def spec(self) -> str:
         """Canonical spec text, e.g. ``lognormal:mean=500,sigma=0.8,min=16``."""
         extra = f",min={self.min_tokens}" if self.min_tokens != 1 else ""
-        return f"lognormal:mean={_fmt(self.mean_param)},sigma={_fmt(self.sigma)}{extra}"
+        return f"lognormal:mean={format_number(self.mean_param)},sigma={format_number(self.sigma)}{extra}"
 
 
 class TokenCounts(Sequence[int]):
@@ -1006,7 +995,7 @@ class GammaArrivals:
     @property
     def spec(self) -> str:
         """Canonical spec text, e.g. ``gamma:cv=2``."""
-        return f"gamma:cv={_fmt(self.cv)}"
+        return f"gamma:cv={format_number(self.cv)}"
 
 
 class TraceRows(Protocol):
@@ -1201,7 +1190,7 @@ class TraceArrivals:
             return None
         extent = self._extent(max_rows)
         span_ms = extent.span_ms
-        target = f"time-scaling to {_fmt(self.scale_to_rate_per_s)} requests/s"
+        target = f"time-scaling to {format_number(self.scale_to_rate_per_s)} requests/s"
         if extent.requests < 2:
             raise ConfigError(self.source.field_name, self.path,
                               f"{target} needs at least 2 replayed requests, found {extent.requests}")

@@ -11,7 +11,6 @@ logs and from the simulated batches, then set side by side (``llmqueue reproduce
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +22,8 @@ from llmqueue.engines.metrics import Recorder
 from llmqueue.errors import ConfigError
 from llmqueue.io.fileio import atomic_write_text
 from llmqueue.io.plotting import pyplot, save
+from llmqueue.io.tables import CsvTable, read_csv_table
+from llmqueue.io.text import format_amount
 from llmqueue.model.batchtime import BatchShape, CompositionTime
 from llmqueue.model.specs import make_workload
 from llmqueue.model.workload import Request, fixed_requests
@@ -117,42 +118,31 @@ really sustained (its backlog grew and had not drained at the stop)."""
 # ---------------------------------------------------------------- reading
 
 
-def _read(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV with the given columns; ConfigError when the file or a column is missing."""
+def _read(path: Path, columns: Sequence[str]) -> CsvTable:
+    """A CSV of the data set with the given columns (the shared table reader: errors name the file,
+    and a cell's line and column); ConfigError when the file, a column or every row is missing."""
     if not path.is_file():
         raise ConfigError("data-dir", str(path.parent), f"no {path.name} there (the engine_fig1 data set)")
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise ConfigError(path.name, str(path), f"cannot be read as CSV text: {err}") from None
-    if not rows:
+    table = read_csv_table(path, path.name)
+    if not len(table):
         raise ConfigError(path.name, str(path), "has no rows")
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise ConfigError(path.name, missing[0], "column missing")
-    return rows
+    table.require(columns)
+    return table
 
 
-def _num(row: Mapping[str, str], column: str, path: Path, line: int) -> float:
-    """One cell as a float (an empty cell is NaN); ConfigError naming file, line and column."""
-    text = row[column].strip()
-    if not text:
-        return math.nan
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{path.name}:{line}:{column}", text, "not a number") from None
+def _num(table: CsvTable, i: int, column: str) -> float:
+    """Row ``i``'s cell in ``column`` as a float (an empty cell is NaN)."""
+    return table.number(i, column, blank=math.nan)
 
 
 def _by_policy(path: Path, columns: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
     """The given numeric columns of a per-policy CSV, split by policy (in the file's order)."""
-    rows = _read(path, ["policy", *columns])
-    lines: dict[str, list[tuple[int, dict[str, str]]]] = {}
-    for i, row in enumerate(rows):
-        lines.setdefault(row["policy"], []).append((i + 2, row))
-    return {policy: {c: np.array([_num(r, c, path, line) for line, r in picked]) for c in columns}
-            for policy, picked in lines.items()}
+    table = _read(path, ["policy", *columns])
+    picked: dict[str, list[int]] = {}
+    for i, row in enumerate(table.rows):
+        picked.setdefault(row["policy"], []).append(i)
+    return {policy: {c: np.array([_num(table, i, c) for i in rows]) for c in columns}
+            for policy, rows in picked.items()}
 
 
 def engine_dir(data_dir: str | Path) -> Path:
@@ -197,13 +187,13 @@ def fit_calibration(path: str | Path) -> CalibrationFit:
     """
     p = Path(path)
     cols = ("n_prefill_tokens", "n_decode_tokens", "n_prefill_chunks", "mean_decode_context", "median_ms")
-    rows = _read(p, ("composition", *cols))
+    table = _read(p, ("composition", *cols))
     shapes, times, context = [], [], []
-    for line, row in enumerate(rows, start=2):
-        pre, dec, chunks, ctx, t = (_num(row, c, p, line) for c in cols)
+    for i, row in enumerate(table.rows):
+        pre, dec, chunks, ctx, t = (_num(table, i, c) for c in cols)
         if not all(math.isfinite(v) and v >= 0 for v in (pre, dec, chunks)) or (pre > 0) != (chunks > 0):
-            raise ConfigError(f"{p.name}:{line}", row["composition"], "needs token and chunk counts >= 0, "
-                              "chunks > 0 exactly when prefill tokens > 0")
+            raise ConfigError(f"{p.name}:{table.lines[i]}", row["composition"], "needs token and chunk "
+                              "counts >= 0, chunks > 0 exactly when prefill tokens > 0")
         shapes.append(_shape(int(pre), int(dec), int(chunks)))
         times.append(t)
         context.append(ctx)
@@ -211,7 +201,7 @@ def fit_calibration(path: str | Path) -> CalibrationFit:
     fitted = np.array([model.shape_time_ms(s) for s in shapes])
     r2, rmse, rel = goodness(np.array(times), fitted)
     return CalibrationFit(
-        model, tuple(r["composition"] for r in rows), tuple(shapes), tuple(context), tuple(times),
+        model, tuple(r["composition"] for r in table.rows), tuple(shapes), tuple(context), tuple(times),
         tuple(float(v) for v in fitted), r2, rmse, rel, str(p),
     )
 
@@ -366,18 +356,17 @@ def summary_deviation(folder: str | Path, policy: str, measured: RunQuantities) 
     """Largest relative difference between quantities recomputed from the logs and the run's own
     summary.csv (which is rounded to 3 decimals), and the column where it occurs."""
     path = Path(folder) / "summary.csv"
-    return _deviation(path, _read(path, ["policy", *_SUMMARY]), policy, measured)
+    return _deviation(_read(path, ["policy", *_SUMMARY]), policy, measured)
 
 
-def _deviation(path: Path, summary: Sequence[Mapping[str, str]], policy: str,
-               measured: RunQuantities) -> tuple[float, str]:
-    """:func:`summary_deviation` on the rows of a summary.csv already read."""
-    lines = [i + 2 for i, r in enumerate(summary) if r["policy"] == policy]  # line 1 is the header
-    if len(lines) != 1:
+def _deviation(summary: CsvTable, policy: str, measured: RunQuantities) -> tuple[float, str]:
+    """:func:`summary_deviation` on a summary.csv already read."""
+    rows = [i for i, r in enumerate(summary.rows) if r["policy"] == policy]
+    if len(rows) != 1:
         raise ConfigError("summary.csv", policy, "needs exactly one row per policy")
     worst, where = 0.0, ""
     for column, attr in _SUMMARY.items():
-        given = _num(summary[lines[0] - 2], column, path, lines[0])
+        given = _num(summary, rows[0], column)
         mine = float(getattr(measured, attr))
         dev = abs(mine - given) / max(abs(given), 1.0)
         if dev > worst:
@@ -529,9 +518,9 @@ def _by_window(rel: np.ndarray, starts_ms: np.ndarray) -> tuple[float, ...]:
                  for w in range(int(window.max()) + 1))
 
 
-def _lambda(path: Path, summary: Sequence[Mapping[str, str]]) -> float:
+def _lambda(summary: CsvTable) -> float:
     """The run's arrival rate as its summary.csv gives it (the same for every policy)."""
-    rates = {_num(r, "lambda_req_s", path, i + 2) for i, r in enumerate(summary)}
+    rates = {_num(summary, i, "lambda_req_s") for i in range(len(summary))}
     if len(rates) != 1:
         raise ConfigError("summary.csv", sorted(rates), "lambda_req_s differs between policies")
     return rates.pop()
@@ -562,7 +551,7 @@ def compare_real(data_dir: str | Path = "../shared/data", *, what_if: bool = Tru
         arrivals = [q.arrival_ms for q in requests]
         summary_path = folder / "summary.csv"
         summary = _read(summary_path, ["lambda_req_s", "policy", *_SUMMARY])
-        lam = _lambda(summary_path, summary)
+        lam = _lambda(summary)
         streams = [list(make_workload("poisson", str(PREFILL_TOKENS), str(DECODE_TOKENS), lam).requests(
             seed, duration_ms=run.arrival_end_s * 1000.0)) for seed in range(1, replicates + 1)]
         per: dict[str, PolicyComparison] = {}
@@ -589,7 +578,7 @@ def compare_real(data_dir: str | Path = "../shared/data", *, what_if: bool = Tru
                 spread_verdicts=tuple(r.observed.verdict for r in spread),
                 what_if=None if low_floor is None else simulated_quantities(
                     _simulate(requests, policy, low_floor, run), requests, run),
-                summary_deviation=_deviation(summary_path, summary, policy.name, measured),
+                summary_deviation=_deviation(summary, policy.name, measured),
                 iter_median_rel_error=float(np.median(rel)),
                 iter_median_abs_rel_error=float(np.median(np.abs(rel))),
                 iter_kind_median_rel_error=_by_kind(rel, it["n_prefill_tokens"], it["n_decode_tokens"]),
@@ -624,11 +613,6 @@ def _grade(kind: str, measured: float, predicted: float, offered: float) -> tupl
     return f"{rel:+.1%}", abs(rel) <= tol
 
 
-def _fmt(value: float, digits: int = 0) -> str:
-    """A number with thousands separators, '-' when not finite."""
-    return "-" if not math.isfinite(value) else f"{value:,.{digits}f}"
-
-
 def model_text(model: CompositionTime) -> str:
     """The fitted model in words, 4 significant digits (the exact spec is in the report too)."""
     return (f"max({model.floor:.4g}, {model.c:.4g} + {model.prefill:.4g} P + {model.decode:.4g} D + "
@@ -660,7 +644,7 @@ def _spread_cell(pc: PolicyComparison, attr: str, digits: int, scale: float, wan
     lo, hi = min(values), max(values)
     m = getattr(pc.measured, attr) * scale
     where = "inside" if lo <= m <= hi else "outside"
-    return f"{_fmt(lo, digits)} to {_fmt(hi, digits)} ({where})"
+    return f"{format_amount(lo, digits)} to {format_amount(hi, digits)} ({where})"
 
 
 def _verdict_counts(verdicts: Sequence[str]) -> str:
@@ -681,7 +665,7 @@ def _policy_table(
             continue
         m, p = getattr(pc.measured, attr), getattr(pc.predicted, attr)
         err, ok = _grade(kind, m, p, rc.offered_tokens_per_s)
-        row: list[object] = [label, _fmt(m * scale, digits), _fmt(p * scale, digits), err,
+        row: list[object] = [label, format_amount(m * scale, digits), format_amount(p * scale, digits), err,
                              "-" if ok is None else ("yes" if ok else "**no**")]
         if replicates:
             row.append(_spread_cell(pc, attr, digits, scale, in_spread))
@@ -732,7 +716,7 @@ def _fit_section(comp: Comparison) -> str:
         [[rc.run.key, pc.policy, pc.measured.iterations, f"{pc.iter_median_rel_error:+.1%}",
           f"{pc.iter_median_abs_rel_error:.1%}",
           " / ".join("-" if math.isnan(v) else f"{v:+.0%}" for v in pc.iter_kind_median_rel_error.values()),
-          _fmt(pc.host_bound_median_ms, 2),
+          format_amount(pc.host_bound_median_ms, 2),
           f"{rc.fit.model.floor:.2f}",
           f"{pc.measured_busy_s:.1f}", f"{pc.model_busy_s:.1f}"]
          for rc in comp.runs for pc in rc.policies.values()],
@@ -789,9 +773,9 @@ def _what_if_section(rc: RunComparison) -> str:
         if pc.what_if is None:
             continue
         for label, attr, digits, _, scale, _ in _QUANTITIES[:7]:
-            rows.append([LABEL[pc.policy], label, _fmt(getattr(pc.measured, attr) * scale, digits),
-                         _fmt(getattr(pc.predicted, attr) * scale, digits),
-                         _fmt(getattr(pc.what_if, attr) * scale, digits)])
+            rows.append([LABEL[pc.policy], label, format_amount(getattr(pc.measured, attr) * scale, digits),
+                         format_amount(getattr(pc.predicted, attr) * scale, digits),
+                         format_amount(getattr(pc.what_if, attr) * scale, digits)])
     if not rows:
         return ""
     return "\n\n".join([

@@ -9,7 +9,6 @@ relative error). Least squares on the ms themselves, as the paper and data/gpu f
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections import defaultdict
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from llmqueue.errors import ConfigError
+from llmqueue.io.tables import CsvTable, read_csv_table
 from llmqueue.model.batchtime import (
     BatchShape,
     BatchTime,
@@ -121,53 +121,10 @@ def _even_chunks(tokens: int, chunks: int) -> tuple[int, ...]:
     return tuple(tokens // chunks + (1 if i < tokens % chunks else 0) for i in range(chunks))
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
-    """Header, rows (cells stripped) and each row's line in the file; ConfigError when the file is
-    missing or empty."""
-    if not path.is_file():
-        raise ConfigError("data", str(path), "file not found")
-    rows: list[dict[str, str]] = []
-    lines: list[int] = []
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            for row in reader:
-                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
-                lines.append(reader.line_num)
-    except UnicodeDecodeError as err:
-        raise ConfigError("data", str(path), f"is not UTF-8 text (byte {err.start})") from None
-    except (OSError, csv.Error) as err:
-        raise ConfigError("data", str(path), f"cannot be read: {err}") from None
-    if not columns:
-        raise ConfigError("data", str(path), "CSV has no header")
-    return columns, rows, lines
-
-
-def _number(row: dict[str, str], column: str, line: int, path: Path) -> float:
-    """The finite number in ``row[column]``, else ConfigError naming the column and line."""
-    text = row.get(column, "")
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(column, text, f"{path.name} line {line}: must be a number") from None
-    if not math.isfinite(value):
-        raise ConfigError(column, text, f"{path.name} line {line}: must be finite")
-    return value
-
-
-def _count(row: dict[str, str], column: str, line: int, path: Path) -> int:
-    """A nonnegative integer cell."""
-    value = _number(row, column, line, path)
-    if not value.is_integer() or value < 0:
-        raise ConfigError(column, row[column], f"{path.name} line {line}: must be an integer >= 0")
-    return int(value)
-
-
-def _need(columns: Sequence[str], wanted: Sequence[str], path: Path) -> None:
-    for col in wanted:
-        if col not in columns:
-            raise ConfigError(col, path.name, "missing column")
+def _read_rows(path: Path) -> CsvTable:
+    """The CSV at ``path`` by the shared table reader (errors on ``data`` name the file, and a
+    cell's line and column)."""
+    return read_csv_table(path, "data")
 
 
 def read_splitwise(path: str | Path) -> list[FitData]:
@@ -182,36 +139,35 @@ def read_splitwise(path: str | Path) -> list[FitData]:
     ``token_size`` (it equals it up to 512 tokens; longer runs stopped early).
     """
     path = Path(path)
-    columns, rows, lines = _read_rows(path)
-    _need(columns, ("model", "hardware", "tensor_parallel", "prompt_size", "batch_size", "token_size",
-                    "prompt_time", "token_time", "e2e_time"), path)
-    groups: dict[tuple[str, str, str], list[tuple[int, dict[str, str]]]] = defaultdict(list)
-    for line, row in zip(lines, rows, strict=True):
-        groups[(row["model"], row["hardware"], row["tensor_parallel"])].append((line, row))
-    return [_splitwise_group(key, members, path) for key, members in groups.items()]
+    table = _read_rows(path)
+    table.require(("model", "hardware", "tensor_parallel", "prompt_size", "batch_size", "token_size",
+                   "prompt_time", "token_time", "e2e_time"))
+    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for i, row in enumerate(table.rows):
+        groups[(row["model"], row["hardware"], row["tensor_parallel"])].append(i)
+    return [_splitwise_group(key, members, table) for key, members in groups.items()]
 
 
 def _splitwise_group(
-    key: tuple[str, str, str], members: list[tuple[int, dict[str, str]]], path: Path
+    key: tuple[str, str, str], members: list[int], table: CsvTable
 ) -> FitData:
     model, hardware, tp = key
     prefill: dict[tuple[int, int], list[float]] = defaultdict(list)
     decode: dict[tuple[int, int, int], list[tuple[float, float]]] = defaultdict(list)
     excluded = 0
     notes: list[str] = []
-    for line, row in members:
-        p, b, d = (_count(row, c, line, path) for c in ("prompt_size", "batch_size", "token_size"))
+    for i in members:
+        p, b, d = (table.count(i, c) for c in ("prompt_size", "batch_size", "token_size"))
         if p < 1 or b < 1 or d < 2:
-            raise ConfigError("prompt_size", (p, b, d), f"{path.name} line {line}: need prompt_size >= 1, "
-                              "batch_size >= 1, token_size >= 2")
+            raise table.cell_error(i, "prompt_size", f"(batch_size {b}, token_size {d}) breaks prompt_size "
+                                   ">= 1, batch_size >= 1, token_size >= 2")
         reason = _SPLITWISE_EXCLUDED.get((model, tp, b))
         if reason is not None:
             excluded += 1
             if reason not in notes:
                 notes.append(reason)
             continue
-        prompt_ms, token_ms, e2e_ms = (_number(row, c, line, path)
-                                       for c in ("prompt_time", "token_time", "e2e_time"))
+        prompt_ms, token_ms, e2e_ms = (table.number(i, c) for c in ("prompt_time", "token_time", "e2e_time"))
         prefill[(p, b)].append(prompt_ms)
         generated = min(d, 1 + round((e2e_ms - prompt_ms) / token_ms)) if token_ms > 0 else d
         decode[(p, b, d)].append((token_ms, max(2, generated)))
@@ -245,14 +201,14 @@ def read_h200(path: str | Path) -> list[FitData]:
     its prompt: logit rows = decoders + 1 with a chunk.
     """
     path = Path(path)
-    columns, rows, lines = _read_rows(path)
-    _need(columns, ("model", "mode", "n_prefill_tokens", "n_decode_tokens", "decode_context",
-                    "prefill_context", "median_ms"), path)
+    table = _read_rows(path)
+    table.require(("model", "mode", "n_prefill_tokens", "n_decode_tokens", "decode_context",
+                   "prefill_context", "median_ms"))
     by_model: dict[str, tuple[list[BatchShape], list[float]]] = {}
-    for line, row in zip(lines, rows, strict=True):
+    for i, row in enumerate(table.rows):
         if row["mode"] != "graph":
             continue
-        pre, dec, ctx, prefix = (_count(row, c, line, path) for c in
+        pre, dec, ctx, prefix = (table.count(i, c) for c in
                                  ("n_prefill_tokens", "n_decode_tokens", "decode_context", "prefill_context"))
         chunks = (pre,) if pre > 0 else ()
         shape = BatchShape(prefill_tokens=pre, decode_tokens=dec, chunk_tokens=chunks,
@@ -260,7 +216,7 @@ def read_h200(path: str | Path) -> list[FitData]:
                            logit_rows=dec + len(chunks))
         shapes, times = by_model.setdefault(row["model"], ([], []))
         shapes.append(shape)
-        times.append(_number(row, "median_ms", line, path))
+        times.append(table.number(i, "median_ms"))
     return [
         FitData(f"h200-{model}", tuple(s.tokens for s in shapes), tuple(times), tuple(shapes),
                 f"data/{H200_FILE}", f"model={model}, mode=graph: {len(times)} rows (median_ms)")
@@ -307,56 +263,55 @@ def read_csv(
     whose column equals the value.
     """
     path = Path(path)
-    header, rows, lines = _read_rows(path)
+    table = _read_rows(path)
+    header = table.columns
     col = {key: (columns or {}).get(key, key) for key in USER_COLUMNS}
-    for key, value in (where or {}).items():
+    for key in where or {}:
         if key not in header:
             raise ConfigError("where", key, f"{path.name} has no such column")
-        kept = [i for i, r in enumerate(rows) if r.get(key) == value]
-        rows, lines = [rows[i] for i in kept], [lines[i] for i in kept]
-    if where and not rows:
+    table = table.where(where or {})
+    if where and not len(table):
         raise ConfigError("where", dict(where), f"no rows of {path.name} match")
-    _need(header, (col["time_ms"],), path)
+    table.require((col["time_ms"],))
     shaped = col["prefill_tokens"] in header and col["decode_tokens"] in header
     if not shaped and col["n_tokens"] not in header:
         raise ConfigError("n_tokens", path.name, "missing column (give n_tokens, or prefill_tokens and "
                           "decode_tokens; rename with columns)")
-    if len(rows) < MIN_ROWS:
-        raise ConfigError("rows", len(rows), f"{path.name}: a fit needs at least {MIN_ROWS} rows")
+    if len(table) < MIN_ROWS:
+        raise ConfigError("rows", len(table), f"{path.name}: a fit needs at least {MIN_ROWS} rows")
     n_tokens: list[int] = []
     times: list[float] = []
     shapes: list[BatchShape] = []
-    for line, row in zip(lines, rows, strict=True):
-        t = _number(row, col["time_ms"], line, path)
+    for i in range(len(table)):
+        t = table.number(i, col["time_ms"])
         if t <= 0:
-            raise ConfigError(col["time_ms"], row[col["time_ms"]], f"{path.name} line {line}: must be > 0")
+            raise table.cell_error(i, col["time_ms"], "must be > 0")
         times.append(t)
         if shaped:
-            shape = _user_shape(row, col, header, line, path)
+            shape = _user_shape(table, i, col)
             shapes.append(shape)
             n_tokens.append(shape.tokens)
         else:
-            n_tokens.append(_count(row, col["n_tokens"], line, path))
+            n_tokens.append(table.count(i, col["n_tokens"]))
         if n_tokens[-1] < 1:
-            raise ConfigError(col["n_tokens"] if not shaped else col["prefill_tokens"], 0,
-                              f"{path.name} line {line}: a batch needs at least 1 token")
+            raise table.cell_error(i, col["n_tokens"] if not shaped else col["prefill_tokens"],
+                                   "leaves a batch of 0 tokens (a batch needs at least 1)")
     filters = ", ".join(f"{k}={v}" for k, v in (where or {}).items())
     return FitData(name or path.stem, tuple(n_tokens), tuple(times), tuple(shapes) if shaped else None,
-                   str(path), f"{filters + ': ' if filters else ''}{len(rows)} rows")
+                   str(path), f"{filters + ': ' if filters else ''}{len(table)} rows")
 
 
-def _user_shape(row: dict[str, str], col: dict[str, str], header: Sequence[str], line: int,
-                path: Path) -> BatchShape:
-    """The batch shape of one user row (defaults for the optional columns)."""
-    pre = _count(row, col["prefill_tokens"], line, path)
-    dec = _count(row, col["decode_tokens"], line, path)
-    has = {key: col[key] in header for key in ("decode_kv_tokens", "chunks", "logit_rows")}
-    kv = _count(row, col["decode_kv_tokens"], line, path) if has["decode_kv_tokens"] else 0
-    chunks = _count(row, col["chunks"], line, path) if has["chunks"] else int(pre > 0)
+def _user_shape(table: CsvTable, i: int, col: dict[str, str]) -> BatchShape:
+    """The batch shape of the user's row ``i`` (defaults for the optional columns)."""
+    pre = table.count(i, col["prefill_tokens"])
+    dec = table.count(i, col["decode_tokens"])
+    has = {key: col[key] in table.columns for key in ("decode_kv_tokens", "chunks", "logit_rows")}
+    kv = table.count(i, col["decode_kv_tokens"]) if has["decode_kv_tokens"] else 0
+    chunks = table.count(i, col["chunks"]) if has["chunks"] else int(pre > 0)
     if (pre > 0) != (chunks > 0) or chunks > pre:
-        raise ConfigError(col["chunks"], chunks, f"{path.name} line {line}: need 1 <= chunks <= "
-                          f"prefill_tokens ({pre}), or 0 chunks without prefill")
-    logits = _count(row, col["logit_rows"], line, path) if has["logit_rows"] else dec + chunks
+        raise table.cell_error(i, col["chunks"], f"must be 1 to prefill_tokens ({pre}), or 0 without "
+                               "prefill")
+    logits = table.count(i, col["logit_rows"]) if has["logit_rows"] else dec + chunks
     return BatchShape(prefill_tokens=pre, decode_tokens=dec, chunk_tokens=_even_chunks(pre, chunks),
                       chunk_prefix_tokens=(0,) * chunks, decode_kv_tokens=kv, logit_rows=logits)
 

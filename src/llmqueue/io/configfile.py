@@ -8,6 +8,7 @@ memory), so every input is read and every error is worded the same way.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +86,48 @@ def first_error(err: ValidationError, prefix: str = "") -> ConfigError:
     return ConfigError(field, first.get("input"), problem)
 
 
-def split_items(spec: str, body: str, field: str) -> list[tuple[str, str]]:
-    """``k=v,k=v`` (the part ``body`` of ``spec``) as (key, value) pairs; ConfigError on
-    ``field`` for an item without '=' or a repeated key."""
-    pairs: list[tuple[str, str]] = []
-    seen: set[str] = set()
+def split_pair(item: str) -> tuple[str, str] | None:
+    """``key=value`` as (key, value), both stripped; None for an item without '=' or without a key.
+    The one rule for a single item: :func:`split_items` uses it, and so do options that take one
+    ``COLUMN=VALUE`` per use (``--where``)."""
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        return None
+    return key, value.strip()
+
+
+def split_items(spec: str, body: str, field: str, *, keys: Sequence[str] | None = None,
+                positional: bool = False, lower: bool = False) -> tuple[list[str], dict[str, str]]:
+    """``a,b,k=v,k=v`` (the part ``body`` of ``spec``) as (positional values, {key: value}).
+
+    The one splitter of ``key=value`` lists (batch-time, memory, size, arrival and profile specs,
+    fit's ``--columns``). Items are split at ',' and stripped; ``lower`` lowercases keys. A
+    ConfigError on ``field`` with ``spec`` as the value for: an empty item, an item without '='
+    (unless ``positional``: then values without a key, all before the first ``key=value``), a key
+    not in ``keys`` (when given), a key given twice. An empty ``body`` is no items.
+    """
+    values: list[str] = []
+    named: dict[str, str] = {}
+    if not body.strip():
+        return values, named
     for item in body.split(","):
-        key, eq, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not eq or not key:
-            raise ConfigError(field, spec, f"expected key=value, found {item.strip()!r}")
-        if key in seen:
+        text = item.strip()
+        if not text:
+            raise ConfigError(field, spec, "empty parameter in spec")
+        pair = split_pair(text)
+        if pair is None:
+            if not positional or "=" in text:
+                raise ConfigError(field, spec, f"expected key=value, found {text!r}")
+            if named:
+                raise ConfigError(field, spec, "positional parameters must come before key=value ones")
+            values.append(text)
+            continue
+        key, value = pair
+        key = key.lower() if lower else key
+        if keys is not None and key not in keys:
+            raise ConfigError(field, spec, f"unknown parameter '{key}' (expected one of: {', '.join(keys)})")
+        if key in named:
             raise ConfigError(field, spec, f"duplicate key {key!r}")
-        seen.add(key)
-        pairs.append((key, value))
-    return pairs
+        named[key] = value
+    return values, named

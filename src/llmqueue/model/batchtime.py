@@ -508,7 +508,7 @@ def parse_batch_time(spec: str) -> BatchTime:
         raise ConfigError(_FIELD, spec, f"unknown kind {kind!r} (known: {known})")
     model, required, optional = _KINDS[kind]
     wanted = required + optional
-    given = dict(split_items(spec, body, _FIELD)) if body.strip() else {}
+    given = split_items(spec, body, _FIELD)[1]
     extra = [k for k in given if k not in wanted]
     if extra:
         raise ConfigError(
@@ -537,7 +537,7 @@ def _parse_table(spec: str, body: str) -> TableTime:
     path_text = path_text.strip()
     if not path_text:
         raise ConfigError(_FIELD, spec, "table spec needs a CSV path: table:PATH[,column=value...]")
-    filters = sorted(split_items(spec, rest, _FIELD)) if rest.strip() else []
+    filters = sorted(split_items(spec, rest, _FIELD)[1].items())
     table = read_csv_table(path_text, _FIELD, "table file", spec)
     n_col = next((c for c in ("n_tokens", "n") if c in table.columns), None)
     t_col = next((c for c in ("time_ms", "median_ms") if c in table.columns), None)

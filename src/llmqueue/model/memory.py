@@ -159,7 +159,7 @@ def parse_memory(spec: str) -> KVCache:
     head_dim=..[,dtype_bytes=2,tp=1,util=0.9,reserved_gib=0,block=..,watermark=..]``."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(_FIELD, spec, "expected 'tokens=M[,block=16,watermark=0.01]' or a gpu_gib=... spec")
-    items = dict(split_items(spec, spec, _FIELD))
+    items = split_items(spec, spec, _FIELD)[1]
     known = {"tokens"} | _GPU_KEYS | _COMMON_KEYS
     unknown = [k for k in items if k not in known]
     if unknown:

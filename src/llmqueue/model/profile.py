@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from llmqueue.errors import ConfigError
-from llmqueue.io.configfile import read_table
+from llmqueue.io.configfile import read_table, split_items
 from llmqueue.io.tables import CsvTable, read_csv_table
 from llmqueue.model.batchtime import BatchShape
 from llmqueue.model.memory import ModelShape
@@ -557,13 +557,8 @@ def parse_profile_spec(spec: str) -> ProfileTime:
     kind, colon, body = spec.partition(":")
     if kind.strip().lower() != "profile" or not colon or not body.strip():
         raise ConfigError("batch-time", spec, "expected profile:DIR[,layers=N,monotone=0,overhead_us=X]")
-    path, *items = body.split(",")
-    opts: dict[str, str] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or key.strip() not in ("layers", "monotone", "overhead_us"):
-            raise ConfigError("batch-time", spec, f"unknown profile option {item.strip()!r}")
-        opts[key.strip()] = value.strip()
+    path, _, rest = body.partition(",")
+    opts = split_items(spec, rest, "batch-time", keys=("layers", "monotone", "overhead_us"))[1]
     try:
         layers = int(opts["layers"]) if "layers" in opts else None
         overhead = float(opts.get("overhead_us", "0"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llmqueue.errors import ConfigError
+from llmqueue.io.configfile import split_items
 from llmqueue.model.traces import trace_arrivals, trace_sizes
 from llmqueue.model.workload import (
     ArrivalProcess,
@@ -33,31 +34,9 @@ from llmqueue.model.workload import (
 
 def _split_args(body: str, field_name: str, spec: str,
                 keys: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Split ``a,b,key=value`` into positional and keyword parts, rejecting unknown keys."""
-    positional: list[str] = []
-    named: dict[str, str] = {}
-    if not body.strip():
-        return positional, named
-    for part in body.split(","):
-        part = part.strip()
-        if not part:
-            raise ConfigError(field_name, spec, "empty parameter in spec")
-        if "=" in part:
-            key, _, value = part.partition("=")
-            key = key.strip().lower()
-            if key not in keys:
-                raise ConfigError(field_name, spec,
-                                  f"unknown parameter '{key}' (expected one of: "
-                                  f"{', '.join(keys)})")
-            if key in named:
-                raise ConfigError(field_name, spec, f"parameter '{key}' given twice")
-            named[key] = value.strip()
-        else:
-            if named:
-                raise ConfigError(field_name, spec,
-                                  "positional parameters must come before key=value ones")
-            positional.append(part)
-    return positional, named
+    """Split ``a,b,key=value`` into positional and keyword parts, rejecting unknown keys (the shared
+    splitter, keys case-insensitive)."""
+    return split_items(spec, body, field_name, keys=keys, positional=True, lower=True)
 
 
 def _int(text: str, what: str, field_name: str, spec: str) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from llmqueue.errors import ConfigError
+from llmqueue.io.configfile import split_pair
 from llmqueue.io.tables import CsvTable, read_csv_table
 from llmqueue.model.batchtime import (
     BatchShape,
@@ -230,9 +231,10 @@ def parse_columns(text: str | None) -> dict[str, str]:
     if not text or not text.strip():
         return mapping
     for item in text.split(","):
-        ours, eq, theirs = (part.strip() for part in item.partition("="))
-        if not eq or not ours or not theirs:
+        pair = split_pair(item)
+        if pair is None or not pair[1]:
             raise ConfigError("columns", item.strip(), "expected NAME=CSV_COLUMN")
+        ours, theirs = pair
         if ours not in USER_COLUMNS:
             raise ConfigError("columns", ours, f"unknown name (known: {', '.join(USER_COLUMNS)})")
         mapping[ours] = theirs
@@ -243,10 +245,10 @@ def parse_filters(items: Sequence[str]) -> dict[str, str]:
     """``["model=llama3-8b", "mode=graph"]`` as {column: value}; ConfigError on a bad item."""
     filters: dict[str, str] = {}
     for item in items:
-        column, eq, value = (part.strip() for part in item.partition("="))
-        if not eq or not column:
+        pair = split_pair(item)
+        if pair is None:
             raise ConfigError("where", item, "expected COLUMN=VALUE")
-        filters[column] = value
+        filters[pair[0]] = pair[1]
     return filters
 
 

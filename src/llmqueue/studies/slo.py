@@ -32,6 +32,7 @@ import numpy as np
 from llmqueue.engines.metrics import LATENCIES, PERCENTILES
 from llmqueue.engines.reference import PolicyFn
 from llmqueue.errors import ConfigError
+from llmqueue.io.configfile import split_pair
 from llmqueue.limits import MIN_TOLERANCE
 from llmqueue.model.batchtime import BatchTime, ShapeTime, mix_batch_time, parse_batch_time
 from llmqueue.model.specs import make_workload
@@ -191,14 +192,14 @@ def parse_slo(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for raw in text.split(","):
         piece = raw.strip()
-        key, eq, value = piece.partition("=")
-        key = key.strip()
-        if not piece or not eq or not key or not value.strip():
+        pair = split_pair(piece)
+        if pair is None or not pair[1]:
             raise ConfigError("slo", piece, "expected metric=target (e.g. p99_ttft_ms=500)")
+        key, value = pair
         _check_key(piece, key)
         if key in out:
             raise ConfigError("slo", piece, f"metric {key} is given twice")
-        out[key] = _check_target(piece, key, value.strip())
+        out[key] = _check_target(piece, key, value)
     return out
 
 

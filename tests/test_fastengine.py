@@ -19,7 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llmqueue.cli.app import main
-from llmqueue.engines.fast import FastEngine
+from llmqueue.engines.fast import MAX_REPEAT, FastEngine
 from llmqueue.errors import ConfigError
 from llmqueue.model.batchtime import CompositionTime, ConstantTime, LinearTime, StaircaseTime
 from llmqueue.model.memory import KVCache
@@ -90,6 +90,16 @@ def test_fast_engine_matches_on_a_long_poisson_run(policy) -> None:
     assert fast.observed.slope_tokens_per_s == pytest.approx(
         ref.observed.slope_tokens_per_s, rel=1e-6, abs=1e-6
     )
+
+
+def test_a_run_longer_than_the_engines_book_at_once_is_split_exactly() -> None:
+    """One decoder with MAX_REPEAT + 2 identical iterations: the fast engine books at most
+    MAX_REPEAT repeats per step, so the run is split, and the pieces must add up to the reference
+    engine's iterations to the bit (every profile runs it; the reference takes a few seconds)."""
+    requests = [Request(0, 0.0, 1, MAX_REPEAT + 2)]
+    ref, fast = both(requests, SARATHI, ConstantTime(1.0), 8, None, drain_s=1e6)
+    assert ref.metrics.num_batches == 1 + MAX_REPEAT + 2  # the prompt's batch, then the decode run
+    assert_same(ref, fast)
 
 
 def test_undeclared_policy_runs_on_the_reference_engine_with_a_note() -> None:

@@ -183,6 +183,12 @@ def fixed_requests(items: Sequence[tuple[float, int, int]]) -> list[Request]:
 # before. From a block with a quote character on, the csv module reads the rest of the file (quoted
 # fields may hold line breaks). Checks are lazy too: a bad row ends the stream after the rows before
 # it, and a reader that stops before it (a run that needs fewer requests) never meets it.
+#
+# This reader stays apart from the shared table reader (llmqueue.io.tables.read_csv_table), which
+# holds a whole file as Python strings: for a 10M-row trace that would cost minutes and gigabytes
+# where these blocks cost one block. It shares that module's rules instead: the header row
+# (header_names), blank lines (is_blank), the wording of a line that is not UTF-8 (not_utf8) and of
+# a bad cell (cell_problem).
 
 _FIRST_BLOCK_BYTES = 1 << 16
 _MAX_BLOCK_BYTES = 1 << 21

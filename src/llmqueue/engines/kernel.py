@@ -11,7 +11,10 @@ plans fitted request by request with the reference engine's rules (see "KV-cache
 
 All state lives in numpy arrays, so a run can stop and resume: the loop returns to Python when it
 needs the next chunk of arrivals, room for its outputs, or more request slots. The driver
-(``llmqueue.engines.compiled``) feeds it and turns what it returns into the usual metrics.
+(``llmqueue.engines.compiled``) feeds it and turns what it returns into the usual metrics. In a
+network whose engines are all compiled, ``llmqueue.engines.netkernel`` runs this loop for each
+engine (network mode: ``si[NET]``) and the routing between them. ``TWINS`` (at the end) pairs each
+function here with the Python code it ports.
 
 Memory: a request holds a full slot only near the head of its queue; the prompts and the waiting
 decoders deeper than any step can reach are compact records (see "Compact tails" below), so an

@@ -9,12 +9,13 @@ Hypothesis profiles, chosen with the environment variable ``LLMQUEUE_HYPOTHESIS`
 - ``thorough``: random examples, ten times as many (``LLMQUEUE_HYPOTHESIS=thorough pytest``),
   for longer local runs; a failure prints the blob that reproduces it.
 
-numba: with a cold cache (a fresh clone, or kernel.py edited) the compiled event loops take about
-a minute to compile. A process of its own compiles them (``helpers.warm_up``, filling numba's
-on-disk cache) while the modules that never touch the compiled loop run first; the first test that
-needs it waits for that process (outside any test's timing) and loads the compiled code from the
-cache. With numba's cache up to date nothing of this happens (loading takes a fraction of a second);
-``LLMQUEUE_WARMUP=0`` turns it off (each process then compiles on first use, as numba does).
+numba: with a cold cache (a fresh clone, or engines/kernel.py or engines/netkernel.py edited) the
+compiled event loops (``KERNELS``) take about a minute to compile. A process of its own compiles
+them (``helpers.warm_up``, filling numba's on-disk cache) while the modules that never touch the
+compiled loop run first; the first test that needs it waits for that process (outside any test's
+timing) and loads the compiled code from the cache. With numba's cache up to date nothing of this
+happens (loading takes a fraction of a second); ``LLMQUEUE_WARMUP=0`` turns it off (each process
+then compiles on first use, as numba does).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ KERNEL_FREE = frozenset({
 """Modules that never run the compiled loop (shape-model and Python-only engines, fits, parsers):
 they run first, while the loop compiles. A module listed here that starts using the loop only
 waits for the compile; one missing from the list only runs later."""
+
+
+KERNELS = {"llmqueue.engines.kernel": ("run", "stop"), "llmqueue.engines.netkernel": ("net_run",)}
+"""The modules of numba's compiled loops -> their entry points (the single-engine loop, the network
+loop: the warm-up compiles both; the network loop's cached code includes the engine loop)."""
 
 
 WAIT_LIMIT_S = 900.0
@@ -117,7 +123,7 @@ class _ImportGuard(importlib.abc.MetaPathFinder):
     code from numba's cache instead of compiling it a second time, in parallel."""
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if name == "llmqueue.engines.kernel" and "warm-up" in _STATE:
+        if name in KERNELS and "warm-up" in _STATE:
             _STATE["warm-up"].wait()
         return None
 
@@ -131,21 +137,25 @@ def _remove_import_guard() -> None:
 
 
 def _cache_is_fresh() -> bool:
-    """Whether numba's on-disk cache has the entry points of the compiled loop, written after the
-    last edit of kernel.py (then the first test that needs them loads them in a fraction of a
-    second, and a separate process would only add its start-up). Best effort: False when unsure."""
-    spec = find_spec("llmqueue.engines.kernel")
-    if spec is None or spec.origin is None:
-        return False
-    source = Path(spec.origin)
-    folders = [source.parent / "__pycache__"]
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        folders = [Path(os.environ["NUMBA_CACHE_DIR"])]
-    edited = source.stat().st_mtime
-    for name in ("run", "stop", "net_run"):
-        indexes = [p for folder in folders for p in folder.rglob(f"kernel.{name}-*.nbi")]
-        if not any(p.stat().st_mtime >= edited for p in indexes):
+    """Whether numba's on-disk cache has the entry points of the compiled loops (``KERNELS``),
+    written after the last edit of their modules (of kernel.py too for the network loop, which
+    includes its code), so the first test that needs them loads them in a fraction of a second,
+    and a separate process would only add its start-up. Best effort: False when unsure."""
+    edited = 0.0
+    for module, names in KERNELS.items():  # kernel first: netkernel's code depends on it
+        spec = find_spec(module)
+        if spec is None or spec.origin is None:
             return False
+        source = Path(spec.origin)
+        folders = [source.parent / "__pycache__"]
+        if os.environ.get("NUMBA_CACHE_DIR"):
+            folders = [Path(os.environ["NUMBA_CACHE_DIR"])]
+        edited = max(edited, source.stat().st_mtime)
+        stem = module.rsplit(".", 1)[1]
+        for name in names:
+            indexes = [p for folder in folders for p in folder.rglob(f"{stem}.{name}-*.nbi")]
+            if not any(p.stat().st_mtime >= edited for p in indexes):
+                return False
     return True
 
 

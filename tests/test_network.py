@@ -443,7 +443,8 @@ def test_compiled_routing_is_the_python_routing_on_random_networks(case) -> None
 def test_every_resumable_step_of_the_compiled_routing(monkeypatch) -> None:
     """With the network loop's buffers and pools started at one entry, it returns to the driver
     for each kind of need (growth, refill, drain, horizon) again and again; the run stays exact."""
-    from llmqueue.engines import compiled, kernel
+    from llmqueue.engines import compiled
+    from llmqueue.engines import netkernel as kernel
 
     for name in ("START_TOKENS", "START_FRAMES", "START_PENDING", "LATENCY_ROOM", "DRAW_CHUNKS"):
         monkeypatch.setattr(compiled.NetworkLoop, name, 1)

@@ -279,6 +279,7 @@ class _State:
         self.kernel_args = self._kernel_args()
 
     def _kernel_args(self) -> tuple[np.ndarray, ...]:
+        """The state tuple ``kernel.run`` and ``kernel.stop`` take (order: ``kernel.STATE``)."""
         return (self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.t_table,
                 self.ends, self.targets, self.bins, self.out_f, self.out_i, self.itl, self.lp_i,
                 self.lp_f, self.lw_i, self.lw_f)
@@ -289,7 +290,7 @@ class _State:
         K = self.K
         ids, arrival_ms, prefill, decode = arrivals
         while True:
-            code = K.run(*self.kernel_args, arrival_ms, prefill, decode, ids, ids)
+            code = K.run(self.kernel_args, (arrival_ms, prefill, decode, ids, ids))
             if code == K.NEED_ROOM:
                 on_room()
             elif code == K.NEED_SLOTS:
@@ -307,8 +308,7 @@ class _State:
 
     def stop(self, horizon_ms: float) -> None:
         """The kernel's ``stop`` at the horizon (the output buffers were drained before)."""
-        self.K.stop(self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.ends,
-                    self.targets, self.bins, self.out_f, self.out_i, self.itl, self.lp_i, horizon_ms)
+        self.K.stop(self.kernel_args, horizon_ms)
 
     def next_times(self) -> tuple[float, float]:
         """(end of the running batch run, immediate start): each inf when there is none."""
@@ -641,7 +641,7 @@ DRAW_CHUNK = 1024
 
 @dataclass(frozen=True, slots=True)
 class RouteTables:
-    """A network's routes as the kernel's arrays (``llmqueue.engines.kernel``, network loop).
+    """A network's routes as the network loop's arrays (``llmqueue.engines.netkernel``).
 
     Nodes are numbered class by class (classes and node ids in sorted order); ``keys[i]`` is
     node ``i``'s (class, node id). A node's next targets and fork branches are slices of
@@ -659,7 +659,7 @@ class RouteTables:
 
 def route_tables(net: Network, engine_names: Sequence[str]) -> RouteTables:
     """The routes of ``net`` for the network loop; engines are numbered as in ``engine_names``."""
-    from llmqueue.engines import kernel as K
+    from llmqueue.engines import netkernel as K
 
     classes = tuple(sorted(net.classes))
     keys = tuple((c, nid) for c in classes for nid in sorted(net.classes[c].nodes))
@@ -698,7 +698,7 @@ def route_tables(net: Network, engine_names: Sequence[str]) -> RouteTables:
 
 def _typed_list(arrays: Iterable[np.ndarray]) -> object:
     """A numba typed list of ``arrays`` (all of one type), built by cached compiled helpers."""
-    from llmqueue.engines import kernel as K
+    from llmqueue.engines import netkernel as K
 
     items = iter(arrays)
     out = K.list_of(next(items))
@@ -721,7 +721,7 @@ class ClassTotals:
 
 
 class NetworkLoop:
-    """A network run entirely in the compiled loop (``llmqueue.engines.kernel.net_run``): the engines (each
+    """A network run entirely in the compiled loop (``llmqueue.engines.netkernel.net_run``): the engines (each
     a ``KernelEngine``, whose arrays the loop works on in place) and the routing between them.
 
     Python only feeds it: the next chunk of a random stream or of a class's arrivals, more room
@@ -771,7 +771,7 @@ class NetworkLoop:
         next chunk of uniform draws for its routing choice; ``latency[c]``: where class c's
         end-to-end latencies are appended; ``horizon_for(last_arrival_ms)``: the run's end once
         arrivals are over."""
-        from llmqueue.engines import kernel as K
+        from llmqueue.engines import netkernel as K
 
         if any(engine._times or engine._read for engine in engines):
             raise ValueError("the network loop starts with fresh engines")
@@ -880,16 +880,19 @@ class NetworkLoop:
             out.frombytes(np.ascontiguousarray(values[classes == c]).tobytes())
         self.ns[K.NS_LAT_N] = 0
 
-    def _args(self) -> tuple[object, ...]:
+    def _args(self) -> tuple[tuple[object, ...], ...]:
+        """``net_run``'s argument groups (see its docstring), built again after a pool grows."""
         t = self.tables
         return (
-            self.ns, self.nf, t.nodes, t.next_target, t.next_prob, t.branches, t.class_start,
-            self.due, self.times, self.fin, self.stack, self.tok_i, self.tok_f, self.tok_free,
-            self.frames, self.fr_free, self.pend_ms, *self.pend_i, self.pend_ht, self.ext_t,
-            self.ext_st, self.size_buf, self.size_st, self.choice_buf, self.choice_st, self.class_i,
-            self.class_f, self.class_bins, self.lat_f, self.lat_c, self.si_all, self.sf_all,
-            *self.engine_lists, self.rd,
-            self.t_min,
+            (self.ns, self.nf),  # the loop's scalars
+            (t.nodes, t.next_target, t.next_prob, t.branches, t.class_start),  # route tables
+            (self.due, self.times, self.fin, self.stack),  # work lists
+            (self.tok_i, self.tok_f, self.tok_free, self.frames, self.fr_free),  # tokens, fork frames
+            (self.pend_ms, *self.pend_i, self.pend_ht),  # pending arrivals per engine
+            (self.ext_t, self.ext_st, self.size_buf, self.size_st, self.choice_buf, self.choice_st),
+            (self.class_i, self.class_f, self.class_bins, self.lat_f, self.lat_c),  # per-class outputs
+            (self.si_all, self.sf_all, self.rd, self.t_min),  # per-engine scalars
+            tuple(self.engine_lists),  # the engines' other arrays, one typed list each
         )
 
     # -- the run ---------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ plans fitted request by request with the reference engine's rules (see "KV-cache
 
 All state lives in numpy arrays, so a run can stop and resume: the loop returns to Python when it
 needs the next chunk of arrivals, room for its outputs, or more request slots. The driver
-(``llmqueue.engines.compiled``) feeds it and turns what it returns into the usual metrics.
+(``llmqueue.engines.compiled``) feeds it and turns what it returns into the usual metrics. In a
+network whose engines are all compiled, ``llmqueue.engines.netkernel`` runs this loop for each
+engine (network mode: ``si[NET]``) and the routing between them. ``TWINS`` (at the end) pairs each
+function here with the Python code it ports.
 
 Memory: a request holds a full slot only near the head of its queue; the prompts and the waiting
 decoders deeper than any step can reach are compact records (see "Compact tails" below), so an
@@ -24,7 +27,6 @@ import math
 
 import numpy as np
 from numba import njit
-from numba.typed import List
 
 MAX_REPEAT = 1 << 16  # same as llmqueue.engines.fast.MAX_REPEAT
 TARGETS_DUE = 2  # si[T_LIST] after _start_batch with a binding k_max, until _fill_targets
@@ -83,6 +85,13 @@ LZ_ARR, LZ_FIRST, N_LZF = range(3)
 # scratch (resident prompts, chosen decoders)
 (Q_FREE, Q_PREFILL, Q_WAIT, Q_SERVED, Q_JOIN, Q_PLAN_SLOT, Q_PLAN_TOK, Q_PLAN_C, Q_FIT_SLOT,
  Q_FIT_TOK, Q_TMP, Q_NEW, N_Q) = range(13)
+
+# -- an engine's arrays, in the order of the tuple ``run`` and ``stop`` take (``STATE``) ----------
+STATE = ("si", "sf", "slot_i", "slot_f", "q", "heap", "pol", "t_table", "ends", "targets", "bins",
+         "out_f", "out_i", "itl", "lp_i", "lp_f", "lw_i", "lw_f")
+"""Names of the arrays of an engine's state tuple (``llmqueue.engines.compiled._State`` attributes):
+scalars (si, sf), request slots, queue rows, finish heap, policy parameters, the batch-time table,
+a run's batch ends and targets, time bins, output buffers, and the two compact tails."""
 
 # -- policy parameters (pol) ---------------------------------------------------------------------
 # P_BLOCK: KV block size in tokens (0: no memory limit); P_KV_TOTAL: blocks in the pool;
@@ -1442,15 +1451,21 @@ def _next_event(si, sf):
 
 
 @njit(cache=True)
-def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_f, out_i, itl,
-        lp_i, lp_f, lw_i, lw_f, a_ms, a_pre, a_dec, a_id, a_tok):
+def run(state, arrivals):
     """Run the event loop of ``simulate`` until done or until the driver must act (return code).
+
+    ``state``: the engine's arrays, a tuple in the order of ``STATE`` (the driver's
+    ``llmqueue.engines.compiled._State.kernel_args``). ``arrivals``: the arrivals handed in,
+    ``(a_ms, a_pre, a_dec, a_id, a_tok)`` (times, prefill and decode tokens, ids, and each
+    visit's network token, carried through untouched), taken from ``si[A_POS]`` on.
 
     Finished requests are appended to ``out_f`` (arrival, first token, finish) and ``out_i``
     (slot, id, prefill, decode, token); inter-token latencies to ``itl`` as (value, count)
-    columns. ``a_tok`` is carried through untouched (the network loop's token of each visit).
-    ``lp_*``, ``lw_*``: the compact tails of the prompts and of the waiting decoders.
+    columns. ``lp_*``, ``lw_*``: the compact tails of the prompts and of the waiting decoders.
     """
+    (si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_f, out_i, itl, lp_i, lp_f,
+     lw_i, lw_f) = state
+    a_ms, a_pre, a_dec, a_id, a_tok = arrivals
     cap = q.shape[1]
     b = pol[P_BLOCK]
     n_arr = a_ms.shape[0]
@@ -1570,8 +1585,11 @@ def run(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_
 
 
 @njit(cache=True)
-def stop(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl, lp_i, horizon):
-    """End at the horizon: book the repeats that end before it and count the one running."""
+def stop(state, horizon):
+    """End at the horizon: book the repeats that end before it and count the one running.
+    ``state``: the engine's arrays, as for ``run``."""
+    (si, sf, slot_i, slot_f, q, heap, pol, _t_table, ends, targets, bins, out_f, out_i, itl, lp_i, _lp_f,
+     _lw_i, _lw_f) = state
     if si[ACTIVE] == 0 or si[STOPPED] == 1:
         return
     if si[T_LIST] == TARGETS_DUE:  # the run was set up and the loop returned before its top
@@ -1587,468 +1605,78 @@ def stop(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i
     si[STOPPED] = 1
 
 
-# ================================================================================================
-# The network loop: every engine of a network compiled, and the routing between them too
-# ================================================================================================
-#
-# ``net_run`` is ``llmqueue.sim.network._Run``'s event loop (``result`` and ``_route``/``_advance``) with
-# each engine driven as ``llmqueue.engines.compiled.KernelEngine`` drives it: the same engine calls (advance
-# alone up to a limit, end only, start only) at the same moments, the same routing order and the
-# same random draws, so the run is the same. It is a resumable state machine: whenever it needs the
-# driver (an engine's output buffers are full, an engine or a pool needs more room, a random stream
-# or a class's arrivals need their next chunk, the horizon must be computed), it returns a code
-# with ``ns[NS_ASK]`` saying for whom, having consumed nothing of the step it could not finish, and
-# the driver calls it again once done.
+# -- twins: each compiled function and the Python code it ports -------------------------------------
 
-# -- return codes of net_run -----------------------------------------------------------------------
-(NET_DONE, NET_ROOM, NET_SLOTS, NET_BAD_BATCH_TIME, NET_SIZES, NET_CHOICES, NET_TOKENS, NET_FRAMES,
- NET_PENDING, NET_LATENCY, NET_ARRIVALS, NET_HORIZON, NET_BROKEN) = range(13)
+_FAST = "llmqueue.engines.fast:"
+_REF = "llmqueue.engines.reference:"
+_MET = "llmqueue.engines.metrics:"
+_HEAP = "the finish heap of the served decoders (FastEngine keeps it with heapq)"
+_TAIL = "compact tails: kernel-only storage of requests no step reaches (see 'Compact tails')"
 
-# -- stages (where the loop resumes) and engine call modes -----------------------------------------
-ST_NEXT_EXT, ST_TOP, ST_CALL, ST_ROUTE, ST_ENDS, ST_STARTS, ST_DONE = range(7)
-MODE_ADVANCE, MODE_END, MODE_START = range(3)
-
-# -- integer scalars (ns) and float scalars (nf) of the network loop -------------------------------
-(NS_STAGE, NS_ROUTE_AFTER, NS_CALL_E, NS_CALL_MODE, NS_DUE_N, NS_DUE_I, NS_FIN_LEN, NS_FIN_POS,
- NS_STK_LEN, NS_ARRIVED, NS_MAX_REQ, NS_HAVE_NXT, NS_NXT_CLS, NS_VISITS, NS_ASK, NS_TOK_FREE,
- NS_FR_FREE, NS_LAT_N, N_NS) = range(19)
-NF_T_ENGINE, NF_T_ROUTE, NF_HORIZON, NF_STOP, NF_NXT_T, NF_LAST_ARRIVAL, N_NF = range(7)
-
-# -- route nodes (rows of ``nodes``; node index = row; next targets -1 = exit) ---------------------
-ND_KIND, ND_ENGINE, ND_NEXT0, ND_NEXT_N, ND_BR0, ND_BR_N, ND_JOIN, N_ND = range(8)
-KIND_VISIT, KIND_FORK, KIND_JOIN = range(3)
-EXIT_NODE = -1
-
-# -- tokens (requests or fork branches in the network), fork frames, stream and class state --------
-TK_CLS, TK_FRAME, TK_NODE, N_TK = range(4)
-FR_PARENT, FR_LEFT, FR_JOIN, N_FR = range(4)
-DS_POS, DS_LEN = range(2)  # a random stream's buffer: next value, values held
-EX_POS, EX_LEN, EX_END = range(3)  # a class's arrival chunk: next arrival, arrivals held, stream over
-CI_ARRIVALS, CI_DONE, CI_PRESENT, N_CI = range(4)
-CF_AREA, CF_LAST, CF_WIDTH, N_CF = range(4)
-
-
-@njit(cache=True)
-def list_of(first):
-    """A typed list holding ``first`` (built here, compiled and cached: ``numba.typed.List``
-    methods called from Python compile anew in every process, about 2 s)."""
-    out = List()
-    out.append(first)
-    return out
-
-
-@njit(cache=True)
-def list_append(items, value):
-    """``items.append(value)`` for a typed list (see ``list_of``)."""
-    items.append(value)
-
-
-@njit(cache=True)
-def list_set(items, i, value):
-    """``items[i] = value`` for a typed list (see ``list_of``)."""
-    items[i] = value
-
-
-@njit(cache=True)
-def _engine_next(si_all, sf_all, pend_ms, pend_ht, e):
-    """KernelEngine.next_event_ms: a batch end, an immediate start or a pending arrival, or inf.
-    (Engine e's scalars are row e of ``si_all``/``sf_all``: read in place, no array views, whose
-    reference counting would cost more than the rest of this scan.)"""
-    if si_all[e, ACTIVE] == 1:
-        t = sf_all[e, BATCH_END]
-    elif si_all[e, IN_SYSTEM] > 0 and si_all[e, BLOCKED] == 0:
-        t = sf_all[e, NOW]
-    else:
-        t = np.inf
-    h = pend_ht[e, 0]
-    if h < pend_ht[e, 1] and pend_ms[e, h] < t:
-        return pend_ms[e, h]
-    return t
-
-
-@njit(cache=True)
-def _completion_bound(si_all, sf_all, pend_ms, pend_ht, t_min, e):
-    """KernelEngine.completion_bound_ms: no request can finish at engine e before this time."""
-    active = si_all[e, ACTIVE] == 1
-    end = sf_all[e, BATCH_END] if active else np.inf
-    start = np.inf
-    if not active and si_all[e, IN_SYSTEM] > 0 and si_all[e, BLOCKED] == 0:
-        start = sf_all[e, NOW]
-    h = pend_ht[e, 0]
-    if h < pend_ht[e, 1] and pend_ms[e, h] < start:
-        start = pend_ms[e, h]
-    start += t_min
-    return end if end < start else start
-
-
-@njit(cache=True)
-def _class_present(cls_i, cls_f, cls_bins, c, t_ms, delta):
-    """_Run._present: requests of class c in the network, time-integrated (area and bins)."""
-    last = cls_f[c, CF_LAST]
-    if t_ms > last:
-        n = cls_i[c, CI_PRESENT]
-        cls_f[c, CF_AREA] += n * (t_ms - last)
-        _bins_add(cls_f[c], CF_WIDTH, cls_bins[c], last, t_ms, float(n))
-        cls_f[c, CF_LAST] = t_ms
-    cls_i[c, CI_PRESENT] += delta
-
-
-@njit(cache=True)
-def _choice_ready(nodes, choice_st, node):
-    """Whether _choose can run at ``node`` (one target, or a uniform draw is buffered)."""
-    return nodes[node, ND_NEXT_N] == 1 or choice_st[node, DS_POS] < choice_st[node, DS_LEN]
-
-
-@njit(cache=True)
-def _choose(nodes, next_target, next_prob, choice_buf, choice_st, node):
-    """_Run._choose: the next node (a draw of the node's own stream when there are several)."""
-    n = nodes[node, ND_NEXT_N]
-    k0 = nodes[node, ND_NEXT0]
-    if n == 1:
-        return next_target[k0]
-    u = choice_buf[node, choice_st[node, DS_POS]]
-    choice_st[node, DS_POS] += 1
-    acc = 0.0
-    for k in range(k0, k0 + n):
-        acc += next_prob[k]
-        if u < acc:
-            return next_target[k]
-    return next_target[k0 + n - 1]
-
-
-@njit(cache=True)
-def _push(ns, stack, tok, node):
-    k = ns[NS_STK_LEN]
-    stack[0, k] = tok
-    stack[1, k] = node
-    ns[NS_STK_LEN] = k + 1
-
-
-@njit(cache=True)
-def _back(ns, stack, tok, node, code, ask):
-    """_walk stops short of ``node``: (tok, node) pushed back, ``ns[NS_ASK] = ask``; returns code."""
-    _push(ns, stack, tok, node)
-    ns[NS_ASK] = ask
-    return code
-
-
-@njit(cache=True)
-def _new_token(ns, tok_i, tok_f, tok_free, cls, frame, arrival_ms):
-    ns[NS_TOK_FREE] -= 1
-    tok = tok_free[ns[NS_TOK_FREE]]
-    tok_i[tok, TK_CLS] = cls
-    tok_i[tok, TK_FRAME] = frame
-    tok_i[tok, TK_NODE] = -1
-    tok_f[tok] = arrival_ms
-    return tok
-
-
-@njit(cache=True)
-def _free_token(ns, tok_free, tok):
-    tok_free[ns[NS_TOK_FREE]] = tok
-    ns[NS_TOK_FREE] += 1
-
-
-@njit(cache=True)
-def _walk(ns, nf, nodes, next_target, next_prob, branches, stack, tok_i, tok_f, tok_free, frames,
-          fr_free, pend_ms, pend_pre, pend_dec, pend_id, pend_tok, pend_ht, size_buf, size_st,
-          choice_buf, choice_st, cls_i, cls_f, cls_bins, lat_f, lat_c, tok, node):
-    """_Run._advance: move token ``tok`` to ``node`` and on, until it waits at an engine (a pending
-    arrival there) or a join, or leaves. Returns 0, or a NET_ code with (tok, node) pushed back
-    after the last node it completed (each node's step checks what it needs before changing
-    anything). A fork pushes its branches, the first on top: depth first, as the recursion."""
-    t = nf[NF_T_ROUTE]
-    while True:
-        if node == EXIT_NODE:
-            if tok_i[tok, TK_FRAME] >= 0:  # validated impossible: a branch always meets its join
-                return _back(ns, stack, tok, node, NET_BROKEN, -1)
-            n = ns[NS_LAT_N]
-            if n == lat_f.shape[0]:
-                return _back(ns, stack, tok, node, NET_LATENCY, -1)
-            c = tok_i[tok, TK_CLS]
-            cls_i[c, CI_DONE] += 1
-            lat_f[n] = t - tok_f[tok]
-            lat_c[n] = c
-            ns[NS_LAT_N] = n + 1
-            _class_present(cls_i, cls_f, cls_bins, c, t, -1)
-            _free_token(ns, tok_free, tok)
-            return 0
-        kind = nodes[node, ND_KIND]
-        if kind == KIND_VISIT:
-            pre_s, dec_s = 2 * node, 2 * node + 1
-            for s in (pre_s, dec_s):
-                if size_st[s, DS_POS] == size_st[s, DS_LEN]:
-                    return _back(ns, stack, tok, node, NET_SIZES, s)
-            if not _choice_ready(nodes, choice_st, node):  # needed if the visit draws no tokens
-                return _back(ns, stack, tok, node, NET_CHOICES, node)
-            e = nodes[node, ND_ENGINE]
-            h, tail = pend_ht[e, 0], pend_ht[e, 1]
-            if tail == pend_ms.shape[1]:
-                if h == 0:
-                    return _back(ns, stack, tok, node, NET_PENDING, e)
-                n = tail - h  # compact: pending arrivals move to the front (forward copy)
-                for i in range(n):
-                    pend_ms[e, i] = pend_ms[e, h + i]
-                    pend_pre[e, i] = pend_pre[e, h + i]
-                    pend_dec[e, i] = pend_dec[e, h + i]
-                    pend_id[e, i] = pend_id[e, h + i]
-                    pend_tok[e, i] = pend_tok[e, h + i]
-                pend_ht[e, 0] = 0
-                pend_ht[e, 1] = n
-                tail = n
-            pre = size_buf[pre_s, size_st[pre_s, DS_POS]]
-            size_st[pre_s, DS_POS] += 1
-            dec = size_buf[dec_s, size_st[dec_s, DS_POS]]
-            size_st[dec_s, DS_POS] += 1
-            if pre + dec == 0:  # nothing to do at this visit
-                node = _choose(nodes, next_target, next_prob, choice_buf, choice_st, node)
-                continue
-            vid = ns[NS_VISITS]
-            ns[NS_VISITS] = vid + 1
-            tok_i[tok, TK_NODE] = node
-            pend_ms[e, tail] = t
-            pend_pre[e, tail] = pre
-            pend_dec[e, tail] = dec
-            pend_id[e, tail] = vid
-            pend_tok[e, tail] = tok
-            pend_ht[e, 1] = tail + 1
-            return 0
-        if kind == KIND_FORK:
-            nb = nodes[node, ND_BR_N]
-            if ns[NS_TOK_FREE] < nb or ns[NS_FR_FREE] < 1:
-                return _back(ns, stack, tok, node, NET_TOKENS if ns[NS_TOK_FREE] < nb else NET_FRAMES, -1)
-            ns[NS_FR_FREE] -= 1
-            f = fr_free[ns[NS_FR_FREE]]
-            frames[f, FR_PARENT] = tok
-            frames[f, FR_LEFT] = nb
-            frames[f, FR_JOIN] = nodes[node, ND_JOIN]
-            b0 = nodes[node, ND_BR0]
-            for i in range(nb - 1, -1, -1):
-                child = _new_token(ns, tok_i, tok_f, tok_free, tok_i[tok, TK_CLS], f, tok_f[tok])
-                _push(ns, stack, child, branches[b0 + i])
-            return 0
-        # a join: a branch arrives; the last one lets the forking request go on
-        if not _choice_ready(nodes, choice_st, node):
-            return _back(ns, stack, tok, node, NET_CHOICES, node)
-        f = tok_i[tok, TK_FRAME]
-        if f < 0 or frames[f, FR_JOIN] != node:
-            return _back(ns, stack, tok, node, NET_BROKEN, -1)
-        frames[f, FR_LEFT] -= 1
-        _free_token(ns, tok_free, tok)
-        if frames[f, FR_LEFT] > 0:
-            return 0
-        tok = frames[f, FR_PARENT]
-        fr_free[ns[NS_FR_FREE]] = f
-        ns[NS_FR_FREE] += 1
-        node = _choose(nodes, next_target, next_prob, choice_buf, choice_st, node)
-
-
-@njit(cache=True)
-def _take(si, out_i, rd, fin, ns, e):
-    """KernelEngine._take: append the tokens of engine e's newly finished visits to ``fin``."""
-    count = si[N_OUT]
-    n = ns[NS_FIN_LEN]
-    if n + count - rd[e] > fin.shape[0]:
-        return False
-    for r in range(rd[e], count):
-        fin[n] = out_i[r, 4]
-        n += 1
-    ns[NS_FIN_LEN] = n
-    rd[e] = count
-    return True
-
-
-@njit(cache=True)
-def _setup_call(ns, si_all, sf_all, e, mode, limit_ms):
-    """KernelEngine._call's settings: the time limit and the kind of step."""
-    ns[NS_CALL_E] = e
-    ns[NS_CALL_MODE] = mode
-    sf_all[e, LIMIT] = limit_ms
-    si_all[e, END_ONLY] = int(mode == MODE_END)
-    si_all[e, START_ONLY] = int(mode == MODE_START)
-    si_all[e, A_POS] = 0
-    ns[NS_STAGE] = ST_CALL
-
-
-@njit(cache=True)
-def net_run(ns, nf, nodes, next_target, next_prob, branches, cls_start, due, times, fin, stack,
-            tok_i, tok_f, tok_free, frames, fr_free, pend_ms, pend_pre, pend_dec, pend_id, pend_tok,
-            pend_ht, ext_t, ext_st, size_buf, size_st, choice_buf, choice_st, cls_i, cls_f, cls_bins,
-            lat_f, lat_c, si_all, sf_all, e_slot_i, e_slot_f, e_q, e_heap, e_pol, e_t_table, e_ends,
-            e_targets, e_bins, e_out_f, e_out_i, e_itl, e_lp_i, e_lp_f, e_lw_i, e_lw_f, rd, t_min):
-    """Run the network until done or until the driver must act (a NET_ code; see above).
-
-    Engines are numbered in engine-name order: their scalars are the rows of ``si_all`` and
-    ``sf_all``, their other kernel arrays (``llmqueue.engines.compiled._State``) typed lists. Arrivals
-    routed to an engine wait in its row of the ``pend_*`` arrays (``pend_ht[e]``: head and tail)
-    until its next call, as in ``KernelEngine.submit``.
-    """
-    n_eng = si_all.shape[0]
-    n_cls = cls_start.shape[0]
-    while True:
-        stage = ns[NS_STAGE]
-        if stage == ST_NEXT_EXT:
-            # the next external arrival, all classes merged in time order (ties: class order)
-            have = 0
-            if ns[NS_MAX_REQ] < 0 or ns[NS_ARRIVED] < ns[NS_MAX_REQ]:
-                best = -1
-                best_t = np.inf
-                for c in range(n_cls):
-                    if ext_st[c, EX_END] == 1:
-                        continue
-                    if ext_st[c, EX_POS] == ext_st[c, EX_LEN]:
-                        ns[NS_ASK] = c
-                        return NET_ARRIVALS
-                    t = ext_t[c, ext_st[c, EX_POS]]
-                    if best < 0 or t < best_t:
-                        best = c
-                        best_t = t
-                if best >= 0:
-                    have = 1
-                    ns[NS_NXT_CLS] = best
-                    nf[NF_NXT_T] = best_t
-            if have == 1 and nf[NF_NXT_T] >= nf[NF_STOP]:
-                have = 0
-            ns[NS_HAVE_NXT] = have
-            ns[NS_STAGE] = ST_TOP
-            if have == 0:
-                return NET_HORIZON  # the driver sets nf[NF_HORIZON] from the last arrival
-        elif stage == ST_TOP:
-            t_engine = np.inf
-            first = 0
-            for e in range(n_eng):
-                t = _engine_next(si_all, sf_all, pend_ms, pend_ht, e)
-                times[e] = t
-                if e == 0 or t < t_engine:
-                    t_engine = t
-                    first = e
-            if ns[NS_HAVE_NXT] == 1 and nf[NF_NXT_T] <= t_engine:
-                if ns[NS_TOK_FREE] == 0:
-                    return NET_TOKENS
-                c = ns[NS_NXT_CLS]
-                t = nf[NF_NXT_T]
-                ext_st[c, EX_POS] += 1
-                cls_i[c, CI_ARRIVALS] += 1
-                _class_present(cls_i, cls_f, cls_bins, c, t, 1)
-                nf[NF_LAST_ARRIVAL] = t
-                tok = _new_token(ns, tok_i, tok_f, tok_free, c, -1, t)
-                _push(ns, stack, tok, cls_start[c])
-                ns[NS_ARRIVED] += 1
-                nf[NF_T_ROUTE] = t
-                ns[NS_ROUTE_AFTER] = ST_NEXT_EXT
-                ns[NS_STAGE] = ST_ROUTE
-                continue
-            horizon = nf[NF_HORIZON]
-            if t_engine >= horizon or math.isinf(t_engine):
-                ns[NS_STAGE] = ST_DONE
-                return NET_DONE
-            # an engine runs alone until another engine could finish a request (only that can
-            # send it work), the next external arrival or the horizon
-            alone = np.inf
-            for e in range(n_eng):
-                if e != first:
-                    bound = _completion_bound(si_all, sf_all, pend_ms, pend_ht, t_min[e], e)
-                    if bound < alone:
-                        alone = bound
-            if alone > t_engine:
-                until = alone
-                if horizon < until:
-                    until = horizon
-                if ns[NS_HAVE_NXT] == 1 and nf[NF_NXT_T] < until:
-                    until = nf[NF_NXT_T]
-                _setup_call(ns, si_all, sf_all, first, MODE_ADVANCE, np.nextafter(until, -np.inf))
-                continue
-            # a shared instant: every due engine ends its batch, the finished are routed, then
-            # they all start
-            n_due = 0
-            for e in range(n_eng):
-                if times[e] == t_engine:
-                    due[n_due] = e
-                    n_due += 1
-            ns[NS_DUE_N] = n_due
-            ns[NS_DUE_I] = 0
-            nf[NF_T_ENGINE] = t_engine
-            ns[NS_STAGE] = ST_ENDS
-        elif stage == ST_ENDS:
-            t_engine = nf[NF_T_ENGINE]
-            called = False
-            while ns[NS_DUE_I] < ns[NS_DUE_N]:
-                e = due[ns[NS_DUE_I]]
-                ns[NS_DUE_I] += 1
-                if si_all[e, ACTIVE] == 1 and sf_all[e, BATCH_END] == t_engine:
-                    _setup_call(ns, si_all, sf_all, e, MODE_END,
-                                _engine_next(si_all, sf_all, pend_ms, pend_ht, e))
-                    called = True
-                    break
-            if not called:
-                nf[NF_T_ROUTE] = t_engine
-                ns[NS_ROUTE_AFTER] = ST_STARTS
-                ns[NS_DUE_I] = 0
-                ns[NS_STAGE] = ST_ROUTE
-        elif stage == ST_STARTS:
-            if ns[NS_DUE_I] < ns[NS_DUE_N]:
-                e = due[ns[NS_DUE_I]]
-                ns[NS_DUE_I] += 1
-                _setup_call(ns, si_all, sf_all, e, MODE_START, nf[NF_T_ENGINE])
-            else:
-                ns[NS_STAGE] = ST_TOP
-        elif stage == ST_CALL:
-            e = ns[NS_CALL_E]
-            si, sf, out_i = si_all[e], sf_all[e], e_out_i[e]
-            h, tail = pend_ht[e, 0], pend_ht[e, 1]
-            code = run(si, sf, e_slot_i[e], e_slot_f[e], e_q[e], e_heap[e], e_pol[e], e_t_table[e],
-                       e_ends[e], e_targets[e], e_bins[e], e_out_f[e], out_i, e_itl[e], e_lp_i[e],
-                       e_lp_f[e], e_lw_i[e], e_lw_f[e], pend_ms[e, h:tail], pend_pre[e, h:tail],
-                       pend_dec[e, h:tail], pend_id[e, h:tail], pend_tok[e, h:tail])
-            if not _take(si, out_i, rd, fin, ns, e):
-                return NET_BROKEN
-            if code in (NEED_ROOM, NEED_SLOTS, BAD_BATCH_TIME):
-                ns[NS_ASK] = e
-                if code == NEED_ROOM:
-                    return NET_ROOM  # the driver drains engine e's outputs; the call resumes
-                return NET_SLOTS if code == NEED_SLOTS else NET_BAD_BATCH_TIME
-            h += si[A_POS]
-            if h == tail:
-                h = 0
-                tail = 0
-            pend_ht[e, 0] = h
-            pend_ht[e, 1] = tail
-            mode = ns[NS_CALL_MODE]
-            if mode == MODE_ADVANCE:
-                nf[NF_T_ROUTE] = sf[NOW]
-                ns[NS_ROUTE_AFTER] = ST_TOP
-                ns[NS_STAGE] = ST_ROUTE
-            elif mode == MODE_END:
-                ns[NS_STAGE] = ST_ENDS
-            else:
-                if ns[NS_FIN_LEN] > 0:  # a start never ends a batch
-                    return NET_BROKEN
-                ns[NS_STAGE] = ST_STARTS
-        elif stage == ST_ROUTE:
-            # _Run._route: each finished visit in order goes to its next node and on, depth first
-            while True:
-                if ns[NS_STK_LEN] > 0:
-                    k = ns[NS_STK_LEN] - 1
-                    ns[NS_STK_LEN] = k
-                    code = _walk(ns, nf, nodes, next_target, next_prob, branches, stack, tok_i, tok_f,
-                                 tok_free, frames, fr_free, pend_ms, pend_pre, pend_dec, pend_id,
-                                 pend_tok, pend_ht, size_buf, size_st, choice_buf, choice_st, cls_i,
-                                 cls_f, cls_bins, lat_f, lat_c, stack[0, k], stack[1, k])
-                    if code != 0:
-                        return code
-                elif ns[NS_FIN_POS] < ns[NS_FIN_LEN]:
-                    tok = fin[ns[NS_FIN_POS]]
-                    node = tok_i[tok, TK_NODE]
-                    if not _choice_ready(nodes, choice_st, node):
-                        ns[NS_ASK] = node
-                        return NET_CHOICES
-                    target = _choose(nodes, next_target, next_prob, choice_buf, choice_st, node)
-                    ns[NS_FIN_POS] += 1
-                    _push(ns, stack, tok, target)
-                else:
-                    ns[NS_FIN_LEN] = 0
-                    ns[NS_FIN_POS] = 0
-                    ns[NS_STAGE] = ns[NS_ROUTE_AFTER]
-                    break
-        else:
-            return NET_DONE
+TWINS: dict[str, tuple[str | None, str]] = {
+    "_bins_fit": (_MET + "TimeBins._fit", ""),
+    "_bins_add": (_MET + "TimeBins.add", ""),
+    "_advance": (_MET + "Recorder._advance", ""),
+    "_earlier": (None, _HEAP),
+    "_heap_move": (None, _HEAP),
+    "_heap_put": (None, _HEAP),
+    "_heap_push": (None, _HEAP),
+    "_heap_pop": (None, _HEAP),
+    "_heap_compact": (None, _HEAP),
+    "_ring_get": (None, "ring-buffer read: the queues are Python lists in FastEngine"),
+    "_sync": (_FAST + "FastEngine._sync", ""),
+    "_cached": (None, "Job.cached (a slot's tokens in the KV cache), computed from its columns"),
+    "_ceil_div": (_FAST + "_ceil_div", ""),
+    "_prompts_slotted": (None, _TAIL),
+    "_waiting_slotted": (None, _TAIL),
+    "_need": (None, "asks the driver for more slots or tail room (NEED_SLOTS)"),
+    "_lz_write": (None, _TAIL),
+    "_lz_append": (None, _TAIL),
+    "_slot_new": (None, "slot allocation for a new request (FastEngine makes a Job)"),
+    "_slot_from_tail": (None, _TAIL),
+    "_decoder_to_tail": (None, _TAIL),
+    "_stock": (None, _TAIL),
+    "_clear_served": (None, "empties the served prefix: part of FastEngine._serve and _unserve_all"),
+    "_serve": (_FAST + "FastEngine._serve", ""),
+    "_next_finish": (_FAST + "FastEngine._next_finish", ""),
+    "_enter_decode": (_FAST + "FastEngine._enter_decode", ""),
+    "_plan_prompt": (None, "appends one prompt to a plan (a dict entry in the Python planners)"),
+    "_plan_kfcfs": ("llmqueue.policies.fcfs:KFCFS.plan_compact", ""),
+    "_plan_vllm_chunked": ("llmqueue.policies.fcfs:VLLMChunked.plan_compact", ""),
+    "_plan": (None, "dispatch on the policy kind (P_KIND) to _plan_kfcfs or _plan_vllm_chunked"),
+    "_fill_targets": (_FAST + "fill_targets", ""),
+    "_linear_sum": (_FAST + "LinearTargets._sum", ""),
+    "_first_at_most": (_FAST + "LinearTargets._first_at_most", ""),
+    "_audit": (_FAST + "LinearTargets.audit", ""),
+    "_batches": (_MET + "Recorder.batches", ""),
+    "_blocks": (None, "Job.blocks, read from a slot (during a fit, as the fit left them)"),
+    "_ring_remove": (None, "list.remove on a ring-buffer queue"),
+    "_ring_insort": (None, "bisect.insort by arrival on a ring-buffer queue"),
+    "_unserve_all": (_FAST + "FastEngine._unserve_all", ""),
+    "_preempt": (_REF + "Engine._preempt", ""),
+    "_book_preemptions": (_MET + "Recorder.preempted", ""),
+    "_newest_resident": (None, "the newest request holding blocks, a scan Engine._fit_memory does inline"),
+    "_expand": (None, "a compact plan as request entries (FastEngine._form_fitted builds them inline)"),
+    "_fit_memory": (_REF + "Engine._fit_memory", ""),
+    "_resident_prompts": (None, "the prompts holding blocks (FastEngine._compact_view(resident_only=True))"),
+    "_form_fitted": (_FAST + "FastEngine._form_fitted", ""),
+    "_fit_compact": (_FAST + "FastEngine._fit_compact", ""),
+    "_form_memory": (_FAST + "FastEngine._form_compact", ""),
+    "_growth_at": (_FAST + "_Growth.at", ""),
+    "_repeats_within": (_FAST + "_Growth.repeats_within", ""),
+    "_kv_used": (_MET + "Recorder.kv_used", ""),
+    "_book_blocks": (_FAST + "FastEngine._book_blocks", ""),
+    "_start_batch": (_FAST + "FastEngine._start_batch", ""),
+    "_emit": (None, "appends a finished request to the output buffer (Job.record in Python)"),
+    "_itl": (None, "appends inter-token latencies to the output buffer (the recorder's ValueCounts)"),
+    "_drop_prompts": (_FAST + "FastEngine._drop_prompts", ""),
+    "_book": (_FAST + "FastEngine._book", ""),
+    "_cut": (_FAST + "FastEngine._cut", ""),
+    "_next_event": (_REF + "Engine.next_event_ms", ""),
+    "run": ("llmqueue.sim.run:_run_engine", ""),
+    "stop": (_FAST + "FastEngine.stop", ""),
+}
+"""Each compiled function of this module -> (the Python function or method it ports, as
+"module:qualified.name", or None; a note: why there is no twin). Read both side by side when
+changing either; tests/test_kernel_twins.py checks that the table is complete and every twin
+exists."""

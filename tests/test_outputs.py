@@ -11,7 +11,7 @@ import math
 import pytest
 from rich.console import Console
 
-from llmqueue.cli.app import _compare_table
+from llmqueue.cli.run import _compare_table
 from llmqueue.errors import ConfigError
 from llmqueue.model.batchtime import ConstantTime, StaircaseTime
 from llmqueue.model.specs import make_workload

@@ -394,7 +394,7 @@ def test_the_default_table_fits_120_columns_without_cutting_numbers(tmp_path, ca
                                                                     memory) -> None:
     path = tmp_path / "wide.sqlite"
     _wide_store(path, memory)
-    monkeypatch.setattr("llmqueue.cli.app._console", lambda: Console(width=120))
+    monkeypatch.setattr("llmqueue.cli.sweep._console", lambda: Console(width=120))
     code, out, _ = run_cli(capsys, "results", str(path))
     assert code == 0
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= 120

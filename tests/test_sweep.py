@@ -317,7 +317,7 @@ def test_default_keys_are_unchanged_by_the_memory_axis() -> None:
 
 
 def test_results_table_shows_memory_columns_only_when_a_run_had_a_cache() -> None:
-    from llmqueue.cli.app import SWEEP_COLUMNS, _sweep_columns
+    from llmqueue.cli.sweep import SWEEP_COLUMNS, _sweep_columns
 
     assert _sweep_columns([{"memory": None}, {}]) == list(SWEEP_COLUMNS)
     columns = _sweep_columns([{"memory": None}, {"memory": "tokens=6000"}])

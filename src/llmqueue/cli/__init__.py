@@ -1,4 +1,4 @@
-"""The command line: parse, call the library, render (``llmqueue.cli.app`` holds the commands)."""
+"""The command line: parse, call the library, render (``llmqueue.cli.app`` assembles the commands)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from llmqueue.errors import ConfigError
 from llmqueue.limits import MAX_LOAD, MAX_RATE_PER_S, MIN_RATE_PER_S, check_real
 from llmqueue.model.batchtime import DEFAULT_BATCH_TIME, BatchTime, ShapeTime, mix_batch_time
 from llmqueue.model.specs import is_trace_spec, make_workload
-from llmqueue.model.workload import Workload
+from llmqueue.model.workload import TraceArrivals, Workload
 from llmqueue.theory import capacity as theory
 
 DEFAULT_PREFILL = "129"
@@ -22,14 +22,18 @@ DEFAULT_LOAD = 0.9
 """The load of a run that names neither a rate nor a load nor a trace."""
 DEFAULT_REQUESTS = 5000
 """Arrivals of a run that names neither a number of requests, a duration nor a trace."""
+DEFAULT_NETWORK_REQUESTS = 20000
+"""External arrivals (all classes) of a network run that names neither a number nor a duration."""
 
 __all__ = [
     "DEFAULT_BATCH_TIME",
     "DEFAULT_BUDGET",
     "DEFAULT_DECODE",
     "DEFAULT_LOAD",
+    "DEFAULT_NETWORK_REQUESTS",
     "DEFAULT_PREFILL",
     "DEFAULT_REQUESTS",
+    "arrival_limit",
     "default_sizes",
     "is_trace_spec",
     "rate_for_load",
@@ -44,6 +48,17 @@ def default_sizes(arrival: str, prefill: str | None, decode: str | None) -> tupl
         prefill if prefill is not None else (None if trace else DEFAULT_PREFILL),
         decode if decode is not None else (None if trace else DEFAULT_DECODE),
     )
+
+
+def arrival_limit(max_requests: int | None, duration_s: float | None, workload: Workload | None = None,
+                  default: int = DEFAULT_REQUESTS) -> int | None:
+    """The arrivals a run stops after: ``max_requests``, else ``default`` unless a duration or a
+    trace replay (which ends by itself) bounds the run; None when they do."""
+    if max_requests is not None or duration_s is not None:
+        return max_requests
+    if workload is not None and isinstance(workload.arrival, TraceArrivals):
+        return None
+    return default
 
 
 def rate_for_load(load: float, batch_time: BatchTime | ShapeTime, budget: int,

@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 
 from llmqueue.engines import compiled
-from llmqueue.model.batchtime import ConstantTime
+from llmqueue.model.batchtime import BatchTime, ConstantTime, ShapeTime, is_shape_model
 from llmqueue.model.memory import KVCache
 from llmqueue.model.network import parse_network
 from llmqueue.model.workload import fixed_requests
 from llmqueue.policies.fcfs import SARATHI, VLLM_CHUNKED
 from llmqueue.sim.network import simulate_network
-from llmqueue.sim.run import simulate
+from llmqueue.sim.run import EngineKind, simulate
 
 _NETWORK = {
     "engines": {"a": {"policy": "sarathi", "budget": 16, "batch_time": "constant:c=1"},
@@ -26,6 +26,16 @@ _NETWORK = {
                          "nodes": {"a": {"engine": "a", "prefill": "4", "decode": "2", "next": "b"},
                                    "b": {"engine": "b", "prefill": "4", "decode": "2", "next": "exit"}}}},
 }
+
+
+def compiles_first(policy: object, batch_time: BatchTime | ShapeTime, budget: int, engine: EngineKind,
+                   max_concurrency: int | None = None) -> bool:
+    """Whether a run of this setting (as :func:`~llmqueue.sim.run.simulate` picks its engine)
+    compiles the event loop before it starts, so the caller can say why the first run waits."""
+    uses_compiled = (engine in ("auto", "compiled") and max_concurrency is None
+                     and not is_shape_model(batch_time)
+                     and compiled.supports(policy, budget, keep_batches=False))
+    return uses_compiled and compiled.needs_compiling()
 
 
 def warm_up() -> float:

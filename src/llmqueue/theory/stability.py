@@ -82,6 +82,84 @@ def predict(
     return base
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryPrediction:
+    """What a KV cache does to a setting's verdict: :func:`predict`'s labels, the cause that
+    decides them, which limit binds first, and a warning when memory, not the budget, decides."""
+
+    verdict: Predicted
+    cause: str | None
+    """``token budget``, ``memory``, ``preemption thrash`` or ``memory binds; saturated run
+    skipped``; None for ``stable``."""
+    binding: Literal["memory", "token budget"]
+    warning: str | None
+
+    @property
+    def label(self) -> str:
+        """The verdict with its cause, e.g. ``unstable (memory)`` (``llmqueue capacity --memory``)."""
+        return self.verdict if self.cause is None else f"{self.verdict} ({self.cause})"
+
+
+def predict_memory(
+    *,
+    load_full_batches: float,
+    memory_load: float,
+    kmax_load: float | None = None,
+    kv_tokens: int,
+    kv_requests: int,
+    rate_per_s: float = math.nan,
+    saturated_rate_per_s: float | None = None,
+    preemptions: int = 0,
+    recomputed_tokens_per_request: float = 0.0,
+) -> MemoryPrediction:
+    """The verdict of a setting with a KV cache of ``kv_tokens`` tokens holding about
+    ``kv_requests`` decoding requests.
+
+    ``load_full_batches`` and ``kmax_load`` are the memory-free loads of :func:`predict` (the
+    ``k_max`` region's decides when set), ``memory_load`` the §4 load with the cache's batch-size
+    limit (a no-thrash upper bound). ``saturated_rate_per_s``: the rate the saturated engine
+    completes (None: that run was skipped); arriving at ``rate_per_s`` at or above it with
+    ``preemptions`` is preemption thrash (docs/memory.md)."""
+    load = load_full_batches if kmax_load is None else kmax_load
+    skipped = saturated_rate_per_s is None
+    thrash = not skipped and preemptions > 0 and rate_per_s >= saturated_rate_per_s
+    binding: Literal["memory", "token budget"] = "memory" if memory_load > load else "token budget"
+    verdict: Predicted
+    if load >= 1:
+        verdict, cause = "unstable", "token budget"
+    elif memory_load >= 1:
+        verdict, cause = "unstable", "memory"
+    elif thrash:
+        verdict, cause = "unstable", "preemption thrash"
+    elif skipped and memory_load > load:
+        verdict, cause = "no guarantee", "memory binds; saturated run skipped"
+    else:
+        verdict, cause = "stable", None
+    warning = None
+    if load < 1 <= memory_load:
+        warning = (
+            f"memory binds: load {load:.3f} is stable for the token budget, but {kv_tokens} "
+            f"KV tokens hold only about {kv_requests} decoding requests (load {memory_load:.3f} >= 1): "
+            "unstable"
+        )
+    elif load < 1 and thrash:
+        assert saturated_rate_per_s is not None
+        warning = (
+            f"preemption thrash: memory load {memory_load:.3f} < 1, but the saturated engine "
+            f"completes only {saturated_rate_per_s:.4g} req/s "
+            f"({recomputed_tokens_per_request:.0f} tokens recomputed per request; load "
+            f"{rate_per_s / saturated_rate_per_s:.3f} >= 1): unstable (preemption thrash, docs/memory.md)"
+        )
+    elif memory_load > load:
+        warning = (
+            "memory binds before the token budget; its limit is an upper bound: preemption "
+            "(recompute) costs capacity near it"
+            + ("" if skipped else ", saturated_rate includes that cost")
+            + " (docs/memory.md)"
+        )
+    return MemoryPrediction(verdict, cause, binding, warning)
+
+
 def _predict(
     work_conserving: bool | None,
     load_full_batches: float,

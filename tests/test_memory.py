@@ -208,7 +208,7 @@ def test_memory_invariants_and_progress(requests, policy, blocks, block_tokens, 
     assert metrics.rejected_requests == len(requests) - len(fits)
     assert eng.in_system == 0 and eng.state.free_blocks == memory.total_blocks
     # tokens: every arrived token plus every recomputed one was processed exactly once
-    processed = recorder.batch_tokens
+    processed = recorder.totals.batch_tokens
     arrived = sum(r.prefill_tokens + r.decode_tokens for r in fits)
     assert processed == arrived + metrics.recomputed_tokens
 

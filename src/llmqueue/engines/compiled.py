@@ -479,9 +479,10 @@ def _pending(state: _State) -> tuple[RequestRecord, ...]:
 
 class KernelEngine:
     """One engine of a network run by the compiled loop, with the engine interface the network
-    simulator uses (``submit``, ``next_event_ms``, ``end_batch``/``start_at`` at a shared
-    instant, ``stop``), plus ``advance``: run alone up to a time limit, stopping after a batch that
-    finished requests so they are routed before the next batch starts.
+    simulator uses (``llmqueue.engines.contract.EngineContract``: ``submit``, ``next_event_ms``,
+    ``end_batch``/``start_at`` at a shared instant, ``stop``, ...), plus ``advance``: run alone
+    up to a time limit, stopping after a batch that finished requests so they are routed before
+    the next batch starts.
 
     Arrivals handed in wait in a list until the next call; the kernel takes them in time order,
     exactly as ``FastEngine.submit`` would have at that moment (the engine's state does not change

@@ -344,6 +344,8 @@ class FastEngine(Engine):
         return heap[0][0]
 
     def enter_decode(self, job: Job) -> None:
+        """A request starts decoding: it joins the waiting decoders (the newest, usually; an
+        older one, without a prompt, rebuilds the arrival order)."""
         newest = self._waiting[-1] if self._waiting else (self._served[-1] if self._served else None)
         if newest is None or job.seq > newest.seq:
             self._waiting.append(job)
@@ -513,6 +515,9 @@ class FastEngine(Engine):
         return served[i] if i < len(served) else self._waiting[i - len(served)]
 
     def begin_batch(self) -> None:
+        """Plan once and start a run of up to ``k`` repeats of that plan (the reference engine's
+        hook, replaced): ``k`` stops at the next phase change, a decoder finishing, the block
+        growth memory allows, or the per-step cap."""
         if not self.state.jobs:
             return
         planned = self._form_compact()

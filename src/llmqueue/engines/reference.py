@@ -530,7 +530,8 @@ class Engine:
         """
         memory = self.memory
         assert memory is not None
-        jobs = self.state.jobs
+        state = self.state
+        jobs = state.jobs
         kept: list[tuple[Job, int]] = []
         fresh: list[tuple[Job, int]] = []
         resident: list[tuple[Job, int]] = []
@@ -540,15 +541,15 @@ class Engine:
         preempted: set[int] = set()
         for job, tokens in resident:
             need = memory.blocks_for(job.cached + tokens) - job.blocks
-            while job.id not in preempted and need > self.state.free_blocks:
-                victim = max(self.state.resident.values(), key=arrival_order)
+            while job.id not in preempted and need > state.free_blocks:
+                victim = max(state.resident.values(), key=arrival_order)
                 self._preempt(victim)
                 preempted.add(victim.id)
                 kept = [(j, t) for j, t in kept if j is not victim]
             if job.id in preempted:
                 continue
             job.blocks += need
-            self.state.free_blocks -= need
+            state.free_blocks -= need
             kept.append((job, tokens))
         if not preempted:  # vLLM admits no new request in a step that preempted one
             kept.extend(self.admit(fresh))
@@ -562,14 +563,15 @@ class Engine:
         watermark free; the first refusal stops admission (FCFS head of line). Returns the admitted."""
         memory = self.memory
         assert memory is not None
+        state = self.state
         admitted: list[tuple[Job, int]] = []
         for job, tokens in fresh:
             need = memory.blocks_for(tokens)
-            if self.state.free_blocks - need < memory.watermark_blocks:
+            if state.free_blocks - need < memory.watermark_blocks:
                 break
             job.blocks = need
-            self.state.free_blocks -= need
-            self.state.resident[job.id] = job
+            state.free_blocks -= need
+            state.resident[job.id] = job
             admitted.append((job, tokens))
         return admitted
 
@@ -579,15 +581,16 @@ class Engine:
         decoding = not job.prefill_left
         if decoding:
             self.leave_decode(job)
-        self.state.free_blocks += job.blocks
+        state = self.state
+        state.free_blocks += job.blocks
         job.blocks = 0
-        del self.state.resident[job.id]
+        del state.resident[job.id]
         lost = job.cached
         job.cached = 0
         if decoding:
-            insort(self.state.prefilling, job, key=arrival_order)
+            insort(state.prefilling, job, key=arrival_order)
         job.prefill_left += lost
-        self.state.prefill_left_tokens += lost
+        state.prefill_left_tokens += lost
         self.backlog_tokens += lost
         if self.recorder is not None:
             self.recorder.preempted(self.now_ms, lost)

@@ -172,8 +172,8 @@ def _run_checked(requests: list[Request], policy, memory: KVCache, budget: int,
         assert steps < 200_000, "no progress"
         jobs = eng.jobs()
         held = sum(job.blocks for job in jobs)
-        assert held + eng._free_blocks == memory.total_blocks  # blocks are conserved
-        assert eng._free_blocks >= 0
+        assert held + eng.state.free_blocks == memory.total_blocks  # blocks are conserved
+        assert eng.state.free_blocks >= 0
         for job in jobs:
             if eng.busy:
                 continue
@@ -206,9 +206,9 @@ def test_memory_invariants_and_progress(requests, policy, blocks, block_tokens, 
     # unless alone); the others were refused at arrival
     assert metrics.completed == len(fits)
     assert metrics.rejected_requests == len(requests) - len(fits)
-    assert eng.in_system == 0 and eng._free_blocks == memory.total_blocks
+    assert eng.in_system == 0 and eng.state.free_blocks == memory.total_blocks
     # tokens: every arrived token plus every recomputed one was processed exactly once
-    processed = recorder.batch_tokens
+    processed = recorder.totals.batch_tokens
     arrived = sum(r.prefill_tokens + r.decode_tokens for r in fits)
     assert processed == arrived + metrics.recomputed_tokens
 

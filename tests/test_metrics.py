@@ -122,7 +122,7 @@ def test_recorder_folds_into_histograms_without_keeping_requests() -> None:
     assert kept.metrics.latency_exact and folded.metrics.latency_exact  # under the limit
     recorder = Recorder(keep_requests=False, exact_limit=500)
     for record in kept.requests or ():
-        recorder.in_system += 1
+        recorder.totals.in_system += 1
         recorder.request_done(record)
     small = recorder.finish(kept.metrics.duration_s * 1000.0)
     assert not small.latency_exact

@@ -24,7 +24,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from llmqueue.engines.metrics import Recorder, RequestRecord
+from llmqueue.engines.metrics import Recorder, RequestRecord, Totals
 from llmqueue.errors import ConfigError
 from llmqueue.model.batchtime import BatchTime
 from llmqueue.model.memory import KVCache
@@ -339,32 +339,37 @@ def _drain(state: _State, recorder: Recorder) -> None:
         si[K.N_ITL] = 0
 
 
-_INT_TOTALS = (
-    ("backlog_tokens", "BACKLOG"), ("in_system", "IN_SYSTEM"), ("arrivals", "ARRIVALS"),
-    ("arrived_tokens", "ARRIVED_TOKENS"), ("batches_started", "BATCHES"),
-    ("batch_tokens", "BATCH_TOKENS"), ("batch_requests", "BATCH_REQUESTS"),
-    ("batch_prefill", "BATCH_PREFILL"), ("batch_decode", "BATCH_DECODE"),
-    ("wc_target", "WC_TARGET"), ("wc_violations", "WC_VIOL"), ("wc_wasted", "WC_WASTED"),
-    ("preemptions", "PREEMPTIONS"), ("recomputed_tokens", "RECOMPUTED"),
-    ("rejected_requests", "REJECTED"), ("kv_batches", "KV_BATCHES"),
-)
-_FLOAT_TOTALS = (
-    ("last_ms", "REC_LAST"), ("backlog_area", "BACKLOG_AREA"), ("in_system_area", "IN_SYSTEM_AREA"),
-    ("last_arrival_ms", "LAST_ARRIVAL"), ("busy_ms", "BUSY"), ("stall_ms", "STALL"),
-    ("kv_peak", "KV_PEAK"), ("kv_sum", "KV_SUM"),
-)
-"""Recorder field -> the kernel's scalar holding it (same meaning)."""
-
-
 def _load_recorder(state: _State, recorder: Recorder) -> None:
-    """Copy the kernel's integrals and counters into the recorder."""
+    """Hand the kernel's integrals and counters to the recorder, as one ``Totals`` record (each
+    kernel scalar named once, next to the field it fills), with its backlog bins."""
     K, si, sf = state.K, state.si, state.sf
-    for field, index in _INT_TOTALS:
-        setattr(recorder, field, int(si[getattr(K, index)]))
-    for field, index in _FLOAT_TOTALS:
-        setattr(recorder, field, float(sf[getattr(K, index)]))
-    recorder.backlog_bins.sums[:] = state.bins
-    recorder.backlog_bins.width_ms = float(sf[K.BIN_WIDTH])
+    totals = Totals(
+        last_ms=float(sf[K.REC_LAST]),
+        backlog_tokens=int(si[K.BACKLOG]),
+        in_system=int(si[K.IN_SYSTEM]),
+        backlog_area=float(sf[K.BACKLOG_AREA]),
+        in_system_area=float(sf[K.IN_SYSTEM_AREA]),
+        arrivals=int(si[K.ARRIVALS]),
+        arrived_tokens=int(si[K.ARRIVED_TOKENS]),
+        last_arrival_ms=float(sf[K.LAST_ARRIVAL]),
+        batches_started=int(si[K.BATCHES]),
+        batch_tokens=int(si[K.BATCH_TOKENS]),
+        batch_requests=int(si[K.BATCH_REQUESTS]),
+        batch_prefill=int(si[K.BATCH_PREFILL]),
+        batch_decode=int(si[K.BATCH_DECODE]),
+        busy_ms=float(sf[K.BUSY]),
+        wc_violations=int(si[K.WC_VIOL]),
+        wc_wasted=int(si[K.WC_WASTED]),
+        wc_target=int(si[K.WC_TARGET]),
+        stall_ms=float(sf[K.STALL]),
+        preemptions=int(si[K.PREEMPTIONS]),
+        recomputed_tokens=int(si[K.RECOMPUTED]),
+        rejected_requests=int(si[K.REJECTED]),
+        kv_peak=float(sf[K.KV_PEAK]),
+        kv_sum=float(sf[K.KV_SUM]),
+        kv_batches=int(si[K.KV_BATCHES]),
+    )
+    recorder.load(totals, state.bins, float(sf[K.BIN_WIDTH]))
 
 
 def run(
@@ -474,9 +479,10 @@ def _pending(state: _State) -> tuple[RequestRecord, ...]:
 
 class KernelEngine:
     """One engine of a network run by the compiled loop, with the engine interface the network
-    simulator uses (``submit``, ``next_event_ms``, ``end_batch``/``start_at`` at a shared
-    instant, ``stop``), plus ``advance``: run alone up to a time limit, stopping after a batch that
-    finished requests so they are routed before the next batch starts.
+    simulator uses (``llmqueue.engines.contract.EngineContract``: ``submit``, ``next_event_ms``,
+    ``end_batch``/``start_at`` at a shared instant, ``stop``, ...), plus ``advance``: run alone
+    up to a time limit, stopping after a batch that finished requests so they are routed before
+    the next batch starts.
 
     Arrivals handed in wait in a list until the next call; the kernel takes them in time order,
     exactly as ``FastEngine.submit`` would have at that moment (the engine's state does not change

@@ -19,13 +19,14 @@ import math
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from heapq import heappop, heappush, merge
 from itertools import accumulate, repeat
 
 import numpy as np
 
 from llmqueue.engines.metrics import RequestRecord
-from llmqueue.engines.reference import Batch, Engine, Job, ReadOnlyList, _seq
+from llmqueue.engines.reference import Batch, Engine, Job, ReadOnlyList, arrival_order
 from llmqueue.errors import ConfigError, PlanError
 from llmqueue.model.batchtime import BatchShape
 from llmqueue.model.workload import Request
@@ -208,6 +209,19 @@ class _Growth:
         return lo + 1
 
 
+@dataclass(frozen=True, slots=True)
+class CompactBatch:
+    """A batch the fast engine planned: the prompts' (request, tokens) entries in plan order,
+    how many of the oldest decoders (or, after a fitted plan, which: the served ones) take a
+    token, whether the decoders come first in the plan, and whether it was fitted request by
+    request with the reference rules (it then runs as a single repeat)."""
+
+    prompts: list[tuple[Job, int]]
+    decoders: int
+    decode_first: bool
+    fitted: bool
+
+
 class FastEngine(Engine):
     """An ``Engine`` that books each run of identical iterations in one step (same results).
 
@@ -304,7 +318,7 @@ class FastEngine(Engine):
             self._sync(job)
             job.activation += 1
         if self._irregular:
-            self._waiting = deque(merge(served, self._waiting, key=_seq))
+            self._waiting = deque(merge(served, self._waiting, key=arrival_order))
             self._irregular = False
         else:
             self._waiting.extendleft(reversed(served))
@@ -329,7 +343,9 @@ class FastEngine(Engine):
             heappop(heap)
         return heap[0][0]
 
-    def _enter_decode(self, job: Job) -> None:
+    def enter_decode(self, job: Job) -> None:
+        """A request starts decoding: it joins the waiting decoders (the newest, usually; an
+        older one, without a prompt, rebuilds the arrival order)."""
         newest = self._waiting[-1] if self._waiting else (self._served[-1] if self._served else None)
         if newest is None or job.seq > newest.seq:
             self._waiting.append(job)
@@ -338,7 +354,7 @@ class FastEngine(Engine):
                 self._sync(other)
                 other.activation += 1
             everyone = [*self._served, *self._waiting]
-            insort(everyone, job, key=_seq)
+            insort(everyone, job, key=arrival_order)
             self._served, self._waiting = [], deque(everyone)
             self._last_tokens, self._finish_heap = {}, []
             self._phases = [0] * self._block
@@ -347,10 +363,10 @@ class FastEngine(Engine):
         if self._block and not job.cached:
             self._uncached += 1
 
-    def _decoders_in_order(self) -> list[Job]:
+    def decoders_in_order(self) -> list[Job]:
         """All decoding requests in arrival order."""
         if self._irregular:
-            return list(merge(self._served, self._waiting, key=_seq))
+            return list(merge(self._served, self._waiting, key=arrival_order))
         return [*self._served, *self._waiting]
 
     def view(self) -> EngineView:
@@ -361,11 +377,11 @@ class FastEngine(Engine):
             now_ms=self.now_ms,
             budget=self.budget,
             k_max=self.k_max,
-            prefilling=ReadOnlyList(self._prefilling),
-            decoding=ReadOnlyList(self._decoders_in_order()),
+            prefilling=ReadOnlyList(self.state.prefilling),
+            decoding=ReadOnlyList(self.decoders_in_order()),
         )
 
-    def _leave_decode(self, job: Job) -> None:
+    def leave_decode(self, job: Job) -> None:
         """A decoder is preempted while a plan is fitted (the served ones are synced then)."""
         waiting, served = self._waiting, self._served
         if waiting and waiting[-1] is job:  # the newest decoder, usually
@@ -394,7 +410,7 @@ class FastEngine(Engine):
         seen: set[int] = set()
         prefill = 0
         for rid, tokens in plan.prompts:
-            job = self._jobs.get(rid)
+            job = self.state.jobs.get(rid)
             if job is None or rid in seen:
                 raise PlanError("known request", f"request {rid!r} is not a prompt in the engine")
             seen.add(rid)
@@ -419,41 +435,42 @@ class FastEngine(Engine):
 
     def _compact_view(self, resident_only: bool = False) -> CompactView:
         """The compact view a planner gets (only the prompts holding blocks if ``resident_only``)."""
-        prompts = self._prefilling
+        prompts = self.state.prefilling
         if resident_only:
             prompts = [job for job in prompts if job.blocks]
         return CompactView(self.now_ms, self.budget, self.k_max, ReadOnlyList(prompts), self._decoders)
 
-    def _form_compact(self) -> tuple[list[tuple[Job, int]], int, bool, bool] | None:
-        """The next batch: (prompt entries, decoders, decode first, fitted request by request), or
-        None when the engine blocks."""
+    def _form_compact(self) -> CompactBatch | None:
+        """The next batch (the served decoders made the planned ones), or None when the engine
+        blocks."""
         if self._block and self._uncached:
             return self._form_fitted()
         plan = self._planner(self._compact_view())
         if not plan.decoders and not plan.prompts:
-            self._blocked_since = self.now_ms
+            self.state.blocked_since = self.now_ms
             return None
         entries = self._check(plan)
         if not self._block:
-            return entries, plan.decoders, plan.decode_first, False
+            return CompactBatch(entries, plan.decoders, plan.decode_first, fitted=False)
         kept = self._fit_compact(plan.decoders, entries)
         if kept is None:
             return self._form_fitted()
-        if not kept and not plan.decoders and self._resident:  # memory refused the whole plan
+        if not kept and not plan.decoders and self.state.resident:  # memory refused the whole plan
             plan = self._planner(self._compact_view(resident_only=True))
             if plan.decoders or plan.prompts:
                 kept = self._fit_compact(plan.decoders, self._check(plan))
                 if kept is None:
                     return self._form_fitted()
         if not kept and not plan.decoders:
-            self._blocked_since = self.now_ms
+            self.state.blocked_since = self.now_ms
             return None
-        return kept, plan.decoders, plan.decode_first, False
+        return CompactBatch(kept, plan.decoders, plan.decode_first, fitted=False)
 
     def _fit_compact(self, decoders: int, entries: list[tuple[Job, int]]) -> list[tuple[Job, int]] | None:
-        """vLLM's block rules (``Engine._fit_memory``) for a compact plan that preempts nobody:
-        allocate and return the prompts memory admits; None, changing nothing, when a request
-        holding blocks could not grow (the plan is then fitted request by request)."""
+        """vLLM's block rules (as the reference engine fits a plan into memory) for a compact plan
+        that preempts nobody: allocate and return the prompts memory admits; None, changing
+        nothing, when a request holding blocks could not grow (the plan is then fitted request by
+        request)."""
         memory = self.memory
         assert memory is not None
         if decoders:
@@ -465,48 +482,51 @@ class FastEngine(Engine):
                 need += memory.blocks_for(job.cached + tokens) - job.blocks
             else:
                 fresh.append((job, tokens))
-        if need > self._free_blocks:
+        if need > self.state.free_blocks:
             return None
-        self._free_blocks -= need
+        self.state.free_blocks -= need
         for job, tokens in entries:
             if job.blocks:
                 job.blocks = memory.blocks_for(job.cached + tokens)
-        self._admit(fresh)
+        self.admit(fresh)
         return [(job, tokens) for job, tokens in entries if job.blocks]
 
-    def _form_fitted(self) -> tuple[list[tuple[Job, int]], int, bool, bool] | None:
+    def _form_fitted(self) -> CompactBatch | None:
         """Form and fit the next batch request by request with the reference rules (it may
         preempt); it runs as a single repeat."""
         for job in self._served:
             self._sync(job)
-        formed = self._form_plan()
-        if formed is None:
+        planned = self.form_plan()
+        if planned is None:
             return None
-        entries = formed[1]
-        decoders = sorted((job for job, _ in entries if not job.prefill_left), key=_seq)
+        entries = planned.entries
+        decoders = sorted((job for job, _ in entries if not job.prefill_left), key=arrival_order)
         prompts = [(job, tokens) for job, tokens in entries if job.prefill_left]
         if decoders and self._nth_decoder(len(decoders) - 1) is decoders[-1]:
             self._serve(len(decoders))  # the oldest ones, as usual
         elif decoders:  # not the oldest (the re-plan skipped a decoder holding no blocks)
             self._unserve_all()
             self._serve_exactly(decoders)
-        return prompts, len(decoders), not entries[0][0].prefill_left, True
+        return CompactBatch(prompts, len(decoders), not entries[0][0].prefill_left, fitted=True)
 
     def _nth_decoder(self, i: int) -> Job:
         """The decoder with ``i`` older ones."""
         served = self._served
         return served[i] if i < len(served) else self._waiting[i - len(served)]
 
-    def _start_batch(self) -> None:
-        if not self._jobs:
+    def begin_batch(self) -> None:
+        """Plan once and start a run of up to ``k`` repeats of that plan (the reference engine's
+        hook, replaced): ``k`` stops at the next phase change, a decoder finishing, the block
+        growth memory allows, or the per-step cap."""
+        if not self.state.jobs:
             return
-        formed = self._form_compact()
-        if formed is None:
+        planned = self._form_compact()
+        if planned is None:
             return
-        entries, decoders, decode_first, fitted = formed
+        entries, decoders, fitted = planned.prompts, planned.decoders, planned.fitted
         prefill = sum(tokens for _, tokens in entries)
-        shaped = self._shape_time is not None
-        duration = 0.0 if shaped else self._duration(prefill + decoders)
+        shaped = self.shape_time is not None
+        duration = 0.0 if shaped else self.batch_duration_ms(prefill + decoders)
         k = 1 if fitted else SHAPE_REPEAT if shaped else MAX_REPEAT
         for job, tokens in entries:
             k = min(k, job.prefill_left // tokens)
@@ -518,10 +538,10 @@ class FastEngine(Engine):
             phases, b, s0 = self._phases, self._block, self._serves
             per_step = [phases[-(s0 + j) % b] for j in range(b)] if decoders and not fitted else [0] * b
             self._growth = _Growth(b, [(job.cached, tokens) for job, tokens in entries], per_step)
-            k = self._growth.repeats_within(self._free_blocks, k)
+            k = self._growth.repeats_within(self.state.free_blocks, k)
             self._run_done = 0
             assert self.memory is not None
-            self._run_used = self.memory.total_blocks - self._free_blocks
+            self._run_used = self.memory.total_blocks - self.state.free_blocks
         # batch ends by the same sequential float additions as the reference engine's clock
         if shaped:
             self._durations = self._shape_durations(entries, decoders, k)
@@ -529,21 +549,21 @@ class FastEngine(Engine):
         else:
             self._ends = list(accumulate(repeat(duration, k), initial=self.now_ms))[1:]
         self._targets = fill_targets(
-            self.budget, self.k_max, self._prefilling, self._decoders, entries,
-            self._prefill_left_tokens, k,
+            self.budget, self.k_max, self.state.prefilling, self._decoders, entries,
+            self.state.prefill_left_tokens, k,
         )
-        self._plan = entries
+        self.state.running = entries
         self._prompts = entries
-        self._decode_first = decode_first
+        self._decode_first = planned.decode_first
         self._shape = (prefill, decoders, duration)
         self._stopped = False
-        self._batch_end_ms = self._ends[-1]
+        self.state.batch_end_ms = self._ends[-1]
 
     def _shape_durations(self, entries: list[tuple[Job, int]], decoders: int, k: int) -> list[float]:
         """The time of each of ``k`` repeats from its own shape (``engine.batch_shape``): chunk
         prefixes grow by the chunk, the decoders' KV reads by one token each, and a prompt's last
         chunk adds a logit row."""
-        shape_time = self._shape_time
+        shape_time = self.shape_time
         assert shape_time is not None
         chunks = tuple(tokens for _, tokens in entries)
         prefill = sum(chunks)
@@ -562,7 +582,7 @@ class FastEngine(Engine):
 
     def end_batch(self) -> list[RequestRecord]:
         """Book the running repeats (all of them: the next event is the end of the run)."""
-        if self._plan is None:
+        if self.state.running is None:
             return []
         return self._book(len(self._ends))
 
@@ -574,19 +594,19 @@ class FastEngine(Engine):
             del self._ends[keep:]
             if self._durations is not None:
                 del self._durations[keep:]
-            self._batch_end_ms = self._ends[-1]
+            self.state.batch_end_ms = self._ends[-1]
         if keep > 1:
             self._book(keep - 1)
 
     def submit(self, request: Request) -> None:
         """Hand in an arrival; it cuts the running repeats at the first boundary after it."""
-        if self._plan is not None and request.arrival_ms >= self.now_ms:
+        if self.state.running is not None and request.arrival_ms >= self.now_ms:
             self._cut(request.arrival_ms)
         super().submit(request)
 
     def stop(self, horizon_ms: float) -> None:
         """End at ``horizon_ms``: book the repeats that end before it, and count the one running."""
-        if self._plan is None or self._stopped:
+        if self.state.running is None or self._stopped:
             return
         self._cut(horizon_ms)
         prefill, decode, duration = self._shape
@@ -614,7 +634,7 @@ class FastEngine(Engine):
         for end, target in zip(self._ends[:m], self._targets.values(m), strict=True):
             self.batches.append(
                 Batch(
-                    index=self._batch_count,
+                    index=self.state.batch_count,
                     start_ms=start,
                     end_ms=end,
                     plan=plan,
@@ -623,7 +643,7 @@ class FastEngine(Engine):
                     fill_target_tokens=target,
                 )
             )
-            self._batch_count += 1
+            self.state.batch_count += 1
             start = end
 
     def _book(self, m: int) -> list[RequestRecord]:
@@ -686,13 +706,13 @@ class FastEngine(Engine):
                     job.first_token_ms = now
                 job.last_token_ms = now
                 if job.decode_left:
-                    self._enter_decode(job)
+                    self.enter_decode(job)
                 else:
                     finished.append(job.record(now))
         if prompts_done:
             self._drop_prompts(prompts_done)
         self.backlog_tokens -= n * m
-        self._prefill_left_tokens -= prefill * m
+        self.state.prefill_left_tokens -= prefill * m
         audit = self._targets.audit(m, n)
         if recorder is not None:
             for gap, count in intervals.items():
@@ -709,9 +729,9 @@ class FastEngine(Engine):
         if self._durations is not None:
             del self._durations[:m]
         if not ends:
-            self._plan = None
-            self._batch_end_ms = math.inf
-        self._settle(finished, False, False)
+            self.state.running = None
+            self.state.batch_end_ms = math.inf
+        self.settle(finished, False, False)
         return finished
 
     def _book_blocks(self, m: int) -> None:
@@ -719,7 +739,7 @@ class FastEngine(Engine):
         from the pool, and report the blocks held at each of their starts."""
         growth, done, memory = self._growth, self._run_done, self.memory
         assert growth is not None and memory is not None
-        self._free_blocks -= growth.at(done + m - 1) - (growth.at(done - 1) if done else 0)
+        self.state.free_blocks -= growth.at(done + m - 1) - (growth.at(done - 1) if done else 0)
         self._run_done = done + m
         if self.recorder is not None:
             used = self._run_used
@@ -727,14 +747,14 @@ class FastEngine(Engine):
 
     def _drop_prompts(self, count: int) -> None:
         """Remove ``count`` prompts that finished prefill (usually the oldest ones)."""
-        prompts = self._prefilling
+        prompts = self.state.prefilling
         head = 0
         while head < len(prompts) and not prompts[head].prefill_left:
             head += 1
         if head == count:
             del prompts[:head]
         else:
-            self._prefilling = [j for j in prompts if j.prefill_left]
+            self.state.prefilling = [j for j in prompts if j.prefill_left]
 
 
 def needs_reference(policy: object) -> bool:

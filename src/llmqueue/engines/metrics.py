@@ -324,6 +324,54 @@ def summary(name: str, values: np.ndarray) -> dict[str, float]:
     return out
 
 
+@dataclass(slots=True)
+class Totals:
+    """A recorder's running counters and time integrals, in one typed record.
+
+    The Python engines update them event by event through the ``Recorder``'s methods; the
+    compiled loop keeps the same quantities in its kernel and hands them over at the end of a run
+    as one ``Totals`` (``Recorder.load``), so a name cannot drift between the two.
+    """
+
+    last_ms: float = 0.0
+    """Time up to which the integrals run."""
+    backlog_tokens: int = 0
+    """Unprocessed tokens present now."""
+    in_system: int = 0
+    """Requests present now."""
+    backlog_area: float = 0.0
+    """Integral of the backlog (token-ms)."""
+    in_system_area: float = 0.0
+    """Integral of the requests present (request-ms)."""
+    arrivals: int = 0
+    arrived_tokens: int = 0
+    last_arrival_ms: float = 0.0
+    batches_started: int = 0
+    batch_tokens: int = 0
+    batch_requests: int = 0
+    batch_prefill: int = 0
+    batch_decode: int = 0
+    busy_ms: float = 0.0
+    """Busy time of the batches started, each booked in full when it starts."""
+    wc_violations: int = 0
+    """Batches below their fill target (the work-conservation audit)."""
+    wc_wasted: int = 0
+    """Tokens they fell short by."""
+    wc_target: int = 0
+    """Sum of the fill targets."""
+    stall_ms: float = 0.0
+    """Idle time while requests waited (the policy formed no batch)."""
+    preemptions: int = 0
+    recomputed_tokens: int = 0
+    rejected_requests: int = 0
+    kv_peak: float = 0.0
+    """Highest KV-cache usage (fraction) at a batch start."""
+    kv_sum: float = 0.0
+    """Sum of the KV-cache usage at batch starts."""
+    kv_batches: int = 0
+    """Batches whose KV-cache usage was reported."""
+
+
 class Recorder:
     """Collects what the engine reports and produces ``RunMetrics``; one per run, no shared state.
 
@@ -344,32 +392,9 @@ class Recorder:
         self.exact_limit = exact_limit
         self.histograms: dict[str, LogHistogram] | None = None
         self.folded = {"completed": 0, "prefill_tokens": 0, "decode_tokens": 0}
-        self.last_ms = 0.0
-        self.backlog_tokens = 0
-        self.in_system = 0
-        self.backlog_area = 0.0
-        self.in_system_area = 0.0
+        self.totals = Totals()
         self.backlog_bins = TimeBins(max_bins=max_bins)
-        self.arrivals = 0
-        self.arrived_tokens = 0
-        self.last_arrival_ms = 0.0
-        self.batches_started = 0
-        self.batch_tokens = 0
-        self.batch_requests = 0
-        self.batch_prefill = 0
-        self.batch_decode = 0
-        self.busy_ms = 0.0
         self.busy_past_end_ms = 0.0  # of the batch running when the run was cut (see ``cut``)
-        self.wc_violations = 0
-        self.wc_wasted = 0
-        self.wc_target = 0
-        self.stall_ms = 0.0
-        self.preemptions = 0
-        self.recomputed_tokens = 0
-        self.rejected_requests = 0
-        self.kv_peak = 0.0
-        self.kv_sum = 0.0
-        self.kv_batches = 0
         self.itl = ValueCounts()
         # completed requests, one compact column per RequestRecord field
         self.done = {
@@ -377,21 +402,30 @@ class Recorder:
         }
 
     def _advance(self, t_ms: float) -> None:
-        dt = t_ms - self.last_ms
+        t = self.totals
+        dt = t_ms - t.last_ms
         if dt > 0:
-            self.backlog_area += self.backlog_tokens * dt
-            self.in_system_area += self.in_system * dt
-            self.backlog_bins.add(self.last_ms, t_ms, float(self.backlog_tokens))
-            self.last_ms = t_ms
+            t.backlog_area += t.backlog_tokens * dt
+            t.in_system_area += t.in_system * dt
+            self.backlog_bins.add(t.last_ms, t_ms, float(t.backlog_tokens))
+            t.last_ms = t_ms
+
+    def load(self, totals: Totals, bin_sums: np.ndarray, bin_width_ms: float) -> None:
+        """Take over the totals and backlog bins of a run kept elsewhere (the compiled loop),
+        replacing this recorder's (before ``finish``)."""
+        self.totals = totals
+        self.backlog_bins.sums[:] = bin_sums
+        self.backlog_bins.width_ms = bin_width_ms
 
     def arrival(self, t_ms: float, tokens: int) -> None:
         """A request with ``tokens`` unprocessed tokens arrived."""
         self._advance(t_ms)
-        self.backlog_tokens += tokens
-        self.in_system += 1
-        self.arrivals += 1
-        self.arrived_tokens += tokens
-        self.last_arrival_ms = t_ms
+        t = self.totals
+        t.backlog_tokens += tokens
+        t.in_system += 1
+        t.arrivals += 1
+        t.arrived_tokens += tokens
+        t.last_arrival_ms = t_ms
 
     def batches(
         self,
@@ -406,16 +440,17 @@ class Recorder:
         their fill targets, how many fell short of theirs, tokens short in all): the fill target
         is what the batch rules allowed a batch to hold (the work-conservation audit)."""
         n = prefill_tokens + decode_tokens
-        self.batches_started += count
-        self.batch_tokens += n * count
-        self.batch_requests += requests * count
-        self.batch_prefill += prefill_tokens * count
-        self.batch_decode += decode_tokens * count
-        self.busy_ms += busy_ms
+        t = self.totals
+        t.batches_started += count
+        t.batch_tokens += n * count
+        t.batch_requests += requests * count
+        t.batch_prefill += prefill_tokens * count
+        t.batch_decode += decode_tokens * count
+        t.busy_ms += busy_ms
         target_sum, violations, wasted = audit
-        self.wc_target += target_sum
-        self.wc_violations += violations
-        self.wc_wasted += wasted
+        t.wc_target += target_sum
+        t.wc_violations += violations
+        t.wc_wasted += wasted
 
     def cut(self, end_ms: float, batch_end_ms: float) -> None:
         """The run was cut at ``end_ms`` while a batch, booked in full when it started, ran until
@@ -427,7 +462,7 @@ class Recorder:
     def tokens_done(self, t_ms: float, tokens: int) -> None:
         """A batch of ``tokens`` tokens ended at ``t_ms``."""
         self._advance(t_ms)
-        self.backlog_tokens -= tokens
+        self.totals.backlog_tokens -= tokens
 
     def tokens_done_steps(self, ends_ms: list[float], tokens: int) -> None:
         """Identical batches of ``tokens`` tokens ended at each of ``ends_ms`` (increasing): the
@@ -436,39 +471,42 @@ class Recorder:
         steps = len(ends_ms)
         if steps == 0:
             return
-        t0, t1 = self.last_ms, ends_ms[-1]
+        totals = self.totals
+        t0, t1 = totals.last_ms, ends_ms[-1]
         # area under B, B - n, ..., B - (m - 1) n over [t0, e_0), [e_0, e_1), ..., [e_{m-2}, t1)
         inner = (steps - 1) * t1 - math.fsum(ends_ms[:-1])
-        area = self.backlog_tokens * (t1 - t0) - tokens * inner
-        self.backlog_area += area
-        self.in_system_area += self.in_system * (t1 - t0)
+        area = totals.backlog_tokens * (t1 - t0) - tokens * inner
+        totals.backlog_area += area
+        totals.in_system_area += totals.in_system * (t1 - t0)
         bins = self.backlog_bins
         bins._fit(t1)
         if int(t0 // bins.width_ms) == min(int(t1 // bins.width_ms), bins.max_bins - 1):
             bins.sums[int(t0 // bins.width_ms)] += area
         else:
-            values = self.backlog_tokens - tokens * np.arange(steps, dtype=np.float64)
+            values = totals.backlog_tokens - tokens * np.arange(steps, dtype=np.float64)
             bins.add_steps(t0, np.array(ends_ms), values)
-        self.last_ms = t1
-        self.backlog_tokens -= tokens * steps
+        totals.last_ms = t1
+        totals.backlog_tokens -= tokens * steps
 
     def preempted(self, t_ms: float, tokens: int) -> None:
         """A request lost ``tokens`` cached tokens to a preemption: they are work again."""
         self._advance(t_ms)
-        self.backlog_tokens += tokens
-        self.preemptions += 1
-        self.recomputed_tokens += tokens
+        t = self.totals
+        t.backlog_tokens += tokens
+        t.preemptions += 1
+        t.recomputed_tokens += tokens
 
     def rejected(self) -> None:
         """A request was refused at arrival: its KV cache could never fit."""
-        self.rejected_requests += 1
+        self.totals.rejected_requests += 1
 
     def kv_used(self, used_blocks: int, total_blocks: int) -> None:
         """A batch started with ``used_blocks`` of ``total_blocks`` KV blocks held."""
         usage = used_blocks / total_blocks
-        self.kv_peak = max(self.kv_peak, usage)
-        self.kv_sum += usage
-        self.kv_batches += 1
+        t = self.totals
+        t.kv_peak = max(t.kv_peak, usage)
+        t.kv_sum += usage
+        t.kv_batches += 1
 
     def kv_used_steps(self, used_blocks: list[int], total_blocks: int) -> None:
         """Consecutive batches started with each of ``used_blocks`` blocks held (fast engine)."""
@@ -477,11 +515,11 @@ class Recorder:
 
     def stall(self, duration_ms: float) -> None:
         """The engine sat idle for ``duration_ms`` although requests were waiting."""
-        self.stall_ms += duration_ms
+        self.totals.stall_ms += duration_ms
 
     def request_done(self, record: RequestRecord) -> None:
         """A request finished its last token."""
-        self.in_system -= 1
+        self.totals.in_system -= 1
         for name, column in self.done.items():
             column.append(getattr(record, name))
         if not self.keep_requests and len(self.done["id"]) >= self.exact_limit:
@@ -519,7 +557,7 @@ class Recorder:
         decode_tokens: np.ndarray,
     ) -> None:
         """Many requests finished (columns of equal length, any order)."""
-        self.in_system -= len(ids)
+        self.totals.in_system -= len(ids)
         columns = (ids, arrival_ms, first_token_ms, finish_ms, prefill_tokens, decode_tokens)
         for (name, column), values in zip(self.done.items(), columns, strict=True):
             dtype = np.float64 if name.endswith("_ms") else np.int64
@@ -560,42 +598,44 @@ class Recorder:
         def per_s(x: float) -> float:
             return x / duration_s if duration_s > 0 else math.nan
 
+        t = self.totals
+
         def per_batch(x: int) -> float:
-            return x / self.batches_started if self.batches_started else math.nan
+            return x / t.batches_started if t.batches_started else math.nan
 
         starts, means = self.backlog_bins.series(end_ms)
         series = downsample(starts / 1000.0, means, max_points)
         return RunMetrics(
-            arrivals=self.arrivals,
+            arrivals=t.arrivals,
             completed=completed,
-            incomplete=self.arrivals - completed,
+            incomplete=t.arrivals - completed,
             duration_s=duration_s,
             request_throughput=per_s(completed),
             output_throughput=per_s(decode_sum),
             total_token_throughput=per_s(decode_sum + prefill_sum),
             latency=latency,
-            mean_requests_in_system=self.in_system_area / end_ms if end_ms > 0 else math.nan,
-            mean_backlog_tokens=self.backlog_area / end_ms if end_ms > 0 else math.nan,
-            num_batches=self.batches_started,
-            mean_batch_tokens=per_batch(self.batch_tokens),
-            mean_batch_requests=per_batch(self.batch_requests),
-            mean_batch_prefill_tokens=per_batch(self.batch_prefill),
-            mean_batch_decode_tokens=per_batch(self.batch_decode),
+            mean_requests_in_system=t.in_system_area / end_ms if end_ms > 0 else math.nan,
+            mean_backlog_tokens=t.backlog_area / end_ms if end_ms > 0 else math.nan,
+            num_batches=t.batches_started,
+            mean_batch_tokens=per_batch(t.batch_tokens),
+            mean_batch_requests=per_batch(t.batch_requests),
+            mean_batch_prefill_tokens=per_batch(t.batch_prefill),
+            mean_batch_decode_tokens=per_batch(t.batch_decode),
             # busy time within [0, end] (the last batch may run past a cut), in [0, 1] despite rounding
-            busy_fraction=(min(1.0, max(0.0, (self.busy_ms - self.busy_past_end_ms) / end_ms))
+            busy_fraction=(min(1.0, max(0.0, (t.busy_ms - self.busy_past_end_ms) / end_ms))
                            if end_ms > 0 else math.nan),
-            wc_violations=self.wc_violations,
-            wc_wasted_tokens=self.wc_wasted,
-            wc_wasted_fraction=self.wc_wasted / self.wc_target if self.wc_target else 0.0,
-            stall_ms=self.stall_ms,
+            wc_violations=t.wc_violations,
+            wc_wasted_tokens=t.wc_wasted,
+            wc_wasted_fraction=t.wc_wasted / t.wc_target if t.wc_target else 0.0,
+            stall_ms=t.stall_ms,
             itl_exact=self.itl.exact,
             latency_exact=self.histograms is None,
             backlog_series=series,
-            preemptions=self.preemptions,
-            recomputed_tokens=self.recomputed_tokens,
-            rejected_requests=self.rejected_requests,
-            peak_kv_usage=self.kv_peak if self.kv_batches else math.nan,
-            mean_kv_usage=self.kv_sum / self.kv_batches if self.kv_batches else math.nan,
+            preemptions=t.preemptions,
+            recomputed_tokens=t.recomputed_tokens,
+            rejected_requests=t.rejected_requests,
+            peak_kv_usage=t.kv_peak if t.kv_batches else math.nan,
+            mean_kv_usage=t.kv_sum / t.kv_batches if t.kv_batches else math.nan,
             good_requests=None if self.goodput is None else good,
             request_goodput=math.nan if self.goodput is None else per_s(good),
         )

@@ -16,7 +16,7 @@ import heapq
 import math
 from bisect import insort
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar, overload
 
 from llmqueue.engines.metrics import Recorder, RequestRecord
@@ -27,6 +27,7 @@ from llmqueue.model.workload import Request
 from llmqueue.policies.view import EngineView
 
 PolicyFn = Callable[[EngineView], Mapping[int, int]]
+ShapeTimeFn = Callable[[BatchShape], float]
 T = TypeVar("T")
 
 
@@ -181,6 +182,53 @@ def check_plan(
     return prefill, decode
 
 
+@dataclass(slots=True, eq=False)
+class EngineState:
+    """What an engine holds between events: the requests present, the prompts, the KV-cache
+    pool and the running batch.
+
+    The reference engine and the engines built on it (the fast engine) share these parts through
+    this record's public fields rather than through each other's private members; decoders are
+    not here because each engine keeps them its own way (a list; a served prefix and a queue).
+    """
+
+    jobs: dict[int, Job] = field(default_factory=dict)
+    """The requests present, by id."""
+    prefilling: list[Job] = field(default_factory=list)
+    """The requests with prefill tokens left, in arrival order."""
+    prefill_left_tokens: int = 0
+    """The sum of their remaining prefill tokens."""
+    free_blocks: int = 0
+    """KV blocks free (memory-limited engines)."""
+    resident: dict[int, Job] = field(default_factory=dict)
+    """The requests holding KV blocks, by id."""
+    running: list[tuple[Job, int]] | None = None
+    """The running batch's (request, tokens) entries (prompt entries only in the fast engine,
+    whose decoders are implicit); None while no batch runs."""
+    batch_end_ms: float = math.inf
+    """When the running batch (run of batches, in the fast engine) ends; inf while none runs."""
+    blocked_since: float | None = None
+    """When the policy last formed no batch although requests were present (None: not blocked)."""
+    batch_count: int = 0
+    """Batches started so far (the index of the next ``Batch`` record)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """A batch the policy planned, checked against the batch rules and fitted into memory: the
+    view it was planned from, its (request, tokens) entries in plan order, and its token counts."""
+
+    view: EngineView
+    entries: list[tuple[Job, int]]
+    prefill_tokens: int
+    decode_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the batch."""
+        return self.prefill_tokens + self.decode_tokens
+
+
 class Engine:
     """One engine: a policy, a batch-time model (``t(n)`` ms, or a composition-aware model timing
     each batch's shape), a token budget, an optional per-batch request limit ``k_max`` and an
@@ -210,35 +258,30 @@ class Engine:
         self.policy = policy
         self.batch_time = batch_time
         self.memory = memory
-        self._shape_time = batch_time.shape_time_ms if is_shape_model(batch_time) else None  # type: ignore[union-attr]
-        self._free_blocks = memory.total_blocks if memory is not None else 0
-        self._resident: dict[int, Job] = {}  # requests holding KV blocks, by id
+        self.shape_time: ShapeTimeFn | None = (
+            batch_time.shape_time_ms if is_shape_model(batch_time) else None  # type: ignore[union-attr]
+        )
+        """The composition-aware time of a batch shape (None: batches are timed by ``t(n)``)."""
         self.budget = budget
         self.k_max = k_max
         self.recorder = recorder
         self.batches: list[Batch] | None = [] if keep_batches else None
         self.now_ms = 0.0
         self.backlog_tokens = 0
-        self._prefill_left_tokens = 0
-        self._jobs: dict[int, Job] = {}
-        self._prefilling: list[Job] = []
+        self.state = EngineState(free_blocks=memory.total_blocks if memory is not None else 0)
         self._decoding: list[Job] = []
         self._seq = 0
-        self._plan: list[tuple[Job, int]] | None = None
-        self._batch_end_ms = math.inf
-        self._blocked_since: float | None = None
-        self._batch_count = 0
 
     # -- state -------------------------------------------------------------------------------
     @property
     def in_system(self) -> int:
         """Requests present (waiting, prefilling or decoding)."""
-        return len(self._jobs)
+        return len(self.state.jobs)
 
     @property
     def busy(self) -> bool:
         """Whether a batch is running."""
-        return self._plan is not None
+        return self.state.running is not None
 
     @property
     def blocked_since_ms(self) -> float | None:
@@ -246,11 +289,11 @@ class Engine:
 
         A blocked engine stays idle until a new arrival; it is not an event of its own.
         """
-        return self._blocked_since
+        return self.state.blocked_since
 
     def jobs(self) -> list[Job]:
         """The requests present, in arrival order (read-only use)."""
-        return sorted(self._jobs.values(), key=lambda j: j.seq)
+        return sorted(self.state.jobs.values(), key=lambda j: j.seq)
 
     def view(self) -> EngineView:
         """The read-only view a policy gets."""
@@ -258,15 +301,16 @@ class Engine:
             now_ms=self.now_ms,
             budget=self.budget,
             k_max=self.k_max,
-            prefilling=ReadOnlyList(self._prefilling),
+            prefilling=ReadOnlyList(self.state.prefilling),
             decoding=ReadOnlyList(self._decoding),
         )
 
     def next_event_ms(self) -> float:
         """Time of this engine's next event: a batch end, an immediate start, or inf if idle."""
-        if self._plan is not None:
-            return self._batch_end_ms
-        if self._jobs and self._blocked_since is None:
+        state = self.state
+        if state.running is not None:
+            return state.batch_end_ms
+        if state.jobs and state.blocked_since is None:
             return self.now_ms
         return math.inf
 
@@ -277,16 +321,17 @@ class Engine:
             raise ConfigError(
                 "arrival_ms", request.arrival_ms, f"is before the engine clock {self.now_ms} ms"
             )
-        if request.id in self._jobs:
+        state = self.state
+        if request.id in state.jobs:
             raise ConfigError("id", request.id, "a request with this id is already present")
-        overdue = self._plan is None and self._jobs and self._blocked_since is None
+        overdue = state.running is None and state.jobs and state.blocked_since is None
         if overdue and request.arrival_ms > self.now_ms:
-            self._start_batch()  # an overdue start at the engine's own clock comes first
-        if self._plan is None:
-            if self._blocked_since is not None:
+            self.begin_batch()  # an overdue start at the engine's own clock comes first
+        if state.running is None:
+            if state.blocked_since is not None:
                 if self.recorder is not None:
-                    self.recorder.stall(request.arrival_ms - self._blocked_since)
-                self._blocked_since = None
+                    self.recorder.stall(request.arrival_ms - state.blocked_since)
+                state.blocked_since = None
             self.now_ms = request.arrival_ms
         if self.memory is not None and not self.memory.fits_alone(
             request.prefill_tokens + request.decode_tokens
@@ -296,40 +341,41 @@ class Engine:
             return
         job = Job(request, self._seq)
         self._seq += 1
-        self._jobs[job.id] = job
+        state.jobs[job.id] = job
         tokens = job.prefill_left + job.decode_left
         self.backlog_tokens += tokens
         if self.recorder is not None:
             self.recorder.arrival(request.arrival_ms, tokens)
         if job.prefill_left:
-            self._prefill_left_tokens += job.prefill_left
-            self._prefilling.append(job)
+            state.prefill_left_tokens += job.prefill_left
+            state.prefilling.append(job)
         else:
-            self._enter_decode(job)
+            self.enter_decode(job)
 
     def end_batch(self) -> list[RequestRecord]:
         """The first half of ``step``: end the running batch (if any) at its end time; returns
         the records of the requests that finished. A network routes them before ``start_batch``,
         so a request routed at a batch boundary joins the batch that starts there."""
-        if self._plan is None:
+        if self.state.running is None:
             return []
-        self.now_ms = self._batch_end_ms
+        self.now_ms = self.state.batch_end_ms
         return self._end_batch()
 
     def wake(self, t_ms: float) -> None:
         """Let a blocked engine ask its policy again at ``t_ms`` (a network calls this when the
         state a policy reads outside the engine changed, e.g. downstream buffers for
         max-pressure). The idle time since it blocked counts as stall."""
-        if self._plan is None and self._blocked_since is not None and self._jobs and t_ms >= self.now_ms:
+        state = self.state
+        if state.running is None and state.blocked_since is not None and state.jobs and t_ms >= self.now_ms:
             if self.recorder is not None:
-                self.recorder.stall(t_ms - self._blocked_since)
-            self._blocked_since = None
+                self.recorder.stall(t_ms - state.blocked_since)
+            state.blocked_since = None
             self.now_ms = t_ms
 
     def start_batch(self) -> None:
         """The second half of ``step``: start the next batch now, unless one is running."""
-        if self._plan is None:
-            self._start_batch()
+        if self.state.running is None:
+            self.begin_batch()
 
     # -- what a network loop asks of every engine (llmqueue.sim.network) ----------------------------
     def completion_bound_ms(self) -> float:
@@ -339,7 +385,8 @@ class Engine:
 
     def ends_at(self, t_ms: float) -> bool:
         """Whether the running batch (run of batches, for the fast engine) ends exactly at ``t_ms``."""
-        return self._plan is not None and self._batch_end_ms == t_ms
+        state = self.state
+        return state.running is not None and state.batch_end_ms == t_ms
 
     def start_at(self, t_ms: float) -> None:
         """``start_batch`` at the shared instant ``t_ms`` (the engine's clock is there already)."""
@@ -356,10 +403,11 @@ class Engine:
 
     def _end_batch(self) -> list[RequestRecord]:
         now = self.now_ms
-        plan = self._plan
+        state = self.state
+        plan = state.running
         assert plan is not None
-        self._plan = None
-        self._batch_end_ms = math.inf
+        state.running = None
+        state.batch_end_ms = math.inf
         recorder = self.recorder
         intervals: dict[float, int] = {}  # inter-token latencies of this batch, counted
         finished: list[RequestRecord] = []
@@ -378,7 +426,7 @@ class Engine:
                         job.first_token_ms = now
                     job.last_token_ms = now
                     if job.decode_left:
-                        self._enter_decode(job)
+                        self.enter_decode(job)
                     else:
                         finished.append(job.record(now))
             else:
@@ -390,65 +438,72 @@ class Engine:
                     decode_done = True
                     finished.append(job.record(now))
         self.backlog_tokens -= total
-        self._prefill_left_tokens -= prefill_total
+        state.prefill_left_tokens -= prefill_total
         if recorder is not None:
             for gap, count in intervals.items():
                 recorder.itl.add(gap, count)
             recorder.tokens_done(now, total)
-        self._settle(finished, prefill_done, decode_done)
+        self.settle(finished, prefill_done, decode_done)
         return finished
 
-    def _enter_decode(self, job: Job) -> None:
+    # -- the extension surface: what an engine built on this one (the fast engine) uses -------------
+    # Hooks it replaces (``begin_batch``, ``enter_decode``, ``leave_decode``, ``decoders_in_order``)
+    # and steps it reuses (``form_plan``, ``admit``, ``settle``, ``batch_duration_ms``), with the
+    # shared ``state``. Not for callers driving an engine: they use the contract
+    # (``llmqueue.engines.contract``).
+    def enter_decode(self, job: Job) -> None:
         """A request starts decoding: it joins the decoders in arrival order."""
-        insort(self._decoding, job, key=_seq)
+        insort(self._decoding, job, key=arrival_order)
 
-    def _settle(self, finished: list[RequestRecord], prefill_done: bool, decode_done: bool) -> None:
-        """Drop finished phases from the phase lists and finished requests from the engine."""
+    def settle(self, finished: list[RequestRecord], prefill_done: bool, decode_done: bool) -> None:
+        """Drop finished phases from the phase lists and finished requests from the engine
+        (freeing their KV blocks), and report the finished to the recorder."""
+        state = self.state
         if prefill_done:
-            self._prefilling = [j for j in self._prefilling if j.prefill_left]
+            state.prefilling = [j for j in state.prefilling if j.prefill_left]
         if decode_done:
             self._decoding = [j for j in self._decoding if j.decode_left]
         for record in finished:
-            job = self._jobs.pop(record.id)
+            job = state.jobs.pop(record.id)
             if job.blocks:
-                self._free_blocks += job.blocks
+                state.free_blocks += job.blocks
                 job.blocks = 0
-                del self._resident[job.id]
+                del state.resident[job.id]
         if self.recorder is not None:
             for record in finished:
                 self.recorder.request_done(record)
 
-    def _form_plan(self) -> tuple[EngineView, list[tuple[Job, int]], int, int] | None:
-        """Ask the policy for the next batch, check it and fit it into memory: (view, entries,
-        prefill, decode tokens).
+    def form_plan(self) -> BatchPlan | None:
+        """Ask the policy for the next batch, check it and fit it into memory.
 
         None when nothing is present, or when the policy forms no batch (the engine blocks).
         With memory, a plan whose every entry memory refuses is asked for again with only the
         requests that hold KV blocks in view (vLLM then runs its running requests).
         """
-        if not self._jobs:
+        state = self.state
+        if not state.jobs:
             return None
         view = self.view()
         plan = self.policy(view)
         if plan is None or (isinstance(plan, Mapping) and not plan):  # no batch: the engine blocks
-            self._blocked_since = self.now_ms
+            state.blocked_since = self.now_ms
             return None
-        prefill, decode = check_plan(plan, view, self._jobs)
-        jobs = self._jobs
+        jobs = state.jobs
+        prefill, decode = check_plan(plan, view, jobs)
         if self.memory is None:
-            return view, [(jobs[rid], tokens) for rid, tokens in plan.items()], prefill, decode
+            return BatchPlan(view, [(jobs[rid], tokens) for rid, tokens in plan.items()], prefill, decode)
         entries = self._fit_memory(plan)
-        if not entries and self._resident:
+        if not entries and state.resident:
             resident = self._resident_view(view)
             plan = self.policy(resident)
             if plan:
                 check_plan(plan, resident, jobs)
                 entries = self._fit_memory(plan)
         if not entries:
-            self._blocked_since = self.now_ms
+            state.blocked_since = self.now_ms
             return None
         prefill = sum(tokens for job, tokens in entries if job.prefill_left)
-        return view, entries, prefill, sum(1 for job, _ in entries if not job.prefill_left)
+        return BatchPlan(view, entries, prefill, sum(1 for job, _ in entries if not job.prefill_left))
 
     def _resident_view(self, view: EngineView) -> EngineView:
         """``view`` without the requests that hold no KV blocks."""
@@ -456,11 +511,11 @@ class Engine:
             now_ms=view.now_ms,
             budget=view.budget,
             k_max=view.k_max,
-            prefilling=ReadOnlyList([j for j in self._prefilling if j.blocks]),
-            decoding=ReadOnlyList([j for j in self._decoders_in_order() if j.blocks]),
+            prefilling=ReadOnlyList([j for j in self.state.prefilling if j.blocks]),
+            decoding=ReadOnlyList([j for j in self.decoders_in_order() if j.blocks]),
         )
 
-    def _decoders_in_order(self) -> list[Job]:
+    def decoders_in_order(self) -> list[Job]:
         """All decoding requests in arrival order."""
         return self._decoding
 
@@ -475,7 +530,8 @@ class Engine:
         """
         memory = self.memory
         assert memory is not None
-        jobs = self._jobs
+        state = self.state
+        jobs = state.jobs
         kept: list[tuple[Job, int]] = []
         fresh: list[tuple[Job, int]] = []
         resident: list[tuple[Job, int]] = []
@@ -485,36 +541,37 @@ class Engine:
         preempted: set[int] = set()
         for job, tokens in resident:
             need = memory.blocks_for(job.cached + tokens) - job.blocks
-            while job.id not in preempted and need > self._free_blocks:
-                victim = max(self._resident.values(), key=_seq)
+            while job.id not in preempted and need > state.free_blocks:
+                victim = max(state.resident.values(), key=arrival_order)
                 self._preempt(victim)
                 preempted.add(victim.id)
                 kept = [(j, t) for j, t in kept if j is not victim]
             if job.id in preempted:
                 continue
             job.blocks += need
-            self._free_blocks -= need
+            state.free_blocks -= need
             kept.append((job, tokens))
         if not preempted:  # vLLM admits no new request in a step that preempted one
-            kept.extend(self._admit(fresh))
+            kept.extend(self.admit(fresh))
         if len(kept) > 1:
             order = {rid: i for i, rid in enumerate(plan)}
             kept.sort(key=lambda entry: order[entry[0].id])
         return kept
 
-    def _admit(self, fresh: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
+    def admit(self, fresh: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
         """Admit new requests in plan order while the blocks of their first chunk leave the
         watermark free; the first refusal stops admission (FCFS head of line). Returns the admitted."""
         memory = self.memory
         assert memory is not None
+        state = self.state
         admitted: list[tuple[Job, int]] = []
         for job, tokens in fresh:
             need = memory.blocks_for(tokens)
-            if self._free_blocks - need < memory.watermark_blocks:
+            if state.free_blocks - need < memory.watermark_blocks:
                 break
             job.blocks = need
-            self._free_blocks -= need
-            self._resident[job.id] = job
+            state.free_blocks -= need
+            state.resident[job.id] = job
             admitted.append((job, tokens))
         return admitted
 
@@ -523,29 +580,30 @@ class Engine:
         again (prompt and decoded tokens) before it decodes on."""
         decoding = not job.prefill_left
         if decoding:
-            self._leave_decode(job)
-        self._free_blocks += job.blocks
+            self.leave_decode(job)
+        state = self.state
+        state.free_blocks += job.blocks
         job.blocks = 0
-        del self._resident[job.id]
+        del state.resident[job.id]
         lost = job.cached
         job.cached = 0
         if decoding:
-            insort(self._prefilling, job, key=_seq)
+            insort(state.prefilling, job, key=arrival_order)
         job.prefill_left += lost
-        self._prefill_left_tokens += lost
+        state.prefill_left_tokens += lost
         self.backlog_tokens += lost
         if self.recorder is not None:
             self.recorder.preempted(self.now_ms, lost)
 
-    def _leave_decode(self, job: Job) -> None:
+    def leave_decode(self, job: Job) -> None:
         """A decoding request is preempted: it leaves the decoders (it prefills again)."""
         self._decoding.remove(job)
 
-    def _duration(self, n: int, entries: list[tuple[Job, int]] | None = None) -> float:
+    def batch_duration_ms(self, n: int, entries: list[tuple[Job, int]] | None = None) -> float:
         """The batch's time in ms (``t(n)``, or the shape model's time of ``entries``), refused
         unless positive and finite (a run must always move forward)."""
-        if self._shape_time is not None and entries is not None:
-            duration = self._shape_time(batch_shape(entries))
+        if self.shape_time is not None and entries is not None:
+            duration = self.shape_time(batch_shape(entries))
         else:
             duration = self.batch_time(n)  # type: ignore[operator]
         if not duration > 0 or math.isinf(duration):
@@ -555,37 +613,42 @@ class Engine:
     def stop(self, horizon_ms: float) -> None:
         """The run ends at ``horizon_ms``: nothing to do here (each batch is booked as it starts)."""
 
-    def _start_batch(self) -> None:
-        formed = self._form_plan()
-        if formed is None:
+    def begin_batch(self) -> None:
+        """Form the next batch and start it now (the engine is idle): the hook that
+        ``start_batch`` and an overdue start in ``submit`` call, which engines built on this one
+        replace with their own way of starting batches."""
+        planned = self.form_plan()
+        if planned is None:
             return
-        view, entries, prefill, decode = formed
+        state = self.state
+        entries, prefill, decode = planned.entries, planned.prefill_tokens, planned.decode_tokens
         n = prefill + decode
-        duration = self._duration(n, entries)
-        target = fill_target(view, self._prefill_left_tokens)
-        self._plan = entries
-        self._batch_end_ms = self.now_ms + duration
+        duration = self.batch_duration_ms(n, entries)
+        target = fill_target(planned.view, state.prefill_left_tokens)
+        state.running = entries
+        state.batch_end_ms = self.now_ms + duration
         if self.recorder is not None:
             short = max(target - n, 0)
             self.recorder.batches(1, duration, prefill, decode, len(entries), (target, int(short > 0), short))
             if self.memory is not None:
-                self.recorder.kv_used(self.memory.total_blocks - self._free_blocks, self.memory.total_blocks)
+                total = self.memory.total_blocks
+                self.recorder.kv_used(total - state.free_blocks, total)
         if self.batches is not None:
             self.batches.append(
                 Batch(
-                    index=self._batch_count,
+                    index=self.state.batch_count,
                     start_ms=self.now_ms,
-                    end_ms=self._batch_end_ms,
+                    end_ms=self.state.batch_end_ms,
                     plan=tuple((job.id, tokens) for job, tokens in entries),
                     prefill_tokens=prefill,
                     decode_tokens=decode,
                     fill_target_tokens=target,
                 )
             )
-        self._batch_count += 1
+        self.state.batch_count += 1
 
 
-def _seq(job: Job) -> int:
+def arrival_order(job: Job) -> int:
     return job.seq
 
 

@@ -30,9 +30,9 @@ from typing import Literal
 
 import numpy as np
 
-from llmqueue.engines import compiled
 from llmqueue.engines.compiled import DRAW_CHUNK, KernelEngine, NetworkLoop, route_tables
-from llmqueue.engines.fast import FastEngine, needs_reference
+from llmqueue.engines.contract import EngineContract, EngineKind, choose_engine
+from llmqueue.engines.fast import FastEngine
 from llmqueue.engines.metrics import Recorder, RunMetrics, TimeBins, downsample, summary
 from llmqueue.engines.reference import Engine, PolicyFn
 from llmqueue.errors import ConfigError
@@ -53,8 +53,8 @@ from llmqueue.theory.stability import (
     observe,
 )
 
-EngineKind = Literal["auto", "compiled", "fast", "reference"]
-RunKind = Literal["compiled", "fast", "reference", "pressure"]
+NodeKind = Literal["compiled", "fast", "reference", "pressure"]
+"""The engine that runs one engine of a network (``pressure``: a max-pressure reference engine)."""
 K_FCFS_WORK_CONSERVING = ("sarathi", "orca", "vllm-chunked")
 
 
@@ -210,30 +210,15 @@ def network_policy(net: Network, engine: str) -> PolicyFn:
     return make_policy(spec.policy)
 
 
-def engine_kind(policy: PolicyFn, spec: EngineSpec, engine: EngineKind = "auto") -> RunKind:
-    """Which engine runs one engine of a network, for the caller's ``engine`` choice: the one
-    place that decides (ConfigError when the choice cannot run it). An engine with a KV cache or
-    a composition-aware (shape) batch time runs on a Python engine: the compiled network loop
-    models neither (it times batches by token count)."""
-    if spec.memory is not None and engine == "compiled":
-        raise ConfigError("engine", engine, f"engine {spec.name} has a KV cache (memory): the compiled "
-                          "network loop does not model it (use 'auto', 'fast' or 'reference')")
-    shaped = is_shape_model(spec.batch_time)
-    if shaped and engine == "compiled":
-        raise ConfigError("engine", engine, f"engine {spec.name} has a composition-aware batch time: "
-                          "the compiled loop times batches by token count only (use 'auto', 'fast' or "
-                          "'reference')")
-    supported = spec.memory is None and not shaped and compiled.supports(policy, spec.budget, False)
-    if engine == "compiled" and not supported:
-        raise ConfigError("engine", engine, f"engine {spec.name}: policy '{policy_name(policy)}' "
-                          "has no compiled form (or numba is not installed)")
-    if isinstance(policy, MaxPressure):
-        return "pressure"
-    if engine in ("auto", "compiled") and supported:
-        return "compiled"
-    if engine == "reference" or needs_reference(policy):
-        return "reference"
-    return "fast"
+def engine_kind(policy: PolicyFn, spec: EngineSpec, engine: EngineKind = "auto") -> NodeKind:
+    """Which engine runs one engine of a network, for the caller's ``engine`` choice
+    (``llmqueue.engines.contract.choose_engine`` decides; ConfigError when the choice cannot run
+    it). An engine with a KV cache or a composition-aware (shape) batch time runs on a Python
+    engine: the compiled network loop models neither (it times batches by token count). A
+    max-pressure engine is a reference engine whose view carries the network's buffers."""
+    kind = choose_engine(engine, policy, spec.batch_time, spec.budget, memory=spec.memory,
+                         network_engine=spec.name)
+    return "pressure" if isinstance(policy, MaxPressure) else kind
 
 
 def pressure_routes(net: Network) -> tuple[dict[str, tuple[tuple[str, float], ...]], dict[str, float]]:
@@ -330,7 +315,7 @@ class _Run:
         names = sorted(net.engines)
         self.engine_names = names
         self.recorders = {n: Recorder(keep_requests=False) for n in names}
-        self.engines: dict[str, Engine | KernelEngine] = {}
+        self.engines: dict[str, EngineContract] = {}
         self.policy_names: dict[str, str] = {}
         self.notes: list[str] = []
         for n in names:
@@ -360,7 +345,7 @@ class _Run:
                 "timed from its shape (Python engines, routing in Python); the loads see it through "
                 "each engine's offered mix (mean prompt and output tokens per visit)")
         self.class_rejected = dict.fromkeys(net.classes, 0)
-        self.engine_list = [self.engines[n] for n in names]
+        self.engine_list: list[EngineContract] = [self.engines[n] for n in names]
         self.pressure_engines = [e for e in self.engine_list if isinstance(e, _BufferedEngine)]
         self.kernels = [e for e in self.engine_list if isinstance(e, KernelEngine)]
         # one RNG stream per purpose, in a fixed order (same seed, same run)
@@ -441,9 +426,9 @@ class _Run:
                 self.visits[vid] = (token, node_id, buffer)
                 self.counts[buffer] += 1
                 recorder = self.recorders[node.engine or ""]
-                refused = recorder.rejected_requests
+                refused = recorder.totals.rejected_requests
                 self.engines[node.engine or ""].submit(Request(vid, t_ms, prefill, decode, buffer))
-                if recorder.rejected_requests > refused:  # its KV cache can never hold this visit
+                if recorder.totals.rejected_requests > refused:  # its KV cache can never hold this visit
                     del self.visits[vid]
                     self.counts[buffer] -= 1
                     self.visit_total -= 1
@@ -626,7 +611,7 @@ class _Run:
             if eng.blocked_since_ms is not None:
                 rec.stall(end_ms - eng.blocked_since_ms)
             metrics = rec.finish(end_ms)
-            offered = rec.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
+            offered = rec.totals.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
             offered_total += offered
             memory = self.net.engines[name].memory
             engine_results[name] = EngineResult(

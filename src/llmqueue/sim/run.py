@@ -14,12 +14,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
-from typing import Literal
 
 import numpy as np
 
 from llmqueue.engines import compiled
-from llmqueue.engines.fast import FastEngine, needs_reference
+from llmqueue.engines.contract import EngineKind, SteppedEngine, choose_engine
+from llmqueue.engines.fast import FastEngine
 from llmqueue.engines.metrics import Recorder, RequestRecord, RunMetrics
 from llmqueue.engines.reference import Batch, Engine, PolicyFn
 from llmqueue.errors import ConfigError
@@ -50,8 +50,6 @@ from llmqueue.theory.stability import (
     replicated_verdict,
 )
 
-EngineKind = Literal["auto", "compiled", "fast", "reference"]
-ENGINES = ("auto", "compiled", "fast", "reference")
 MIN_DRAIN_MS = 60_000.0
 WARMUP_FRACTION = 0.2
 """The first 20 % of the arrival window is left out of the backlog trend test."""
@@ -228,33 +226,11 @@ def simulate(
         k_max = check_int("k_max", k_max, 1, MAX_BATCH_REQUESTS)
     if max_concurrency is not None:
         max_concurrency = check_int("max_concurrency", max_concurrency, 1, MAX_BATCH_REQUESTS)
-        if engine == "compiled":
-            raise ConfigError("engine", engine, "max_concurrency runs on the fast and reference engines")
-    if engine not in ENGINES:
-        raise ConfigError("engine", engine, f"must be one of {', '.join(ENGINES)}")
-    if engine in ("fast", "compiled") and needs_reference(policy):
-        raise ConfigError(
-            "engine", engine, f"policy '{policy_name(policy)}' does not declare repeats_plan"
-        )
     if memory is not None and not isinstance(memory, KVCache):
         raise ConfigError("memory", memory, "must be a KVCache (see llmqueue.model.memory.parse_memory)")
+    kind = choose_engine(engine, policy, batch_time, budget, memory=memory, keep_batches=keep_batches,
+                         max_concurrency=max_concurrency)
     shaped = is_shape_model(batch_time)
-    if engine == "compiled" and shaped:
-        raise ConfigError(
-            "engine", engine, "a composition-aware batch time runs on the fast and reference engines only"
-        )
-    can_compile = (not shaped and max_concurrency is None
-                   and compiled.supports(policy, budget, keep_batches))
-    if engine == "compiled" and not can_compile:
-        raise ConfigError(
-            "engine", engine,
-            "needs numba (pip install 'llmqueue[fast]'), a shipped policy, a budget <= "
-            f"{compiled.MAX_BUDGET} and keep_batches off",
-        )
-    use_compiled = can_compile and engine in ("auto", "compiled")
-    use_fast = engine == "fast" or (
-        engine == "auto" and not needs_reference(policy)
-    )
     if max_requests is not None and (not isinstance(max_requests, int) or isinstance(max_requests, bool)
                                      or not 1 <= max_requests <= MAX_REQUESTS):
         raise ConfigError("requests", max_requests, f"must be an integer from 1 to {MAX_REQUESTS:,}")
@@ -277,7 +253,7 @@ def simulate(
 
     recorder = Recorder(keep_requests=keep_requests, goodput=goodput)
     tally = _Tally(budget, chunks_prefill(policy) is False)
-    if use_compiled:
+    if kind == "compiled":
         if isinstance(source, Workload):
             chunks = source.chunks(seed, max_requests=max_requests, duration_ms=duration_ms)
         else:
@@ -295,7 +271,7 @@ def simulate(
             )
         else:
             arrivals = _bounded(iter(source), max_requests, duration_ms)
-        engine_class = FastEngine if use_fast else Engine
+        engine_class = FastEngine if kind == "fast" else Engine
         gate = None if max_concurrency is None else _Gate(max_concurrency, recorder, memory)
         eng = engine_class(
             policy, batch_time, budget, k_max, recorder=recorder if gate is None else _SentOnly(recorder),
@@ -314,7 +290,7 @@ def simulate(
     unservable, prefill_sum, decode_sum = tally.unservable, tally.prefill_sum, tally.decode_sum
 
     def arrival_end_ms() -> float:
-        return duration_ms if duration_ms is not None else recorder.last_arrival_ms
+        return duration_ms if duration_ms is not None else recorder.totals.last_arrival_ms
 
     notes: list[str] = []
     arrivals_n = max(tally.count_n, 1)
@@ -386,7 +362,7 @@ def simulate(
             f"memory preempted requests {metrics.preemptions} time(s), "
             f"{metrics.recomputed_tokens} tokens recomputed"
         )
-    if engine == "auto" and not use_fast:
+    if engine == "auto" and kind == "reference":
         notes.append(
             "the policy does not declare repeats_plan: it ran on the reference per-iteration "
             "engine (exact, slower)"
@@ -442,7 +418,7 @@ def observe_run(recorder: Recorder, arrival_end_ms: float, end_ms: float) -> Obs
     """The backlog trend test of a recorded run, over the arrival window (to ``arrival_end_ms``,
     at most ``end_ms``) less its first ``WARMUP_FRACTION``, against the offered token rate."""
     window_end = min(arrival_end_ms, end_ms)
-    offered = recorder.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
+    offered = recorder.totals.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
     return observe(recorder.backlog_bins, WARMUP_FRACTION * window_end, window_end, offered)
 
 
@@ -549,7 +525,7 @@ def _window_notes(workload: Workload, rate: float, mean_p: float, mean_d: float,
 
 
 def _run_engine(
-    eng: Engine,
+    eng: SteppedEngine,
     arrivals: Iterator[Request],
     recorder: Recorder,
     horizon_for: Callable[[float], float],
@@ -574,7 +550,7 @@ def _run_engine(
                 gate.send(eng, nxt.arrival_ms)
             nxt = next(arrivals, None)
             if nxt is None:  # arrivals are over: the drain allowance starts
-                horizon = horizon_for(recorder.last_arrival_ms)
+                horizon = horizon_for(recorder.totals.last_arrival_ms)
             continue
         if t >= horizon or (nxt is None and math.isinf(t)):
             break
@@ -583,16 +559,16 @@ def _run_engine(
             gate.send(eng, eng.now_ms)
         steps += 1
         if progress is not None and steps % 4096 == 0:
-            progress(recorder.arrivals)
+            progress(recorder.totals.arrivals)
     if progress is not None:
-        progress(recorder.arrivals)
+        progress(recorder.totals.arrivals)
     cut = math.isfinite(eng.next_event_ms()) and eng.next_event_ms() >= horizon
     if cut:
         eng.stop(horizon)
         recorder.cut(horizon, eng.next_event_ms())  # the running batch's end: busy only to the horizon
     waiting = () if gate is None or not keep_pending else gate.pending()
     return compiled.Outcome(
-        end_ms=horizon if cut else max(eng.now_ms, recorder.last_arrival_ms),
+        end_ms=horizon if cut else max(eng.now_ms, recorder.totals.last_arrival_ms),
         cut=cut,
         blocked_since_ms=eng.blocked_since_ms,
         in_system=eng.in_system + (0 if gate is None else len(gate.queue)),
@@ -635,7 +611,7 @@ class _Gate:
         self.queue.append(request)
         self.max_waiting = max(self.max_waiting, len(self.queue))
 
-    def send(self, eng: Engine, t_ms: float) -> None:
+    def send(self, eng: SteppedEngine, t_ms: float) -> None:
         while self.queue and eng.in_system < self.limit:
             r = self.queue.popleft()
             eng.submit(Request(r.id, max(t_ms, r.arrival_ms, eng.now_ms), r.prefill_tokens, r.decode_tokens))

@@ -435,7 +435,7 @@ def run(
 def _last_admitted(arrival_ms: np.ndarray, prefill: np.ndarray, decode: np.ndarray,
                    memory: KVCache | None, before: float) -> float:
     """The last arrival of the final chunk that the engine takes in (``before`` if none): the
-    horizon counts from it, as from ``Recorder.last_arrival_ms`` (a refused request is no
+    horizon counts from it, as from ``Totals.last_arrival_ms`` (a refused request is no
     arrival)."""
     if memory is not None and arrival_ms.size:
         blocks = -(-(prefill + decode) // memory.block_tokens)

@@ -1002,7 +1002,7 @@ def _resident_prompts(si, slot_i, q):
 @njit(cache=True)
 def _form_fitted(si, sf, slot_i, slot_f, q, heap, pol):
     """FastEngine._form_fitted: plan with the full view and fit the plan request by request
-    (Engine._form_plan: victims, watermark, the resident-only re-plan). Leaves the kept prompts
+    (Engine.form_plan: victims, watermark, the resident-only re-plan). Leaves the kept prompts
     in the q plan rows and serves the kept decoders (not necessarily the oldest: IRREGULAR);
     returns their number, or BLOCKED_PLAN. The run is a single repeat."""
     cap = q.shape[1]
@@ -1173,7 +1173,7 @@ def _book_blocks(si, sf, q, pol, m):
 
 @njit(cache=True)
 def _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, next_arrival):
-    """Ask the policy once and set up the run of repeats of its plan (FastEngine._start_batch).
+    """Ask the policy once and set up the run of repeats of its plan (FastEngine.begin_batch).
 
     The run stops at the first batch end at or after ``next_arrival``: that arrival would cut it
     there anyway (the same repeats are kept), so later ends are never computed. With memory, the
@@ -1639,7 +1639,7 @@ TWINS: dict[str, tuple[str | None, str]] = {
     "_clear_served": (None, "empties the served prefix: part of FastEngine._serve and _unserve_all"),
     "_serve": (_FAST + "FastEngine._serve", ""),
     "_next_finish": (_FAST + "FastEngine._next_finish", ""),
-    "_enter_decode": (_FAST + "FastEngine._enter_decode", ""),
+    "_enter_decode": (_FAST + "FastEngine.enter_decode", ""),
     "_plan_prompt": (None, "appends one prompt to a plan (a dict entry in the Python planners)"),
     "_plan_kfcfs": ("llmqueue.policies.fcfs:KFCFS.plan_compact", ""),
     "_plan_vllm_chunked": ("llmqueue.policies.fcfs:VLLMChunked.plan_compact", ""),
@@ -1666,7 +1666,7 @@ TWINS: dict[str, tuple[str | None, str]] = {
     "_repeats_within": (_FAST + "_Growth.repeats_within", ""),
     "_kv_used": (_MET + "Recorder.kv_used", ""),
     "_book_blocks": (_FAST + "FastEngine._book_blocks", ""),
-    "_start_batch": (_FAST + "FastEngine._start_batch", ""),
+    "_start_batch": (_FAST + "FastEngine.begin_batch", ""),
     "_emit": (None, "appends a finished request to the output buffer (Job.record in Python)"),
     "_itl": (None, "appends inter-token latencies to the output buffer (the recorder's ValueCounts)"),
     "_drop_prompts": (_FAST + "FastEngine._drop_prompts", ""),

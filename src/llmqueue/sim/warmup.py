@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 
 from llmqueue.engines import compiled
-from llmqueue.model.batchtime import BatchTime, ConstantTime, ShapeTime, is_shape_model
+from llmqueue.engines.contract import choose_engine
+from llmqueue.errors import ConfigError
+from llmqueue.model.batchtime import BatchTime, ConstantTime, ShapeTime
 from llmqueue.model.memory import KVCache
 from llmqueue.model.network import parse_network
 from llmqueue.model.workload import fixed_requests
@@ -32,10 +34,11 @@ def compiles_first(policy: object, batch_time: BatchTime | ShapeTime, budget: in
                    max_concurrency: int | None = None) -> bool:
     """Whether a run of this setting (as :func:`~llmqueue.sim.run.simulate` picks its engine)
     compiles the event loop before it starts, so the caller can say why the first run waits."""
-    uses_compiled = (engine in ("auto", "compiled") and max_concurrency is None
-                     and not is_shape_model(batch_time)
-                     and compiled.supports(policy, budget, keep_batches=False))
-    return uses_compiled and compiled.needs_compiling()
+    try:
+        kind = choose_engine(engine, policy, batch_time, budget, max_concurrency=max_concurrency)
+    except ConfigError:  # the run itself will say why it cannot run
+        return False
+    return kind == "compiled" and compiled.needs_compiling()
 
 
 def warm_up() -> float:

@@ -18,7 +18,7 @@ from itertools import islice
 import numpy as np
 
 from llmqueue.engines import compiled
-from llmqueue.engines.contract import EngineKind, SteppedEngine, choose_engine
+from llmqueue.engines.contract import EngineKind, RunKind, SteppedEngine, choose_engine
 from llmqueue.engines.fast import FastEngine
 from llmqueue.engines.metrics import Recorder, RequestRecord, RunMetrics
 from llmqueue.engines.reference import Batch, Engine, PolicyFn
@@ -217,6 +217,84 @@ def simulate(
     ``source`` may be a trace spec ``trace:PATH`` (replayed at its own rate), ``policy`` a shipped
     policy's name, ``batch_time`` and ``memory`` their spec text. Bad arguments raise ConfigError.
     """
+    a = _checked(source, policy, batch_time, budget, k_max, max_requests, duration_s, drain_s, engine,
+                 memory, keep_batches, max_concurrency)
+    recorder = Recorder(keep_requests=keep_requests, goodput=goodput)
+    tally = _Tally(a.budget, chunks_prefill(a.policy) is False)
+    outcome, batches, gate = _drive(a, seed, recorder, tally, progress, keep_requests, keep_batches)
+    end_ms = outcome.end_ms
+    if outcome.blocked_since_ms is not None:
+        recorder.stall(end_ms - outcome.blocked_since_ms)
+    if tally.count_n == 0 and not isinstance(a.source, Workload):
+        raise ConfigError("source", "no requests", "holds no request: give at least one Request")
+    metrics = recorder.finish(end_ms)
+
+    notes: list[str] = []
+    rate, mean_p, mean_d = _offered(a.source, tally, notes)
+    token_time = mix_batch_time(a.batch_time, mean_p, mean_d)
+    # with max_concurrency no batch holds more requests than that: the §4 limit of the theory
+    k_theory = a.k_max if a.max_concurrency is None else min(a.k_max or a.max_concurrency,
+                                                               a.max_concurrency)
+    summary = summarize_theory(token_time, a.budget, k_theory, rate, mean_p, mean_d)
+    memory_load = None
+    if a.memory is not None and math.isfinite(rate) and mean_p + mean_d > 0:
+        memory_load, _ = theory.memory_load(rate, mean_p, mean_d, token_time, a.budget, k_theory, a.memory)
+    declared = is_work_conserving(a.policy)
+    prediction = predict(
+        work_conserving=_audited(declared, a, metrics, notes),
+        load_full_batches=summary.load,
+        load_best_batches=summary.load_best_batches,
+        kmax_load=summary.kmax_load,
+        memory_load=memory_load,
+    )
+    arrival_end_ms = a.duration_ms if a.duration_ms is not None else recorder.totals.last_arrival_ms
+    observation = observe_run(recorder, arrival_end_ms, end_ms)
+    notes.extend(_run_notes(a, engine, declared, outcome, metrics, observation, tally, token_time, gate))
+
+    records = None
+    if keep_requests:
+        done = list(recorder.completed_records())
+        records = tuple(sorted(done + list(outcome.pending), key=lambda r: r.id))
+    return RunResult(
+        policy=policy_name(a.policy),
+        budget=a.budget,
+        k_max=a.k_max,
+        batch_time=getattr(a.batch_time, "spec", repr(a.batch_time)),
+        rate=rate,
+        seed=seed,
+        metrics=metrics,
+        theory=summary,
+        predicted=prediction,
+        observed=observation,
+        notes=tuple(notes),
+        requests=records,
+        batches=batches,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Args:
+    """:func:`simulate`'s arguments, checked and resolved (names and specs made objects), and the
+    engine that runs them."""
+
+    source: Workload | Iterable[Request]
+    policy: PolicyFn
+    batch_time: BatchTime | ShapeTime
+    budget: int
+    k_max: int | None
+    max_requests: int | None
+    duration_ms: float | None
+    drain_s: float | None
+    memory: KVCache | None
+    max_concurrency: int | None
+    kind: RunKind
+
+
+def _checked(source: object, policy: object, batch_time: object, budget: object, k_max: object,
+             max_requests: object, duration_s: object, drain_s: object, engine: str, memory: object,
+             keep_batches: bool, max_concurrency: object) -> _Args:
+    """Check every argument of :func:`simulate` (ConfigError naming the first bad one) and choose
+    the engine, before anything runs."""
     source = _as_source(source)
     policy = as_policy(policy)
     batch_time = as_batch_time(batch_time)
@@ -230,7 +308,6 @@ def simulate(
         raise ConfigError("memory", memory, "must be a KVCache (see llmqueue.model.memory.parse_memory)")
     kind = choose_engine(engine, policy, batch_time, budget, memory=memory, keep_batches=keep_batches,
                          max_concurrency=max_concurrency)
-    shaped = is_shape_model(batch_time)
     if max_requests is not None and (not isinstance(max_requests, int) or isinstance(max_requests, bool)
                                      or not 1 <= max_requests <= MAX_REQUESTS):
         raise ConfigError("requests", max_requests, f"must be an integer from 1 to {MAX_REQUESTS:,}")
@@ -238,131 +315,124 @@ def simulate(
         duration_s = check_real("duration_s", duration_s, 0.0, MAX_DURATION_S, low_open=True)
     if drain_s is not None:
         drain_s = check_real("drain_s", drain_s, 0.0, MAX_DURATION_S)
-    if (isinstance(source, Workload) and max_requests is None and duration_s is not None
-            and not isinstance(source.arrival, TraceArrivals)
+    synthetic = isinstance(source, Workload) and not isinstance(source.arrival, TraceArrivals)
+    if (synthetic and max_requests is None and duration_s is not None
             and source.rate_per_s * duration_s > MAX_REQUESTS):
         raise ConfigError("duration_s", duration_s, f"at {source.rate_per_s:g} requests/s it brings "
                           f"about {source.rate_per_s * duration_s:.3g} arrivals, more than {MAX_REQUESTS:,}")
-    duration_ms = None if duration_s is None else duration_s * 1000.0
-    unbounded = max_requests is None and duration_ms is None
-    if isinstance(source, Workload) and unbounded and not isinstance(source.arrival, TraceArrivals):
+    if synthetic and max_requests is None and duration_s is None:
         raise ConfigError("requests", None, "give a number of requests or a duration")
+    duration_ms = None if duration_s is None else duration_s * 1000.0
+    return _Args(source, policy, batch_time, budget, k_max, max_requests, duration_ms, drain_s, memory,
+                 max_concurrency, kind)
+
+
+def _drive(
+    a: _Args, seed: int, recorder: Recorder, tally: _Tally, progress: Callable[[int], None] | None,
+    keep_requests: bool, keep_batches: bool,
+) -> tuple[compiled.Outcome, tuple[Batch, ...] | None, _Gate | None]:
+    """Run the arrivals through the chosen engine: (its outcome, the batch log if kept, the client
+    gate of a closed loop)."""
+    source = a.source
 
     def horizon_for(last_arrival_ms: float) -> float:
-        return horizon_ms(duration_ms, last_arrival_ms, drain_s)
+        return horizon_ms(a.duration_ms, last_arrival_ms, a.drain_s)
 
-    recorder = Recorder(keep_requests=keep_requests, goodput=goodput)
-    tally = _Tally(budget, chunks_prefill(policy) is False)
-    if kind == "compiled":
+    if a.kind == "compiled":
         if isinstance(source, Workload):
-            chunks = source.chunks(seed, max_requests=max_requests, duration_ms=duration_ms)
+            chunks = source.chunks(seed, max_requests=a.max_requests, duration_ms=a.duration_ms)
         else:
-            chunks = _chunked(_bounded(iter(source), max_requests, duration_ms))
-        assert isinstance(policy, KFCFS | VLLMChunked)
+            chunks = _chunked(_bounded(iter(source), a.max_requests, a.duration_ms))
+        assert isinstance(a.policy, KFCFS | VLLMChunked)
         outcome = compiled.run(
-            tally.count(chunks), policy, batch_time, budget, k_max, recorder, horizon_for,
-            progress, keep_pending=keep_requests, memory=memory,
+            tally.count(chunks), a.policy, a.batch_time, a.budget, a.k_max, recorder, horizon_for,
+            progress, keep_pending=keep_requests, memory=a.memory,
         )
-        batches = None
+        return outcome, None, None
+    if isinstance(source, Workload):
+        arrivals: Iterator[Request] = source.requests(
+            seed, max_requests=a.max_requests, duration_ms=a.duration_ms
+        )
     else:
-        if isinstance(source, Workload):
-            arrivals: Iterator[Request] = source.requests(
-                seed, max_requests=max_requests, duration_ms=duration_ms
-            )
-        else:
-            arrivals = _bounded(iter(source), max_requests, duration_ms)
-        engine_class = FastEngine if kind == "fast" else Engine
-        gate = None if max_concurrency is None else _Gate(max_concurrency, recorder, memory)
-        eng = engine_class(
-            policy, batch_time, budget, k_max, recorder=recorder if gate is None else _SentOnly(recorder),
-            keep_batches=keep_batches, memory=memory,
-        )
-        outcome = _run_engine(eng, tally.each(arrivals), recorder, horizon_for, progress, keep_requests,
-                              gate)
-        batches = None if eng.batches is None else tuple(eng.batches)
-    end_ms = outcome.end_ms
-    cut = outcome.cut
-    if outcome.blocked_since_ms is not None:
-        recorder.stall(end_ms - outcome.blocked_since_ms)
-    if tally.count_n == 0 and not isinstance(source, Workload):
-        raise ConfigError("source", "no requests", "holds no request: give at least one Request")
-    metrics = recorder.finish(end_ms)
-    unservable, prefill_sum, decode_sum = tally.unservable, tally.prefill_sum, tally.decode_sum
-
-    def arrival_end_ms() -> float:
-        return duration_ms if duration_ms is not None else recorder.totals.last_arrival_ms
-
-    notes: list[str] = []
-    arrivals_n = max(tally.count_n, 1)
-    replay = isinstance(source, Workload) and isinstance(source.arrival, TraceArrivals)
-    if isinstance(source, Workload) and not replay:
-        rate = source.rate_per_s
-        mean_p, mean_d = source.mean_prefill_tokens, source.mean_decode_tokens
-    else:  # what was simulated: a trace window's own rate and sizes, not the whole file's
-        rate = tally.rate_per_s()
-        mean_p, mean_d = prefill_sum / arrivals_n, decode_sum / arrivals_n
-        if replay and tally.count_n > 1:
-            notes.extend(_window_notes(source, rate, mean_p, mean_d, tally.count_n))  # type: ignore[arg-type]
-    token_time = mix_batch_time(batch_time, mean_p, mean_d)
-    # with max_concurrency no batch holds more requests than that: the §4 limit of the theory
-    k_theory = k_max if max_concurrency is None else min(k_max or max_concurrency, max_concurrency)
-    summary = summarize_theory(token_time, budget, k_theory, rate, mean_p, mean_d)
-    memory_load = None
-    if memory is not None and math.isfinite(rate) and mean_p + mean_d > 0:
-        memory_load, _ = theory.memory_load(rate, mean_p, mean_d, token_time, budget, k_theory, memory)
-    declared = is_work_conserving(policy)
-    # the audit overrides a false declaration: a work-conserving policy never leaves fillable
-    # tokens unfilled (without a cache, whose refusals the audit counts as unfilled too)
-    audited = declared
-    if declared and memory is None and metrics.wc_violations > 0:
-        audited = False
-        notes.append(
-            f"WARNING: policy '{policy_name(policy)}' declares work_conserving, but "
-            f"{metrics.wc_violations:,} of its batches left fillable tokens unfilled "
-            f"({metrics.wc_wasted_fraction:.1%} of fillable tokens): the declaration is false, so "
-            "no stability guarantee is claimed"
-        )
-    prediction = predict(
-        work_conserving=audited,
-        load_full_batches=summary.load,
-        load_best_batches=summary.load_best_batches,
-        kmax_load=summary.kmax_load,
-        memory_load=memory_load,
+        arrivals = _bounded(iter(source), a.max_requests, a.duration_ms)
+    engine_class = FastEngine if a.kind == "fast" else Engine
+    gate = None if a.max_concurrency is None else _Gate(a.max_concurrency, recorder, a.memory)
+    eng = engine_class(
+        a.policy, a.batch_time, a.budget, a.k_max, recorder=recorder if gate is None else _SentOnly(recorder),
+        keep_batches=keep_batches, memory=a.memory,
     )
-    observation = observe_run(recorder, arrival_end_ms(), end_ms)
+    outcome = _run_engine(eng, tally.each(arrivals), recorder, horizon_for, progress, keep_requests, gate)
+    return outcome, None if eng.batches is None else tuple(eng.batches), gate
 
-    if max_concurrency is not None:
-        assert gate is not None
+
+def _offered(source: Workload | Iterable[Request], tally: _Tally,
+             notes: list[str]) -> tuple[float, float, float]:
+    """(rate, mean prompt, mean output) of what was simulated: a synthetic workload's own, else a
+    trace window's or a request list's as counted (with notes when a window is not representative)."""
+    if isinstance(source, Workload) and not isinstance(source.arrival, TraceArrivals):
+        return source.rate_per_s, source.mean_prefill_tokens, source.mean_decode_tokens
+    arrivals_n = max(tally.count_n, 1)
+    rate = tally.rate_per_s()
+    mean_p, mean_d = tally.prefill_sum / arrivals_n, tally.decode_sum / arrivals_n
+    if isinstance(source, Workload) and tally.count_n > 1:
+        notes.extend(_window_notes(source, rate, mean_p, mean_d, tally.count_n))
+    return rate, mean_p, mean_d
+
+
+def _audited(declared: bool | None, a: _Args, metrics: RunMetrics, notes: list[str]) -> bool | None:
+    """The policy's work-conservation claim after the audit: a work-conserving policy never leaves
+    fillable tokens unfilled (without a cache, whose refusals the audit counts as unfilled too), so
+    violations override a declaration, loudly."""
+    if not (declared and a.memory is None and metrics.wc_violations > 0):
+        return declared
+    notes.append(
+        f"WARNING: policy '{policy_name(a.policy)}' declares work_conserving, but "
+        f"{metrics.wc_violations:,} of its batches left fillable tokens unfilled "
+        f"({metrics.wc_wasted_fraction:.1%} of fillable tokens): the declaration is false, so "
+        "no stability guarantee is claimed"
+    )
+    return False
+
+
+def _run_notes(
+    a: _Args, engine: str, declared: bool | None, outcome: compiled.Outcome, metrics: RunMetrics,
+    observation: Observation, tally: _Tally, token_time: BatchTime, gate: _Gate | None,
+) -> list[str]:
+    """What a reader of the run's numbers must know: the client gate, requests that can never be
+    served, stalls, model views, refusals, preemptions, the engine used, missing declarations,
+    growth and unfinished requests."""
+    notes: list[str] = []
+    if gate is not None:
         notes.append(
-            f"closed loop: at most {max_concurrency} request(s) in the engine, later arrivals wait "
+            f"closed loop: at most {a.max_concurrency} request(s) in the engine, later arrivals wait "
             f"at the client (at most {gate.max_waiting} waited at once); latencies count from the "
             "send, as vllm bench serve measures them; the backlog includes the client's queue"
         )
-    if unservable:
+    if tally.unservable:
         notes.append(
-            f"{unservable} request(s) have more prefill tokens than the budget {budget} and "
-            f"policy '{policy_name(policy)}' never chunks prompts: they can never be served"
+            f"{tally.unservable} request(s) have more prefill tokens than the budget {a.budget} and "
+            f"policy '{policy_name(a.policy)}' never chunks prompts: they can never be served"
         )
     if outcome.blocked_since_ms is not None and outcome.in_system:
         notes.append(
             f"the engine stalled: {outcome.in_system} request(s) wait but the policy forms no batch"
         )
-    if shaped:
+    if is_shape_model(a.batch_time):
         notes.append(
             "composition-aware batch time: the theory uses its token view for this workload's "
             f"mix ({token_time.spec})"
         )
-    if memory is not None and metrics.rejected_requests:
+    if a.memory is not None and metrics.rejected_requests:
         notes.append(
             f"{metrics.rejected_requests} request(s) refused at arrival: their KV cache can never "
-            f"fit in {memory.capacity_tokens} tokens"
+            f"fit in {a.memory.capacity_tokens} tokens"
         )
     if metrics.preemptions:
         notes.append(
             f"memory preempted requests {metrics.preemptions} time(s), "
             f"{metrics.recomputed_tokens} tokens recomputed"
         )
-    if engine == "auto" and kind == "reference":
+    if engine == "auto" and a.kind == "reference":
         notes.append(
             "the policy does not declare repeats_plan: it ran on the reference per-iteration "
             "engine (exact, slower)"
@@ -371,31 +441,12 @@ def simulate(
         notes.append("the policy does not declare work_conserving: no stability guarantee claimed")
     if observation.verdict == "unstable":
         notes.append("backlog grows: latency percentiles are not steady-state values")
-    if cut and metrics.incomplete:
+    if outcome.cut and metrics.incomplete:
         notes.append(
-            f"stopped at the horizon {end_ms / 1000:.1f} s with {metrics.incomplete} request(s) "
+            f"stopped at the horizon {outcome.end_ms / 1000:.1f} s with {metrics.incomplete} request(s) "
             "unfinished"
         )
-
-    records = None
-    if keep_requests:
-        done = list(recorder.completed_records())
-        records = tuple(sorted(done + list(outcome.pending), key=lambda r: r.id))
-    return RunResult(
-        policy=policy_name(policy),
-        budget=budget,
-        k_max=k_max,
-        batch_time=getattr(batch_time, "spec", repr(batch_time)),
-        rate=rate,
-        seed=seed,
-        metrics=metrics,
-        theory=summary,
-        predicted=prediction,
-        observed=observation,
-        notes=tuple(notes),
-        requests=records,
-        batches=batches,
-    )
+    return notes
 
 
 def _as_source(source: object) -> Workload | Iterable[Request]:

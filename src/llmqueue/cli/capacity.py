@@ -30,8 +30,7 @@ from llmqueue.cli.common import (
 from llmqueue.errors import ConfigError
 from llmqueue.limits import MAX_LOAD, MAX_REQUESTS, MAX_SEEDS, MAX_TIME_MS, MIN_TOLERANCE
 from llmqueue.policies.fcfs import POLICY_NAMES
-from llmqueue.studies.saturation import DEFAULT_REQUESTS as SATURATION_REQUESTS
-from llmqueue.studies.saturation import MIN_REQUESTS as SATURATION_MIN_REQUESTS
+from llmqueue.sim.settings import SATURATION_MIN_REQUESTS, SATURATION_REQUESTS
 
 if TYPE_CHECKING:
     from llmqueue.model.batchtime import BatchTime

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from llmqueue.cli.common import _check_writable, _console
 from llmqueue.errors import ConfigError
-from llmqueue.paper.reproduce import TARGETS
+from llmqueue.paper import TARGETS
 
 
 @click.command("reproduce")

@@ -26,6 +26,7 @@ from llmqueue.model.batchtime import ConstantTime, StaircaseTime
 from llmqueue.model.network import Network, parse_network
 from llmqueue.model.specs import make_workload
 from llmqueue.model.workload import Request
+from llmqueue.paper import TARGETS
 from llmqueue.policies.fcfs import FASTERTRANSFORMER, KFCFS, ORCA, SARATHI, VLLM
 from llmqueue.sim.network import NetworkResult, simulate_network
 from llmqueue.sim.run import RunResult, simulate
@@ -35,8 +36,6 @@ from llmqueue.theory.region import OperatingPoint, plot_region, region
 
 __all__ = ["TARGETS", "Report", "reproduce"]
 
-TARGETS = ("fig1", "example", "theorem", "vertex-c", "rs")
-"""The reproducible targets; ``reproduce`` also takes ``all``."""
 
 CODELLAMA = StaircaseTime(11.28, 35.47, 128)
 """The paper's v3 staircase for CodeLlama-34B on one A100 (t(n) in ms)."""

@@ -22,6 +22,11 @@ DEFAULT_LOAD = 0.9
 """The load of a run that names neither a rate nor a load nor a trace."""
 DEFAULT_REQUESTS = 5000
 """Arrivals of a run that names neither a number of requests, a duration nor a trace."""
+SATURATION_REQUESTS = 4000
+"""Requests in a saturated run (``capacity --saturation-requests``): a few seconds on the reference engine,
+rate within ~2 %."""
+SATURATION_MIN_REQUESTS = 100
+"""Fewest requests of a saturated run that leave a measuring window worth the name."""
 DEFAULT_NETWORK_REQUESTS = 20000
 """External arrivals (all classes) of a network run that names neither a number nor a duration."""
 

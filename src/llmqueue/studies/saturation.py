@@ -26,6 +26,7 @@ from llmqueue.model.memory import KVCache
 from llmqueue.model.specs import parse_size
 from llmqueue.model.workload import DeterministicArrivals, Request, SizeDist, Workload
 from llmqueue.sim.run import EngineKind, simulate
+from llmqueue.sim.settings import SATURATION_MIN_REQUESTS, SATURATION_REQUESTS
 
 __all__ = [
     "DEFAULT_REQUESTS",
@@ -35,10 +36,10 @@ __all__ = [
     "saturated_throughput_for",
 ]
 
-DEFAULT_REQUESTS = 4000
-"""Requests in the saturated run: a few seconds on the reference engine, rate within ~2 %."""
+DEFAULT_REQUESTS = SATURATION_REQUESTS
+"""Requests in the saturated run (``llmqueue.sim.settings.SATURATION_REQUESTS``)."""
 
-MIN_REQUESTS = 100
+MIN_REQUESTS = SATURATION_MIN_REQUESTS
 """Fewest requests that leave a measuring window worth the name."""
 
 # Safety net on the run's length: this many times the time of serving every token in its own

@@ -10,7 +10,12 @@ too (single engines only): block growth in closed form, runs that end before a p
 plans fitted request by request with the reference engine's rules (see "KV-cache memory" below).
 
 All state lives in numpy arrays, so a run can stop and resume: the loop returns to Python when it
-needs the next chunk of arrivals, room for its outputs, or more request slots. The driver
+needs the next chunk of arrivals, room for its outputs, or more request slots. The arrays travel as
+one record, ``EngineState`` (a NamedTuple that numba compiles, its fields read by name at compile
+time), which ``run`` and ``stop`` unpack at their top; the helpers take the arrays they use (a
+record handed to a helper that is not inlined is copied field by field at every call: the event
+loop ran 30% slower that way). Entries inside the arrays are named by the integer constants
+below (``si[NOW]``, ``slot_i[s, R_ID]``, ``pol[P_BUDGET]``, ``q[Q_PREFILL, i]``...). The driver
 (``llmqueue.engines.compiled``) feeds it and turns what it returns into the usual metrics. In a
 network whose engines are all compiled, ``llmqueue.engines.netkernel`` runs this loop for each
 engine (network mode: ``si[NET]``) and the routing between them. ``TWINS`` (at the end) pairs each
@@ -24,6 +29,7 @@ unstable run's memory grows by about 48 bytes per request present, not by a slot
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -86,12 +92,43 @@ LZ_ARR, LZ_FIRST, N_LZF = range(3)
 (Q_FREE, Q_PREFILL, Q_WAIT, Q_SERVED, Q_JOIN, Q_PLAN_SLOT, Q_PLAN_TOK, Q_PLAN_C, Q_FIT_SLOT,
  Q_FIT_TOK, Q_TMP, Q_NEW, N_Q) = range(13)
 
-# -- an engine's arrays, in the order of the tuple ``run`` and ``stop`` take (``STATE``) ----------
-STATE = ("si", "sf", "slot_i", "slot_f", "q", "heap", "pol", "t_table", "ends", "targets", "bins",
-         "out_f", "out_i", "itl", "lp_i", "lp_f", "lw_i", "lw_f")
-"""Names of the arrays of an engine's state tuple (``llmqueue.engines.compiled._State`` attributes):
-scalars (si, sf), request slots, queue rows, finish heap, policy parameters, the batch-time table,
-a run's batch ends and targets, time bins, output buffers, and the two compact tails."""
+
+# -- an engine's arrays: the record ``run`` and ``stop`` take ---------------------------------------
+class EngineState(NamedTuple):
+    """An engine's arrays (``llmqueue.engines.compiled._State.kernel_state``), passed to ``run`` and
+    ``stop``, which read the fields by name (numba resolves them at compile time). The integer
+    constants above and below name the entries of ``si``, ``sf``, ``pol``, the columns of the slot
+    and tail arrays and the rows of ``q``."""
+
+    si: np.ndarray  # integer scalars (N_SI, then the KV tail: see KV)
+    sf: np.ndarray  # float scalars (N_SF)
+    slot_i: np.ndarray  # request slots: integer columns R_* (slots x N_RI)
+    slot_f: np.ndarray  # request slots: float columns R_ARR, R_FIRST, R_LAST (slots x N_RF)
+    q: np.ndarray  # queue rows Q_* (N_Q x slots)
+    heap: np.ndarray  # finish heap of the served decoders: key, seq, activation, slot (4 x 2 slots)
+    pol: np.ndarray  # policy parameters P_* (N_POL)
+    t_table: np.ndarray  # batch time t(n) for n = 0 .. budget
+    ends: np.ndarray  # the running run's batch ends (MAX_REPEAT)
+    targets: np.ndarray  # the running run's fill targets under a binding k_max (MAX_REPEAT)
+    bins: np.ndarray  # the recorder's time bins of the backlog
+    out_f: np.ndarray  # finished requests: arrival, first token, finish (room x 3)
+    out_i: np.ndarray  # finished requests: slot, id, prefill, decode, token (room x 5)
+    itl: np.ndarray  # inter-token latencies: (value, count) rows (2 x room)
+    lp_i: np.ndarray  # compact tail of the prompts: integer columns LZ_* (ring x N_LZI (+1))
+    lp_f: np.ndarray  # compact tail of the prompts: float columns LZ_ARR, LZ_FIRST (ring x N_LZF)
+    lw_i: np.ndarray  # compact tail of the waiting decoders, as lp_i (no rows with a KV cache)
+    lw_f: np.ndarray  # compact tail of the waiting decoders, as lp_f
+
+
+class Arrivals(NamedTuple):
+    """The arrivals handed to ``run``, one entry per request (taken from ``si[A_POS]`` on)."""
+
+    ms: np.ndarray  # arrival times (float)
+    pre: np.ndarray  # prefill tokens
+    dec: np.ndarray  # decode tokens
+    id: np.ndarray  # request ids
+    tok: np.ndarray  # each visit's network token, carried through untouched (the ids outside a network)
+
 
 # -- policy parameters (pol) ---------------------------------------------------------------------
 # P_BLOCK: KV block size in tokens (0: no memory limit); P_KV_TOTAL: blocks in the pool;
@@ -1454,18 +1491,21 @@ def _next_event(si, sf):
 def run(state, arrivals):
     """Run the event loop of ``simulate`` until done or until the driver must act (return code).
 
-    ``state``: the engine's arrays, a tuple in the order of ``STATE`` (the driver's
-    ``llmqueue.engines.compiled._State.kernel_args``). ``arrivals``: the arrivals handed in,
-    ``(a_ms, a_pre, a_dec, a_id, a_tok)`` (times, prefill and decode tokens, ids, and each
-    visit's network token, carried through untouched), taken from ``si[A_POS]`` on.
+    ``state``: the engine's arrays, an ``EngineState`` (the driver's
+    ``llmqueue.engines.compiled._State.kernel_state``). ``arrivals``: the arrivals handed in, an
+    ``Arrivals`` (times, prefill and decode tokens, ids, and each visit's network token, carried
+    through untouched), taken from ``si[A_POS]`` on.
 
-    Finished requests are appended to ``out_f`` (arrival, first token, finish) and ``out_i``
-    (slot, id, prefill, decode, token); inter-token latencies to ``itl`` as (value, count)
-    columns. ``lp_*``, ``lw_*``: the compact tails of the prompts and of the waiting decoders.
+    Finished requests are appended to ``state.out_f`` (arrival, first token, finish) and
+    ``state.out_i`` (slot, id, prefill, decode, token); inter-token latencies to ``state.itl`` as
+    (value, count) columns. ``lp_*``, ``lw_*``: the compact tails of the prompts and of the
+    waiting decoders.
     """
-    (si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_f, out_i, itl, lp_i, lp_f,
-     lw_i, lw_f) = state
-    a_ms, a_pre, a_dec, a_id, a_tok = arrivals
+    si, sf, slot_i, slot_f, q, heap = state.si, state.sf, state.slot_i, state.slot_f, state.q, state.heap
+    pol, t_table, ends, targets, bins = state.pol, state.t_table, state.ends, state.targets, state.bins
+    out_f, out_i, itl = state.out_f, state.out_i, state.itl
+    lp_i, lp_f, lw_i, lw_f = state.lp_i, state.lp_f, state.lw_i, state.lw_f
+    a_ms, a_pre, a_dec, a_id, a_tok = arrivals.ms, arrivals.pre, arrivals.dec, arrivals.id, arrivals.tok
     cap = q.shape[1]
     b = pol[P_BLOCK]
     n_arr = a_ms.shape[0]
@@ -1587,9 +1627,10 @@ def run(state, arrivals):
 @njit(cache=True)
 def stop(state, horizon):
     """End at the horizon: book the repeats that end before it and count the one running.
-    ``state``: the engine's arrays, as for ``run``."""
-    (si, sf, slot_i, slot_f, q, heap, pol, _t_table, ends, targets, bins, out_f, out_i, itl, lp_i, _lp_f,
-     _lw_i, _lw_f) = state
+    ``state``: the engine's arrays (``EngineState``), as for ``run``."""
+    si, sf, slot_i, slot_f, q, heap = state.si, state.sf, state.slot_i, state.slot_f, state.q, state.heap
+    pol, ends, targets, bins = state.pol, state.ends, state.targets, state.bins
+    out_f, out_i, itl, lp_i = state.out_f, state.out_i, state.itl, state.lp_i
     if si[ACTIVE] == 0 or si[STOPPED] == 1:
         return
     if si[T_LIST] == TARGETS_DUE:  # the run was set up and the loop returned before its top

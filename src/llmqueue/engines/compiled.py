@@ -91,27 +91,21 @@ class Outcome:
 
 
 def _policy_params(policy: KFCFS | VLLMChunked, budget: int, k_max: int | None,
-                   memory: KVCache | None = None) -> np.ndarray:
-    """The kernel's fixed parameters: the policy's knobs, the batch limits and the KV cache."""
+                   memory: KVCache | None = None, margin: int = 0) -> tuple[int, ...]:
+    """The kernel's fixed parameters (a ``kernel.Policy``): the policy's knobs, the batch limits, the
+    KV cache and the slotted margin."""
     from llmqueue.engines import kernel as K
 
-    pol = np.zeros(K.N_POL, dtype=np.int64)
-    pol[K.P_BUDGET] = budget
-    pol[K.P_KMAX] = 0 if k_max is None else k_max
-    if memory is not None:
-        pol[K.P_BLOCK] = memory.block_tokens
-        pol[K.P_KV_TOTAL] = memory.total_blocks
-        pol[K.P_KV_FLOOR] = memory.watermark_blocks
+    knobs = dict(kind=K.KIND_VLLM_CHUNKED, decode_first=0, mixed=0, chunked=0, kp=0, kd=0)
     if isinstance(policy, KFCFS):
-        pol[K.P_KIND] = K.KIND_KFCFS
-        pol[K.P_DECODE_FIRST] = int(policy.priority == "decode")
-        pol[K.P_MIXED] = int(policy.mixed)
-        pol[K.P_CHUNKED] = int(policy.chunked)
-        pol[K.P_KP] = 0 if policy.k_p is None else policy.k_p
-        pol[K.P_KD] = 0 if policy.k_d is None else policy.k_d
-    else:
-        pol[K.P_KIND] = K.KIND_VLLM_CHUNKED
-    return pol
+        knobs = dict(kind=K.KIND_KFCFS, decode_first=int(policy.priority == "decode"),
+                     mixed=int(policy.mixed), chunked=int(policy.chunked),
+                     kp=0 if policy.k_p is None else int(policy.k_p),
+                     kd=0 if policy.k_d is None else int(policy.k_d))
+    return K.Policy(**knobs, budget=int(budget), kmax=0 if k_max is None else int(k_max),
+                    block=0 if memory is None else int(memory.block_tokens),
+                    kv_total=0 if memory is None else int(memory.total_blocks),
+                    kv_floor=0 if memory is None else int(memory.watermark_blocks), margin=int(margin))
 
 
 def _batch_time_table(batch_time: BatchTime, budget: int) -> np.ndarray:
@@ -210,8 +204,7 @@ class _State:
         waiting = 0 if memory is not None else self.START_RING
         self.lw_i = np.zeros((waiting, n_int), dtype=np.int64)
         self.lw_f = np.zeros((waiting, K.N_LZF))
-        self.pol = _policy_params(policy, budget, k_max, memory)
-        self.pol[K.P_MARGIN] = SLOTTED_MARGIN
+        self.pol = _policy_params(policy, budget, k_max, memory, SLOTTED_MARGIN)
         if memory is not None:
             self.si[K.KV_FREE] = memory.total_blocks
         self.t_table = _batch_time_table(batch_time, budget)

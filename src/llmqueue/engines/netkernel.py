@@ -160,7 +160,7 @@ class Engines(NamedTuple):
 
 class EngineLists(NamedTuple):
     """The engines' other kernel arrays (``kernel.EngineState`` less ``si``, ``sf``), one typed
-    list per array, indexed by engine."""
+    list per array (``pol``: of ``kernel.Policy`` records), indexed by engine."""
 
     slot_i: object
     slot_f: object
@@ -458,7 +458,8 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
       ``si_all[e]``, ``sf_all[e]``; ``rd[e]``: its output records already taken; ``t_min[e]``:
       its shortest batch time.
     - ``lists`` (``EngineLists``): the engines' other kernel arrays (the fields of
-      ``kernel.EngineState`` but ``si``, ``sf``), one typed list per array; engine e's
+      ``kernel.EngineState`` but ``si``, ``sf``), one typed list per array (``pol``: of
+      ``kernel.Policy`` records); engine e's
       ``EngineState`` is assembled from row e of the scalars and entry e of each list.
 
     Engines are numbered in engine-name order.

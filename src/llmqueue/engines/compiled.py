@@ -91,27 +91,21 @@ class Outcome:
 
 
 def _policy_params(policy: KFCFS | VLLMChunked, budget: int, k_max: int | None,
-                   memory: KVCache | None = None) -> np.ndarray:
-    """The kernel's fixed parameters: the policy's knobs, the batch limits and the KV cache."""
+                   memory: KVCache | None = None, margin: int = 0) -> tuple[int, ...]:
+    """The kernel's fixed parameters (a ``kernel.Policy``): the policy's knobs, the batch limits, the
+    KV cache and the slotted margin."""
     from llmqueue.engines import kernel as K
 
-    pol = np.zeros(K.N_POL, dtype=np.int64)
-    pol[K.P_BUDGET] = budget
-    pol[K.P_KMAX] = 0 if k_max is None else k_max
-    if memory is not None:
-        pol[K.P_BLOCK] = memory.block_tokens
-        pol[K.P_KV_TOTAL] = memory.total_blocks
-        pol[K.P_KV_FLOOR] = memory.watermark_blocks
+    knobs = dict(kind=K.KIND_VLLM_CHUNKED, decode_first=0, mixed=0, chunked=0, kp=0, kd=0)
     if isinstance(policy, KFCFS):
-        pol[K.P_KIND] = K.KIND_KFCFS
-        pol[K.P_DECODE_FIRST] = int(policy.priority == "decode")
-        pol[K.P_MIXED] = int(policy.mixed)
-        pol[K.P_CHUNKED] = int(policy.chunked)
-        pol[K.P_KP] = 0 if policy.k_p is None else policy.k_p
-        pol[K.P_KD] = 0 if policy.k_d is None else policy.k_d
-    else:
-        pol[K.P_KIND] = K.KIND_VLLM_CHUNKED
-    return pol
+        knobs = dict(kind=K.KIND_KFCFS, decode_first=int(policy.priority == "decode"),
+                     mixed=int(policy.mixed), chunked=int(policy.chunked),
+                     kp=0 if policy.k_p is None else int(policy.k_p),
+                     kd=0 if policy.k_d is None else int(policy.k_d))
+    return K.Policy(**knobs, budget=int(budget), kmax=0 if k_max is None else int(k_max),
+                    block=0 if memory is None else int(memory.block_tokens),
+                    kv_total=0 if memory is None else int(memory.total_blocks),
+                    kv_floor=0 if memory is None else int(memory.watermark_blocks), margin=int(margin))
 
 
 def _batch_time_table(batch_time: BatchTime, budget: int) -> np.ndarray:
@@ -210,8 +204,7 @@ class _State:
         waiting = 0 if memory is not None else self.START_RING
         self.lw_i = np.zeros((waiting, n_int), dtype=np.int64)
         self.lw_f = np.zeros((waiting, K.N_LZF))
-        self.pol = _policy_params(policy, budget, k_max, memory)
-        self.pol[K.P_MARGIN] = SLOTTED_MARGIN
+        self.pol = _policy_params(policy, budget, k_max, memory, SLOTTED_MARGIN)
         if memory is not None:
             self.si[K.KV_FREE] = memory.total_blocks
         self.t_table = _batch_time_table(batch_time, budget)
@@ -224,7 +217,7 @@ class _State:
         self.out_f = np.zeros((room, 3))
         self.out_i = np.zeros((room, 5), dtype=np.int64)  # slot, id, prefill, decode, token
         self.itl = np.zeros((2, room))
-        self.kernel_args = self._kernel_args()
+        self.kernel_state = self._kernel_state()
 
     def grow(self, capacity: int) -> None:
         """Room for ``capacity`` requests in slots (rings are unwrapped). One array at a time, each
@@ -276,13 +269,14 @@ class _State:
                 self._grow_ring(name, head, length,
                                 max(int(si[want]), math.ceil(rows * self.RING_GROWTH)))
         si[K.WANT_FREE] = si[K.WANT_LP] = si[K.WANT_LW] = 0
-        self.kernel_args = self._kernel_args()
+        self.kernel_state = self._kernel_state()
 
-    def _kernel_args(self) -> tuple[np.ndarray, ...]:
-        """The state tuple ``kernel.run`` and ``kernel.stop`` take (order: ``kernel.STATE``)."""
-        return (self.si, self.sf, self.slot_i, self.slot_f, self.q, self.heap, self.pol, self.t_table,
-                self.ends, self.targets, self.bins, self.out_f, self.out_i, self.itl, self.lp_i,
-                self.lp_f, self.lw_i, self.lw_f)
+    def _kernel_state(self) -> tuple[np.ndarray, ...]:
+        """The record ``kernel.run`` and ``kernel.stop`` take: a ``kernel.EngineState`` of this
+        object's arrays (its fields are named as the attributes here). Built again whenever an
+        array is replaced."""
+        K = self.K
+        return K.EngineState(*(getattr(self, name) for name in K.EngineState._fields))
 
     def call(self, arrivals: Chunk, on_room: Callable[[], None]) -> int:
         """Run the kernel on ``arrivals`` (ids, arrival_ms, prefill, decode) until it needs the
@@ -290,7 +284,7 @@ class _State:
         K = self.K
         ids, arrival_ms, prefill, decode = arrivals
         while True:
-            code = K.run(self.kernel_args, (arrival_ms, prefill, decode, ids, ids))
+            code = K.run(self.kernel_state, K.Arrivals(arrival_ms, prefill, decode, ids, ids))
             if code == K.NEED_ROOM:
                 on_room()
             elif code == K.NEED_SLOTS:
@@ -308,7 +302,7 @@ class _State:
 
     def stop(self, horizon_ms: float) -> None:
         """The kernel's ``stop`` at the horizon (the output buffers were drained before)."""
-        self.K.stop(self.kernel_args, horizon_ms)
+        self.K.stop(self.kernel_state, horizon_ms)
 
     def next_times(self) -> tuple[float, float]:
         """(end of the running batch run, immediate start): each inf when there is none."""
@@ -754,11 +748,9 @@ class NetworkLoop:
     """End-to-end latencies buffered before they are moved to the per-class arrays."""
     DRAW_CHUNKS = 4
     """Chunks of ``DRAW_CHUNK`` values a random stream is refilled with at once."""
-    LISTS = ("slot_i", "slot_f", "q", "heap", "pol", "t_table", "ends", "targets", "bins", "out_f",
-             "out_i", "itl", "lp_i", "lp_f", "lw_i", "lw_f")
-    """The engines' arrays (``_State``) that the loop takes as typed lists, in ``net_run``'s order."""
     GROWN = ("slot_i", "slot_f", "q", "heap", "lp_i", "lp_f", "lw_i", "lw_f")
-    """Those that ``_State.more_slots`` replaces or resizes in place."""
+    """The engine arrays (fields of ``netkernel.EngineLists``) that ``_State.more_slots`` replaces or
+    resizes in place."""
 
     def __init__(
         self,
@@ -831,8 +823,9 @@ class NetworkLoop:
         self.sf_all = np.stack([s.sf for s in states])
         for e, state in enumerate(states):
             state.si, state.sf = self.si_all[e], self.sf_all[e]
-            state.kernel_args = state._kernel_args()
-        self.engine_lists = [_typed_list(getattr(s, name) for s in states) for name in self.LISTS]
+            state.kernel_state = state._kernel_state()
+        # the engines' other arrays, one typed list each (named as the _State attributes)
+        self.lists = [_typed_list(getattr(s, name) for s in states) for name in K.EngineLists._fields]
         self.rd = np.zeros(n_eng, dtype=np.int64)
         self.t_min = np.array([e._t_min for e in engines])
 
@@ -887,18 +880,20 @@ class NetworkLoop:
         self.ns[K.NS_LAT_N] = 0
 
     def _args(self) -> tuple[tuple[object, ...], ...]:
-        """``net_run``'s argument groups (see its docstring), built again after a pool grows."""
-        t = self.tables
+        """``net_run``'s argument groups, records of ``netkernel`` (see ``net_run``'s docstring),
+        built again after a pool grows."""
+        K, t = self.K, self.tables
         return (
-            (self.ns, self.nf),  # the loop's scalars
-            (t.nodes, t.next_target, t.next_prob, t.branches, t.class_start),  # route tables
-            (self.due, self.times, self.fin, self.stack),  # work lists
-            (self.tok_i, self.tok_f, self.tok_free, self.frames, self.fr_free),  # tokens, fork frames
-            (self.pend_ms, *self.pend_i, self.pend_ht),  # pending arrivals per engine
-            (self.ext_t, self.ext_st, self.size_buf, self.size_st, self.choice_buf, self.choice_st),
-            (self.class_i, self.class_f, self.class_bins, self.lat_f, self.lat_c),  # per-class outputs
-            (self.si_all, self.sf_all, self.rd, self.t_min),  # per-engine scalars
-            tuple(self.engine_lists),  # the engines' other arrays, one typed list each
+            K.Loop(self.ns, self.nf),
+            K.Routes(t.nodes, t.next_target, t.next_prob, t.branches, t.class_start),
+            K.Work(self.due, self.times, self.fin, self.stack),
+            K.Tokens(self.tok_i, self.tok_f, self.tok_free, self.frames, self.fr_free),
+            K.Pending(self.pend_ms, *self.pend_i, self.pend_ht),
+            K.Streams(self.ext_t, self.ext_st, self.size_buf, self.size_st, self.choice_buf,
+                      self.choice_st),
+            K.Classes(self.class_i, self.class_f, self.class_bins, self.lat_f, self.lat_c),
+            K.Engines(self.si_all, self.sf_all, self.rd, self.t_min),
+            K.EngineLists(*self.lists),
         )
 
     # -- the run ---------------------------------------------------------------------------------------
@@ -919,7 +914,7 @@ class NetworkLoop:
                 state = self.engines[ask].state
                 state.more_slots()  # grown or resized in place: the lists get them again
                 for name in self.GROWN:
-                    K.list_set(self.engine_lists[self.LISTS.index(name)], ask, getattr(state, name))
+                    K.list_set(self.lists[K.EngineLists._fields.index(name)], ask, getattr(state, name))
             elif code == K.NET_BAD_BATCH_TIME:
                 self.engines[ask].state.bad_batch_time()
             elif code == K.NET_SIZES:

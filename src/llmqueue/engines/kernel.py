@@ -10,7 +10,13 @@ too (single engines only): block growth in closed form, runs that end before a p
 plans fitted request by request with the reference engine's rules (see "KV-cache memory" below).
 
 All state lives in numpy arrays, so a run can stop and resume: the loop returns to Python when it
-needs the next chunk of arrivals, room for its outputs, or more request slots. The driver
+needs the next chunk of arrivals, room for its outputs, or more request slots. The arrays travel as
+one record, ``EngineState`` (a NamedTuple that numba compiles, its fields read by name at compile
+time), which ``run`` and ``stop`` unpack at their top; the helpers take the arrays they use (a
+record handed to a helper that is not inlined is copied field by field at every call: the event
+loop ran 30% slower that way). Entries inside the arrays are named by the integer constants
+below (``si[NOW]``, ``slot_i[s, R_ID]``, ``q[Q_PREFILL, i]``...); the policy parameters are a
+record of scalars (``Policy``: ``pol.budget``...). The driver
 (``llmqueue.engines.compiled``) feeds it and turns what it returns into the usual metrics. In a
 network whose engines are all compiled, ``llmqueue.engines.netkernel`` runs this loop for each
 engine (network mode: ``si[NET]``) and the routing between them. ``TWINS`` (at the end) pairs each
@@ -24,6 +30,7 @@ unstable run's memory grows by about 48 bytes per request present, not by a slot
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -86,19 +93,65 @@ LZ_ARR, LZ_FIRST, N_LZF = range(3)
 (Q_FREE, Q_PREFILL, Q_WAIT, Q_SERVED, Q_JOIN, Q_PLAN_SLOT, Q_PLAN_TOK, Q_PLAN_C, Q_FIT_SLOT,
  Q_FIT_TOK, Q_TMP, Q_NEW, N_Q) = range(13)
 
-# -- an engine's arrays, in the order of the tuple ``run`` and ``stop`` take (``STATE``) ----------
-STATE = ("si", "sf", "slot_i", "slot_f", "q", "heap", "pol", "t_table", "ends", "targets", "bins",
-         "out_f", "out_i", "itl", "lp_i", "lp_f", "lw_i", "lw_f")
-"""Names of the arrays of an engine's state tuple (``llmqueue.engines.compiled._State`` attributes):
-scalars (si, sf), request slots, queue rows, finish heap, policy parameters, the batch-time table,
-a run's batch ends and targets, time bins, output buffers, and the two compact tails."""
+
+# -- an engine's arrays: the record ``run`` and ``stop`` take ---------------------------------------
+class EngineState(NamedTuple):
+    """An engine's arrays (``llmqueue.engines.compiled._State.kernel_state``), passed to ``run`` and
+    ``stop``, which read the fields by name (numba resolves them at compile time). The integer
+    constants above name the entries of ``si`` and ``sf``, the columns of the slot and tail arrays
+    and the rows of ``q``; ``pol`` is a record of scalars (``Policy``, below)."""
+
+    si: np.ndarray  # integer scalars (N_SI, then the KV tail: see KV)
+    sf: np.ndarray  # float scalars (N_SF)
+    slot_i: np.ndarray  # request slots: integer columns R_* (slots x N_RI)
+    slot_f: np.ndarray  # request slots: float columns R_ARR, R_FIRST, R_LAST (slots x N_RF)
+    q: np.ndarray  # queue rows Q_* (N_Q x slots)
+    heap: np.ndarray  # finish heap of the served decoders: key, seq, activation, slot (4 x 2 slots)
+    pol: Policy  # policy parameters (a record of scalars)
+    t_table: np.ndarray  # batch time t(n) for n = 0 .. budget
+    ends: np.ndarray  # the running run's batch ends (MAX_REPEAT)
+    targets: np.ndarray  # the running run's fill targets under a binding k_max (MAX_REPEAT)
+    bins: np.ndarray  # the recorder's time bins of the backlog
+    out_f: np.ndarray  # finished requests: arrival, first token, finish (room x 3)
+    out_i: np.ndarray  # finished requests: slot, id, prefill, decode, token (room x 5)
+    itl: np.ndarray  # inter-token latencies: (value, count) rows (2 x room)
+    lp_i: np.ndarray  # compact tail of the prompts: integer columns LZ_* (ring x N_LZI (+1))
+    lp_f: np.ndarray  # compact tail of the prompts: float columns LZ_ARR, LZ_FIRST (ring x N_LZF)
+    lw_i: np.ndarray  # compact tail of the waiting decoders, as lp_i (no rows with a KV cache)
+    lw_f: np.ndarray  # compact tail of the waiting decoders, as lp_f
+
+
+class Arrivals(NamedTuple):
+    """The arrivals handed to ``run``, one entry per request (taken from ``si[A_POS]`` on)."""
+
+    ms: np.ndarray  # arrival times (float)
+    pre: np.ndarray  # prefill tokens
+    dec: np.ndarray  # decode tokens
+    id: np.ndarray  # request ids
+    tok: np.ndarray  # each visit's network token, carried through untouched (the ids outside a network)
+
 
 # -- policy parameters (pol) ---------------------------------------------------------------------
-# P_BLOCK: KV block size in tokens (0: no memory limit); P_KV_TOTAL: blocks in the pool;
-# P_KV_FLOOR: blocks admission keeps free (the watermark); P_MARGIN: slotted entries kept beyond
-# the depth steps can reach (see "Compact tails"; 0 is exact too, tests use it)
-(P_KIND, P_DECODE_FIRST, P_MIXED, P_CHUNKED, P_KP, P_KD, P_BUDGET, P_KMAX, P_BLOCK, P_KV_TOTAL,
- P_KV_FLOOR, P_MARGIN, N_POL) = range(13)
+class Policy(NamedTuple):
+    """The kernel's fixed parameters (``EngineState.pol``): the policy's knobs, the batch limits and
+    the KV cache, all integers (``llmqueue.engines.compiled._policy_params``). A record of scalars:
+    numba passes it by value, so ``pol.budget`` costs no memory read."""
+
+    kind: int  # KIND_KFCFS or KIND_VLLM_CHUNKED
+    decode_first: int  # K-FCFS: decodes before prefills (1) or after (0)
+    mixed: int  # K-FCFS: prefills and decodes in one batch
+    chunked: int  # K-FCFS: a prompt may be split over batches
+    kp: int  # K-FCFS: most prompts per batch (0: no limit)
+    kd: int  # K-FCFS: most decoders per batch (0: no limit)
+    budget: int  # tokens per batch
+    kmax: int  # most requests per batch (0: no limit)
+    block: int  # KV block size in tokens (0: no memory limit)
+    kv_total: int  # blocks in the pool
+    kv_floor: int  # blocks admission keeps free (the watermark)
+    margin: int  # slotted entries kept beyond the depth steps can reach (see "Compact tails"; 0 is
+    # exact too, tests use it)
+
+
 KIND_KFCFS, KIND_VLLM_CHUNKED = 0, 1
 
 
@@ -289,13 +342,13 @@ def _ceil_div(a, b):
 def _prompts_slotted(pol, res_prompts):
     """Prompts kept in slots when more are present: what a plan reads, plus what the batch booked
     before it may drop from the head, plus the margin (``res_prompts``: prompts holding blocks)."""
-    return 2 * pol[P_BUDGET] + 2 + res_prompts + pol[P_MARGIN]
+    return 2 * pol.budget + 2 + res_prompts + pol.margin
 
 
 @njit(cache=True)
 def _waiting_slotted(pol):
     """Waiting decoders kept in slots when more are present: a plan serves at most budget."""
-    return pol[P_BUDGET] + pol[P_MARGIN]
+    return pol.budget + pol.margin
 
 
 @njit(cache=True, inline="always")
@@ -522,23 +575,23 @@ def _plan_kfcfs(si, slot_i, q, pol, row, head, n_queue, decoders_present):
     """KFCFS.plan_compact over the prompts ``q[row]`` (a ring from ``head``, ``n_queue`` long) and
     ``decoders_present`` decoders: fills the planned prompts (q rows) and returns the decoder count."""
     cap = q.shape[1]
-    budget, k_max = pol[P_BUDGET], pol[P_KMAX]
+    budget, k_max = pol.budget, pol.kmax
     slots = n_queue + decoders_present if k_max == 0 else k_max
     tokens = budget
     decoders = 0
     si[PP_LEN] = 0
     for phase in range(2):
-        decode_phase = (phase == 0) == (pol[P_DECODE_FIRST] == 1)
+        decode_phase = (phase == 0) == (pol.decode_first == 1)
         if decode_phase:
             limit = min(tokens, slots - si[PP_LEN], decoders_present)
-            if pol[P_KD] > 0:
-                limit = min(limit, pol[P_KD])
+            if pol.kd > 0:
+                limit = min(limit, pol.kd)
             decoders = max(limit, 0)
             tokens -= decoders
         else:
             max_count = slots - decoders
-            if pol[P_KP] > 0:
-                max_count = min(max_count, pol[P_KP])
+            if pol.kp > 0:
+                max_count = min(max_count, pol.kp)
             n = min(max(max_count, 0), n_queue)
             for i in range(n):
                 if tokens <= 0:
@@ -547,13 +600,13 @@ def _plan_kfcfs(si, slot_i, q, pol, row, head, n_queue, decoders_present):
                 need = slot_i[s, R_PLEFT]
                 if need <= tokens:
                     take = need
-                elif pol[P_CHUNKED] == 1:
+                elif pol.chunked == 1:
                     take = tokens
                 else:
                     break
                 _plan_prompt(si, q, s, take)
                 tokens -= take
-        if (decoders > 0 or si[PP_LEN] > 0) and pol[P_MIXED] == 0:
+        if (decoders > 0 or si[PP_LEN] > 0) and pol.mixed == 0:
             break
     return decoders
 
@@ -565,7 +618,7 @@ def _plan_vllm_chunked(si, slot_i, q, pol, row, head, n_queue, decoders_present,
     stops at the first waiting one. With memory, preempted requests wait among them, but every
     started prompt holds blocks: the scan stops after the ``n_res`` prompts that do."""
     cap = q.shape[1]
-    budget, k_max = pol[P_BUDGET], pol[P_KMAX]
+    budget, k_max = pol.budget, pol.kmax
     memory = n_res >= 0
     started = 0
     front = 0  # the started prompts are among the first ``front`` ones
@@ -619,7 +672,7 @@ def _plan_vllm_chunked(si, slot_i, q, pol, row, head, n_queue, decoders_present,
 def _plan(si, slot_i, q, pol, row, head, n_queue, decoders_present, n_res):
     """The policy's compact plan (prompts in the q plan rows; returns the decoder count), with
     memory (``n_res`` of the prompts hold blocks)."""
-    if pol[P_KIND] == KIND_KFCFS:
+    if pol.kind == KIND_KFCFS:
         return _plan_kfcfs(si, slot_i, q, pol, row, head, n_queue, decoders_present)
     return _plan_vllm_chunked(si, slot_i, q, pol, row, head, n_queue, decoders_present, n_res)
 
@@ -635,7 +688,7 @@ def _fill_targets(si, slot_i, q, pol, lp_i, targets):
     k = si[RUN_LEN]
     cap = q.shape[1]
     n_pq, n_lp = si[PQ_LEN], si[LP_LEN]
-    budget, k_max = pol[P_BUDGET], pol[P_KMAX]
+    budget, k_max = pol.budget, pol.kmax
     n_plan = si[PP_LEN]
     si[PLAN_NO] += 1
     mark = si[PLAN_NO]
@@ -729,7 +782,7 @@ def _audit(si, pol, targets, m, n):
     lo = si[T_OFF]
     hi = lo + m
     si[T_OFF] = hi
-    budget = pol[P_BUDGET]
+    budget = pol.budget
     if si[T_LIST] == 1:
         total = 0
         viol = 0
@@ -907,7 +960,7 @@ def _expand(si, slot_i, q, pol, decoders, resident_only):
     blocks if ``resident_only``) as one plan in the policy's order (CompactPlan.expand), in the
     q fit rows; returns its length."""
     cap = q.shape[1]
-    decode_first = pol[P_KIND] == KIND_VLLM_CHUNKED or pol[P_DECODE_FIRST] == 1
+    decode_first = pol.kind == KIND_VLLM_CHUNKED or pol.decode_first == 1
     n = 0
     for phase in range(2):
         if (phase == 0) == decode_first:
@@ -940,7 +993,7 @@ def _fit_memory(si, slot_i, q, pol, n_fit):
     those with R_BLK > 0 for this fit. (An entry holds blocks at the start of the fit unless it
     is new, and loses them only when preempted, which also makes it skipped: so entries are
     told apart as they come.)"""
-    b = pol[P_BLOCK]
+    b = pol.block
     si[FIT_NO] += 1
     fit = si[FIT_NO]
     preempted = False
@@ -962,7 +1015,7 @@ def _fit_memory(si, slot_i, q, pol, n_fit):
         slot_i[s, R_BLK] = held + need
         si[KV_FREE] -= need
     if not preempted:  # vLLM admits no new request in a step that preempted one
-        floor = pol[P_KV_FLOOR]
+        floor = pol.kv_floor
         for i in range(n_fit):
             s = q[Q_FIT_SLOT, i]
             if slot_i[s, R_KV] == fit:  # grown above
@@ -1006,7 +1059,7 @@ def _form_fitted(si, sf, slot_i, slot_f, q, heap, pol):
     in the q plan rows and serves the kept decoders (not necessarily the oldest: IRREGULAR);
     returns their number, or BLOCKED_PLAN. The run is a single repeat."""
     cap = q.shape[1]
-    b = pol[P_BLOCK]
+    b = pol.block
     _unserve_all(si, sf, slot_i, slot_f, q, b)  # every decoder synced, in the waiting ring
     decoders = _plan(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], si[PQ_LEN] + si[LP_LEN], si[DECODERS],
                      si[RES_PROMPTS])
@@ -1068,7 +1121,7 @@ def _fit_compact(si, sf, slot_i, slot_f, q, heap, pol, decoders):
     """FastEngine._fit_compact: vLLM's block rules for a compact plan that preempts nobody.
     Serves the decoders, allocates, and leaves the admitted prompts in the q plan rows; returns
     their number, or FITTED (nothing allocated) when a request holding blocks could not grow."""
-    b = pol[P_BLOCK]
+    b = pol.block
     need = 0
     if decoders > 0:
         _serve(si, sf, slot_i, slot_f, q, heap, b, decoders)
@@ -1080,7 +1133,7 @@ def _fit_compact(si, sf, slot_i, slot_f, q, heap, pol, decoders):
     if need > si[KV_FREE]:
         return FITTED
     si[KV_FREE] -= need
-    floor = pol[P_KV_FLOOR]
+    floor = pol.kv_floor
     keep = 0
     refused = False
     for e in range(si[PP_LEN]):
@@ -1151,7 +1204,7 @@ def _repeats_within(si, q, b, free, k):
 @njit(cache=True)
 def _kv_used(si, sf, pol, used):
     """Recorder.kv_used: a batch started with ``used`` blocks held."""
-    usage = used / pol[P_KV_TOTAL]
+    usage = used / pol.kv_total
     if usage > sf[KV_PEAK]:
         sf[KV_PEAK] = usage
     sf[KV_SUM] += usage
@@ -1162,7 +1215,7 @@ def _kv_used(si, sf, pol, used):
 def _book_blocks(si, sf, q, pol, m):
     """FastEngine._book_blocks: take what the next m repeats allocate beyond the run's first
     from the pool, and report the blocks held at each of their starts."""
-    b = pol[P_BLOCK]
+    b = pol.block
     done = si[RUN_OFF]
     before = _growth_at(si, q, b, done - 1) if done > 0 else 0
     si[KV_FREE] -= _growth_at(si, q, b, done + m - 1) - before
@@ -1183,14 +1236,14 @@ def _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, n
     """
     if si[IN_SYSTEM] == 0:
         return 0
-    b = pol[P_BLOCK]
+    b = pol.block
     prompts = si[PQ_LEN] + si[LP_LEN]  # the planners read only the slotted head of them
     fitted = False
     if b > 0 and si[UNCACHED] > 0:
         decoders = _form_fitted(si, sf, slot_i, slot_f, q, heap, pol)
         fitted = True
     else:
-        if pol[P_KIND] == KIND_KFCFS:
+        if pol.kind == KIND_KFCFS:
             decoders = _plan_kfcfs(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], prompts, si[DECODERS])
         else:
             decoders = _plan_vllm_chunked(si, slot_i, q, pol, Q_PREFILL, si[PQ_HEAD], prompts,
@@ -1233,7 +1286,7 @@ def _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, n
         for e in range(n_plan):
             q[Q_PLAN_C, e] = _cached(slot_i, q[Q_PLAN_SLOT, e])
         k = _repeats_within(si, q, b, si[KV_FREE], k)
-        si[KV_RUN_USED] = pol[P_KV_TOTAL] - si[KV_FREE]
+        si[KV_RUN_USED] = pol.kv_total - si[KV_FREE]
     e = sf[NOW]
     run = k
     for i in range(k):
@@ -1246,7 +1299,7 @@ def _start_batch(si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, n
     si[RUN_OFF] = 0
     si[RUN_LEN] = k
     si[T_OFF] = 0
-    if pol[P_KMAX] == 0 or si[PQ_LEN] + si[LP_LEN] + si[DECODERS] <= pol[P_KMAX]:
+    if pol.kmax == 0 or si[PQ_LEN] + si[LP_LEN] + si[DECODERS] <= pol.kmax:
         si[T_LIST] = 0
         si[T_BASE] = si[PREFILL_LEFT] + si[DECODERS]
         si[T_X] = prefill
@@ -1312,7 +1365,7 @@ def _drop_prompts(si, slot_i, q, count):
 def _book(si, sf, slot_i, slot_f, q, heap, pol, ends, targets, bins, out_f, out_i, itl, m):
     """Apply the first m running repeats: tokens, timestamps, metrics (FastEngine._book)."""
     cap = q.shape[1]
-    b = pol[P_BLOCK]
+    b = pol.block
     off = si[RUN_OFF]
     prefill, decode, duration = si[P_PRE], si[P_DEC], sf[DURATION]
     n = prefill + decode
@@ -1454,20 +1507,23 @@ def _next_event(si, sf):
 def run(state, arrivals):
     """Run the event loop of ``simulate`` until done or until the driver must act (return code).
 
-    ``state``: the engine's arrays, a tuple in the order of ``STATE`` (the driver's
-    ``llmqueue.engines.compiled._State.kernel_args``). ``arrivals``: the arrivals handed in,
-    ``(a_ms, a_pre, a_dec, a_id, a_tok)`` (times, prefill and decode tokens, ids, and each
-    visit's network token, carried through untouched), taken from ``si[A_POS]`` on.
+    ``state``: the engine's arrays, an ``EngineState`` (the driver's
+    ``llmqueue.engines.compiled._State.kernel_state``). ``arrivals``: the arrivals handed in, an
+    ``Arrivals`` (times, prefill and decode tokens, ids, and each visit's network token, carried
+    through untouched), taken from ``si[A_POS]`` on.
 
-    Finished requests are appended to ``out_f`` (arrival, first token, finish) and ``out_i``
-    (slot, id, prefill, decode, token); inter-token latencies to ``itl`` as (value, count)
-    columns. ``lp_*``, ``lw_*``: the compact tails of the prompts and of the waiting decoders.
+    Finished requests are appended to ``state.out_f`` (arrival, first token, finish) and
+    ``state.out_i`` (slot, id, prefill, decode, token); inter-token latencies to ``state.itl`` as
+    (value, count) columns. ``lp_*``, ``lw_*``: the compact tails of the prompts and of the
+    waiting decoders.
     """
-    (si, sf, slot_i, slot_f, q, heap, pol, t_table, ends, targets, bins, out_f, out_i, itl, lp_i, lp_f,
-     lw_i, lw_f) = state
-    a_ms, a_pre, a_dec, a_id, a_tok = arrivals
+    si, sf, slot_i, slot_f, q, heap = state.si, state.sf, state.slot_i, state.slot_f, state.q, state.heap
+    pol, t_table, ends, targets, bins = state.pol, state.t_table, state.ends, state.targets, state.bins
+    out_f, out_i, itl = state.out_f, state.out_i, state.itl
+    lp_i, lp_f, lw_i, lw_f = state.lp_i, state.lp_f, state.lw_i, state.lw_f
+    a_ms, a_pre, a_dec, a_id, a_tok = arrivals.ms, arrivals.pre, arrivals.dec, arrivals.id, arrivals.tok
     cap = q.shape[1]
-    b = pol[P_BLOCK]
+    b = pol.block
     n_arr = a_ms.shape[0]
     room = out_f.shape[0]
     itl_room = itl.shape[1]
@@ -1514,7 +1570,7 @@ def run(state, arrivals):
                         sf[STALL] += arrival - sf[BLOCKED_SINCE]
                         si[BLOCKED] = 0
                     sf[NOW] = arrival
-                if b > 0 and _ceil_div(pre + dec, b) > pol[P_KV_TOTAL] - pol[P_KV_FLOOR]:
+                if b > 0 and _ceil_div(pre + dec, b) > pol.kv_total - pol.kv_floor:
                     si[REJECTED] += 1  # its KV cache can never fit (KVCache.fits_alone): refused
                     si[A_POS] = i + 1
                     continue
@@ -1587,9 +1643,10 @@ def run(state, arrivals):
 @njit(cache=True)
 def stop(state, horizon):
     """End at the horizon: book the repeats that end before it and count the one running.
-    ``state``: the engine's arrays, as for ``run``."""
-    (si, sf, slot_i, slot_f, q, heap, pol, _t_table, ends, targets, bins, out_f, out_i, itl, lp_i, _lp_f,
-     _lw_i, _lw_f) = state
+    ``state``: the engine's arrays (``EngineState``), as for ``run``."""
+    si, sf, slot_i, slot_f, q, heap = state.si, state.sf, state.slot_i, state.slot_f, state.q, state.heap
+    pol, ends, targets, bins = state.pol, state.ends, state.targets, state.bins
+    out_f, out_i, itl, lp_i = state.out_f, state.out_i, state.itl, state.lp_i
     if si[ACTIVE] == 0 or si[STOPPED] == 1:
         return
     if si[T_LIST] == TARGETS_DUE:  # the run was set up and the loop returned before its top
@@ -1599,7 +1656,7 @@ def stop(state, horizon):
     total, viol, wasted = _audit(si, pol, targets, 1, n)
     _batches(si, sf, 1, sf[DURATION], si[P_PRE], si[P_DEC], si[PP_LEN] + si[P_DEC], total, viol,
              wasted)
-    b = pol[P_BLOCK]
+    b = pol.block
     if b > 0:
         _kv_used(si, sf, pol, si[KV_RUN_USED] + _growth_at(si, q, b, si[RUN_OFF]))
     si[STOPPED] = 1
@@ -1643,7 +1700,7 @@ TWINS: dict[str, tuple[str | None, str]] = {
     "_plan_prompt": (None, "appends one prompt to a plan (a dict entry in the Python planners)"),
     "_plan_kfcfs": ("llmqueue.policies.fcfs:KFCFS.plan_compact", ""),
     "_plan_vllm_chunked": ("llmqueue.policies.fcfs:VLLMChunked.plan_compact", ""),
-    "_plan": (None, "dispatch on the policy kind (P_KIND) to _plan_kfcfs or _plan_vllm_chunked"),
+    "_plan": (None, "dispatch on the policy kind (pol.kind) to _plan_kfcfs or _plan_vllm_chunked"),
     "_fill_targets": (_FAST + "fill_targets", ""),
     "_linear_sum": (_FAST + "LinearTargets._sum", ""),
     "_first_at_most": (_FAST + "LinearTargets._first_at_most", ""),

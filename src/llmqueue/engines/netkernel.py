@@ -10,9 +10,11 @@ room, a random stream or a class's arrivals need their next chunk, the horizon m
 it returns a code with ``ns[NS_ASK]`` saying for whom, having consumed nothing of the step it could
 not finish, and the driver (``llmqueue.engines.compiled.NetworkLoop``) calls it again once done.
 
-Its arguments come in groups, tuples of arrays in a fixed order (see ``net_run``): the loop's
-scalars, the route tables, work lists, tokens and fork frames, pending arrivals, random streams,
-per-class outputs, per-engine scalars, and the engines' other arrays as typed lists.
+Its arguments come in groups, each a record of arrays (a ``NamedTuple``: numba reads the fields
+by name at compile time; see ``net_run``): the loop's scalars (``Loop``), the route tables
+(``Routes``), work lists (``Work``), tokens and fork frames (``Tokens``), pending arrivals
+(``Pending``), random streams (``Streams``), per-class outputs (``Classes``), per-engine scalars
+(``Engines``), and the engines' other arrays as typed lists (``EngineLists``).
 
 Caching: numba caches a function with the code of the functions it calls, but checks only its
 own file for changes; ``_tie_cache`` makes this module's cache stale whenever kernel.py changes
@@ -22,6 +24,7 @@ too, so an edit of the engine kernel is never hidden by a cached network loop.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -42,6 +45,8 @@ from llmqueue.engines.kernel import (
     NEED_SLOTS,
     NOW,
     START_ONLY,
+    Arrivals,
+    EngineState,
     _bins_add,
     run,
 )
@@ -72,6 +77,108 @@ DS_POS, DS_LEN = range(2)  # a random stream's buffer: next value, values held
 EX_POS, EX_LEN, EX_END = range(3)  # a class's arrival chunk: next arrival, arrivals held, stream over
 CI_ARRIVALS, CI_DONE, CI_PRESENT, N_CI = range(4)
 CF_AREA, CF_LAST, CF_WIDTH, N_CF = range(4)
+
+
+# -- the argument groups of net_run (records of arrays; the driver builds them) --------------------
+class Loop(NamedTuple):
+    """The loop's scalars."""
+
+    ns: np.ndarray  # integers NS_* (stage, counters, free-list lengths, what the driver is asked)
+    nf: np.ndarray  # floats NF_* (times)
+
+
+class Routes(NamedTuple):
+    """The route tables (``llmqueue.engines.compiled.RouteTables``; read only)."""
+
+    nodes: np.ndarray  # one row per node, columns ND_*
+    next_target: np.ndarray  # each node's next targets (node index, EXIT_NODE: exit) ...
+    next_prob: np.ndarray  # ... and their cumulative probabilities
+    branches: np.ndarray  # each fork's branch heads (ND_BR0, ND_BR_N)
+    cls_start: np.ndarray  # each class's first node
+
+
+class Work(NamedTuple):
+    """Work lists."""
+
+    due: np.ndarray  # the engines due at a shared instant
+    times: np.ndarray  # each engine's next event time
+    fin: np.ndarray  # the tokens of finished visits to route
+    stack: np.ndarray  # the routing stack (rows: token, node)
+
+
+class Tokens(NamedTuple):
+    """Requests and fork branches in the network (tokens) and fork frames, with their free lists."""
+
+    tok_i: np.ndarray  # TK_* columns
+    tok_f: np.ndarray  # arrival time in the network
+    tok_free: np.ndarray  # free tokens (NS_TOK_FREE of them)
+    frames: np.ndarray  # FR_* columns
+    fr_free: np.ndarray  # free frames (NS_FR_FREE of them)
+
+
+class Pending(NamedTuple):
+    """Arrivals routed to an engine, waiting for its next call, one row per engine (as in
+    ``KernelEngine.submit``)."""
+
+    ms: np.ndarray  # arrival times
+    pre: np.ndarray  # prefill tokens
+    dec: np.ndarray  # decode tokens
+    id: np.ndarray  # visit ids
+    tok: np.ndarray  # tokens
+    ht: np.ndarray  # each engine's head and tail
+
+
+class Streams(NamedTuple):
+    """The random inputs, buffered by chunks."""
+
+    ext_t: np.ndarray  # each class's external arrival times (EX_* state in ext_st)
+    ext_st: np.ndarray
+    size_buf: np.ndarray  # each visit node's prefill and decode sizes (rows 2 node, 2 node + 1)
+    size_st: np.ndarray  # DS_* state
+    choice_buf: np.ndarray  # each node's uniform draws for its routing
+    choice_st: np.ndarray  # DS_* state
+
+
+class Classes(NamedTuple):
+    """Per-class outputs."""
+
+    cls_i: np.ndarray  # counters CI_*
+    cls_f: np.ndarray  # time integrals CF_*
+    cls_bins: np.ndarray  # their time bins
+    lat_f: np.ndarray  # end-to-end latencies buffered (NS_LAT_N of them) ...
+    lat_c: np.ndarray  # ... with their class
+
+
+class Engines(NamedTuple):
+    """Per-engine scalars."""
+
+    si_all: np.ndarray  # engine e's kernel integer scalars are row si_all[e] ...
+    sf_all: np.ndarray  # ... and its float scalars row sf_all[e]
+    rd: np.ndarray  # its output records already taken
+    t_min: np.ndarray  # its shortest batch time
+
+
+class EngineLists(NamedTuple):
+    """The engines' other kernel arrays (``kernel.EngineState`` less ``si``, ``sf``), one typed
+    list per array (``pol``: of ``kernel.Policy`` records), indexed by engine."""
+
+    slot_i: object
+    slot_f: object
+    q: object
+    heap: object
+    pol: object
+    t_table: object
+    ends: object
+    targets: object
+    bins: object
+    out_f: object
+    out_i: object
+    itl: object
+    lp_i: object
+    lp_f: object
+    lw_i: object
+    lw_f: object
+
 
 
 @njit(cache=True)
@@ -202,12 +309,17 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, tok, node):
     after the last node it completed (each node's step checks what it needs before changing
     anything). A fork pushes its branches, the first on top: depth first, as the recursion.
     The groups are ``net_run``'s (``stack``: its work lists' routing stack)."""
-    ns, nf = loop
-    nodes, next_target, next_prob, branches = routes[0], routes[1], routes[2], routes[3]
-    tok_i, tok_f, tok_free, frames, fr_free = tokens
-    pend_ms, pend_pre, pend_dec, pend_id, pend_tok, pend_ht = pending
-    size_buf, size_st, choice_buf, choice_st = streams[2], streams[3], streams[4], streams[5]
-    cls_i, cls_f, cls_bins, lat_f, lat_c = classes
+    ns, nf = loop.ns, loop.nf
+    nodes, next_target, next_prob = routes.nodes, routes.next_target, routes.next_prob
+    branches = routes.branches
+    tok_i, tok_f, tok_free = tokens.tok_i, tokens.tok_f, tokens.tok_free
+    frames, fr_free = tokens.frames, tokens.fr_free
+    pend_ms, pend_pre, pend_dec, pend_id = pending.ms, pending.pre, pending.dec, pending.id
+    pend_tok, pend_ht = pending.tok, pending.ht
+    size_buf, size_st = streams.size_buf, streams.size_st
+    choice_buf, choice_st = streams.choice_buf, streams.choice_st
+    cls_i, cls_f, cls_bins = classes.cls_i, classes.cls_f, classes.cls_bins
+    lat_f, lat_c = classes.lat_f, classes.lat_c
     t = nf[NF_T_ROUTE]
     while True:
         if node == EXIT_NODE:
@@ -322,47 +434,47 @@ def _setup_call(ns, si_all, sf_all, e, mode, limit_ms):
 
 
 @njit(cache=True)
-def net_run(loop, routes, work, tokens, pending, streams, classes, engines, engine_arrays):
+def net_run(loop, routes, work, tokens, pending, streams, classes, engines, lists):
     """Run the network until done or until the driver must act (a NET_ code; see above).
 
-    The arguments, each a tuple of arrays unpacked here (the driver builds them in
-    ``llmqueue.engines.compiled.NetworkLoop._args``):
+    The arguments, each a record of arrays (a ``NamedTuple`` defined above, read by field name;
+    the driver builds them in ``llmqueue.engines.compiled.NetworkLoop._args``):
 
-    - ``loop``: the loop's scalars ``(ns, nf)`` (``NS_*``, ``NF_*``: stage, counters, times).
-    - ``routes``: the route tables ``(nodes, next_target, next_prob, branches, cls_start)``
-      (``compiled.RouteTables``; read only).
-    - ``work``: work lists ``(due, times, fin, stack)``: the engines due at a shared instant, each
-      engine's next event time, the tokens of finished visits to route, the routing stack
-      (rows: token, node).
-    - ``tokens``: requests and fork branches in the network and fork frames, with their free
-      lists ``(tok_i, tok_f, tok_free, frames, fr_free)``.
-    - ``pending``: arrivals routed to an engine, waiting for its next call, one row per engine
-      ``(pend_ms, pend_pre, pend_dec, pend_id, pend_tok, pend_ht)`` (``pend_ht[e]``: head and
-      tail), as in ``KernelEngine.submit``.
-    - ``streams``: the random inputs, buffered by chunks ``(ext_t, ext_st, size_buf, size_st,
-      choice_buf, choice_st)``: each class's external arrival times, each visit node's prefill
-      and decode sizes (rows 2 node, 2 node + 1), each node's uniform draws for its routing.
-    - ``classes``: per-class outputs ``(cls_i, cls_f, cls_bins, lat_f, lat_c)``: counters, time
-      integrals and their bins, end-to-end latencies buffered with their class.
-    - ``engines``: per-engine scalars ``(si_all, sf_all, rd, t_min)``: the kernel scalars of
-      engine e are rows ``si_all[e]``, ``sf_all[e]``; ``rd[e]``: its output records already
-      taken; ``t_min[e]``: its shortest batch time.
-    - ``engine_arrays``: the engines' other kernel arrays (``llmqueue.engines.compiled._State``),
-      one typed list per array, in ``run``'s order ``(slot_i, slot_f, q, heap, pol, t_table,
-      ends, targets, bins, out_f, out_i, itl, lp_i, lp_f, lw_i, lw_f)`` (``NetworkLoop.LISTS``).
+    - ``loop`` (``Loop``): the loop's scalars ``ns``, ``nf`` (``NS_*``, ``NF_*``: stage, counters,
+      times).
+    - ``routes`` (``Routes``): the route tables (``compiled.RouteTables``; read only).
+    - ``work`` (``Work``): the engines due at a shared instant, each engine's next event time, the
+      tokens of finished visits to route, the routing stack (rows: token, node).
+    - ``tokens`` (``Tokens``): requests and fork branches in the network and fork frames, with
+      their free lists.
+    - ``pending`` (``Pending``): arrivals routed to an engine, waiting for its next call, one row
+      per engine (``pending.ht[e]``: head and tail), as in ``KernelEngine.submit``.
+    - ``streams`` (``Streams``): the random inputs, buffered by chunks: each class's external
+      arrival times, each visit node's prefill and decode sizes (rows 2 node, 2 node + 1), each
+      node's uniform draws for its routing.
+    - ``classes`` (``Classes``): per-class outputs: counters, time integrals and their bins,
+      end-to-end latencies buffered with their class.
+    - ``engines`` (``Engines``): per-engine scalars: the kernel scalars of engine e are rows
+      ``si_all[e]``, ``sf_all[e]``; ``rd[e]``: its output records already taken; ``t_min[e]``:
+      its shortest batch time.
+    - ``lists`` (``EngineLists``): the engines' other kernel arrays (the fields of
+      ``kernel.EngineState`` but ``si``, ``sf``), one typed list per array (``pol``: of
+      ``kernel.Policy`` records); engine e's
+      ``EngineState`` is assembled from row e of the scalars and entry e of each list.
 
     Engines are numbered in engine-name order.
     """
-    ns, nf = loop
-    nodes, next_target, next_prob, cls_start = routes[0], routes[1], routes[2], routes[4]
-    due, times, fin, stack = work
-    tok_i, tok_f, tok_free = tokens[0], tokens[1], tokens[2]
-    pend_ms, pend_pre, pend_dec, pend_id, pend_tok, pend_ht = pending
-    ext_t, ext_st, choice_buf, choice_st = streams[0], streams[1], streams[4], streams[5]
-    cls_i, cls_f, cls_bins = classes[0], classes[1], classes[2]
-    si_all, sf_all, rd, t_min = engines
-    (e_slot_i, e_slot_f, e_q, e_heap, e_pol, e_t_table, e_ends, e_targets, e_bins, e_out_f, e_out_i,
-     e_itl, e_lp_i, e_lp_f, e_lw_i, e_lw_f) = engine_arrays
+    ns, nf = loop.ns, loop.nf
+    nodes, next_target, next_prob = routes.nodes, routes.next_target, routes.next_prob
+    cls_start = routes.cls_start
+    due, times, fin, stack = work.due, work.times, work.fin, work.stack
+    tok_i, tok_f, tok_free = tokens.tok_i, tokens.tok_f, tokens.tok_free
+    pend_ms, pend_pre, pend_dec, pend_id = pending.ms, pending.pre, pending.dec, pending.id
+    pend_tok, pend_ht = pending.tok, pending.ht
+    ext_t, ext_st = streams.ext_t, streams.ext_st
+    choice_buf, choice_st = streams.choice_buf, streams.choice_st
+    cls_i, cls_f, cls_bins = classes.cls_i, classes.cls_f, classes.cls_bins
+    si_all, sf_all, rd, t_min = engines.si_all, engines.sf_all, engines.rd, engines.t_min
     n_eng = si_all.shape[0]
     n_cls = cls_start.shape[0]
     while True:
@@ -474,13 +586,14 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, engi
                 ns[NS_STAGE] = ST_TOP
         elif stage == ST_CALL:
             e = ns[NS_CALL_E]
-            si, sf, out_i = si_all[e], sf_all[e], e_out_i[e]
+            si, sf, out_i = si_all[e], sf_all[e], lists.out_i[e]
             h, tail = pend_ht[e, 0], pend_ht[e, 1]
-            state = (si, sf, e_slot_i[e], e_slot_f[e], e_q[e], e_heap[e], e_pol[e], e_t_table[e],
-                     e_ends[e], e_targets[e], e_bins[e], e_out_f[e], out_i, e_itl[e], e_lp_i[e],
-                     e_lp_f[e], e_lw_i[e], e_lw_f[e])
-            arrivals = (pend_ms[e, h:tail], pend_pre[e, h:tail], pend_dec[e, h:tail],
-                        pend_id[e, h:tail], pend_tok[e, h:tail])
+            state = EngineState(si, sf, lists.slot_i[e], lists.slot_f[e], lists.q[e], lists.heap[e],
+                                lists.pol[e], lists.t_table[e], lists.ends[e], lists.targets[e],
+                                lists.bins[e], lists.out_f[e], out_i, lists.itl[e], lists.lp_i[e],
+                                lists.lp_f[e], lists.lw_i[e], lists.lw_f[e])
+            arrivals = Arrivals(pend_ms[e, h:tail], pend_pre[e, h:tail], pend_dec[e, h:tail],
+                                pend_id[e, h:tail], pend_tok[e, h:tail])
             code = run(state, arrivals)
             if not _take(si, out_i, rd, fin, ns, e):
                 return NET_BROKEN

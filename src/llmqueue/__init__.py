@@ -69,65 +69,16 @@ _PUBLIC = {
 }
 """Each public name and the module that defines it."""
 
-__all__ = [
-    "FASTERTRANSFORMER",
-    "KFCFS",
-    "ORCA",
-    "SARATHI",
-    "VLLM",
-    "VLLM_CHUNKED",
-    "Batch",
-    "BatchTime",
-    "ClassPriority",
-    "ConfigError",
-    "ConstantTime",
-    "Engine",
-    "EngineView",
-    "LLMQueueError",
-    "LinearTime",
-    "MaxPressure",
-    "Network",
-    "NetworkResult",
-    "PiecewiseTime",
-    "Plan",
-    "PlanError",
-    "ProfileTime",
-    "Request",
-    "RequestRecord",
-    "RequestTrace",
-    "RequestView",
-    "RunMetrics",
-    "RunResult",
-    "SaturationResult",
-    "StaircaseTime",
-    "TableTime",
-    "TheorySummary",
-    "VLLMChunked",
-    "ValidationReport",
-    "Workload",
-    "analyze",
-    "check_plan",
-    "fit_trace",
-    "fixed_requests",
-    "load_network",
-    "load_request_trace",
-    "make_policy",
-    "make_workload",
-    "parse_batch_time",
-    "parse_network",
-    "saturated_throughput",
-    "simulate",
-    "simulate_network",
-    "summarize_theory",
-    "trace_stats",
-    "validate",
-]
+__all__ = sorted(_PUBLIC)
 
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     """Load a public name's module on first use (PEP 562)."""
+    if name == "__version__":  # one source: the installed package's metadata
+        from llmqueue.io.store import package_version
+
+        return package_version()
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'llmqueue' has no attribute {name!r}")
@@ -140,38 +91,55 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_PUBLIC])
 
 
-if TYPE_CHECKING:  # what type checkers and IDEs see
-    from llmqueue.engines.metrics import RequestRecord, RunMetrics
-    from llmqueue.engines.reference import Batch, Engine, check_plan
-    from llmqueue.errors import ConfigError, LLMQueueError, PlanError
-    from llmqueue.model.batchtime import (
-        BatchTime,
-        ConstantTime,
-        LinearTime,
-        PiecewiseTime,
-        StaircaseTime,
-        TableTime,
-        parse_batch_time,
-    )
-    from llmqueue.model.network import Network, load_network, parse_network
-    from llmqueue.model.profile import ProfileTime
-    from llmqueue.model.specs import make_workload
-    from llmqueue.model.traces import RequestTrace, fit_trace, load_request_trace, trace_stats
-    from llmqueue.model.workload import Request, Workload, fixed_requests
-    from llmqueue.policies.fcfs import (
-        FASTERTRANSFORMER,
-        KFCFS,
-        ORCA,
-        SARATHI,
-        VLLM,
-        VLLM_CHUNKED,
-        VLLMChunked,
-        make_policy,
-    )
-    from llmqueue.policies.network import ClassPriority, MaxPressure
-    from llmqueue.policies.view import EngineView, Plan, RequestView
-    from llmqueue.sim.network import NetworkResult, simulate_network
-    from llmqueue.sim.run import RunResult, TheorySummary, simulate, summarize_theory
-    from llmqueue.studies.saturation import SaturationResult, saturated_throughput
-    from llmqueue.studies.validate import ValidationReport, validate
-    from llmqueue.theory.network import analyze
+if TYPE_CHECKING:  # what type checkers and IDEs see (``X as X``: re-exported)
+    from llmqueue.engines.metrics import RequestRecord as RequestRecord
+    from llmqueue.engines.metrics import RunMetrics as RunMetrics
+    from llmqueue.engines.reference import Batch as Batch
+    from llmqueue.engines.reference import Engine as Engine
+    from llmqueue.engines.reference import check_plan as check_plan
+    from llmqueue.errors import ConfigError as ConfigError
+    from llmqueue.errors import LLMQueueError as LLMQueueError
+    from llmqueue.errors import PlanError as PlanError
+    from llmqueue.model.batchtime import BatchTime as BatchTime
+    from llmqueue.model.batchtime import ConstantTime as ConstantTime
+    from llmqueue.model.batchtime import LinearTime as LinearTime
+    from llmqueue.model.batchtime import PiecewiseTime as PiecewiseTime
+    from llmqueue.model.batchtime import StaircaseTime as StaircaseTime
+    from llmqueue.model.batchtime import TableTime as TableTime
+    from llmqueue.model.batchtime import parse_batch_time as parse_batch_time
+    from llmqueue.model.network import Network as Network
+    from llmqueue.model.network import load_network as load_network
+    from llmqueue.model.network import parse_network as parse_network
+    from llmqueue.model.profile import ProfileTime as ProfileTime
+    from llmqueue.model.specs import make_workload as make_workload
+    from llmqueue.model.traces import RequestTrace as RequestTrace
+    from llmqueue.model.traces import fit_trace as fit_trace
+    from llmqueue.model.traces import load_request_trace as load_request_trace
+    from llmqueue.model.traces import trace_stats as trace_stats
+    from llmqueue.model.workload import Request as Request
+    from llmqueue.model.workload import Workload as Workload
+    from llmqueue.model.workload import fixed_requests as fixed_requests
+    from llmqueue.policies.fcfs import FASTERTRANSFORMER as FASTERTRANSFORMER
+    from llmqueue.policies.fcfs import KFCFS as KFCFS
+    from llmqueue.policies.fcfs import ORCA as ORCA
+    from llmqueue.policies.fcfs import SARATHI as SARATHI
+    from llmqueue.policies.fcfs import VLLM as VLLM
+    from llmqueue.policies.fcfs import VLLM_CHUNKED as VLLM_CHUNKED
+    from llmqueue.policies.fcfs import VLLMChunked as VLLMChunked
+    from llmqueue.policies.fcfs import make_policy as make_policy
+    from llmqueue.policies.network import ClassPriority as ClassPriority
+    from llmqueue.policies.network import MaxPressure as MaxPressure
+    from llmqueue.policies.view import EngineView as EngineView
+    from llmqueue.policies.view import Plan as Plan
+    from llmqueue.policies.view import RequestView as RequestView
+    from llmqueue.sim.network import NetworkResult as NetworkResult
+    from llmqueue.sim.network import simulate_network as simulate_network
+    from llmqueue.sim.run import RunResult as RunResult
+    from llmqueue.sim.run import TheorySummary as TheorySummary
+    from llmqueue.sim.run import simulate as simulate
+    from llmqueue.sim.run import summarize_theory as summarize_theory
+    from llmqueue.studies.saturation import SaturationResult as SaturationResult
+    from llmqueue.studies.saturation import saturated_throughput as saturated_throughput
+    from llmqueue.studies.validate import ValidationReport as ValidationReport
+    from llmqueue.studies.validate import validate as validate
+    from llmqueue.theory.network import analyze as analyze

@@ -362,8 +362,10 @@ def _stderr(show: bool) -> Console:
 
 
 @contextlib.contextmanager
-def _bar(label: str, unit: str, total: int | None, show: bool | None) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr (default: when stderr is a terminal); yields ``advance(n)``."""
+def _bar(label: str, unit: str, total: int | None, show: bool | None,
+         cumulative: bool = False) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (default: when stderr is a terminal); yields ``advance(n)``, or with
+    ``cumulative`` a function taking the count done so far."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     show = show if show is not None else sys.stderr.isatty()
@@ -373,7 +375,10 @@ def _bar(label: str, unit: str, total: int | None, show: bool | None) -> Iterato
     )
     with progress:
         task = progress.add_task(label, total=total)
-        yield lambda n: progress.advance(task, n)
+        if cumulative:
+            yield lambda n: progress.update(task, completed=n)
+        else:
+            yield lambda n: progress.advance(task, n)
 
 
 def _dump(document: Any) -> None:

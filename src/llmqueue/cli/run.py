@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmqueue.cli.common import (
+    _bar,
     _check_knobs,
     _check_out_path,
     _console,
@@ -61,26 +62,8 @@ def _run(name: str, workload: Workload, opts: dict[str, Any], keep_requests: boo
                    "two; `llmqueue warmup` does it ahead)...", err=True)
     if not show:
         return simulate(workload, policy, opts["batch_time"], opts["budget"], **kwargs)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn(f"{name}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("arrivals"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(name, total=limit)
-        return simulate(
-            workload,
-            policy,
-            opts["batch_time"],
-            opts["budget"],
-            progress=lambda n: bar.update(task, completed=n),
-            **kwargs,
-        )
+    with _bar(name, "arrivals", limit, show, cumulative=True) as done:
+        return simulate(workload, policy, opts["batch_time"], opts["budget"], progress=done, **kwargs)
 
 
 def _write_requests(path: str, result: RunResult) -> None:

@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,6 +78,14 @@ taken over at once."""
 _ATTEMPT_S = 1.0  # SQLite's own busy wait per attempt; the retry loop adds backoff up to the total
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
+
+
+def package_version() -> str:
+    """llmqueue's installed version (pyproject.toml's, stored with each run; ``llmqueue.__version__``)."""
+    try:
+        return metadata.version("llmqueue")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 def run_key(config: Mapping[str, Any]) -> str:
     """Stable key of a run configuration: SHA-256 of its canonical JSON (sorted keys)."""

@@ -726,7 +726,6 @@ def _lognormal_rounded_mean(mean: float, sigma: float, min_tokens: int) -> float
     mu = math.log(mean) - sigma * sigma / 2.0
 
     def sf(x: np.ndarray | float) -> np.ndarray:
-        from scipy import special
         return special.ndtr((mu - np.log(x)) / sigma)
 
     m = min_tokens

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Literal
@@ -35,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmqueue.errors import ConfigError, LLMQueueError
 from llmqueue.io.configfile import first_error, read_table
-from llmqueue.io.store import STALE_CLAIM_S, Owner, Store, StoreWriteError, run_key
+from llmqueue.io.store import STALE_CLAIM_S, Owner, Store, StoreWriteError, package_version, run_key
 from llmqueue.limits import (
     MAX_BATCH_REQUESTS,
     MAX_BUDGET_TOKENS,
@@ -432,14 +431,6 @@ def plan_sweep(config: SweepConfig, db_path: str | Path) -> SweepPlan:
     return SweepPlan(total, duplicates, done)
 
 
-def _version() -> str:
-    """llmqueue's installed version (stored with each run)."""
-    try:
-        return metadata.version("llmqueue")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
-
-
 class _Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM during a sweep: the same clean stop as Ctrl-C."""
 
@@ -573,7 +564,7 @@ def run_sweep(
         on_start(total, total - already)
     interrupts = _Interrupts()
     owner = Owner.new()
-    recorder = _Recorder(store, owner, _version(), interrupts, on_done)
+    recorder = _Recorder(store, owner, package_version(), interrupts, on_done)
     engine = config.run.engine
     skipped = 0
 

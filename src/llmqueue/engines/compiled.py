@@ -13,10 +13,11 @@ In a network, ``KernelEngine`` gives one engine the interface of the Python netw
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.util import find_spec
@@ -28,7 +29,7 @@ from llmqueue.engines.metrics import Recorder, RequestRecord, Totals
 from llmqueue.errors import ConfigError
 from llmqueue.model.batchtime import BatchTime
 from llmqueue.model.memory import KVCache
-from llmqueue.model.network import EXIT, Network
+from llmqueue.model.network import EXIT, ROUTER_NAMES, Network
 from llmqueue.model.workload import CHUNK_SIZE, Request
 from llmqueue.policies.fcfs import KFCFS, VLLMChunked
 
@@ -645,7 +646,9 @@ class RouteTables:
 
     Nodes are numbered class by class (classes and node ids in sorted order); ``keys[i]`` is
     node ``i``'s (class, node id). A node's next targets and fork branches are slices of
-    ``next_target``/``next_prob`` and ``branches`` (targets -1: exit).
+    ``next_target``/``next_prob`` and ``branches`` (targets -1: exit). Pools are numbered in name
+    order (``pools``); pool p's members are ``pool_members[pool_first[p]:][:pool_n[p]]`` (engine
+    indices), its router ``pool_router[p]`` (``netkernel.R_*``).
     """
 
     classes: tuple[str, ...]
@@ -655,10 +658,18 @@ class RouteTables:
     next_prob: np.ndarray
     branches: np.ndarray
     class_start: np.ndarray
+    pools: tuple[str, ...] = ()
+    pool_first: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pool_n: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pool_members: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    pool_router: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pool_kv: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1))
 
 
-def route_tables(net: Network, engine_names: Sequence[str]) -> RouteTables:
-    """The routes of ``net`` for the network loop; engines are numbered as in ``engine_names``."""
+def route_tables(net: Network, engine_names: Sequence[str],
+                 routers: Mapping[str, str] | None = None) -> RouteTables:
+    """The routes of ``net`` for the network loop; engines are numbered as in ``engine_names``;
+    ``routers``: pools' built-in router names when they differ from the file's."""
     from llmqueue.engines import netkernel as K
 
     classes = tuple(sorted(net.classes))
@@ -675,7 +686,9 @@ def route_tables(net: Network, engine_names: Sequence[str]) -> RouteTables:
         node = spec.nodes[nid]
         row = nodes[i]
         row[K.ND_KIND] = kinds[node.kind]
-        if node.kind == "visit":
+        if node.kind == "visit" and node.engine in net.pools:
+            row[K.ND_POOL] = sorted(net.pools).index(node.engine)
+        elif node.kind == "visit":
             row[K.ND_ENGINE] = engine_index[node.engine or ""]
         if node.kind == "fork":
             row[K.ND_JOIN] = index[(cname, spec.join_of(nid))]
@@ -693,7 +706,30 @@ def route_tables(net: Network, engine_names: Sequence[str]) -> RouteTables:
         next_prob=np.array([*probs, 0.0]),
         branches=np.array([*branches, -1], dtype=np.int64),
         class_start=np.array([index[(c, net.classes[c].start)] for c in classes], dtype=np.int64),
+        **_pool_tables(net, engine_index, routers or {}),
     )
+
+
+def _pool_tables(net: Network, engine_index: Mapping[str, int], routers: Mapping[str, str]) -> dict:
+    """The pool fields of ``RouteTables``."""
+    from llmqueue.engines import netkernel as K
+
+    pools = tuple(sorted(net.pools))
+    first, count, members, router, kv = [], [], [], [], []
+    for name in pools:
+        pool = net.pools[name]
+        first.append(len(members))
+        count.append(len(pool.members))
+        router.append(ROUTER_NAMES.index(routers.get(name, pool.router)))
+        for m in pool.members:
+            members.append(engine_index[m])
+            spec = net.engines[m]
+            kv.append(float(spec.memory.capacity_tokens if spec.memory is not None else spec.budget))
+    assert K.N_ND > K.ND_POOL
+    return {"pools": pools, "pool_first": np.array(first, dtype=np.int64),
+            "pool_n": np.array(count, dtype=np.int64),
+            "pool_members": np.array([*members, -1], dtype=np.int64),  # never empty
+            "pool_router": np.array(router, dtype=np.int64), "pool_kv": np.array([*kv, 1.0])}
 
 
 def _typed_list(arrays: Iterable[np.ndarray]) -> object:
@@ -763,12 +799,13 @@ class NetworkLoop:
         max_requests: int | None,
         stop_ms: float,
         horizon_for: Callable[[float], float],
+        pool_draws: Sequence[Callable[[], np.ndarray]] = (),
     ) -> None:
         """``arrivals[c]``: class c's arrival-time chunks (ms); ``sizes[2 i]``/``sizes[2 i + 1]``:
         node i's next chunk of prefill/decode sizes (None: not a visit); ``choices[i]``: node i's
         next chunk of uniform draws for its routing choice; ``latency[c]``: where class c's
         end-to-end latencies are appended; ``horizon_for(last_arrival_ms)``: the run's end once
-        arrivals are over."""
+        arrivals are over; ``pool_draws[p]``: pool p's next chunk of uniform draws (its router's)."""
         from llmqueue.engines import netkernel as K
 
         if any(engine._times or engine._read for engine in engines):
@@ -778,6 +815,7 @@ class NetworkLoop:
         self.arrivals = list(arrivals)
         self.sizes = list(sizes)
         self.choices = list(choices)
+        self.pool_draws = list(pool_draws)
         self.latency = list(latency)
         self.horizon_for = horizon_for
         n_eng, n_cls, n_nodes = len(engines), len(tables.classes), len(tables.keys)
@@ -794,6 +832,7 @@ class NetworkLoop:
         self.tok_i = np.zeros((0, K.N_TK), dtype=np.int64)
         self.tok_f = np.zeros(0)
         self.tok_free = np.zeros(0, dtype=np.int64)
+        self.tok_work = np.zeros(0, dtype=np.int64)
         self.stack = np.zeros((2, 0), dtype=np.int64)
         self._grow_tokens(self.START_TOKENS)
         self.frames = np.zeros((0, K.N_FR), dtype=np.int64)
@@ -811,6 +850,11 @@ class NetworkLoop:
         self.size_st = np.zeros((2 * n_nodes, 2), dtype=np.int64)
         self.choice_buf = np.zeros((n_nodes, self.DRAW_CHUNKS * DRAW_CHUNK))
         self.choice_st = np.zeros((n_nodes, 2), dtype=np.int64)
+        self.pool_buf = np.zeros((len(tables.pools), self.DRAW_CHUNKS * DRAW_CHUNK))
+        self.pool_st = np.zeros((len(tables.pools), 3), dtype=np.int64)  # DS_POS, DS_LEN, PS_ROUTED
+        self.in_system = np.zeros(n_eng, dtype=np.int64)
+        self.waiting = np.zeros(n_eng, dtype=np.int64)
+        self.work = np.zeros(n_eng, dtype=np.int64)
         self.class_i = np.zeros((n_cls, K.N_CI), dtype=np.int64)
         self.class_f = np.zeros((n_cls, K.N_CF))
         self.class_f[:, K.CF_WIDTH] = 1.0  # TimeBins() defaults
@@ -834,6 +878,7 @@ class NetworkLoop:
         K, ns = self.K, self.ns
         self.tok_i = _grown(self.tok_i, capacity)
         self.tok_f = _grown(self.tok_f, capacity)
+        self.tok_work = _grown(self.tok_work, capacity)
         self.tok_free, ns[K.NS_TOK_FREE] = _free_list(self.tok_free, int(ns[K.NS_TOK_FREE]), capacity)
         self.stack = _grown(self.stack, capacity, axis=1)  # each entry is a distinct live token
 
@@ -869,7 +914,7 @@ class NetworkLoop:
                     bad = int(values.min())
                     raise ConfigError("request.tokens", bad, "a visit's token count must be >= 0")
             buf[row, k * DRAW_CHUNK : (k + 1) * DRAW_CHUNK] = values
-        st[row] = (0, buf.shape[1])
+        st[row, :2] = (0, buf.shape[1])
 
     def _drain_latency(self) -> None:
         K = self.K
@@ -885,14 +930,16 @@ class NetworkLoop:
         K, t = self.K, self.tables
         return (
             K.Loop(self.ns, self.nf),
-            K.Routes(t.nodes, t.next_target, t.next_prob, t.branches, t.class_start),
+            K.Routes(t.nodes, t.next_target, t.next_prob, t.branches, t.class_start, t.pool_first,
+                     t.pool_n, t.pool_members, t.pool_router, t.pool_kv),
             K.Work(self.due, self.times, self.fin, self.stack),
-            K.Tokens(self.tok_i, self.tok_f, self.tok_free, self.frames, self.fr_free),
+            K.Tokens(self.tok_i, self.tok_f, self.tok_free, self.frames, self.fr_free, self.tok_work),
             K.Pending(self.pend_ms, *self.pend_i, self.pend_ht),
             K.Streams(self.ext_t, self.ext_st, self.size_buf, self.size_st, self.choice_buf,
-                      self.choice_st),
+                      self.choice_st, self.pool_buf, self.pool_st),
             K.Classes(self.class_i, self.class_f, self.class_bins, self.lat_f, self.lat_c),
-            K.Engines(self.si_all, self.sf_all, self.rd, self.t_min),
+            K.Engines(self.si_all, self.sf_all, self.rd, self.t_min, self.in_system, self.waiting,
+                      self.work),
             K.EngineLists(*self.lists),
         )
 
@@ -921,6 +968,8 @@ class NetworkLoop:
                 self._refill(self.size_buf, self.size_st, ask, self.sizes[ask], sizes=True)
             elif code == K.NET_CHOICES:
                 self._refill(self.choice_buf, self.choice_st, ask, self.choices[ask], sizes=False)
+            elif code == K.NET_POOL_DRAWS:
+                self._refill(self.pool_buf, self.pool_st, ask, self.pool_draws[ask], sizes=False)
             elif code == K.NET_TOKENS:
                 self._grow_tokens(2 * self.tok_f.shape[0])
                 args = self._args()

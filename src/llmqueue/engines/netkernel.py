@@ -50,10 +50,12 @@ from llmqueue.engines.kernel import (
     _bins_add,
     run,
 )
+from llmqueue.model.network import ROUTER_NAMES
 
 # -- return codes of net_run -----------------------------------------------------------------------
 (NET_DONE, NET_ROOM, NET_SLOTS, NET_BAD_BATCH_TIME, NET_SIZES, NET_CHOICES, NET_TOKENS, NET_FRAMES,
  NET_PENDING, NET_LATENCY, NET_ARRIVALS, NET_HORIZON, NET_BROKEN) = range(13)
+NET_POOL_DRAWS = 13  # a pool's random stream needs its next chunk (ns[NS_ASK]: the pool)
 
 # -- stages (where the loop resumes) and engine call modes -----------------------------------------
 ST_NEXT_EXT, ST_TOP, ST_CALL, ST_ROUTE, ST_ENDS, ST_STARTS, ST_DONE = range(7)
@@ -66,7 +68,8 @@ MODE_ADVANCE, MODE_END, MODE_START = range(3)
 NF_T_ENGINE, NF_T_ROUTE, NF_HORIZON, NF_STOP, NF_NXT_T, NF_LAST_ARRIVAL, N_NF = range(7)
 
 # -- route nodes (rows of ``nodes``; node index = row; next targets -1 = exit) ---------------------
-ND_KIND, ND_ENGINE, ND_NEXT0, ND_NEXT_N, ND_BR0, ND_BR_N, ND_JOIN, N_ND = range(8)
+ND_KIND, ND_ENGINE, ND_NEXT0, ND_NEXT_N, ND_BR0, ND_BR_N, ND_JOIN, ND_POOL, N_ND = range(9)
+# (a visit names an engine, ND_ENGINE, or a pool, ND_POOL; the other is -1)
 KIND_VISIT, KIND_FORK, KIND_JOIN = range(3)
 EXIT_NODE = -1
 
@@ -77,6 +80,12 @@ DS_POS, DS_LEN = range(2)  # a random stream's buffer: next value, values held
 EX_POS, EX_LEN, EX_END = range(3)  # a class's arrival chunk: next arrival, arrivals held, stream over
 CI_ARRIVALS, CI_DONE, CI_PRESENT, N_CI = range(4)
 CF_AREA, CF_LAST, CF_WIDTH, N_CF = range(4)
+PS_ROUTED = 2  # a pool stream's third column: requests the pool routed so far
+# -- the built-in routers' numbers (llmqueue.policies.routers.ROUTER_CODES) --------------------------
+R_JSQ, R_JSQ_TOKENS, R_P2C, R_LEAST_KV, R_VLLM_DP, R_ROUND_ROBIN, R_RANDOM = (
+    ROUTER_NAMES.index(name) for name in ("jsq", "jsq-tokens", "p2c", "least-kv", "vllm-dp",
+                                          "round-robin", "random"))
+VLLM_WAITING_WEIGHT = 4  # vLLM's DP score: waiting * 4 + running (policies.routers)
 
 
 # -- the argument groups of net_run (records of arrays; the driver builds them) --------------------
@@ -95,6 +104,11 @@ class Routes(NamedTuple):
     next_prob: np.ndarray  # ... and their cumulative probabilities
     branches: np.ndarray  # each fork's branch heads (ND_BR0, ND_BR_N)
     cls_start: np.ndarray  # each class's first node
+    pool_first: np.ndarray  # each pool's first entry in pool_members ...
+    pool_n: np.ndarray  # ... and its number of members
+    pool_members: np.ndarray  # the members' engine indices, pool by pool
+    pool_router: np.ndarray  # each pool's router (R_*)
+    pool_kv: np.ndarray  # each member's least-kv denominator (KV cache tokens, else budget)
 
 
 class Work(NamedTuple):
@@ -114,6 +128,7 @@ class Tokens(NamedTuple):
     tok_free: np.ndarray  # free tokens (NS_TOK_FREE of them)
     frames: np.ndarray  # FR_* columns
     fr_free: np.ndarray  # free frames (NS_FR_FREE of them)
+    tok_work: np.ndarray  # prefill + decode tokens of the visit a token waits at
 
 
 class Pending(NamedTuple):
@@ -137,6 +152,8 @@ class Streams(NamedTuple):
     size_st: np.ndarray  # DS_* state
     choice_buf: np.ndarray  # each node's uniform draws for its routing
     choice_st: np.ndarray  # DS_* state
+    pool_buf: np.ndarray  # each pool's uniform draws (two per request routed)
+    pool_st: np.ndarray  # DS_* state and PS_ROUTED
 
 
 class Classes(NamedTuple):
@@ -156,6 +173,9 @@ class Engines(NamedTuple):
     sf_all: np.ndarray  # ... and its float scalars row sf_all[e]
     rd: np.ndarray  # its output records already taken
     t_min: np.ndarray  # its shortest batch time
+    in_system: np.ndarray  # what a router sees of it: visits routed here, not finished ...
+    waiting: np.ndarray  # ... those routed since it last finished one ...
+    work: np.ndarray  # ... and their prefill + decode tokens (as _Run keeps them)
 
 
 class EngineLists(NamedTuple):
@@ -303,12 +323,56 @@ def _free_token(ns, tok_free, tok):
 
 
 @njit(cache=True)
-def _walk(loop, routes, stack, tokens, pending, streams, classes, tok, node):
+def _pick(router, first, n, members, in_system, waiting, work, kv, u1, u2, routed):
+    """policies.routers: the engine a pool's router sends a visit to (the same comparisons in the
+    same order: ties go to the lowest member index)."""
+    if router == R_ROUND_ROBIN:
+        return members[first + routed % n]
+    if router == R_RANDOM:
+        i = int(u1 * n)
+        return members[first + (i if i < n - 1 else n - 1)]
+    if router == R_P2C:
+        if n == 1:
+            return members[first]
+        i = int(u1 * n)
+        if i > n - 1:
+            i = n - 1
+        j = int(u2 * (n - 1))
+        if j > n - 2:
+            j = n - 2
+        if j >= i:
+            j += 1
+        a, b = (i, j) if i < j else (j, i)
+        ea, eb = members[first + a], members[first + b]
+        return eb if in_system[eb] < in_system[ea] else ea
+    best = 0
+    best_e = members[first]
+    for i in range(1, n):
+        e = members[first + i]
+        if router == R_JSQ:
+            better = in_system[e] < in_system[best_e]
+        elif router == R_JSQ_TOKENS:
+            better = work[e] < work[best_e]
+        elif router == R_LEAST_KV:
+            better = work[e] / kv[first + i] < work[best_e] / kv[first + best]
+        else:  # R_VLLM_DP
+            score = VLLM_WAITING_WEIGHT * waiting[e] + (in_system[e] - waiting[e])
+            best_score = VLLM_WAITING_WEIGHT * waiting[best_e] + (in_system[best_e] - waiting[best_e])
+            better = score < best_score
+        if better:
+            best = i
+            best_e = e
+    return best_e
+
+
+@njit(cache=True)
+def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, node):
     """_Run._advance: move token ``tok`` to ``node`` and on, until it waits at an engine (a pending
     arrival there) or a join, or leaves. Returns 0, or a NET_ code with (tok, node) pushed back
     after the last node it completed (each node's step checks what it needs before changing
     anything). A fork pushes its branches, the first on top: depth first, as the recursion.
-    The groups are ``net_run``'s (``stack``: its work lists' routing stack)."""
+    A visit to a pool asks its router (``_pick``) which member takes it, before anything is
+    consumed. The groups are ``net_run``'s (``stack``: its work lists' routing stack)."""
     ns, nf = loop.ns, loop.nf
     nodes, next_target, next_prob = routes.nodes, routes.next_target, routes.next_prob
     branches = routes.branches
@@ -344,7 +408,23 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, tok, node):
                     return _back(ns, stack, tok, node, NET_SIZES, s)
             if not _choice_ready(nodes, choice_st, node):  # needed if the visit draws no tokens
                 return _back(ns, stack, tok, node, NET_CHOICES, node)
+            pre = size_buf[pre_s, size_st[pre_s, DS_POS]]
+            dec = size_buf[dec_s, size_st[dec_s, DS_POS]]
+            if pre + dec == 0:  # nothing to do at this visit
+                size_st[pre_s, DS_POS] += 1
+                size_st[dec_s, DS_POS] += 1
+                node = _choose(nodes, next_target, next_prob, choice_buf, choice_st, node)
+                continue
             e = nodes[node, ND_ENGINE]
+            p = nodes[node, ND_POOL]
+            if p >= 0:  # the pool's router picks the member (two draws of its stream, peeked)
+                pool_buf, pool_st = streams.pool_buf, streams.pool_st
+                k = pool_st[p, DS_POS]
+                if k + 2 > pool_st[p, DS_LEN]:
+                    return _back(ns, stack, tok, node, NET_POOL_DRAWS, p)
+                e = _pick(routes.pool_router[p], routes.pool_first[p], routes.pool_n[p],
+                          routes.pool_members, engines.in_system, engines.waiting, engines.work,
+                          routes.pool_kv, pool_buf[p, k], pool_buf[p, k + 1], pool_st[p, PS_ROUTED])
             h, tail = pend_ht[e, 0], pend_ht[e, 1]
             if tail == pend_ms.shape[1]:
                 if h == 0:
@@ -359,13 +439,15 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, tok, node):
                 pend_ht[e, 0] = 0
                 pend_ht[e, 1] = n
                 tail = n
-            pre = size_buf[pre_s, size_st[pre_s, DS_POS]]
             size_st[pre_s, DS_POS] += 1
-            dec = size_buf[dec_s, size_st[dec_s, DS_POS]]
             size_st[dec_s, DS_POS] += 1
-            if pre + dec == 0:  # nothing to do at this visit
-                node = _choose(nodes, next_target, next_prob, choice_buf, choice_st, node)
-                continue
+            if p >= 0:
+                streams.pool_st[p, DS_POS] += 2
+                streams.pool_st[p, PS_ROUTED] += 1
+            engines.in_system[e] += 1
+            engines.waiting[e] += 1
+            engines.work[e] += pre + dec
+            tokens.tok_work[tok] = pre + dec
             vid = ns[NS_VISITS]
             ns[NS_VISITS] = vid + 1
             tok_i[tok, TK_NODE] = node
@@ -407,14 +489,20 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, tok, node):
 
 
 @njit(cache=True)
-def _take(si, out_i, rd, fin, ns, e):
-    """KernelEngine._take: append the tokens of engine e's newly finished visits to ``fin``."""
+def _take(si, out_i, rd, fin, ns, e, tok_work, in_system, waiting, work):
+    """KernelEngine._take: append the tokens of engine e's newly finished visits to ``fin``; what
+    the routers see of engine e loses them (as ``_Run._route`` books them)."""
     count = si[N_OUT]
     n = ns[NS_FIN_LEN]
     if n + count - rd[e] > fin.shape[0]:
         return False
+    if count > rd[e]:
+        waiting[e] = 0
     for r in range(rd[e], count):
-        fin[n] = out_i[r, 4]
+        tok = out_i[r, 4]
+        fin[n] = tok
+        in_system[e] -= 1
+        work[e] -= tok_work[tok]
         n += 1
     ns[NS_FIN_LEN] = n
     rd[e] = count
@@ -595,7 +683,8 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
             arrivals = Arrivals(pend_ms[e, h:tail], pend_pre[e, h:tail], pend_dec[e, h:tail],
                                 pend_id[e, h:tail], pend_tok[e, h:tail])
             code = run(state, arrivals)
-            if not _take(si, out_i, rd, fin, ns, e):
+            if not _take(si, out_i, rd, fin, ns, e, tokens.tok_work, engines.in_system,
+                         engines.waiting, engines.work):
                 return NET_BROKEN
             if code in (NEED_ROOM, NEED_SLOTS, BAD_BATCH_TIME):
                 ns[NS_ASK] = e
@@ -625,8 +714,8 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
                 if ns[NS_STK_LEN] > 0:
                     k = ns[NS_STK_LEN] - 1
                     ns[NS_STK_LEN] = k
-                    code = _walk(loop, routes, stack, tokens, pending, streams, classes, stack[0, k],
-                                 stack[1, k])
+                    code = _walk(loop, routes, stack, tokens, pending, streams, classes, engines,
+                                 stack[0, k], stack[1, k])
                     if code != 0:
                         return code
                 elif ns[NS_FIN_POS] < ns[NS_FIN_LEN]:
@@ -667,6 +756,7 @@ TWINS: dict[str, tuple[str | None, str]] = {
     "_back": (None, "routing stack: pushes a step back when the driver must act first"),
     "_new_token": (None, _POOL),
     "_free_token": (None, _POOL),
+    "_pick": ("llmqueue.policies.routers:jsq", "every built-in router (ROUTERS), by its number R_*"),
     "_walk": (_NET + "_advance", ""),
     "_take": (_ENGINE + "_take", ""),
     "_setup_call": (_ENGINE + "_call", ""),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -54,15 +54,32 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EngineModel(_Model):
-    """One engine in a network file."""
+class GroupModel(_Model):
+    """One group of identical replicas of a heterogeneous pool: its count and the engine keys it
+    overrides."""
 
-    budget: Annotated[int, Field(strict=True, ge=1)]
+    replicas: Annotated[int, Field(strict=True, ge=1)]
+    budget: Annotated[int, Field(strict=True, ge=1)] | None = None
+    k_max: Annotated[int, Field(strict=True, ge=1)] | None = None
+    batch_time: str | None = None
+    policy: str | None = None
+    priority: list[str] | None = None
+    memory: str | None = None
+
+
+class EngineModel(_Model):
+    """One engine in a network file, or a pool of ``replicas`` engines (or of ``groups``) behind a
+    ``router``."""
+
+    budget: Annotated[int, Field(strict=True, ge=1)] | None = None
     k_max: Annotated[int, Field(strict=True, ge=1)] | None = None
     batch_time: str = DEFAULT_BATCH_TIME
     policy: str = "sarathi"
     priority: list[str] | None = None
     memory: str | None = None
+    replicas: Annotated[int, Field(strict=True, ge=1)] | None = None
+    router: str = "jsq"
+    groups: Annotated[list[GroupModel], Field(min_length=1)] | None = None
 
 
 class NodeModel(_Model):
@@ -108,6 +125,25 @@ class EngineSpec:
     memory: KVCache | None = None  # the engine's KV cache (None: unlimited, as in the paper)
 
 
+POOL_SEPARATOR = "/"
+"""A pool's members are engines named ``pool/0``, ``pool/1``, ...: engine names may not contain it."""
+ROUTER_NAMES = ("jsq", "jsq-tokens", "p2c", "least-kv", "vllm-dp", "round-robin", "random")
+"""The built-in routers (``llmqueue.policies.routers``; listed here, below that layer, to validate
+files)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """A pool: engines (``members``, names ``pool/i`` of ``Network.engines``) behind a router.
+
+    ``router`` is a built-in router's name; a visit naming the pool is sent to the member the
+    router picks when the request arrives there."""
+
+    name: str
+    router: str
+    members: tuple[str, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """A route node. ``next`` holds (target, probability) pairs (targets are node ids or exit)."""
@@ -150,6 +186,19 @@ class Network:
 
     engines: Mapping[str, EngineSpec]
     classes: Mapping[str, ClassSpec]
+    pools: Mapping[str, PoolSpec] = field(default_factory=dict)  # by name; members in ``engines``
+
+    def members_of(self, target: str) -> tuple[str, ...]:
+        """The engines a visit naming ``target`` (an engine or a pool) can be sent to."""
+        pool = self.pools.get(target)
+        return pool.members if pool is not None else (target,)
+
+    def pool_of(self, engine: str) -> str | None:
+        """The pool ``engine`` belongs to (None: a plain engine)."""
+        for pool in self.pools.values():
+            if engine in pool.members:
+                return pool.name
+        return None
 
     def buffers(self) -> list[str]:
         """Every visit buffer ``class.node``."""
@@ -165,7 +214,7 @@ class Network:
                             c.rate_per_s * factor, c.start, c.nodes)
             for name, c in self.classes.items()
         }
-        return Network(self.engines, classes)
+        return Network(self.engines, classes, self.pools)
 
 
 def _arrival(spec: str, rate: float, cls: str) -> ArrivalProcess:
@@ -205,9 +254,21 @@ def parse_network(data: Any) -> Network:
         model = NetworkModel.model_validate(data)
     except ValidationError as err:
         raise first_error(err) from None
-    engines = {name: _engine(name, e) for name, e in model.engines.items()}
-    classes = {name: _class(name, c, engines) for name, c in model.classes.items()}
-    net = Network(engines, classes)
+    engines: dict[str, EngineSpec] = {}
+    pools: dict[str, PoolSpec] = {}
+    for name, e in model.engines.items():
+        if POOL_SEPARATOR in name:
+            raise ConfigError(f"engines.{name}", name, f"engine names must not contain "
+                              f"'{POOL_SEPARATOR}' (a pool's members are named pool{POOL_SEPARATOR}0, ...)")
+        pool = _pool(name, e)
+        if pool is None:
+            engines[name] = _engine(name, e)
+        else:
+            pools[name] = pool[0]
+            engines.update(pool[1])
+    targets = {*(n for n in engines if POOL_SEPARATOR not in n), *pools}  # what a visit may name
+    classes = {name: _class(name, c, targets) for name, c in model.classes.items()}
+    net = Network(engines, classes, pools)
     for e in engines.values():  # priority entries must name buffers or classes of the network
         known = set(net.buffers()) | set(classes)
         for entry in e.priority:
@@ -217,8 +278,36 @@ def parse_network(data: Any) -> Network:
     return net
 
 
-def _engine(name: str, e: EngineModel) -> EngineSpec:
+def _pool(name: str, e: EngineModel) -> tuple[PoolSpec, dict[str, EngineSpec]] | None:
+    """A pool and its member engines (None: a plain engine, ``replicas`` 1 without groups)."""
     where = f"engines.{name}"
+    router = e.router.strip().lower()
+    if router not in ROUTER_NAMES:
+        raise ConfigError(f"{where}.router", e.router,
+                          f"unknown router; choose from {', '.join(ROUTER_NAMES)}")
+    if e.groups is not None and e.replicas is not None:
+        raise ConfigError(f"{where}.replicas", e.replicas, "give replicas or groups (each with its "
+                          "replicas), not both")
+    if e.groups is None and (e.replicas or 1) == 1:
+        return None
+    groups = e.groups or [GroupModel(replicas=e.replicas or 1)]
+    members: dict[str, EngineSpec] = {}
+    for g, group in enumerate(groups):
+        overrides = {k: v for k, v in group.model_dump(exclude={"replicas"}).items() if v is not None}
+        merged = e.model_copy(update=overrides)
+        at = f"{where}.groups.{g}" if e.groups is not None else where
+        spec = _engine(f"{name}{POOL_SEPARATOR}{len(members)}", merged, at)
+        for _ in range(group.replicas):
+            member = f"{name}{POOL_SEPARATOR}{len(members)}"
+            members[member] = EngineSpec(member, spec.budget, spec.k_max, spec.batch_time, spec.policy,
+                                         spec.priority, spec.memory)
+    return PoolSpec(name, router, tuple(members)), members
+
+
+def _engine(name: str, e: EngineModel, where: str | None = None) -> EngineSpec:
+    where = where or f"engines.{name}"
+    if e.budget is None:
+        raise ConfigError(f"{where}.budget", None, "an engine needs a budget (tokens per batch)")
     try:
         bt = parse_batch_time(e.batch_time)
     except ConfigError as err:
@@ -257,7 +346,7 @@ def _targets(where: str, value: str | dict[str, float] | None) -> tuple[tuple[st
     return tuple((k, float(p)) for k, p in value.items() if p > 0)
 
 
-def _class(name: str, c: ClassModel, engines: Mapping[str, EngineSpec]) -> ClassSpec:
+def _class(name: str, c: ClassModel, engines: set[str]) -> ClassSpec:
     where = f"classes.{name}"
     if not c.nodes:
         raise ConfigError(f"{where}.nodes", c.nodes, "a class needs at least one node")
@@ -272,7 +361,8 @@ def _class(name: str, c: ClassModel, engines: Mapping[str, EngineSpec]) -> Class
         kind = kinds[0]
         if kind == "visit":
             if n.engine not in engines:
-                raise ConfigError(f"{at}.engine", n.engine, f"unknown engine; known: {sorted(engines)}")
+                raise ConfigError(f"{at}.engine", n.engine,
+                                  f"unknown engine or pool; known: {sorted(engines)}")
             sizes = []
             for field in ("prefill", "decode"):
                 spec = getattr(n, field)

@@ -37,10 +37,11 @@ from llmqueue.engines.metrics import Recorder, RunMetrics, TimeBins, downsample,
 from llmqueue.engines.reference import Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.model.batchtime import is_shape_model
-from llmqueue.model.network import EXIT, ClassSpec, EngineSpec, Network, Node, as_network
+from llmqueue.model.network import EXIT, ClassSpec, EngineSpec, Network, Node, PoolSpec, as_network
 from llmqueue.model.workload import CHUNK_SIZE, Request
 from llmqueue.policies.fcfs import KFCFS, VLLMChunked, make_policy
 from llmqueue.policies.network import ClassPriority, MaxPressure
+from llmqueue.policies.routers import ROUTERS, MemberView, PoolView, Router, make_router, router_name
 from llmqueue.policies.view import EngineView, policy_name
 from llmqueue.sim.run import WARMUP_FRACTION, horizon_ms
 from llmqueue.theory.network import Analysis, analyze
@@ -109,6 +110,21 @@ class _Frame:
         self.failed = False
 
 
+class _Pool:
+    """A pool during a run: its router, random stream, routing count and members' static figures
+    (name, nominal capacity tokens/s, budget, KV cache tokens)."""
+
+    __slots__ = ("draws", "routed", "router", "spec", "static")
+
+    def __init__(self, spec: PoolSpec, router: Router, draws: _Draws,
+                 static: tuple[tuple[str, float, int, int | None], ...]) -> None:
+        self.spec = spec
+        self.router = router
+        self.draws = draws
+        self.routed = 0
+        self.static = static
+
+
 class _Token:
     """A request (or a fork's sub-request) travelling through the network."""
 
@@ -130,6 +146,31 @@ class EngineResult:
     observed: Observation
     rho: float
     memory: str | None = None  # the KV cache's canonical spec (None: unlimited)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolResult:
+    """One pool's figures: its members' visits and throughput summed, its load, and its verdicts
+    (observed on the members' summed backlog)."""
+
+    name: str
+    router: str
+    members: tuple[str, ...]
+    visits: tuple[int, ...]  # visits routed to each member
+    completed: int
+    token_throughput: float  # tokens/s served by all members
+    rho: float  # offered tokens over the members' summed capacity
+    predicted: Prediction
+    observed: Observation
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready summary."""
+        return {"router": self.router, "members": list(self.members), "visits": list(self.visits),
+                "completed": self.completed, "total_token_throughput": self.token_throughput,
+                "rho": self.rho, "stable_predicted": self.predicted.verdict,
+                "stable_predicted_reason": self.predicted.reason,
+                "stable_observed": self.observed.verdict,
+                "backlog_slope_tokens_per_s": self.observed.slope_tokens_per_s}
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +206,7 @@ class NetworkResult:
     backlog_series: tuple[tuple[float, float], ...]
     visits: int
     notes: tuple[str, ...]
+    pools: Mapping[str, PoolResult] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready summary (per-engine metrics under vLLM names)."""
@@ -196,6 +238,7 @@ class NetworkResult:
                 for name, c in self.classes.items()
             },
             "notes": list(self.notes),
+            **({"pools": {name: p.to_dict() for name, p in self.pools.items()}} if self.pools else {}),
         }
 
 
@@ -264,6 +307,7 @@ def simulate_network(
     drain_s: float | None = None,
     policies: Mapping[str, PolicyFn] | None = None,
     engine: EngineKind = "auto",
+    routers: Mapping[str, Router | str] | None = None,
 ) -> NetworkResult:
     """Run the network: external arrivals of every class in time order until ``max_requests``
     (over all classes) or ``duration_s``; then drain for at most ``drain_s`` (default: as long as
@@ -271,7 +315,10 @@ def simulate_network(
     ``engine``: ``auto`` runs each engine in the compiled loop when its policy allows it (numba
     installed), else in the Python fast engine, else in the reference engine; ``fast`` and
     ``reference`` force those. All give the same results. An engine with a KV cache runs on
-    the fast engine under ``auto`` (``engine_kind``; ``compiled`` is refused for it)."""
+    the fast engine under ``auto`` (``engine_kind``; ``compiled`` is refused for it).
+    ``policies`` may name a pool (every member takes the policy). ``routers`` overrides pools'
+    routers by pool name: a built-in router's name, or any callable of a ``PoolView`` returning a
+    member index (a user router runs the routing in Python)."""
     net = as_network(net)
     if engine not in ("auto", "compiled", "fast", "reference"):
         raise ConfigError("engine", engine, "must be 'auto', 'compiled', 'fast' or 'reference'")
@@ -286,14 +333,32 @@ def simulate_network(
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError("seed", seed, "must be a non-negative integer")
     for name in policies or {}:
-        if name not in net.engines:
-            raise ConfigError("policies", name, f"unknown engine; known: {sorted(net.engines)}")
-    overrides = policies or {}
+        if name not in net.engines and name not in net.pools:
+            raise ConfigError("policies", name,
+                              f"unknown engine or pool; known: {sorted({*net.engines, *net.pools})}")
+    overrides = {m: p for name, p in (policies or {}).items() for m in net.members_of(name)}
+    chosen = _routers(net, routers or {})
     analysis = analyze(net, {name: policy_name(p) for name, p in overrides.items()},
-                       {name: p.order for name, p in overrides.items() if isinstance(p, ClassPriority)})
+                       {name: p.order for name, p in overrides.items() if isinstance(p, ClassPriority)},
+                       {name: router_name(r) for name, r in chosen.items()})
     duration_ms = None if duration_s is None else duration_s * 1000.0
-    return _Run(net, analysis, seed, max_requests, duration_ms, drain_s, policies or {},
-                engine).result()
+    return _Run(net, analysis, seed, max_requests, duration_ms, drain_s, overrides,
+                engine, routers=chosen).result()
+
+
+def _routers(net: Network, routers: Mapping[str, Router | str]) -> dict[str, Router]:
+    """Every pool's router: the file's, or the caller's (a name or a callable) by pool name."""
+    for name, router in routers.items():
+        if name not in net.pools:
+            raise ConfigError("routers", name, f"unknown pool; known: {sorted(net.pools)}")
+        if not isinstance(router, str) and not callable(router):
+            raise ConfigError(f"routers.{name}", type(router).__name__,
+                              "must be a router's name or a callable of a PoolView")
+    out = {}
+    for name, pool in net.pools.items():
+        given = routers.get(name, pool.router)
+        out[name] = make_router(given, f"routers.{name}") if isinstance(given, str) else given
+    return out
 
 
 class _Run:
@@ -302,9 +367,10 @@ class _Run:
     def __init__(self, net: Network, analysis: Analysis, seed: int, max_requests: int | None,
                  duration_ms: float | None, drain_s: float | None,
                  policies: Mapping[str, PolicyFn], engine: EngineKind = "auto",
-                 compiled_routing: bool = True) -> None:
+                 compiled_routing: bool = True, routers: Mapping[str, Router] | None = None) -> None:
         """``compiled_routing``: when every engine is compiled, run the routing compiled too
-        (``compiled.NetworkLoop``); False keeps it in Python (the same run; for tests)."""
+        (``compiled.NetworkLoop``); False keeps it in Python (the same run; for tests).
+        ``routers``: each pool's router (default: the file's)."""
         self.net = net
         self.compiled_routing = compiled_routing
         self.analysis = analysis
@@ -350,7 +416,7 @@ class _Run:
         self.kernels = [e for e in self.engine_list if isinstance(e, KernelEngine)]
         # one RNG stream per purpose, in a fixed order (same seed, same run)
         streams = iter(np.random.SeedSequence(seed).spawn(
-            len(net.classes) + 3 * sum(len(c.nodes) for c in net.classes.values())
+            len(net.classes) + 3 * sum(len(c.nodes) for c in net.classes.values()) + len(net.pools)
         ))
         self.arrival_streams: dict[str, Iterator[np.ndarray]] = {}
         self.sizes: dict[tuple[str, str], tuple[_Draws, _Draws]] = {}
@@ -367,7 +433,25 @@ class _Run:
                     self.sizes[(cname, nid)] = (_Draws(node.prefill.sample, gens[0]),
                                                 _Draws(node.decode.sample, gens[1]))
                 self.choices[(cname, nid)] = _Draws(lambda r, n: r.random(n), gens[2])
-        self.visits: dict[int, tuple[_Token, str, str]] = {}
+        # pools: one stream each, after the others (a network without pools draws as before)
+        routers = routers or {}
+        self.pools: dict[str, _Pool] = {}
+        for pname in sorted(net.pools):
+            rng = np.random.Generator(np.random.PCG64(next(streams)))
+            router = routers.get(pname) or make_router(net.pools[pname].router)
+            static = tuple(
+                (m, analysis.engines[m].capacity_tokens_per_s, net.engines[m].budget,
+                 None if net.engines[m].memory is None else net.engines[m].memory.capacity_tokens)
+                for m in net.pools[pname].members
+            )
+            self.pools[pname] = _Pool(net.pools[pname], router, _Draws(lambda r, n: r.random(n), rng),
+                                      static)
+        self.builtin_routers = all(p.router in ROUTERS.values() for p in self.pools.values())
+        # what a load balancer observes of every engine (the pools' routers read their members')
+        self.in_system = dict.fromkeys(names, 0)
+        self.waiting = dict.fromkeys(names, 0)
+        self.outstanding = dict.fromkeys(names, 0)
+        self.visits: dict[int, tuple[_Token, str, str, str, int]] = {}  # token, node, buffer, engine, tokens
         self.next_visit = 0
         self.visit_total = 0
         self.class_arrivals = dict.fromkeys(net.classes, 0)
@@ -420,18 +504,27 @@ class _Run:
                     node_id = self._choose(token.cls, node)
                     continue
                 buffer = f"{token.cls}.{node_id}"
+                target = node.engine or ""
+                pool = self.pools.get(target)
+                engine = target if pool is None else self._pick(pool, t_ms, prefill, decode)
                 vid = self.next_visit
                 self.next_visit += 1
                 self.visit_total += 1
-                self.visits[vid] = (token, node_id, buffer)
+                self.visits[vid] = (token, node_id, buffer, engine, prefill + decode)
                 self.counts[buffer] += 1
-                recorder = self.recorders[node.engine or ""]
+                self.in_system[engine] += 1
+                self.waiting[engine] += 1
+                self.outstanding[engine] += prefill + decode
+                recorder = self.recorders[engine]
                 refused = recorder.totals.rejected_requests
-                self.engines[node.engine or ""].submit(Request(vid, t_ms, prefill, decode, buffer))
+                self.engines[engine].submit(Request(vid, t_ms, prefill, decode, buffer))
                 if recorder.totals.rejected_requests > refused:  # its KV cache can never hold this visit
                     del self.visits[vid]
                     self.counts[buffer] -= 1
                     self.visit_total -= 1
+                    self.in_system[engine] -= 1
+                    self.waiting[engine] -= 1
+                    self.outstanding[engine] -= prefill + decode
                     self._refuse(token, t_ms)
                 return
             if node.kind == "fork":
@@ -447,6 +540,22 @@ class _Run:
                 return
             token = frame.parent
             node_id = self._choose(token.cls, node)
+
+    def _pick(self, pool: _Pool, t_ms: float, prefill: int, decode: int) -> str:
+        """The member of ``pool`` its router sends a visit to (two draws of the pool's stream,
+        taken whether the router uses them or not)."""
+        draws = (pool.draws.next(), pool.draws.next())
+        members = tuple(
+            MemberView(i, m, self.in_system[m], self.waiting[m], self.outstanding[m], cap, budget, kv)
+            for i, (m, cap, budget, kv) in enumerate(pool.static)
+        )
+        choice = pool.router(PoolView(pool.spec.name, t_ms, prefill, decode, members, pool.routed, draws))
+        n = len(members)
+        if isinstance(choice, bool) or not isinstance(choice, int | np.integer) or not 0 <= choice < n:
+            raise ConfigError(f"routers.{pool.spec.name}", choice,
+                              f"a router must return a member index 0..{n - 1}")
+        pool.routed += 1
+        return pool.static[int(choice)][0]
 
     def _refuse(self, token: _Token, t_ms: float) -> None:
         """An engine refused a visit of ``token``: the request it belongs to is lost (counted once;
@@ -480,7 +589,8 @@ class _Run:
 
     def result(self) -> NetworkResult:
         """Run the network and collect the results."""
-        if self.compiled_routing and self.kernels and len(self.kernels) == len(self.engine_list):
+        if (self.compiled_routing and self.builtin_routers and self.kernels
+                and len(self.kernels) == len(self.engine_list)):
             horizon = self._loop_compiled()
         else:
             horizon = self._loop()
@@ -490,7 +600,8 @@ class _Run:
         """``_loop``, routing included, in compiled code (every engine is compiled): the same run,
         with this object's per-class counters filled as ``_loop`` fills them. Returns the
         horizon."""
-        tables = route_tables(self.net, self.engine_names)
+        tables = route_tables(self.net, self.engine_names,
+                              {name: router_name(p.router) for name, p in self.pools.items()})
         sizes: list[Callable[[], np.ndarray] | None] = []
         choices: list[Callable[[], np.ndarray] | None] = []
         for key in tables.keys:
@@ -502,6 +613,7 @@ class _Run:
             [self.class_latency[c] for c in tables.classes], self.max_requests,
             math.inf if self.duration_ms is None else self.duration_ms,
             lambda last_ms: horizon_ms(self.duration_ms, last_ms, self.drain_s),
+            [self.pools[name].draws.chunk for name in tables.pools],
         )
         horizon = loop.run()
         for i, cname in enumerate(tables.classes):
@@ -586,8 +698,13 @@ class _Run:
 
     def _route(self, finished: list[int], t_ms: float) -> None:
         """Send finished visits on, then let idle max-pressure engines look again."""
+        for vid in finished:  # what the routers see: every completion of the instant at once
+            _, _, _, engine, tokens = self.visits[vid]
+            self.in_system[engine] -= 1
+            self.waiting[engine] = 0
+            self.outstanding[engine] -= tokens
         for vid in finished:
-            token, node_id, buffer = self.visits.pop(vid)
+            token, node_id, buffer, _, _ = self.visits.pop(vid)
             self.counts[buffer] -= 1
             node = self.net.classes[token.cls].nodes[node_id]
             self._advance(token, self._choose(token.cls, node), t_ms)
@@ -604,6 +721,7 @@ class _Run:
                          end_ms)
         start = WARMUP_FRACTION * window_end
         engine_results: dict[str, EngineResult] = {}
+        offered_of: dict[str, float] = {}
         total = TimeBins()
         offered_total = 0.0
         for name in self.engine_names:
@@ -613,6 +731,7 @@ class _Run:
             metrics = rec.finish(end_ms)
             offered = rec.totals.arrived_tokens / (window_end / 1000.0) if window_end > 0 else 0.0
             offered_total += offered
+            offered_of[name] = offered
             memory = self.net.engines[name].memory
             engine_results[name] = EngineResult(
                 name, self.policy_names[name], metrics,
@@ -622,6 +741,23 @@ class _Run:
             total.width_ms = rec.backlog_bins.width_ms
             total.sums = total.sums + rec.backlog_bins.sums
         total._fit(end_ms)
+        pools = {}
+        for pname, pool in self.pools.items():
+            backlog = TimeBins()
+            for m in pool.spec.members:
+                bins = self.recorders[m].backlog_bins
+                backlog.width_ms = bins.width_ms
+                backlog.sums = backlog.sums + bins.sums
+            backlog._fit(end_ms)
+            load = self.analysis.pools[pname]
+            pools[pname] = PoolResult(
+                pname, router_name(pool.router), pool.spec.members,
+                tuple(engine_results[m].metrics.arrivals for m in pool.spec.members),
+                sum(engine_results[m].metrics.completed for m in pool.spec.members),
+                sum(engine_results[m].metrics.total_token_throughput for m in pool.spec.members),
+                load.rho, predict_pool(self.net, self.analysis, pname, self.policy_names),
+                observe(backlog, start, window_end, sum(offered_of[m] for m in pool.spec.members)),
+            )
         observed = observe(total, start, window_end, offered_total)
         classes = {}
         duration_s = end_ms / 1000.0
@@ -677,7 +813,53 @@ class _Run:
             backlog_series=backlog,
             visits=self.visit_total,
             notes=tuple(notes),
+            pools=pools,
         )
+
+
+def predict_pool(net: Network, analysis: Analysis, pool: str,
+                 policy_names: Mapping[str, str] | None = None) -> Prediction:
+    """The theory's verdict for one pool (docs/networks.md, Pools).
+
+    ``unstable`` when the offered load exceeds the members' summed capacity, or when a round-robin
+    or random router (each member gets 1/N of the visits) overloads a member. Below that,
+    ``stable`` for work-conserving K-FCFS members (no ``k_max``, no KV cache) when the router is
+    throughput-optimal for the pool: jsq, jsq-tokens, least-kv and vllm-dp always (a member keeps
+    receiving work only while its count is the smallest, so a growing member means every member
+    is backlogged and serving at full capacity); p2c for identical members or two members (it
+    then compares both); round-robin and random whenever no member is overloaded. Otherwise
+    ``no guarantee``: p2c over 3+ unequal members (a member gets at most 2/N of the visits), a
+    user router, or members the single-engine theorem does not cover.
+    """
+    load = analysis.pools[pool]
+    members = load.members
+    names = {m: (policy_names or {}).get(m, net.engines[m].policy) for m in members}
+    if load.rho > 1 + CRITICAL_TOLERANCE:
+        return Prediction("unstable", f"pool {pool} is loaded at {load.rho:.3f} of its members' summed "
+                          "capacity: no router keeps up")
+    over = analysis.overloaded_members(pool)
+    if load.split == "even" and over:
+        worst = max(over, key=lambda m: analysis.engines[m].rho)
+        return Prediction("unstable", f"router '{load.router}' sends each of the {len(members)} members "
+                          f"1/{len(members)} of the visits: {worst} is loaded at "
+                          f"{analysis.engines[worst].rho:.3f} > 1 although the pool is at {load.rho:.3f}")
+    if abs(load.rho - 1) <= CRITICAL_TOLERANCE:
+        return Prediction("no guarantee", f"pool {pool} is at load 1: the theorems do not decide")
+    optimal = load.router in ("jsq", "jsq-tokens", "least-kv", "vllm-dp", "round-robin", "random") or (
+        load.router == "p2c" and (load.identical or len(members) <= 2))
+    if not optimal:
+        reason = ("a user router: nothing is promised" if load.router not in
+                  ("p2c",) else f"p2c over {len(members)} unequal members: a member receives at most "
+                  f"2/{len(members)} of the visits, so a fast member can starve while slow ones overload")
+        return Prediction("no guarantee", reason)
+    kfcfs = all(names[m] in K_FCFS_WORK_CONSERVING and net.engines[m].k_max is None
+                and net.engines[m].memory is None for m in members)
+    if not kfcfs:
+        return Prediction("no guarantee", f"pool {pool} below its capacity ({load.rho:.3f}), but not every "
+                          "member runs a work-conserving K-FCFS policy without k_max nor a KV cache")
+    return Prediction("stable", f"router '{load.router}' with work-conserving K-FCFS members, pool "
+                      f"loaded at {load.rho:.3f} < 1, largest member load "
+                      f"{max(analysis.engines[m].rho for m in members):.3f}")
 
 
 def predict_network(net: Network, analysis: Analysis,
@@ -733,6 +915,10 @@ def predict_network(net: Network, analysis: Analysis,
         return Prediction("no guarantee", f"below the memory-aware loads, but engine(s) "
                           f"{', '.join(cached)} have a KV cache: the theorem does not cover "
                           "preemption (docs/memory.md)")
+    for pool in net.pools:
+        verdict = predict_pool(net, analysis, pool, policy_names)
+        if verdict.verdict != "stable":
+            return Prediction(verdict.verdict, f"pool {pool}: {verdict.reason}")
     if kfcfs:
         return Prediction("stable", f"work-conserving K-FCFS engines on a feed-forward network, "
                           f"bottleneck {analysis.bottleneck} at load {top:.3f} < 1 (v3, §5)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -60,6 +60,22 @@ class VirtualStation:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolLoad:
+    """A pool's load: offered tokens over its members' summed capacity, and how the analysis split
+    it among the members (``even``: the router sends each 1/N of the visits, round-robin and
+    random; ``capacity``: in proportion to capacity, what a load-balancing router aims at)."""
+
+    pool: str
+    router: str
+    members: tuple[str, ...]
+    tokens_per_s: float
+    capacity_tokens_per_s: float
+    rho: float
+    split: str
+    identical: bool  # the members share budget, k_max, batch time, policy and KV cache
+
+
+@dataclass(frozen=True, slots=True)
 class Analysis:
     """What the traffic equations say about a network."""
 
@@ -72,20 +88,59 @@ class Analysis:
     virtual_stations: tuple[VirtualStation, ...]
     warnings: tuple[str, ...]
     buffer_tokens_per_s: Mapping[str, float]
+    pools: Mapping[str, PoolLoad] = field(default_factory=dict)
+
+    def overloaded_members(self, pool: str) -> tuple[str, ...]:
+        """The members of ``pool`` whose load under the analysis's split exceeds 1."""
+        return tuple(m for m in self.pools[pool].members if self.engines[m].rho > 1)
+
+
+EVEN_SPLIT_ROUTERS = ("round-robin", "random")
+"""Routers that send each member of a pool 1/N of its visits whatever the members' state."""
+
+
+def _split(net: Network, routers: Mapping[str, str],
+           visits: Mapping[str, Mapping[str, float]]) -> dict[str, tuple[tuple[str, float], ...]]:
+    """For each visit target (an engine or a pool): the engines its visits go to, with the share of
+    them each gets (even for round-robin and random, else in proportion to nominal capacity, a
+    composition-aware batch time seen through the pool's offered mix)."""
+    out: dict[str, tuple[tuple[str, float], ...]] = {name: ((name, 1.0),) for name in net.engines}
+    for pool in net.pools.values():
+        n = len(pool.members)
+        if routers.get(pool.name, pool.router) in EVEN_SPLIT_ROUTERS:
+            out[pool.name] = tuple((m, 1.0 / n) for m in pool.members)
+            continue
+        rate = pre = dec = 0.0
+        for cname, c in net.classes.items():
+            for nid, node in c.nodes.items():
+                if node.kind == "visit" and node.engine == pool.name:
+                    assert node.prefill is not None and node.decode is not None
+                    r = c.rate_per_s * visits[cname][nid]
+                    rate, pre, dec = rate + r, pre + r * node.prefill.mean, dec + r * node.decode.mean
+        mean_p, mean_d = (pre / rate, dec / rate) if rate > 0 else (0.0, 0.0)
+        caps = [theory.capacity_tokens_per_ms(mix_batch_time(net.engines[m].batch_time, mean_p, mean_d),
+                                              net.engines[m].budget) for m in pool.members]
+        total = sum(caps)
+        out[pool.name] = tuple((m, c / total) for m, c in zip(pool.members, caps, strict=True))
+    return out
 
 
 def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
-            priorities: Mapping[str, Sequence[str]] | None = None) -> Analysis:
+            priorities: Mapping[str, Sequence[str]] | None = None,
+            routers: Mapping[str, str] | None = None) -> Analysis:
     """Traffic equations, loads, bottleneck, critical scaling and warnings (no simulation).
 
     ``policy_names`` overrides engines' policy names (a simulation with other policies);
-    ``priorities`` the priority order of engines put on ``priority`` that way (else the file's).
+    ``priorities`` the priority order of engines put on ``priority`` that way (else the file's);
+    ``routers`` pools' router names (a simulation with other routers). A pool's visits are split
+    among its members (``_split``); its own load is in ``pools``.
     """
     net = as_network(net)
     policy_of = {name: (policy_names or {}).get(name, e.policy) for name, e in net.engines.items()}
     order_of = {name: tuple((priorities or {}).get(name, e.priority)) if policy_of[name] == "priority"
                 else () for name, e in net.engines.items()}
     visits = {name: visit_counts(c) for name, c in net.classes.items()}
+    shares = _split(net, routers or {}, visits)
     prefill = dict.fromkeys(net.engines, 0.0)
     decode = dict.fromkeys(net.engines, 0.0)
     buffers: dict[str, list[str]] = {e: [] for e in net.engines}
@@ -97,14 +152,16 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
             if node.kind != "visit" or node.engine is None:
                 continue
             assert node.prefill is not None and node.decode is not None
-            rate = c.rate_per_s * visits[name][nid]
-            prefill[node.engine] += rate * node.prefill.mean
-            decode[node.engine] += rate * node.decode.mean
-            visit_rate[node.engine] += rate
-            context[node.engine] += rate * node.decode.mean * mean_decode_context(
-                node.prefill.mean, node.decode.mean)
-            buffers[node.engine].append(f"{name}.{nid}")
-            buffer_rate[f"{name}.{nid}"] = rate * node.mean_tokens
+            total_rate = c.rate_per_s * visits[name][nid]
+            for member, share in shares[node.engine]:
+                rate = total_rate * share
+                prefill[member] += rate * node.prefill.mean
+                decode[member] += rate * node.decode.mean
+                visit_rate[member] += rate
+                context[member] += rate * node.decode.mean * mean_decode_context(
+                    node.prefill.mean, node.decode.mean)
+                buffers[member].append(f"{name}.{nid}")
+            buffer_rate[f"{name}.{nid}"] = total_rate * node.mean_tokens
     loads = {}
     memory_warnings: list[str] = []
     for e in net.engines.values():
@@ -167,8 +224,28 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
                     f"engine {e.name}: prompts of {buffer} can exceed the budget {e.budget} and "
                     f"policy '{policy}' never chunks them: such a prompt blocks the engine for good"
                 )
+    pools = {}
+    for pool in net.pools.values():
+        tokens = sum(loads[m].tokens_per_s for m in pool.members)
+        cap = sum(loads[m].capacity_tokens_per_s for m in pool.members)
+        router = (routers or {}).get(pool.name, pool.router)
+        first = net.engines[pool.members[0]]
+        identical = all(_same_engine(first, net.engines[m]) for m in pool.members)
+        pools[pool.name] = PoolLoad(pool.name, router, pool.members, tokens, cap, tokens / cap,
+                                    "even" if router in EVEN_SPLIT_ROUTERS else "capacity", identical)
+        over = [m for m in pool.members if loads[m].rho > 1]
+        if router in EVEN_SPLIT_ROUTERS and over and tokens / cap <= 1:
+            warnings.append(f"pool {pool.name}: router '{router}' sends each member 1/"
+                            f"{len(pool.members)} of its visits: member(s) {', '.join(over)} overload "
+                            f"although the pool is loaded at {tokens / cap:.3f} of its capacity")
     return Analysis(visits, loads, bottleneck, 1.0 / top if top > 0 else math.inf, bool(cycle),
-                    cycle, stations, tuple(warnings), buffer_rate)
+                    cycle, stations, tuple(warnings), buffer_rate, pools)
+
+
+def _same_engine(a: EngineSpec, b: EngineSpec) -> bool:
+    """Whether two engines are identical but for their names."""
+    return (a.budget, a.k_max, a.batch_time, a.policy, a.priority, a.memory) == (
+        b.budget, b.k_max, b.batch_time, b.policy, b.priority, b.memory)
 
 
 def _engine_rho(token_time: BatchTime, budget: int, prefill_per_s: float, decode_per_s: float,
@@ -188,7 +265,8 @@ def _oversized(net: Network, engine: EngineSpec) -> list[str]:
     rng = np.random.default_rng(0)
     for c in net.classes.values():
         for nid, node in c.nodes.items():
-            at_engine = node.kind == "visit" and node.engine == engine.name and node.prefill is not None
+            at_engine = (node.kind == "visit" and engine.name in net.members_of(node.engine or "")
+                         and node.prefill is not None)
             if at_engine and int(node.prefill.sample(rng, 20_000).max()) > engine.budget:  # type: ignore[union-attr]
                 out.append(f"{c.name}.{nid}")
     return out
@@ -203,7 +281,7 @@ def _unfitting(net: Network, engine: EngineSpec) -> list[str]:
     rng = np.random.default_rng(0)
     for c in net.classes.values():
         for nid, node in c.nodes.items():
-            if node.kind != "visit" or node.engine != engine.name:
+            if node.kind != "visit" or engine.name not in net.members_of(node.engine or ""):
                 continue
             assert node.prefill is not None and node.decode is not None
             largest = int((node.prefill.sample(rng, 20_000) + node.decode.sample(rng, 20_000)).max())
@@ -247,7 +325,7 @@ def _next_visits(c: ClassSpec, node_id: str) -> set[str]:
 def _engine_cycle(net: Network) -> tuple[str, ...]:
     """A cycle of engines in the routing graph, as engine names (empty if acyclic)."""
     edges = _engine_edges(net)
-    graph: dict[str, list[str]] = {e: [] for e in net.engines}
+    graph: dict[str, list[str]] = {e: [] for e in (*net.engines, *net.pools)}
     for a, b in sorted(edges):
         graph[a].append(b)
     state: dict[str, int] = {}

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from llmqueue.cli.app import main
 from llmqueue.errors import ConfigError
-from llmqueue.model.network import Network, parse_network, visit_counts
+from llmqueue.model.network import ROUTER_NAMES, Network, parse_network, visit_counts
 from llmqueue.paper.reproduce import BAD, GOOD, rs_network
 from llmqueue.sim.network import _Run, simulate_network
 from llmqueue.theory.network import analyze
@@ -383,8 +383,9 @@ def _random_route(draw: st.DrawFn, engines: list[str]) -> tuple[str, dict[str, d
 
 @st.composite
 def random_networks(draw: st.DrawFn) -> tuple[Network, dict]:
-    """A random valid network (engines of every compiled policy, 1-2 classes on random routes,
-    visits that draw no tokens in some) at a random load, with a random run length, seed, drain."""
+    """A random valid network (engines of every compiled policy, one of them a pool half the time,
+    1-2 classes on random routes, visits that draw no tokens in some) at a random load, with a
+    random run length, seed, drain."""
     engines = {
         f"e{i}": {
             "budget": draw(st.sampled_from((64, 128, 512))),
@@ -394,6 +395,15 @@ def random_networks(draw: st.DrawFn) -> tuple[Network, dict]:
         }
         for i in range(draw(st.integers(2, 4)))
     }
+    if draw(st.booleans()):  # a pool of 2-4 replicas (1/3 with a second, different group) behind any router
+        pool = engines["e0"]
+        pool["router"] = draw(st.sampled_from(ROUTER_NAMES))
+        first = draw(st.integers(1, 3))
+        if draw(st.integers(0, 2)) == 0:
+            pool["groups"] = [{"replicas": first}, {"replicas": 1, "budget": 64,
+                                                     "batch_time": draw(st.sampled_from(BATCH_TIMES))}]
+        else:
+            pool["replicas"] = first + 1
     classes: dict[str, dict] = {}
     for c in range(draw(st.integers(1, 2))):
         start, nodes = _random_route(draw, sorted(engines))
@@ -408,7 +418,7 @@ def random_networks(draw: st.DrawFn) -> tuple[Network, dict]:
                                                 decode=SometimesZero(n.decode, zero))
                        if n.kind == "visit" else n for nid, n in spec.nodes.items()}
             specs[cname] = dataclasses.replace(spec, nodes=nodes_z)
-        net = Network(net.engines, specs)
+        net = Network(net.engines, specs, net.pools)
     net = net.scaled(draw(st.sampled_from((0.5, 0.9, 1.3))) * analyze(net).critical_scale)
     run = {"seed": draw(st.integers(0, 2**20)), "drain_s": draw(st.sampled_from((None, 0.0, 0.05)))}
     if draw(st.booleans()):

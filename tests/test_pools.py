@@ -170,6 +170,22 @@ def test_every_router_routes_alike_on_the_three_engines_and_compiled(router) -> 
         assert max(visits) - min(visits) <= 1
 
 
+@pytest.mark.parametrize("router", ["least-kv", "vllm-dp"])
+def test_pools_with_kv_caches_route_alike_on_the_python_engines(router) -> None:
+    """Members with small KV caches (one refuses the largest visits; vllm-dp, blind to KV, makes
+    members preempt): the reference and fast engines route every visit alike."""
+    spec = pool_net({"budget": 256, "batch_time": FAST, "router": router, "groups": [
+        {"replicas": 2, "memory": "tokens=2000,block=16"}, {"replicas": 1, "memory": "tokens=400,block=16"}]})
+    spec["classes"]["c"]["nodes"]["a"]["prefill"] = "uniform:1,500"
+    net = at_load(spec, 0.8)
+    ref = simulate_network(net, seed=2, max_requests=300, engine="reference").to_dict()
+    fast = simulate_network(net, seed=2, max_requests=300, engine="fast").to_dict()
+    _same(ref, fast)
+    assert fast["engines"]["chat/2"]["rejected_requests"] > 0
+    preempted = sum(fast["engines"][m]["preemptions"] for m in ("chat/0", "chat/1", "chat/2"))
+    assert preempted > 0 if router == "vllm-dp" else preempted == 0  # least-kv balances the caches
+
+
 def test_a_user_router_sees_the_view_the_built_in_one_sees() -> None:
     """A Python callable routing as jsq gives exactly the compiled jsq run (so the Python view
     equals the compiled routing's state); calls see the documented fields."""

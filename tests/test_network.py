@@ -470,13 +470,16 @@ def test_every_resumable_step_of_the_compiled_routing(monkeypatch) -> None:
     monkeypatch.setattr(kernel, "net_run", counting)
     over = parse_network(fork_join(1.0, p_back=0.3))
     over = over.scaled(2.0 * analyze(over).critical_scale)  # the critic piles up > 1024 requests
+    pooled = fork_join(4.0, p_back=0.3)  # the planner a pool: its router's stream refills too
+    pooled["engines"]["planner"].update(replicas=3, router="vllm-dp")
     for net, run in ((over, {"seed": 3, "max_requests": 5000, "drain_s": 1.0}),  # > 4096 arrivals
-                     (parse_network(fork_join(4.0, p_back=0.5)), {"seed": 8, "duration_s": 2.0})):
+                     (parse_network(fork_join(4.0, p_back=0.5)), {"seed": 8, "duration_s": 2.0}),
+                     (parse_network(pooled), {"seed": 2, "max_requests": 1500})):
         assert json.dumps(_run(net, compiled_routing=True, **run), sort_keys=True) == \
             json.dumps(_run(net, compiled_routing=False, **run), sort_keys=True)
     expected = {kernel.NET_DONE, kernel.NET_ROOM, kernel.NET_SLOTS, kernel.NET_SIZES, kernel.NET_CHOICES,
                 kernel.NET_TOKENS, kernel.NET_FRAMES, kernel.NET_PENDING, kernel.NET_LATENCY,
-                kernel.NET_ARRIVALS, kernel.NET_HORIZON}
+                kernel.NET_ARRIVALS, kernel.NET_HORIZON, kernel.NET_POOL_DRAWS}
     assert seen == expected
 
 

@@ -3,12 +3,14 @@
 ``net_run`` is ``llmqueue.sim.network._Run``'s event loop (``result`` and ``_route``/``_advance``)
 with each engine driven as ``llmqueue.engines.compiled.KernelEngine`` drives it: the same engine
 calls (advance alone up to a limit, end only, start only) at the same moments, the same routing
-order and the same random draws, so the run is the same. Each engine runs the single-engine
-kernel (``llmqueue.engines.kernel.run``) in network mode. It is a resumable state machine:
-whenever it needs the driver (an engine's output buffers are full, an engine or a pool needs more
-room, a random stream or a class's arrivals need their next chunk, the horizon must be computed),
-it returns a code with ``ns[NS_ASK]`` saying for whom, having consumed nothing of the step it could
-not finish, and the driver (``llmqueue.engines.compiled.NetworkLoop``) calls it again once done.
+order and the same random draws, so the run is the same; a visit to a pool asks the pool's built-in
+router (``_pick``) for the member, from the counts ``_walk`` and ``_take`` keep per engine. Each
+engine runs the single-engine kernel (``llmqueue.engines.kernel.run``) in network mode. It is a
+resumable state machine: whenever it needs the driver (an engine's output buffers are full, an
+engine or a pool needs more room, a random stream or a class's arrivals need their next chunk, the
+horizon must be computed), it returns a code with ``ns[NS_ASK]`` saying for whom, having consumed
+nothing of the step it could not finish, and the driver (``llmqueue.engines.compiled.NetworkLoop``)
+calls it again once done.
 
 Its arguments come in groups, each a record of arrays (a ``NamedTuple``: numba reads the fields
 by name at compile time; see ``net_run``): the loop's scalars (``Loop``), the route tables

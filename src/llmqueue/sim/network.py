@@ -7,7 +7,9 @@ every engine due at that instant and routes their finished requests (to their ne
 branches, a join, or out of the network). Only then does it start those engines' next batches.
 So, as for a single engine, a request that reaches an engine exactly at a batch boundary joins
 the batch that starts there. Every engine keeps its own ``Recorder``, hence the single-engine
-metric set per engine.
+metric set per engine. A visit to a pool goes to the member its router picks from a ``PoolView``
+(what a load balancer observes: visits routed and finished per member), with two draws of the
+pool's own random stream; results add one ``PoolResult`` per pool.
 
 When every engine runs in the compiled loop (the shipped K-FCFS and current-vLLM policies, numba
 installed), the whole loop, routing included, runs compiled (``compiled.NetworkLoop``): the same

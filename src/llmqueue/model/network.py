@@ -7,9 +7,9 @@ optional KV-cache ``memory``) and request **classes**. An engine table with ``re
 ``pool/0``, ``pool/1``, ... (``Network.engines``; ``Network.pools`` holds each ``PoolSpec``), and a
 visit naming the pool goes to the member its ``router`` picks (``llmqueue.policies.routers``). Each
 class has an arrival process and a route: a graph of nodes starting at ``start``. A ``visit`` node
-names an engine and that visit's prefill/decode size distributions. A ``fork`` node sends one sub-
-request down each of its branches; they meet again at the ``join`` node that names the fork, and the
-request goes on from there once every branch is done. ``next`` is a node id, ``"exit"``, or a
+names an engine and that visit's prefill/decode size distributions. A ``fork`` node sends one
+sub-request down each of its branches; they meet again at the ``join`` node that names the fork, and
+the request goes on from there once every branch is done. ``next`` is a node id, ``"exit"``, or a
 mapping of them to probabilities (a critic that sends work back with probability p). Cycles are
 allowed as long as the route ends with probability 1.
 

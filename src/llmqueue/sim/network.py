@@ -879,6 +879,11 @@ def predict_network(net: Network, analysis: Analysis,
     with them too, so that its virtual stations are those of the priorities that ran).
     """
     top = analysis.engines[analysis.bottleneck].rho
+    pool = net.pool_of(analysis.bottleneck)
+    if top > 1 + CRITICAL_TOLERANCE and pool is not None:  # the pool or its router's split overloads
+        verdict = predict_pool(net, analysis, pool, policy_names)
+        if verdict.verdict == "unstable":
+            return Prediction("unstable", f"pool {pool}: {verdict.reason}")
     if top > 1 + CRITICAL_TOLERANCE:
         return Prediction("unstable", f"engine {analysis.bottleneck} is loaded at {top:.3f} > 1: "
                           "no policy keeps up")

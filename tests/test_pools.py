@@ -268,6 +268,9 @@ def test_heterogeneous_pool_at_0_8_of_its_capacity(router, verdict) -> None:
     result = simulate_network(net, seed=7, duration_s=60.0)
     assert result.pools["chat"].observed.verdict == verdict
     assert result.pools["chat"].predicted.verdict == verdict
+    assert result.predicted.verdict == verdict
+    if verdict == "unstable":
+        assert result.predicted.reason.startswith(f"pool chat: router '{router}' sends each of the 2")
 
 
 @pytest.mark.parametrize("router", ROUTER_NAMES)

@@ -1,5 +1,5 @@
 """The ``llmqueue`` command line assembled: the group with ``simulate``, ``compare``, ``capacity``,
-``region``, ``sweep``, ``results``, ``reproduce``, ``network analyze|simulate``, ``fit``,
+``region``, ``sweep``, ``results``, ``reproduce``, ``network analyze|simulate``, ``plan``, ``fit``,
 ``trace stats|fit``, ``validate`` and ``warmup`` (one module per command family), and ``main``.
 
 Every option can also come from a TOML or YAML file given with ``--config`` (keys are the option
@@ -18,6 +18,7 @@ from llmqueue.cli.capacity import capacity_cmd, region_cmd
 from llmqueue.cli.data import fit_cmd, trace_group, validate_cmd, warmup_cmd
 from llmqueue.cli.network import network_group
 from llmqueue.cli.paper import reproduce_cmd
+from llmqueue.cli.plan import plan_cmd
 from llmqueue.cli.run import compare_cmd, simulate_cmd
 from llmqueue.cli.sweep import results_cmd, sweep_cmd
 from llmqueue.errors import LLMQueueError
@@ -30,7 +31,7 @@ def cli() -> None:
 
 
 for _command in (simulate_cmd, compare_cmd, capacity_cmd, region_cmd, sweep_cmd, results_cmd, reproduce_cmd,
-                 network_group, fit_cmd, trace_group, validate_cmd, warmup_cmd):
+                 network_group, plan_cmd, fit_cmd, trace_group, validate_cmd, warmup_cmd):
     cli.add_command(_command)
 
 

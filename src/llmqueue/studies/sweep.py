@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -562,16 +562,51 @@ def run_sweep(
     already = sum(1 for run in expand(config) if run_key(run) in stored)
     if on_start is not None:
         on_start(total, total - already)
+    ran, skipped, signum = run_stored(expand(config), store, engine=config.run.engine, workers=workers,
+                                      backend=backend, ray_address=ray_address, on_done=on_done,
+                                      stale_claim_s=stale_claim_s)
+    return SweepOutcome(total, already, ran, signum is not None, time.perf_counter() - start, skipped,
+                        duplicates, signum)
+
+
+ExecuteFn = Callable[[Mapping[str, Any], str], tuple[dict[str, Any], float]]
+"""A run's executor: (run configuration, engine) -> (flat result, wall s); module-level, so a worker
+process or a Ray task can call it."""
+
+
+def run_stored(
+    runs: Iterable[dict[str, Any]],
+    store: Store,
+    *,
+    execute_fn: ExecuteFn | None = None,
+    engine: str = "auto",
+    workers: int = 1,
+    backend: Literal["local", "ray"] = "local",
+    ray_address: str | None = None,
+    on_done: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = None,
+    stale_claim_s: float = STALE_CLAIM_S,
+    pool: ProcessPoolExecutor | None = None,
+) -> tuple[int, int, int | None]:
+    """Run every configuration of ``runs`` not yet in ``store`` with ``execute_fn`` (default: a
+    sweep run), claimed first and stored as each finishes: the machinery of :func:`run_sweep`, for
+    other studies (``llmqueue plan``) too. Returns (runs stored here, runs left to another process
+    on the same file, the signal that interrupted it or None); LLMQueueError when the store cannot
+    take a write (the finished runs go to a side file). ``pool`` (``worker_pool``) lets a caller
+    that runs several batches keep its workers (and their loaded event loops) between them; it is
+    stopped if a signal interrupts the runs."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError("workers", workers, f"must be an integer from 1 to {MAX_WORKERS:,}")
+    execute_fn = execute_fn or execute
+    stored = store.keys()
     interrupts = _Interrupts()
     owner = Owner.new()
     recorder = _Recorder(store, owner, package_version(), interrupts, on_done)
-    engine = config.run.engine
     skipped = 0
 
     def claimed() -> Iterator[dict[str, Any]]:
         """The runs to start: not stored, and claimed here (not by another sweep)."""
         nonlocal skipped
-        for run in expand(config):
+        for run in runs:
             if recorder.failure is not None:
                 return
             key = run_key(run)
@@ -590,13 +625,13 @@ def run_sweep(
     with interrupts.installed():
         try:
             if backend == "ray":
-                _run_ray(claimed(), engine, recorder, ray_address)
+                _run_ray(claimed(), engine, recorder, ray_address, execute_fn)
             elif workers == 1:
                 for run in claimed():
-                    result, wall_s = execute(run, engine)
+                    result, wall_s = execute_fn(run, engine)
                     recorder(run, result, wall_s)
             else:
-                _run_pool(claimed(), engine, recorder, workers)
+                _run_pool(claimed(), engine, recorder, workers, execute_fn, pool)
         except KeyboardInterrupt as err:  # _Interrupted, or Ctrl-C outside the main thread
             interrupts.signum = int(getattr(err, "signum", signal.SIGINT))
         finally:
@@ -604,8 +639,9 @@ def run_sweep(
             store.release(owner)
     if recorder.failure is not None:
         raise _write_failed(store, recorder)
-    return SweepOutcome(total, already, recorder.ran, interrupts.signum is not None,
-                        time.perf_counter() - start, skipped, duplicates, interrupts.signum)
+    return recorder.ran, skipped, interrupts.signum
+
+
 
 
 def _write_failed(store: Store, recorder: _Recorder) -> LLMQueueError:
@@ -642,9 +678,16 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
                 process.join(5.0)
 
 
-def _run_pool(runs: Iterator[dict[str, Any]], engine: str, recorder: _Recorder, workers: int) -> None:
-    """Local process pool: at most ``2 x workers`` runs queued at once, stored as they finish."""
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A local process pool whose workers leave Ctrl-C to the parent (for ``run_stored(pool=)``)."""
+    return ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+
+
+def _run_pool(runs: Iterator[dict[str, Any]], engine: str, recorder: _Recorder, workers: int,
+              execute_fn: ExecuteFn = execute, given: ProcessPoolExecutor | None = None) -> None:
+    """Local process pool: at most ``2 x workers`` runs queued at once, stored as they finish. A
+    ``given`` pool is kept running when every run is done (its owner shuts it down)."""
+    pool = given or worker_pool(workers)
     pending: dict[Future[tuple[dict[str, Any], float]], dict[str, Any]] = {}
     finished = False
     try:
@@ -653,7 +696,7 @@ def _run_pool(runs: Iterator[dict[str, Any]], engine: str, recorder: _Recorder, 
                 run = next(runs, None)
                 if run is None:
                     break
-                pending[pool.submit(execute, run, engine)] = run
+                pending[pool.submit(execute_fn, run, engine)] = run
             if not pending:
                 finished = True
                 break
@@ -668,14 +711,14 @@ def _run_pool(runs: Iterator[dict[str, Any]], engine: str, recorder: _Recorder, 
             "rerun the same command to resume"
         ) from None
     finally:
-        if finished:
-            pool.shutdown(wait=True)
-        else:
+        if not finished:
             _stop_workers(pool)
+        elif given is None:
+            pool.shutdown(wait=True)
 
 
 def _run_ray(runs: Iterator[dict[str, Any]], engine: str, recorder: _Recorder,
-             address: str | None) -> None:
+             address: str | None, execute_fn: ExecuteFn = execute) -> None:
     """Ray backend (``pip install 'llmqueue[ray]'``): one task per run, stored as they finish."""
     try:
         import ray
@@ -685,7 +728,7 @@ def _run_ray(runs: Iterator[dict[str, Any]], engine: str, recorder: _Recorder,
         ) from None
     address = address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(execute)
+    remote = ray.remote(execute_fn)
     pending = {remote.remote(run, engine): run for run in runs}
     try:
         while pending and recorder.failure is None:

@@ -107,17 +107,22 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert "gpus.h100.price_per_gpu_hour" in err and "-2" in err
 
 
-def test_theory_pruning_is_sound(tmp_path: Path) -> None:
+DISAGG = _with("deploy.disaggregated", {"ratios": ["1:1", "1:2"], "policy": "sarathi", "budget": 512,
+                                        "transfer": "fixed_ms=1,per_token_ms=0.0001", "max_replicas": 6})
+
+
+@pytest.mark.parametrize("data", ["colocated", "with-disaggregated"])
+def test_theory_pruning_is_sound(tmp_path: Path, data: str) -> None:
     """Every pruned candidate is unstable by theory (headroom 0), the first simulated one of each
     shape is not, and with headroom every pruned one is above 1 - headroom."""
-    plan, result = _plan(tmp_path)
+    plan, result = _plan(tmp_path, SMALL if data == "colocated" else DISAGG)
     pruned = pruned_candidates(plan, result)
     assert result.pruned == len(pruned) > 0
     for c in pruned:
         t = theory_of(candidate_network(plan, c))
         assert t.load >= 1 and t.verdict == "unstable"
     simulated = [t for t in result.tried if t.status != "pruned"]
-    for shape in plan.shapes:
+    for shape in {t.candidate.shape for t in simulated}:
         first = min(t.candidate.scale for t in simulated if t.candidate.shape == shape)
         assert theory_of(candidate_network(plan, _cand(plan, shape, first))).load < 1
     with_headroom = parse_plan(_with("search.headroom", 0.4))
@@ -133,10 +138,11 @@ def _cand(plan: Any, shape: Any, scale: int) -> Any:
     return next(c for c in candidates_of(plan) if c.shape == shape and c.scale == scale)
 
 
-def test_cheapest_passing_fleet_matches_brute_force(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data", [SMALL, DISAGG], ids=["colocated", "with-disaggregated"])
+def test_cheapest_passing_fleet_matches_brute_force(tmp_path: Path, data: dict[str, Any]) -> None:
     """Simulate every candidate theory admits: the plan's answer is the cheapest that passes, and
     its runner-up the cheapest passing one of another shape; the plan simulated fewer."""
-    plan, result = _plan(tmp_path)
+    plan, result = _plan(tmp_path, data)
     targets = slo_targets(plan.model)
     passing = []
     admitted = 0
@@ -156,6 +162,10 @@ def test_cheapest_passing_fleet_matches_brute_force(tmp_path: Path) -> None:
     # the fixed-seed answer of this case
     assert (result.best.candidate.fleet, result.runner_up.candidate.fleet) == ("4 x slow", "2 x fast")
     assert all(v <= targets[k] for k, v in ((k, result.best.metrics[k]) for k in targets))
+    assert {t.metrics["latency_source"] for t in result.tried if t.status in ("pass", "fail")} == {"class"}
+    for t in result.tried:  # what was left unsimulated costs no less than the runner-up
+        if t.status == "skipped":
+            assert t.candidate.cost_per_hour >= result.runner_up.candidate.cost_per_hour
 
 
 def test_resume_reads_the_store_and_gives_the_same_answer(tmp_path: Path) -> None:

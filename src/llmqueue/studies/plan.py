@@ -120,6 +120,7 @@ class DisaggregatedModel(_DeployModel):
 
     ratios: Annotated[list[str], Field(min_length=1)]
     transfer: str | None = None
+    prefill_budget: Budget | None = None  # the prefill pool's budget (default: ``budget``)
     max_replicas: Annotated[int, Field(strict=True, ge=2, le=MAX_REPLICAS)] = 32
 
 
@@ -200,10 +201,12 @@ class Theory:
 
 @dataclass(frozen=True, slots=True)
 class Tried:
-    """One row of the plan's table: a candidate, or a range of pruned ones (``scale_low``..)."""
+    """One row of the plan's table: a candidate simulated (pass, fail), a range of candidates pruned
+    by theory (``scale_low``..its scale), or a shape's next candidate left unsimulated because the
+    answer and the runner-up cost no more (skipped)."""
 
     candidate: Candidate
-    status: Literal["pruned", "pass", "fail"]
+    status: Literal["pruned", "pass", "fail", "skipped"]
     reason: str
     load: float
     metrics: Mapping[str, Any] = field(default_factory=dict)
@@ -455,8 +458,8 @@ def candidate_network(plan: Plan, c: Candidate) -> dict[str, Any]:
     g = plan.model.gpus[shape.gpu]
     d = _deploy(plan, shape)
 
-    def engine(replicas: int) -> dict[str, Any]:
-        e: dict[str, Any] = {"budget": shape.budget, "batch_time": g.batch_time,
+    def engine(replicas: int, budget: int = shape.budget) -> dict[str, Any]:
+        e: dict[str, Any] = {"budget": budget, "batch_time": g.batch_time,
                              "policy": d.policy.strip().lower(), "replicas": replicas,
                              "router": d.router.strip().lower()}
         if g.k_max is not None:
@@ -478,7 +481,8 @@ def candidate_network(plan: Plan, c: Candidate) -> dict[str, Any]:
     pair: dict[str, Any] = {"prefill": "prefill", "decode": "decode"}
     if d.transfer is not None:
         pair["transfer"] = d.transfer
-    return {"engines": {"prefill": engine(c.prefill_replicas), "decode": engine(c.decode_replicas)},
+    prefill = engine(c.prefill_replicas, d.prefill_budget or shape.budget)
+    return {"engines": {"prefill": prefill, "decode": engine(c.decode_replicas)},
             "disaggregated": {POOL: pair}, "classes": {CLASS: cls}}
 
 
@@ -642,10 +646,10 @@ def _search(plan: Plan, store: Store, workers: int, backend: Literal["local", "r
         low, high = plan.scales[shape]
         if below is not None:
             top = (first - 1) if first is not None else high
-            why = ("unstable by theory" if below.load >= 1 or below.verdict == "unstable"
-                   else f"load above 1 - headroom = {max_load:g}")
+            why = ("theory: unstable" if below.verdict == "unstable"
+                   else f"load >= 1 - headroom = {max_load:g}")
             tried.append(Tried(_candidate(plan, shape, top), "pruned",
-                               f"{why}: load {below.load:.3f} at scale {top}, more at fewer replicas",
+                               f"{why} (load {below.load:.3f} at scale {top}, more at fewer replicas)",
                                below.load, scale_low=low))
         if first is not None:
             c = _candidate(plan, shape, first)
@@ -699,6 +703,11 @@ def _search(plan: Plan, store: Store, workers: int, backend: Literal["local", "r
                 heapq.heappush(frontier, (nxt.cost_per_hour, rank, scale + 1, shape))
         if signum is not None:
             break
+    if not capped and signum is None:
+        for cost, _, scale, shape in sorted(frontier):  # left: none can beat the runner-up
+            c = _candidate(plan, shape, scale)
+            tried.append(Tried(c, "skipped", f"not simulated: ${cost:,.2f}/h, no cheaper than the "
+                               "runner-up", theory_of(candidate_network(plan, c)).load))
     passing.sort(key=lambda kt: kt[0])
     best = passing[0][1] if passing else None
     runner = passing[1][1] if len(passing) > 1 else None

@@ -51,6 +51,9 @@ PERCENTILES = {50: "median", 90: "p90", 99: "p99"}
 METRICS = ("ttft", "tpot", "e2el")
 MAX_REPLICAS = 10_000
 """The largest replica count a plan may consider (a typo guard)."""
+WAIT_FOR_OTHER_S = 0.5
+"""How long the search waits before looking again for a simulation another plan on the same results
+file is running (its claim is taken over once that plan is gone, as in a sweep)."""
 POOL = "fleet"
 CLASS = "req"
 NODE = "serve"
@@ -596,11 +599,18 @@ def judge(metrics: Mapping[str, Any], targets: Mapping[str, float]) -> tuple[boo
     for key, target in targets.items():
         value = metrics.get(key)
         if value is None or value > target:
-            shown = "none" if value is None else f"{value:,.0f}"
-            over.append(f"{key} {shown} > {target:,.0f}")
+            over.append(f"{key} {_ms(value, target)} > {target:,.0f}")
     if over:
         return False, "; ".join(over)
-    return True, ", ".join(f"{k} {metrics[k]:,.0f} / {v:,.0f}" for k, v in targets.items())
+    return True, ", ".join(f"{k} {_ms(metrics[k], v)} / {v:,.0f}" for k, v in targets.items())
+
+
+def _ms(value: float | None, target: float) -> str:
+    """A latency for a reason: whole ms, or one decimal where whole ms would read as the target."""
+    if value is None:
+        return "none"
+    text = f"{value:,.0f}"
+    return f"{value:,.1f}" if text == f"{target:,.0f}" and value != target else text
 
 
 # -- the search ------------------------------------------------------------------------------------
@@ -681,10 +691,15 @@ def _search(plan: Plan, store: Store, workers: int, backend: Literal["local", "r
                                       workers=workers, backend=backend, ray_address=ray_address,
                                       on_done=_collector(fresh), pool=pool)
         ran += n_ran
+        if signum is None and any(run_key(r) not in fresh and run_key(r) not in known for r in runs):
+            # another plan on the same file ran them (stored since this one started) or holds them
+            known.update({row["key"]: row for row in store.rows() if row.get("study") == "plan"})
+            if any(run_key(r) not in known for r in runs):
+                time.sleep(WAIT_FOR_OTHER_S)
         for c, run, (_, rank, scale, shape) in zip(cands, runs, batch, strict=True):
             key = run_key(run)
             metrics = fresh.get(key) or known.get(key)
-            if metrics is None:  # interrupted, or left to another plan on the same file
+            if metrics is None:  # interrupted, or still running in another plan on the same file
                 heapq.heappush(frontier, (c.cost_per_hour, rank, scale, shape))
                 continue
             simulated += 1

@@ -425,3 +425,118 @@ def test_fit_reads_the_h200_table_by_path_as_the_named_data_set() -> None:
 def test_decoder_shape_is_a_plain_record() -> None:
     s = load_shape("tiny")
     assert isinstance(s, DecoderShape) and s.tp == 1 and not s.moe and s.query_groups == 4
+
+
+def _reference_logits(model: object, batch: dict[str, object], caches: list[tuple[object, object]]) -> object:
+    """The iteration written request by request in float64 from the same weights and the KV contents
+    before it (``caches``): what the batched forward pass must compute."""
+    import torch
+
+    s, p = model.shape, batch["point"]  # type: ignore[attr-defined]
+    m, d, prefix, context = p.prefill_tokens, p.decode_tokens, p.prefill_context, p.decode_context
+    f64 = torch.float64
+
+    def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + s.rms_eps) * w.to(f64)
+
+    def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        inv = 1.0 / s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=f64) / s.head_dim)
+        angles = positions.to(f64)[:, None] * inv[None, :]
+        cos, sin = (
+            torch.cat([angles, angles], -1).cos()[:, None],
+            torch.cat([angles, angles], -1).sin()[:, None],
+        )
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_from: int | None) -> torch.Tensor:
+        k, v = k.repeat_interleave(s.query_groups, 1), v.repeat_interleave(s.query_groups, 1)  # [T, H, hd]
+        scores = torch.einsum("qhd,khd->hqk", q, k) / s.head_dim**0.5
+        if causal_from is not None:  # query i sees keys up to causal_from + i
+            allowed = torch.arange(k.shape[0])[None, :] <= causal_from + torch.arange(q.shape[0])[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(q.shape[0], -1)
+
+    positions = torch.cat([torch.arange(prefix, prefix + m), torch.full((d,), context - 1)])
+    x = model.embed.to(f64)[batch["ids"]]  # type: ignore[attr-defined]
+    for w, (kv_prefill, kv_decode) in zip(model.layers, caches, strict=True):  # type: ignore[attr-defined]
+        qkv = rms(x, w["norm1"]) @ w["qkv"].to(f64).T
+        q, k, v = qkv.split((s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim), -1)
+        q = rope(q.reshape(-1, s.heads, s.head_dim), positions)
+        k = rope(k.reshape(-1, s.kv_heads, s.head_dim), positions)
+        v = v.reshape(-1, s.kv_heads, s.head_dim)
+        outs = []
+        if m:
+            old_k = kv_prefill[0, 0, :, :prefix].transpose(0, 1).to(f64)
+            old_v = kv_prefill[1, 0, :, :prefix].transpose(0, 1).to(f64)
+            outs.append(attend(q[:m], torch.cat([old_k, k[:m]]), torch.cat([old_v, v[:m]]), prefix))
+        for r in range(d):
+            used = d * context * s.kv_heads * s.head_dim
+            old_k = kv_decode[0, :used].view(d, context, s.kv_heads, s.head_dim)[r, : context - 1].to(f64)
+            old_v = kv_decode[1, :used].view(d, context, s.kv_heads, s.head_dim)[r, : context - 1].to(f64)
+            row = m + r
+            outs.append(
+                attend(
+                    q[row : row + 1],
+                    torch.cat([old_k, k[row : row + 1]]),
+                    torch.cat([old_v, v[row : row + 1]]),
+                    None,
+                )
+            )
+        x = x + torch.cat(outs) @ w["o"].to(f64).T
+        gate, up = (rms(x, w["norm2"]) @ w["gate_up"].to(f64).T).chunk(2, -1)
+        x = x + (torch.nn.functional.silu(gate) * up) @ w["down"].to(f64).T
+    rows = ([m - 1] if m else []) + list(range(m, m + d))
+    return rms(x[rows], model.final_norm) @ model.lm_head.to(f64).T  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        gp.Point("mixed", 5, 7, 3, 6),
+        gp.Point("prefill", 6, 0, 0, 0),
+        gp.Point("decode", 0, 0, 4, 9),
+    ],
+)
+def test_forward_pass_equals_the_request_by_request_iteration(point: gp.Point) -> None:
+    """The batched iteration (fused QKV, rotary, SDPA with GQA, lower-right causal chunk over its
+    prefix, decoders over their contexts, last-token logits) equals a per-request float64 version."""
+    torch = pytest.importorskip("torch")
+    shape = shape_from_config({**LLAMA, "num_attention_heads": 4, "num_key_value_heads": 2}, "t")
+    model = gp._Decoder(torch, shape, shape.layers, [point], "cpu", torch.float32, seed=1)
+    batch = model.inputs(point)
+    caches = [(w["kv_prefill"].clone(), w["kv_decode"].clone()) for w in model.layers]
+    with torch.inference_mode():
+        logits = model.forward(batch, shape.layers)
+    expected = _reference_logits(model, batch, caches)
+    assert logits.shape == (point.n_requests, shape.vocab)
+    assert torch.allclose(logits.to(torch.float64), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_scaling_closed_form() -> None:
+    """K of L layers timed: base + (L/K)(t - base), never below t; the order of repeats is kept."""
+    assert gp._scaled([3.0, 5.0, 1.5], 1.0, 4.0) == [9.0, 17.0, 3.0]
+    assert gp._scaled([0.5], 1.0, 4.0) == [0.5]  # a repeat below the base (noise) stays as timed
+
+
+@pytest.mark.parametrize(("experts", "tokens"), [(4, 1), (2, 3)])
+def test_moe_layer_equals_the_token_by_token_mixture(experts: int, tokens: int) -> None:
+    """Router softmax, top-2, renormalised weights, each chosen expert's SwiGLU (no token over an
+    expert's capacity in these cases: one token, or every token choosing every expert)."""
+    torch = pytest.importorskip("torch")
+    config = {**LLAMA, "num_local_experts": experts, "num_experts_per_tok": 2}
+    shape = shape_from_config(config, "moe")
+    point = gp.Point("prefill", tokens, 0, 0, 0)
+    model = gp._Decoder(torch, shape, 1, [point], "cpu", torch.float64, seed=3)
+    w = model.layers[0]
+    h = torch.randn(tokens, shape.hidden, dtype=torch.float64)
+    with torch.inference_mode():
+        got = model._moe(h, w)
+    expected = torch.zeros_like(h)
+    for t in range(tokens):
+        probs = (w["router"] @ h[t]).softmax(-1)
+        top = probs.topk(2)
+        for weight, e in zip(top.values / top.values.sum(), top.indices.tolist(), strict=True):
+            gate, up = (h[t] @ w["gate_up"][e]).chunk(2)
+            expected[t] += weight * ((torch.nn.functional.silu(gate) * up) @ w["down"][e])
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9)  # the router softmax runs in float32

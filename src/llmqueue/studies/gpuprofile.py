@@ -651,8 +651,9 @@ def run_profile(
     """Build ``shape`` (random weights) and time one iteration per point; one row each.
 
     With ``settings.layers`` = K below the model's L layers, each point is timed twice, through K
-    layers (``t_K``) and through none (embedding, final norm and LM head: ``t_0``), and reported as
-    ``t_0 + (L / K) (t_K - t_0)`` (every layer has the same shapes); min and max likewise.
+    layers (the repeats ``t_K``) and through none (embedding, final norm and LM head: median
+    ``t_0``); each repeat is reported as ``t_0 + (L / K) (t_K - t_0)`` (every layer has the same
+    shapes), at least ``t_K`` (:func:`_scaled`).
     ConfigError: missing torch, a bad setting, CUDA without a GPU, or a model and grid that would
     not fit in the device's free memory.
     """
@@ -715,14 +716,9 @@ def _run(
             batch = model.inputs(point)
             times = _timed(torch, lambda b=batch: model.forward(b, layers), settings)
             if layers < shape.layers:
-                base = _timed(torch, lambda b=batch: model.forward(b, 0), settings)
-                scale = shape.layers / layers
-                summary = [
-                    max(t0 + scale * (tk - t0), tk)
-                    for t0, tk in zip(_summary(base), _summary(times), strict=True)
-                ]
-            else:
-                summary = _summary(times)
+                base_ms = statistics.median(_timed(torch, lambda b=batch: model.forward(b, 0), settings))
+                times = _scaled(times, base_ms, shape.layers / layers)
+            summary = _summary(times)
             row = ProfileRow(
                 name or shape.name,
                 result.device_name,
@@ -741,6 +737,12 @@ def _run(
                 progress(row)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _scaled(times_ms: Sequence[float], base_ms: float, scale: float) -> list[float]:
+    """Repeats through K of L layers extrapolated to all: ``base + scale (t - base)``, at least ``t``
+    (``scale`` = L / K >= 1; increasing in ``t``, so median, min and max keep their order)."""
+    return [max(base_ms + scale * (t - base_ms), t) for t in times_ms]
 
 
 def _summary(times: Sequence[float]) -> tuple[float, float, float]:

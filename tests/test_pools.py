@@ -108,7 +108,7 @@ def test_member_names_cannot_clash_with_engine_names() -> None:
         parse_network(spec)
     spec = pool_net({"budget": 64, "replicas": 2})
     spec["classes"]["c"]["nodes"]["a"]["engine"] = "chat/0"  # a visit names the pool, not a member
-    with pytest.raises(ConfigError, match=r"^classes\.c\.nodes\.a\.engine: unknown engine or pool"):
+    with pytest.raises(ConfigError, match=r"^classes\.c\.nodes\.a\.engine: unknown engine, pool or pair"):
         parse_network(spec)
 
 

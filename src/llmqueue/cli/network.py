@@ -82,6 +82,11 @@ def _print_analysis(console: Console, analysis: Analysis, net: Network, members:
         console.print(f"pool {p.pool}: {len(p.members)} members, router {p.router}, load "
                       f"{p.rho:.3f} of the summed capacity; member loads {min(rhos):.3f}-{max(rhos):.3f} "
                       f"({'1/N of the visits each' if p.split == 'even' else 'split by capacity'})")
+    for q in analysis.pairs.values():
+        pair = net.pairs[q.pair]
+        console.print(f"pair {q.pair}: prefill {pair.prefill} load {q.prefill_rho:.3f}, decode {pair.decode} "
+                      f"load {q.decode_rho:.3f}, link load {q.link_rho:.3f}"
+                      f"{'' if pair.shared_link else ' (pure delay)'}; critical scale {q.critical_scale:.4g}")
     rates = ", ".join(f"{c.name} {c.rate_per_s:g}/s" for c in net.classes.values())
     console.print(
         f"arrivals: {rates}; critical scale {analysis.critical_scale:.4g} (every rate x it puts "
@@ -133,6 +138,10 @@ def network_analyze_cmd(path: str, scale: float, as_json: bool, members: bool) -
                               "predicted": predict_pool(net, analysis, n).verdict,
                               "predicted_reason": predict_pool(net, analysis, n).reason}
                           for n, p in analysis.pools.items()}} if analysis.pools else {}),
+            **({"pairs": {n: {"prefill": net.pairs[n].prefill, "decode": net.pairs[n].decode,
+                              "prefill_rho": q.prefill_rho, "decode_rho": q.decode_rho,
+                              "link_rho": q.link_rho, "rho": q.rho, "critical_scale": q.critical_scale}
+                          for n, q in analysis.pairs.items()}} if analysis.pairs else {}),
         })
         return
     console = _console()
@@ -207,15 +216,32 @@ def network_simulate_cmd(path: str, scale: float, requests_: int | None, duratio
         console.print(f"pool {p.name}: router {p.router}, member visits {min(p.visits):,}-{max(p.visits):,}; "
                       f"members observed: {counts}; predicted [bold]{p.predicted.verdict}[/] "
                       f"({p.predicted.reason}); observed [bold]{p.observed.verdict}[/]")
+    if result.pairs:
+        table = Table(show_header=True, header_style="bold")
+        for col in ("pair", "completed", "in P/xfer/D", "refused", "mean TTFT ms", "p99 TTFT",
+                    "mean TPOT ms", "p99 TPOT", "p99 E2EL", "xfer wait ms", "link busy", "rho"):
+            table.add_column(col, justify="left" if col == "pair" else "right")
+        for q in result.pairs.values():
+            lat = q.latency
+            where = f"{q.in_prefill}/{q.in_transfer}/{q.in_decode}"
+            table.add_row(q.name, f"{q.completed}/{q.arrivals}", where, str(q.rejected),
+                          _fmt(lat["mean_ttft_ms"]), _fmt(lat["p99_ttft_ms"]),
+                          _fmt(lat["mean_tpot_ms"]), _fmt(lat["p99_tpot_ms"]), _fmt(lat["p99_e2el_ms"]),
+                          _fmt(q.mean_transfer_wait_ms, 3),
+                          f"{q.link_utilisation:.3f}" if q.shared_link else "-", f"{q.rho:.3f}")
+        console.print(table)
     table = Table(show_header=True, header_style="bold")
+    per_request = any(c.request_latency for c in result.classes.values())  # single-visit classes
     for col in ("class", "completed", "req/s", "mean E2EL ms", "p50", "p90", "p99", "in network",
-                *(("refused",) if cached else ())):
+                *(("refused",) if cached else ()), *(("p99 TTFT", "p99 TPOT") if per_request else ())):
         table.add_column(col, justify="left" if col == "class" else "right")
     for c in result.classes.values():
+        lat = c.request_latency
         table.add_row(c.name, f"{c.completed}/{c.arrivals}", _fmt(c.request_throughput, 3),
                       _fmt(c.latency["mean_e2el_ms"]), _fmt(c.latency["median_e2el_ms"]),
                       _fmt(c.latency["p90_e2el_ms"]), _fmt(c.latency["p99_e2el_ms"]),
-                      _fmt(c.mean_requests_in_network), *((str(c.rejected),) if cached else ()))
+                      _fmt(c.mean_requests_in_network), *((str(c.rejected),) if cached else ()),
+                      *((_fmt(lat.get("p99_ttft_ms")), _fmt(lat.get("p99_tpot_ms"))) if per_request else ()))
     console.print(table)
     console.print(
         f"network: predicted [bold]{result.predicted.verdict}[/] ({result.predicted.reason}); "

@@ -360,7 +360,7 @@ class FastEngine(Engine):
             self._phases = [0] * self._block
             self._served_context = 0
         self._decoders += 1
-        if self._block and not job.cached:
+        if self._block and not job.blocks:
             self._uncached += 1
 
     def decoders_in_order(self) -> list[Job]:
@@ -692,7 +692,7 @@ class FastEngine(Engine):
         if self._irregular:  # a fitted batch served decoders out of order: restore the order
             self._unserve_all()
         if self._uncached:  # only fitted batches serve them: the served ones now hold blocks
-            self._uncached = sum(1 for job in self._waiting if not job.cached)
+            self._uncached = sum(1 for job in self._waiting if not job.blocks)
         prompts_done = 0
         block = self._block
         for job, tokens in self._prompts:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -678,3 +678,36 @@ def downsample(
         if chunk.size:
             out.append((float(times_s[i]), float(chunk.mean())))
     return tuple(out)
+
+
+REQUEST_LATENCIES = ("ttft", "tpot", "e2el")
+"""The per-request latencies (vLLM names) that ``merged_latency`` gives."""
+
+
+def merged_latency(recorders: Sequence[Recorder]) -> dict[str, float]:
+    """TTFT, TPOT and E2EL (mean/median/p90/p99 under vLLM names) over the finished requests of
+    several recorders taken together (a pool's members; call after their ``finish``): exact while
+    every recorder holds its requests as columns, else from their log-histograms summed."""
+    columns = [r._columns() for r in recorders]
+    values: dict[str, list[np.ndarray]] = {name: [] for name in REQUEST_LATENCIES}
+    for arrival, first, finish, _, decode in columns:
+        has_decode = decode > 0
+        values["ttft"].append(first - arrival)
+        values["tpot"].append((finish[has_decode] - first[has_decode]) / decode[has_decode])
+        values["e2el"].append(finish - arrival)
+    out: dict[str, float] = {}
+    folded = [r.histograms for r in recorders if r.histograms is not None]
+    for name in REQUEST_LATENCIES:
+        exact = np.concatenate(values[name]) if values[name] else np.zeros(0)
+        if not folded:
+            out.update(summary(name, exact))
+            continue
+        total = LogHistogram()
+        total.add(exact)
+        for histograms in folded:
+            total.counts += histograms[name].counts
+            total.total += histograms[name].total
+            total.sum += histograms[name].sum
+        for label, q in PERCENTILES:
+            out[f"{label}_{name}_ms"] = total.mean() if q is None else total.percentile(q)
+    return out

@@ -90,7 +90,7 @@ class Job:
         self.last_token_ms = self.first_token_ms
         self.c0 = 0  # fast engine: decode counter when this decoder joined the served prefix
         self.activation = 0  # fast engine: bumped whenever it joins or leaves that prefix
-        self.cached = 0  # tokens whose KV this request holds (prompt, then one per decoded token)
+        self.cached = request.context_tokens  # tokens whose KV it holds (context, prompt, decoded)
         self.blocks = 0  # KV blocks it holds (memory-limited engines)
 
     def record(self, finish_ms: float = math.nan) -> RequestRecord:
@@ -334,7 +334,7 @@ class Engine:
                 state.blocked_since = None
             self.now_ms = request.arrival_ms
         if self.memory is not None and not self.memory.fits_alone(
-            request.prefill_tokens + request.decode_tokens
+            request.context_tokens + request.prefill_tokens + request.decode_tokens
         ):
             if self.recorder is not None:  # vLLM refuses such a request too: its KV can never fit
                 self.recorder.rejected()
@@ -559,14 +559,15 @@ class Engine:
         return kept
 
     def admit(self, fresh: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
-        """Admit new requests in plan order while the blocks of their first chunk leave the
-        watermark free; the first refusal stops admission (FCFS head of line). Returns the admitted."""
+        """Admit new requests in plan order while the blocks of their first chunk (with the context
+        they bring) leave the watermark free; the first refusal stops admission (FCFS head of
+        line). Returns the admitted."""
         memory = self.memory
         assert memory is not None
         state = self.state
         admitted: list[tuple[Job, int]] = []
         for job, tokens in fresh:
-            need = memory.blocks_for(tokens)
+            need = memory.blocks_for(job.cached + tokens)
             if state.free_blocks - need < memory.watermark_blocks:
                 break
             job.blocks = need

@@ -36,7 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmqueue.errors import ConfigError
-from llmqueue.io.configfile import first_error, read_table
+from llmqueue.io.configfile import first_error, read_table, split_items
 from llmqueue.model.batchtime import (
     DEFAULT_BATCH_TIME,
     BatchTime,
@@ -105,11 +105,21 @@ class ClassModel(_Model):
     nodes: dict[str, NodeModel]
 
 
+class PairModel(_Model):
+    """A prefill/decode pair: a visit naming it prefills on ``prefill`` and decodes on ``decode``
+    (engines or pools), with a KV ``transfer`` between them."""
+
+    prefill: str
+    decode: str
+    transfer: str = "fixed_ms=0,per_token_ms=0"
+
+
 class NetworkModel(_Model):
     """A whole network file."""
 
     engines: Annotated[dict[str, EngineModel], Field(min_length=1)]
     classes: Annotated[dict[str, ClassModel], Field(min_length=1)]
+    disaggregated: dict[str, PairModel] = Field(default_factory=dict)
 
 
 # -- the validated network ---------------------------------------------------------------------------
@@ -145,6 +155,30 @@ class PoolSpec:
     name: str
     router: str
     members: tuple[str, ...]
+
+
+TRANSFER_KEYS = ("fixed_ms", "per_token_ms", "link")
+LINK_KINDS = ("shared",)
+
+
+@dataclass(frozen=True, slots=True)
+class PairSpec:
+    """A prefill/decode (P/D) pair: a visit naming it runs its prompt on ``prefill`` (an engine or a
+    pool), then moves the prompt's KV to ``decode`` (an engine or a pool) in ``fixed_ms +
+    per_token_ms * prompt tokens``, where it decodes holding that KV. ``shared_link``: one FIFO link
+    carries all the pair's transfers (they queue); else each is a pure delay."""
+
+    name: str
+    prefill: str
+    decode: str
+    fixed_ms: float
+    per_token_ms: float
+    shared_link: bool
+    transfer: str  # the spec as given
+
+    def transfer_ms(self, prompt_tokens: int | float) -> float:
+        """The time one transfer of ``prompt_tokens`` tokens of KV takes on the link (ms)."""
+        return self.fixed_ms + self.per_token_ms * prompt_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +224,25 @@ class Network:
     engines: Mapping[str, EngineSpec]
     classes: Mapping[str, ClassSpec]
     pools: Mapping[str, PoolSpec] = field(default_factory=dict)  # by name; members in ``engines``
+    pairs: Mapping[str, PairSpec] = field(default_factory=dict)  # prefill/decode pairs by name
 
     def members_of(self, target: str) -> tuple[str, ...]:
-        """The engines a visit naming ``target`` (an engine or a pool) can be sent to."""
+        """The engines a visit naming ``target`` (an engine, a pool or a pair: both sides) can be
+        sent to."""
+        pair = self.pairs.get(target)
+        if pair is not None:
+            return (*self.members_of(pair.prefill), *self.members_of(pair.decode))
         pool = self.pools.get(target)
         return pool.members if pool is not None else (target,)
+
+    def parts_of(self, target: str) -> tuple[tuple[str, str], ...]:
+        """Where a visit naming ``target`` runs: (engine or pool, part) pairs, part ``whole`` for a
+        plain visit, ``prefill`` (prompt only) and ``decode`` (output only, holding the prompt's
+        KV as context) for a pair."""
+        pair = self.pairs.get(target)
+        if pair is None:
+            return ((target, "whole"),)
+        return ((pair.prefill, "prefill"), (pair.decode, "decode"))
 
     def pool_of(self, engine: str) -> str | None:
         """The pool ``engine`` belongs to (None: a plain engine)."""
@@ -217,7 +265,16 @@ class Network:
                             c.rate_per_s * factor, c.start, c.nodes)
             for name, c in self.classes.items()
         }
-        return Network(self.engines, classes, self.pools)
+        return Network(self.engines, classes, self.pools, self.pairs)
+
+
+def single_visit(c: ClassSpec) -> tuple[str, str] | None:
+    """(node id, target) when the route of ``c`` is one visit then exit (else None): such a class's
+    requests get per-request latencies (TTFT, TPOT) of their own."""
+    node = c.nodes[c.start]
+    if node.kind == "visit" and node.next == ((EXIT, 1.0),):
+        return node.id, node.engine or ""
+    return None
 
 
 def _arrival(spec: str, rate: float, cls: str) -> ArrivalProcess:
@@ -270,8 +327,9 @@ def parse_network(data: Any) -> Network:
             pools[name] = pool[0]
             engines.update(pool[1])
     targets = {*(n for n in engines if POOL_SEPARATOR not in n), *pools}  # what a visit may name
-    classes = {name: _class(name, c, targets) for name, c in model.classes.items()}
-    net = Network(engines, classes, pools)
+    pairs = {name: _pair(name, p, targets) for name, p in model.disaggregated.items()}
+    classes = {name: _class(name, c, targets | set(pairs)) for name, c in model.classes.items()}
+    net = Network(engines, classes, pools, pairs)
     for e in engines.values():  # priority entries must name buffers or classes of the network
         known = set(net.buffers()) | set(classes)
         for entry in e.priority:
@@ -305,6 +363,41 @@ def _pool(name: str, e: EngineModel) -> tuple[PoolSpec, dict[str, EngineSpec]] |
             members[member] = EngineSpec(member, spec.budget, spec.k_max, spec.batch_time, spec.policy,
                                          spec.priority, spec.memory)
     return PoolSpec(name, router, tuple(members)), members
+
+
+def _pair(name: str, p: PairModel, targets: set[str]) -> PairSpec:
+    """A validated prefill/decode pair (its sides name engines or pools, different ones)."""
+    where = f"disaggregated.{name}"
+    if name in targets:
+        raise ConfigError(where, name, "a pair's name must differ from every engine's and pool's")
+    if POOL_SEPARATOR in name or "." in name:
+        raise ConfigError(where, name, f"pair names must not contain '{POOL_SEPARATOR}' nor '.'")
+    for side in ("prefill", "decode"):
+        value = getattr(p, side)
+        if value == name:
+            raise ConfigError(f"{where}.{side}", value, "a pair cannot name itself")
+        if value not in targets:
+            raise ConfigError(f"{where}.{side}", value, f"unknown engine or pool; known: {sorted(targets)}")
+    if p.prefill == p.decode:
+        raise ConfigError(f"{where}.decode", p.decode,
+                          "prefill and decode must be different engines or pools")
+    _, items = split_items(p.transfer, p.transfer, f"{where}.transfer", keys=TRANSFER_KEYS, lower=True)
+    times = {}
+    for key in ("fixed_ms", "per_token_ms"):
+        text = items.get(key, "0")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{where}.transfer.{key}", text, "must be a number of ms") from None
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{where}.transfer.{key}", text, "must be a finite number >= 0")
+        times[key] = value
+    link = items.get("link")
+    if link is not None and link.strip().lower() not in LINK_KINDS:
+        raise ConfigError(f"{where}.transfer.link", link, f"choose from {', '.join(LINK_KINDS)} (or leave "
+                          "it out: each transfer is a pure delay)")
+    return PairSpec(name, p.prefill, p.decode, times["fixed_ms"], times["per_token_ms"], link is not None,
+                    p.transfer)
 
 
 def _engine(name: str, e: EngineModel, where: str | None = None) -> EngineSpec:
@@ -365,7 +458,7 @@ def _class(name: str, c: ClassModel, engines: set[str]) -> ClassSpec:
         if kind == "visit":
             if n.engine not in engines:
                 raise ConfigError(f"{at}.engine", n.engine,
-                                  f"unknown engine or pool; known: {sorted(engines)}")
+                                  f"unknown engine, pool or pair; known: {sorted(engines)}")
             sizes = []
             for field in ("prefill", "decode"):
                 spec = getattr(n, field)

@@ -119,6 +119,9 @@ class Request:
 
     ``cls`` labels the request's class (in a network: its buffer, ``class.node``); single-engine
     runs leave it empty. Class-aware policies (priority, max-pressure) read it.
+    ``context_tokens`` is KV the request brings (computed elsewhere: a decode-only request of a
+    prefill/decode pair holds its prompt's KV); engines count it as cached tokens (KV blocks,
+    admission, a composition-aware batch time's KV reads) and recompute it on preemption.
     """
 
     id: int
@@ -126,12 +129,13 @@ class Request:
     prefill_tokens: int
     decode_tokens: int
     cls: str = ""
+    context_tokens: int = 0
 
     def __post_init__(self) -> None:
         if type(self.id) is int and type(self.arrival_ms) is float \
                 and type(self.prefill_tokens) is int and type(self.decode_tokens) is int \
-                and type(self.cls) is str \
-                and self.id >= 0 and 0.0 <= self.arrival_ms < math.inf \
+                and type(self.cls) is str and type(self.context_tokens) is int \
+                and self.context_tokens >= 0 and self.id >= 0 and 0.0 <= self.arrival_ms < math.inf \
                 and self.prefill_tokens >= 0 and self.decode_tokens >= 0 \
                 and self.prefill_tokens + self.decode_tokens >= 1:
             return  # fast path for the common, valid case (millions of requests per run)
@@ -141,7 +145,7 @@ class Request:
                 or self.arrival_ms < 0:
             raise ConfigError("request.arrival_ms", self.arrival_ms,
                               "must be a finite number >= 0")
-        for name in ("prefill_tokens", "decode_tokens"):
+        for name in ("prefill_tokens", "decode_tokens", "context_tokens"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ConfigError(f"request.{name}", value, "must be an integer >= 0")

@@ -35,11 +35,29 @@ import numpy as np
 from llmqueue.engines.compiled import DRAW_CHUNK, KernelEngine, NetworkLoop, route_tables
 from llmqueue.engines.contract import EngineContract, EngineKind, choose_engine
 from llmqueue.engines.fast import FastEngine
-from llmqueue.engines.metrics import Recorder, RunMetrics, TimeBins, downsample, summary
+from llmqueue.engines.metrics import (
+    Recorder,
+    RequestRecord,
+    RunMetrics,
+    TimeBins,
+    downsample,
+    merged_latency,
+    summary,
+)
 from llmqueue.engines.reference import Engine, PolicyFn
 from llmqueue.errors import ConfigError
 from llmqueue.model.batchtime import is_shape_model
-from llmqueue.model.network import EXIT, ClassSpec, EngineSpec, Network, Node, PoolSpec, as_network
+from llmqueue.model.network import (
+    EXIT,
+    ClassSpec,
+    EngineSpec,
+    Network,
+    Node,
+    PairSpec,
+    PoolSpec,
+    as_network,
+    single_visit,
+)
 from llmqueue.model.workload import CHUNK_SIZE, Request
 from llmqueue.policies.fcfs import KFCFS, VLLMChunked, make_policy
 from llmqueue.policies.network import ClassPriority, MaxPressure
@@ -127,6 +145,43 @@ class _Pool:
         self.static = static
 
 
+class _PairRun:
+    """A prefill/decode pair during a run: its counts, its link and its requests' latencies."""
+
+    __slots__ = ("arrivals", "busy_ms", "completed", "in_decode", "in_prefill", "in_transfer",
+                 "link_free_ms", "recorder", "rejected", "spec", "transfers_finished",
+                 "transfers_started", "wait_ms")
+
+    def __init__(self, spec: PairSpec) -> None:
+        self.spec = spec
+        self.recorder = Recorder(keep_requests=False)  # the pair's TTFT, TPOT, E2EL (bounded memory)
+        self.arrivals = self.completed = self.rejected = 0
+        self.in_prefill = self.in_transfer = self.in_decode = 0
+        self.transfers_started = self.transfers_finished = 0
+        self.link_free_ms = 0.0  # the shared link is busy until then
+        self.wait_ms = 0.0  # transfers' summed wait for the shared link
+        self.busy_ms = 0.0  # transfers' summed time on the link
+
+
+class _PairVisit:
+    """A visit to a pair in progress: its request, sizes, arrival, first token and phase."""
+
+    __slots__ = ("arrival_ms", "buffer", "decode", "first_ms", "node_id", "pair", "phase", "prefill",
+                 "token")
+
+    def __init__(self, token: _Token, node_id: str, buffer: str, pair: _PairRun, arrival_ms: float,
+                 prefill: int, decode: int) -> None:
+        self.token = token
+        self.node_id = node_id
+        self.buffer = buffer
+        self.pair = pair
+        self.arrival_ms = arrival_ms
+        self.prefill = prefill
+        self.decode = decode
+        self.first_ms = math.nan
+        self.phase = "prefill"
+
+
 class _Token:
     """A request (or a fork's sub-request) travelling through the network."""
 
@@ -176,6 +231,40 @@ class PoolResult:
 
 
 @dataclass(frozen=True, slots=True)
+class PairResult:
+    """One prefill/decode pair's figures: where its requests are, its KV transfers and link, and
+    the requests' TTFT (first token - arrival at the pair), TPOT ((decode finish - first token) / d,
+    transfer included, as vLLM's bench measures it) and E2EL under vLLM names."""
+
+    name: str
+    prefill: str
+    decode: str
+    arrivals: int
+    completed: int
+    in_prefill: int
+    in_transfer: int
+    in_decode: int
+    rejected: int
+    transfers_started: int
+    transfers_finished: int
+    shared_link: bool
+    mean_transfer_wait_ms: float  # on the shared link (0 for pure delays)
+    link_utilisation: float  # the shared link's busy fraction (NaN for pure delays)
+    latency: dict[str, float]
+    rho: float  # the pair's load: the largest of its prefill side, decode side and link
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready summary."""
+        return {"prefill": self.prefill, "decode": self.decode, "arrivals": self.arrivals,
+                "completed": self.completed, "in_prefill": self.in_prefill,
+                "in_transfer": self.in_transfer, "in_decode": self.in_decode, "rejected": self.rejected,
+                "transfers_started": self.transfers_started,
+                "transfers_finished": self.transfers_finished, "shared_link": self.shared_link,
+                "mean_transfer_wait_ms": self.mean_transfer_wait_ms,
+                "link_utilisation": self.link_utilisation, "rho": self.rho, **self.latency}
+
+
+@dataclass(frozen=True, slots=True)
 class ClassResult:
     """One class's end-to-end figures: arrivals, completions, latency and requests in network."""
 
@@ -187,6 +276,9 @@ class ClassResult:
     mean_requests_in_network: float
     series: tuple[tuple[float, float], ...]
     rejected: int = 0  # requests lost because a visit needed more KV cache than its engine holds
+    request_latency: dict[str, float] = dataclasses.field(default_factory=dict)
+    """TTFT, TPOT, E2EL (vLLM names) of a class whose route is a single visit to a pair, or to an
+    engine or pool that serves this class alone; empty otherwise."""
 
     @property
     def in_network(self) -> int:
@@ -209,6 +301,7 @@ class NetworkResult:
     visits: int
     notes: tuple[str, ...]
     pools: Mapping[str, PoolResult] = dataclasses.field(default_factory=dict)
+    pairs: Mapping[str, PairResult] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready summary (per-engine metrics under vLLM names)."""
@@ -236,11 +329,13 @@ class NetworkResult:
                 name: {"arrivals": c.arrivals, "completed": c.completed, "in_network": c.in_network,
                        "rejected": c.rejected,
                        "request_throughput": c.request_throughput,
-                       "mean_requests_in_network": c.mean_requests_in_network, **c.latency}
+                       "mean_requests_in_network": c.mean_requests_in_network, **c.latency,
+                       **{k: v for k, v in c.request_latency.items() if "_e2el_" not in k}}
                 for name, c in self.classes.items()
             },
             "notes": list(self.notes),
             **({"pools": {name: p.to_dict() for name, p in self.pools.items()}} if self.pools else {}),
+            **({"pairs": {name: p.to_dict() for name, p in self.pairs.items()}} if self.pairs else {}),
         }
 
 
@@ -449,6 +544,18 @@ class _Run:
             self.pools[pname] = _Pool(net.pools[pname], router, _Draws(lambda r, n: r.random(n), rng),
                                       static)
         self.builtin_routers = all(p.router in ROUTERS.values() for p in self.pools.values())
+        # prefill/decode pairs: visits in progress by the engine visit id of their phase, and the
+        # KV transfers in flight, (end ms, sequence, decode visit id, start ms), earliest first
+        self.pairs = {name: _PairRun(net.pairs[name]) for name in sorted(net.pairs)}
+        self.pair_visits: dict[int, _PairVisit] = {}
+        self.transfers: list[tuple[float, int, int, float]] = []
+        self.transfer_seq = 0
+        self.in_transfer: dict[int, tuple[_PairVisit, str]] = {}  # decode visit id -> (visit, engine)
+        self.class_recorders = {cname: Recorder(keep_requests=False) for cname, c in net.classes.items()
+                                if (single_visit(c) or ("", ""))[1] in net.pairs}
+        if net.pairs:
+            self.notes.append(f"prefill/decode pair(s) {', '.join(sorted(net.pairs))}: the routing "
+                              "runs in Python (the compiled network loop has no KV transfers)")
         # what a load balancer observes of every engine (the pools' routers read their members')
         self.in_system = dict.fromkeys(names, 0)
         self.waiting = dict.fromkeys(names, 0)
@@ -507,26 +614,16 @@ class _Run:
                     continue
                 buffer = f"{token.cls}.{node_id}"
                 target = node.engine or ""
-                pool = self.pools.get(target)
-                engine = target if pool is None else self._pick(pool, t_ms, prefill, decode)
+                pair = self.pairs.get(target)
+                if pair is not None:
+                    self._enter_pair(_PairVisit(token, node_id, buffer, pair, t_ms, prefill, decode), t_ms)
+                    return
+                engine = self._target(target, t_ms, prefill, decode)
+                self.counts[buffer] += 1
                 vid = self.next_visit
                 self.next_visit += 1
-                self.visit_total += 1
-                self.visits[vid] = (token, node_id, buffer, engine, prefill + decode)
-                self.counts[buffer] += 1
-                self.in_system[engine] += 1
-                self.waiting[engine] += 1
-                self.outstanding[engine] += prefill + decode
-                recorder = self.recorders[engine]
-                refused = recorder.totals.rejected_requests
-                self.engines[engine].submit(Request(vid, t_ms, prefill, decode, buffer))
-                if recorder.totals.rejected_requests > refused:  # its KV cache can never hold this visit
-                    del self.visits[vid]
+                if not self._submit(vid, token, node_id, buffer, engine, prefill, decode, 0, t_ms):
                     self.counts[buffer] -= 1
-                    self.visit_total -= 1
-                    self.in_system[engine] -= 1
-                    self.waiting[engine] -= 1
-                    self.outstanding[engine] -= prefill + decode
                     self._refuse(token, t_ms)
                 return
             if node.kind == "fork":
@@ -542,6 +639,132 @@ class _Run:
                 return
             token = frame.parent
             node_id = self._choose(token.cls, node)
+
+    def _target(self, target: str, t_ms: float, prefill: int, decode: int) -> str:
+        """The engine a visit to ``target`` (an engine or a pool) goes to."""
+        pool = self.pools.get(target)
+        return target if pool is None else self._pick(pool, t_ms, prefill, decode)
+
+    def _submit(self, vid: int, token: _Token, node_id: str, buffer: str, engine: str, prefill: int,
+                decode: int, context: int, t_ms: float, *, routed: bool = False) -> bool:
+        """Hand visit ``vid`` to ``engine``, counting it in the routers' view (``routed``: already
+        counted, a transfer to it in flight); False, undone, when the engine's KV cache can never
+        hold it."""
+        self.visit_total += 1
+        self.visits[vid] = (token, node_id, buffer, engine, prefill + decode)
+        if not routed:
+            self.in_system[engine] += 1
+            self.waiting[engine] += 1
+            self.outstanding[engine] += prefill + decode
+        recorder = self.recorders[engine]
+        refused = recorder.totals.rejected_requests
+        self.engines[engine].submit(Request(vid, t_ms, prefill, decode, buffer, context))
+        if recorder.totals.rejected_requests > refused:  # its KV cache can never hold this visit
+            del self.visits[vid]
+            self.visit_total -= 1
+            self.in_system[engine] -= 1
+            self.waiting[engine] -= 1
+            self.outstanding[engine] -= prefill + decode
+            return False
+        return True
+
+    # -- prefill/decode pairs ---------------------------------------------------------------------
+    def _enter_pair(self, pv: _PairVisit, t_ms: float) -> None:
+        """A request reaches a pair: its prompt goes to the prefill side (a prompt of 0 tokens has
+        nothing to prefill nor move: it decodes at once, its first token now)."""
+        pair = pv.pair
+        pair.arrivals += 1
+        self.counts[pv.buffer] += 1
+        if pv.prefill == 0:
+            pv.first_ms = t_ms
+            engine = self._target(pair.spec.decode, t_ms, 0, pv.decode)
+            self._start_decode(pv, engine, t_ms, routed=False)
+            return
+        engine = self._target(pair.spec.prefill, t_ms, pv.prefill, 0)
+        vid = self.next_visit
+        self.next_visit += 1
+        if not self._submit(vid, pv.token, pv.node_id, pv.buffer, engine, pv.prefill, 0, 0, t_ms):
+            self._pair_refused(pv, t_ms)
+            return
+        pair.in_prefill += 1
+        self.pair_visits[vid] = pv
+
+    def _pair_step(self, pv: _PairVisit, t_ms: float) -> None:
+        """A pair visit's phase finished at ``t_ms``: after the prompt (its first token), the KV
+        transfer starts (or, without output tokens, the visit ends); after the output, it ends."""
+        pair = pv.pair
+        if pv.phase == "decode":
+            pair.in_decode -= 1
+            self._pair_done(pv, t_ms)
+            return
+        pair.in_prefill -= 1
+        pv.first_ms = t_ms
+        if pv.decode == 0:
+            self._pair_done(pv, t_ms)
+            return
+        # the decode engine is picked when the transfer starts (as P/D proxies pick the decode
+        # worker before sending the KV); the routers see the transfer as that member's visit
+        engine = self._target(pair.spec.decode, t_ms, 0, pv.decode)
+        self.in_system[engine] += 1
+        self.waiting[engine] += 1
+        self.outstanding[engine] += pv.decode
+        duration = pair.spec.transfer_ms(pv.prefill)
+        start = max(t_ms, pair.link_free_ms) if pair.spec.shared_link else t_ms
+        end = start + duration
+        if pair.spec.shared_link:
+            pair.link_free_ms = end
+            pair.wait_ms += start - t_ms
+        pair.busy_ms += duration
+        pair.transfers_started += 1
+        pair.in_transfer += 1
+        pv.phase = "transfer"
+        vid = self.next_visit
+        self.next_visit += 1
+        self.in_transfer[vid] = (pv, engine)
+        heappush(self.transfers, (end, self.transfer_seq, vid, start))
+        self.transfer_seq += 1
+
+    def _transfers_end(self, t_ms: float) -> None:
+        """Every transfer ending at ``t_ms`` (in the order they started) hands its request to its
+        decode engine."""
+        while self.transfers and self.transfers[0][0] == t_ms:
+            _, _, vid, _ = heappop(self.transfers)
+            pv, engine = self.in_transfer.pop(vid)
+            pv.pair.in_transfer -= 1
+            pv.pair.transfers_finished += 1
+            self._start_decode(pv, engine, t_ms, routed=True, vid=vid)
+
+    def _start_decode(self, pv: _PairVisit, engine: str, t_ms: float, *, routed: bool,
+                      vid: int | None = None) -> None:
+        """The decode side serves (prefill 0, decode d), holding the prompt's KV as context."""
+        if vid is None:
+            vid = self.next_visit
+            self.next_visit += 1
+        if not self._submit(vid, pv.token, pv.node_id, pv.buffer, engine, 0, pv.decode, pv.prefill, t_ms,
+                            routed=routed):
+            self._pair_refused(pv, t_ms)
+            return
+        pv.phase = "decode"
+        pv.pair.in_decode += 1
+        self.pair_visits[vid] = pv
+
+    def _pair_refused(self, pv: _PairVisit, t_ms: float) -> None:
+        pv.pair.rejected += 1
+        self.counts[pv.buffer] -= 1
+        self._refuse(pv.token, t_ms)
+
+    def _pair_done(self, pv: _PairVisit, t_ms: float) -> None:
+        """A pair visit ends: its latencies are recorded and the request goes on."""
+        pair = pv.pair
+        pair.completed += 1
+        record = RequestRecord(0, pv.arrival_ms, pv.first_ms, t_ms, pv.prefill, pv.decode)
+        pair.recorder.request_done(record)
+        recorder = self.class_recorders.get(pv.token.cls)
+        if recorder is not None:
+            recorder.request_done(record)
+        self.counts[pv.buffer] -= 1
+        node = self.net.classes[pv.token.cls].nodes[pv.node_id]
+        self._advance(pv.token, self._choose(pv.token.cls, node), t_ms)
 
     def _pick(self, pool: _Pool, t_ms: float, prefill: int, decode: int) -> str:
         """The member of ``pool`` its router sends a visit to (two draws of the pool's stream,
@@ -591,7 +814,7 @@ class _Run:
 
     def result(self) -> NetworkResult:
         """Run the network and collect the results."""
-        if (self.compiled_routing and self.builtin_routers and self.kernels
+        if (self.compiled_routing and self.builtin_routers and self.kernels and not self.pairs
                 and len(self.kernels) == len(self.engine_list)):
             horizon = self._loop_compiled()
         else:
@@ -642,10 +865,12 @@ class _Run:
             nxt = None
         horizon = math.inf if nxt is not None else self._horizon()
         engines = self.engine_list
+        transfers = self.transfers
         while True:
             times = [e.next_event_ms() for e in engines]
             t_engine = min(times)
-            if nxt is not None and nxt[0] <= t_engine:
+            t_transfer = transfers[0][0] if transfers else math.inf
+            if nxt is not None and nxt[0] <= t_engine and nxt[0] <= t_transfer:
                 t, cname = nxt
                 self.class_arrivals[cname] += 1
                 self._present(cname, t, +1)
@@ -659,6 +884,9 @@ class _Run:
                 if nxt is None:
                     horizon = self._horizon()
                 continue
+            if t_transfer <= t_engine and t_transfer < horizon:  # KV arrives: joins the batch starting now
+                self._transfers_end(t_transfer)
+                continue
             if t_engine >= horizon or math.isinf(t_engine):
                 break
             first = engines[times.index(t_engine)]
@@ -669,7 +897,7 @@ class _Run:
                 alone = min((e.completion_bound_ms() for e in engines if e is not first),
                             default=math.inf)
                 if alone > t_engine:
-                    until = min(alone, horizon, math.inf if nxt is None else nxt[0])
+                    until = min(alone, horizon, math.inf if nxt is None else nxt[0], t_transfer)
                     ids, at = first.advance(until)
                     self._route(ids, at)
                     continue
@@ -688,7 +916,8 @@ class _Run:
     def _close(self, horizon: float) -> NetworkResult:
         """End the engines at the horizon (if a batch runs past it) and collect the results."""
         engines = self.engine_list
-        cut = any(math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon for e in engines)
+        cut = any(math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon for e in engines) or (
+            bool(self.transfers) and math.isfinite(horizon))
         end_ms = horizon if cut else max([self.last_arrival_ms, *(e.now_ms for e in engines)])
         for name, e in zip(self.engine_names, engines, strict=True):
             if math.isfinite(e.next_event_ms()) and e.next_event_ms() >= horizon:
@@ -707,6 +936,10 @@ class _Run:
             self.outstanding[engine] -= tokens
         for vid in finished:
             token, node_id, buffer, _, _ = self.visits.pop(vid)
+            pv = self.pair_visits.pop(vid, None)
+            if pv is not None:
+                self._pair_step(pv, t_ms)
+                continue
             self.counts[buffer] -= 1
             node = self.net.classes[token.cls].nodes[node_id]
             self._advance(token, self._choose(token.cls, node), t_ms)
@@ -760,6 +993,7 @@ class _Run:
                 load.rho, predict_pool(self.net, self.analysis, pname, self.policy_names),
                 observe(backlog, start, window_end, sum(offered_of[m] for m in pool.spec.members)),
             )
+        pairs = {name: self._pair_result(pair, end_ms) for name, pair in self.pairs.items()}
         observed = observe(total, start, window_end, offered_total)
         classes = {}
         duration_s = end_ms / 1000.0
@@ -772,7 +1006,7 @@ class _Run:
                 cname, self.class_arrivals[cname], self.class_done[cname],
                 self.class_done[cname] / duration_s if duration_s > 0 else math.nan,
                 latency, self.class_area[cname] / end_ms if end_ms > 0 else math.nan, series,
-                self.class_rejected[cname],
+                self.class_rejected[cname], self._request_latency(cname, end_ms),
             )
         starts, means = total.series(end_ms)
         backlog = downsample(starts / 1000.0, means, 512)
@@ -816,7 +1050,39 @@ class _Run:
             visits=self.visit_total,
             notes=tuple(notes),
             pools=pools,
+            pairs=pairs,
         )
+
+    def _pair_result(self, pair: _PairRun, end_ms: float) -> PairResult:
+        """One pair's figures at ``end_ms`` (transfers in flight count on the link up to it)."""
+        busy = pair.busy_ms - sum(end - max(start, end_ms) for end, _, vid, start in self.transfers
+                                  if end > end_ms and self.in_transfer[vid][0].pair is pair)
+        pair.recorder.finish(end_ms)
+        spec = pair.spec
+        return PairResult(
+            spec.name, spec.prefill, spec.decode, pair.arrivals, pair.completed, pair.in_prefill,
+            pair.in_transfer, pair.in_decode, pair.rejected, pair.transfers_started,
+            pair.transfers_finished, spec.shared_link,
+            pair.wait_ms / pair.transfers_started if pair.transfers_started else 0.0,
+            (busy / end_ms if end_ms > 0 else math.nan) if spec.shared_link else math.nan,
+            merged_latency([pair.recorder]), self.analysis.pairs[spec.name].rho,
+        )
+
+    def _request_latency(self, cname: str, end_ms: float) -> dict[str, float]:
+        """TTFT/TPOT/E2EL of a single-visit class: its pair's requests, or its engine's or pool's
+        when they serve this class alone (else empty)."""
+        recorder = self.class_recorders.get(cname)
+        if recorder is not None:
+            recorder.finish(end_ms)
+            return merged_latency([recorder])
+        visit = single_visit(self.net.classes[cname])
+        if visit is None:
+            return {}
+        members = self.net.members_of(visit[1])
+        buffer = f"{cname}.{visit[0]}"
+        if any(self.analysis.engines[m].buffers != (buffer,) for m in members):
+            return {}
+        return merged_latency([self.recorders[m] for m in members])
 
 
 def predict_pool(net: Network, analysis: Analysis, pool: str,
@@ -887,6 +1153,10 @@ def predict_network(net: Network, analysis: Analysis,
     if top > 1 + CRITICAL_TOLERANCE:
         return Prediction("unstable", f"engine {analysis.bottleneck} is loaded at {top:.3f} > 1: "
                           "no policy keeps up")
+    links = sorted(analysis.pairs.values(), key=lambda p: -p.link_rho)
+    if links and links[0].link_rho > 1 + CRITICAL_TOLERANCE:
+        return Prediction("unstable", f"pair {links[0].pair}: its shared KV link is loaded at "
+                          f"{links[0].link_rho:.3f} > 1: transfers queue without bound")
     stations = sorted(analysis.virtual_stations, key=lambda v: -v.load)
     if stations and stations[0].load > 1 + CRITICAL_TOLERANCE:
         vs = stations[0]

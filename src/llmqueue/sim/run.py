@@ -342,7 +342,7 @@ def _drive(
         if isinstance(source, Workload):
             chunks = source.chunks(seed, max_requests=a.max_requests, duration_ms=a.duration_ms)
         else:
-            chunks = _chunked(_bounded(iter(source), a.max_requests, a.duration_ms))
+            chunks = _chunked(_bounded(iter(source), a.max_requests, a.duration_ms), a.memory is not None)
         assert isinstance(a.policy, KFCFS | VLLMChunked)
         outcome = compiled.run(
             tally.count(chunks), a.policy, a.batch_time, a.budget, a.k_max, recorder, horizon_for,
@@ -673,12 +673,19 @@ class _Gate:
                                    r.decode_tokens) for r in self.queue)
 
 
-def _chunked(requests: Iterator[Request], size: int = 4096) -> Iterator[compiled.Chunk]:
-    """Requests as numpy chunks (ids, arrival_ms, prefill, decode)."""
+def _chunked(requests: Iterator[Request], cached: bool = False,
+             size: int = 4096) -> Iterator[compiled.Chunk]:
+    """Requests as numpy chunks (ids, arrival_ms, prefill, decode). ``cached``: the engine has a KV
+    cache, where a request's ``context_tokens`` matter and the compiled loop does not model them
+    (refused; without a cache they change nothing)."""
     while True:
         block = list(islice(requests, size))
         if not block:
             return
+        if cached and any(r.context_tokens for r in block):
+            first = next(r for r in block if r.context_tokens)
+            raise ConfigError(f"request.{first.id}.context_tokens", first.context_tokens,
+                              "the compiled loop does not model context KV with a cache: use engine 'fast'")
         yield (
             np.fromiter((r.id for r in block), np.int64, len(block)),
             np.fromiter((r.arrival_ms for r in block), np.float64, len(block)),

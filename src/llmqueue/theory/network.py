@@ -10,12 +10,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmqueue.errors import ConfigError
 from llmqueue.model.batchtime import (
     BatchTime,
     mean_decode_context,
     mix_batch_time,
 )
-from llmqueue.model.network import EXIT, ClassSpec, EngineSpec, Network, _successors, as_network, visit_counts
+from llmqueue.model.network import (
+    EXIT,
+    ClassSpec,
+    EngineSpec,
+    Network,
+    Node,
+    PairSpec,
+    _successors,
+    as_network,
+    visit_counts,
+)
 from llmqueue.theory import capacity as theory
 
 
@@ -76,6 +87,30 @@ class PoolLoad:
 
 
 @dataclass(frozen=True, slots=True)
+class PairLoad:
+    """A prefill/decode pair's loads: its prefill side (prompt tokens, visits (p, 0)), its decode
+    side (output tokens, visits (0, d) holding context p, with the batch-size and KV-cache limits)
+    and its shared link (arrival rate times mean transfer time; 0 for pure delays). A side that is
+    a pool gives its most loaded member's. The pair's critical scale is 1 / the largest."""
+
+    pair: str
+    prefill_rho: float
+    decode_rho: float
+    link_rho: float
+    visits_per_s: float
+
+    @property
+    def rho(self) -> float:
+        """The pair's load: the largest of its three."""
+        return max(self.prefill_rho, self.decode_rho, self.link_rho)
+
+    @property
+    def critical_scale(self) -> float:
+        """The factor on every arrival rate that puts the pair at load 1."""
+        return 1.0 / self.rho if self.rho > 0 else math.inf
+
+
+@dataclass(frozen=True, slots=True)
 class Analysis:
     """What the traffic equations say about a network."""
 
@@ -89,6 +124,7 @@ class Analysis:
     warnings: tuple[str, ...]
     buffer_tokens_per_s: Mapping[str, float]
     pools: Mapping[str, PoolLoad] = field(default_factory=dict)
+    pairs: Mapping[str, PairLoad] = field(default_factory=dict)
 
     def overloaded_members(self, pool: str) -> tuple[str, ...]:
         """The members of ``pool`` whose load under the analysis's split exceeds 1."""
@@ -113,15 +149,36 @@ def _split(net: Network, routers: Mapping[str, str],
         rate = pre = dec = 0.0
         for cname, c in net.classes.items():
             for nid, node in c.nodes.items():
-                if node.kind == "visit" and node.engine == pool.name:
-                    assert node.prefill is not None and node.decode is not None
-                    r = c.rate_per_s * visits[cname][nid]
-                    rate, pre, dec = rate + r, pre + r * node.prefill.mean, dec + r * node.decode.mean
+                if node.kind != "visit":
+                    continue
+                for target, mean_p, mean_d, _ in visit_parts(net, node):
+                    if target == pool.name:
+                        r = c.rate_per_s * visits[cname][nid]
+                        rate, pre, dec = rate + r, pre + r * mean_p, dec + r * mean_d
         mean_p, mean_d = (pre / rate, dec / rate) if rate > 0 else (0.0, 0.0)
         caps = [theory.capacity_tokens_per_ms(mix_batch_time(net.engines[m].batch_time, mean_p, mean_d),
                                               net.engines[m].budget) for m in pool.members]
         total = sum(caps)
         out[pool.name] = tuple((m, c / total) for m, c in zip(pool.members, caps, strict=True))
+    return out
+
+
+def visit_parts(net: Network, node: Node) -> list[tuple[str, float, float, float]]:
+    """Where a visit's tokens go: (engine or pool, mean prompt tokens, mean output tokens, the
+    decoders' mean KV context). A plain visit is one part (context ``p + (d + 1) / 2``); a visit to
+    a prefill/decode pair is its prompt at the prefill side, visits (p, 0), and its output at the
+    decode side, visits (0, d) that hold the prompt's KV: the same context."""
+    assert node.prefill is not None and node.decode is not None
+    p, d = node.prefill.mean, node.decode.mean
+    context = mean_decode_context(p, d)
+    out = []
+    for target, part in net.parts_of(node.engine or ""):
+        if part == "prefill":
+            out.append((target, p, 0.0, 0.0))
+        elif part == "decode":
+            out.append((target, 0.0, d, context))
+        else:
+            out.append((target, p, d, context))
     return out
 
 
@@ -153,14 +210,14 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
                 continue
             assert node.prefill is not None and node.decode is not None
             total_rate = c.rate_per_s * visits[name][nid]
-            for member, share in shares[node.engine]:
-                rate = total_rate * share
-                prefill[member] += rate * node.prefill.mean
-                decode[member] += rate * node.decode.mean
-                visit_rate[member] += rate
-                context[member] += rate * node.decode.mean * mean_decode_context(
-                    node.prefill.mean, node.decode.mean)
-                buffers[member].append(f"{name}.{nid}")
+            for target, mean_p, mean_d, ctx in visit_parts(net, node):
+                for member, share in shares[target]:
+                    rate = total_rate * share
+                    prefill[member] += rate * mean_p
+                    decode[member] += rate * mean_d
+                    visit_rate[member] += rate
+                    context[member] += rate * mean_d * ctx
+                    buffers[member].append(f"{name}.{nid}")
             buffer_rate[f"{name}.{nid}"] = total_rate * node.mean_tokens
     loads = {}
     memory_warnings: list[str] = []
@@ -191,6 +248,8 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
                                    tuple(buffers[e.name]), k_mem, token_time, visits_e)
     bottleneck = max(loads, key=lambda k: loads[k].rho)
     top = loads[bottleneck].rho
+    pairs = _pair_loads(net, visits, loads)
+    links = [p.link_rho for p in pairs.values()]
     cycle = _engine_cycle(net)
     warnings: list[str] = []
     if cycle:
@@ -238,8 +297,52 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
             warnings.append(f"pool {pool.name}: router '{router}' sends each member 1/"
                             f"{len(pool.members)} of its visits: member(s) {', '.join(over)} overload "
                             f"although the pool is loaded at {tokens / cap:.3f} of its capacity")
-    return Analysis(visits, loads, bottleneck, 1.0 / top if top > 0 else math.inf, bool(cycle),
-                    cycle, stations, tuple(warnings), buffer_rate, pools)
+    for pair in pairs.values():
+        if pair.link_rho > 1:
+            warnings.append(f"pair {pair.pair}: its shared KV link is loaded at {pair.link_rho:.3f} > 1: "
+                            "transfers queue without bound")
+    worst = max([top, *links])
+    return Analysis(visits, loads, bottleneck, 1.0 / worst if worst > 0 else math.inf, bool(cycle),
+                    cycle, stations, tuple(warnings), buffer_rate, pools, pairs)
+
+
+def _check_decode_cache(net: Network, pair: PairSpec) -> None:
+    """ConfigError when a decode member's KV cache cannot hold one mean request of the pair's
+    visits (its prompt's KV plus its output): that pair could never decode."""
+    for cname, c in net.classes.items():
+        for nid, node in c.nodes.items():
+            if node.kind != "visit" or node.engine != pair.name:
+                continue
+            assert node.prefill is not None and node.decode is not None
+            need = math.ceil(node.prefill.mean + node.decode.mean)
+            for m in net.members_of(pair.decode):
+                memory = net.engines[m].memory
+                if memory is not None and not memory.fits_alone(need):
+                    raise ConfigError(f"disaggregated.{pair.name}.decode", pair.decode,
+                                      f"engine {m}'s KV cache ({memory.capacity_tokens} tokens) cannot hold "
+                                      f"one request of {cname}.{nid} (context + output, {need} tokens "
+                                      "on average)")
+
+
+def _pair_loads(net: Network, visits: Mapping[str, Mapping[str, float]],
+                loads: Mapping[str, EngineLoad]) -> dict[str, PairLoad]:
+    """Every pair's prefill-side, decode-side and link loads (``PairLoad``)."""
+    out = {}
+    for pair in net.pairs.values():
+        _check_decode_cache(net, pair)
+        rate = transfer_ms = 0.0  # visits/s, and their summed mean transfer time (ms)
+        for cname, c in net.classes.items():
+            for nid, node in c.nodes.items():
+                if node.kind == "visit" and node.engine == pair.name:
+                    assert node.prefill is not None
+                    r = c.rate_per_s * visits[cname][nid]
+                    rate += r
+                    transfer_ms += r * pair.transfer_ms(node.prefill.mean)
+        link = transfer_ms / 1000.0 if pair.shared_link else 0.0
+        out[pair.name] = PairLoad(
+            pair.name, max(loads[m].rho for m in net.members_of(pair.prefill)),
+            max(loads[m].rho for m in net.members_of(pair.decode)), link, rate)
+    return out
 
 
 def _same_engine(a: EngineSpec, b: EngineSpec) -> bool:
@@ -265,8 +368,9 @@ def _oversized(net: Network, engine: EngineSpec) -> list[str]:
     rng = np.random.default_rng(0)
     for c in net.classes.values():
         for nid, node in c.nodes.items():
-            at_engine = (node.kind == "visit" and engine.name in net.members_of(node.engine or "")
-                         and node.prefill is not None)
+            at_engine = (node.kind == "visit" and node.prefill is not None and any(
+                part != "decode" and engine.name in net.members_of(target)
+                for target, part in net.parts_of(node.engine or "")))
             if at_engine and int(node.prefill.sample(rng, 20_000).max()) > engine.budget:  # type: ignore[union-attr]
                 out.append(f"{c.name}.{nid}")
     return out
@@ -284,7 +388,11 @@ def _unfitting(net: Network, engine: EngineSpec) -> list[str]:
             if node.kind != "visit" or engine.name not in net.members_of(node.engine or ""):
                 continue
             assert node.prefill is not None and node.decode is not None
-            largest = int((node.prefill.sample(rng, 20_000) + node.decode.sample(rng, 20_000)).max())
+            prompt_only = any(part == "prefill" and engine.name in net.members_of(target)
+                              for target, part in net.parts_of(node.engine or ""))
+            prompts = node.prefill.sample(rng, 20_000)
+            outputs = node.decode.sample(rng, 20_000) * (0 if prompt_only else 1)
+            largest = int((prompts + outputs).max())
             if not engine.memory.fits_alone(largest):
                 out.append(f"{c.name}.{nid}")
     return out
@@ -325,7 +433,7 @@ def _next_visits(c: ClassSpec, node_id: str) -> set[str]:
 def _engine_cycle(net: Network) -> tuple[str, ...]:
     """A cycle of engines in the routing graph, as engine names (empty if acyclic)."""
     edges = _engine_edges(net)
-    graph: dict[str, list[str]] = {e: [] for e in (*net.engines, *net.pools)}
+    graph: dict[str, list[str]] = {e: [] for e in (*net.engines, *net.pools, *net.pairs)}
     for a, b in sorted(edges):
         graph[a].append(b)
     state: dict[str, int] = {}

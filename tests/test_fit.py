@@ -409,7 +409,7 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
     ("fit", "--data", "no/such.csv"),
     ("fit", "--data", "h200", "--columns", "time_ms=median_ms"),
     ("fit", "--data", "h200", "--data-dir", "no/such/dir"),
-    ("fit", "--data", str(H200_CSV)),  # no time_ms column (it is median_ms)
+    ("fit", "--data", str(H200_CSV), "--where", "model=nope"),  # read as a batch-times table: no row left
     ("fit", "--data", str(H200_CSV), "--columns", "time_ms=median_ms", "--where", "model"),
     ("simulate", "--batch-time", "preset:nope", "--requests", "10"),
 ])

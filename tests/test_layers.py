@@ -82,12 +82,12 @@ def test_no_import_cycle() -> None:
 
 
 def test_start_up_imports_no_heavy_library() -> None:
-    """``import llmqueue`` and ``llmqueue --help`` load neither scipy, numba nor matplotlib."""
+    """``import llmqueue`` and ``llmqueue --help`` load neither scipy, numba, matplotlib nor torch."""
     code = (
         "import sys, llmqueue\n"
         "from llmqueue.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('scipy', 'numba', 'matplotlib') if m in sys.modules))\n"
+        "print(sorted(m for m in ('scipy', 'numba', 'matplotlib', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

@@ -1,6 +1,7 @@
 """The ``llmqueue`` command line assembled: the group with ``simulate``, ``compare``, ``capacity``,
 ``region``, ``sweep``, ``results``, ``reproduce``, ``network analyze|simulate``, ``plan``, ``fit``,
-``trace stats|fit``, ``validate`` and ``warmup`` (one module per command family), and ``main``.
+``trace stats|fit``, ``validate``, ``warmup`` and ``profile`` (one module per command family), and
+``main``.
 
 Every option can also come from a TOML or YAML file given with ``--config`` (keys are the option
 names; flags on the command line win). Bad input exits with code 2 and one line on stderr.
@@ -16,6 +17,7 @@ import click
 
 from llmqueue.cli.capacity import capacity_cmd, region_cmd
 from llmqueue.cli.data import fit_cmd, trace_group, validate_cmd, warmup_cmd
+from llmqueue.cli.gpuprofile import profile_cmd
 from llmqueue.cli.network import network_group
 from llmqueue.cli.paper import reproduce_cmd
 from llmqueue.cli.plan import plan_cmd
@@ -31,7 +33,7 @@ def cli() -> None:
 
 
 for _command in (simulate_cmd, compare_cmd, capacity_cmd, region_cmd, sweep_cmd, results_cmd, reproduce_cmd,
-                 network_group, plan_cmd, fit_cmd, trace_group, validate_cmd, warmup_cmd):
+                 network_group, plan_cmd, fit_cmd, trace_group, validate_cmd, warmup_cmd, profile_cmd):
     cli.add_command(_command)
 
 

@@ -36,6 +36,7 @@ from llmqueue.model.batchtime import (
 from llmqueue.model.presets import FIT_DATE, Preset
 
 __all__ = [
+    "BATCH_TIME_COLUMNS",
     "COMPOSITION_TERMS",
     "DATA_SETS",
     "FIT_DATE",
@@ -45,11 +46,13 @@ __all__ = [
     "fit_composition",
     "fit_data",
     "goodness",
+    "is_batch_times",
     "load_data",
     "parse_columns",
     "parse_filters",
     "plot_fit",
     "presets_from",
+    "read_batch_times",
     "read_csv",
     "read_h200",
     "read_splitwise",
@@ -193,6 +196,42 @@ def _splitwise_group(
                    f"data/{SPLITWISE_FILE}", rows)
 
 
+BATCH_TIME_COLUMNS = ("model", "mode", "n_prefill_tokens", "n_decode_tokens", "decode_context",
+                      "prefill_context", "median_ms")
+"""Columns of a batch-times table (the H200 measurement's format, which ``llmqueue profile`` writes)."""
+
+
+def _batch_time_shape(table: CsvTable, i: int) -> BatchShape:
+    """Row ``i`` of a batch-times table as a shape: one chunk of ``n_prefill_tokens`` after
+    ``prefill_context`` cached tokens (its last token through the LM head) and ``n_decode_tokens``
+    decoders reading ``decode_context`` entries each."""
+    pre, dec, ctx, prefix = (table.count(i, c) for c in
+                             ("n_prefill_tokens", "n_decode_tokens", "decode_context", "prefill_context"))
+    if pre + dec < 1:
+        raise table.cell_error(i, "n_prefill_tokens", "leaves a batch of 0 tokens (a batch needs at least 1)")
+    chunks = (pre,) if pre > 0 else ()
+    return BatchShape(prefill_tokens=pre, decode_tokens=dec, chunk_tokens=chunks,
+                      chunk_prefix_tokens=(prefix,) * len(chunks), decode_kv_tokens=dec * ctx,
+                      logit_rows=dec + len(chunks))
+
+
+def _batch_time_groups(table: CsvTable, modes: Sequence[str] | None) -> dict[tuple[str, str], tuple[
+        list[BatchShape], list[float]]]:
+    """Shapes and median times of a batch-times table per (model, mode), ``modes`` only if given."""
+    table.require(BATCH_TIME_COLUMNS)
+    groups: dict[tuple[str, str], tuple[list[BatchShape], list[float]]] = {}
+    for i, row in enumerate(table.rows):
+        if modes is not None and row["mode"] not in modes:
+            continue
+        time_ms = table.number(i, "median_ms")
+        if time_ms <= 0:
+            raise table.cell_error(i, "median_ms", "must be > 0")
+        shapes, times = groups.setdefault((row["model"], row["mode"]), ([], []))
+        shapes.append(_batch_time_shape(table, i))
+        times.append(time_ms)
+    return groups
+
+
 def read_h200(path: str | Path) -> list[FitData]:
     """One :class:`FitData` per model of the H200 measurement, CUDA-graph rows, median times.
 
@@ -201,28 +240,39 @@ def read_h200(path: str | Path) -> list[FitData]:
     head to the chunk's last token in every row (mixed ones too), so the chunk counts as ending
     its prompt: logit rows = decoders + 1 with a chunk.
     """
-    path = Path(path)
-    table = _read_rows(path)
-    table.require(("model", "mode", "n_prefill_tokens", "n_decode_tokens", "decode_context",
-                   "prefill_context", "median_ms"))
-    by_model: dict[str, tuple[list[BatchShape], list[float]]] = {}
-    for i, row in enumerate(table.rows):
-        if row["mode"] != "graph":
-            continue
-        pre, dec, ctx, prefix = (table.count(i, c) for c in
-                                 ("n_prefill_tokens", "n_decode_tokens", "decode_context", "prefill_context"))
-        chunks = (pre,) if pre > 0 else ()
-        shape = BatchShape(prefill_tokens=pre, decode_tokens=dec, chunk_tokens=chunks,
-                           chunk_prefix_tokens=(prefix,) * len(chunks), decode_kv_tokens=dec * ctx,
-                           logit_rows=dec + len(chunks))
-        shapes, times = by_model.setdefault(row["model"], ([], []))
-        shapes.append(shape)
-        times.append(table.number(i, "median_ms"))
+    groups = _batch_time_groups(_read_rows(Path(path)), ("graph",))
     return [
         FitData(f"h200-{model}", tuple(s.tokens for s in shapes), tuple(times), tuple(shapes),
                 f"data/{H200_FILE}", f"model={model}, mode=graph: {len(times)} rows (median_ms)")
-        for model, (shapes, times) in by_model.items()
+        for (model, _), (shapes, times) in groups.items()
     ]
+
+
+def read_batch_times(path: str | Path, where: Mapping[str, str] | None = None) -> list[FitData]:
+    """One :class:`FitData` per (model, mode) of a batch-times table (``llmqueue profile``'s CSV, or
+    the H200 measurement's format), median times, rows as in :func:`read_h200`; named
+    ``MODEL-MODE``. ``where`` keeps the rows whose column equals the value."""
+    path = Path(path)
+    table = _read_rows(path)
+    for key in where or {}:
+        if key not in table.columns:
+            raise ConfigError("where", key, f"{path.name} has no such column")
+    table = table.where(where or {})
+    groups = _batch_time_groups(table, None)
+    if not groups:
+        raise ConfigError("where", dict(where or {}), f"no rows of {path.name} match")
+    rest = {k: v for k, v in (where or {}).items() if k not in ("model", "mode")}
+    return [
+        FitData(f"{model}-{mode}", tuple(s.tokens for s in shapes), tuple(times), tuple(shapes), str(path),
+                ", ".join(f"{k}={v}" for k, v in {"model": model, "mode": mode, **rest}.items())
+                + f": {len(times)} rows (median_ms)")
+        for (model, mode), (shapes, times) in groups.items()
+    ]
+
+
+def is_batch_times(path: str | Path) -> bool:
+    """Whether the CSV at ``path`` has every column of a batch-times table (:data:`BATCH_TIME_COLUMNS`)."""
+    return set(BATCH_TIME_COLUMNS) <= set(_read_rows(Path(path)).columns)
 
 
 def parse_columns(text: str | None) -> dict[str, str]:
@@ -322,7 +372,9 @@ def load_data(
     data: str, data_dir: str | Path = "../shared/data", columns: Mapping[str, str] | None = None,
     where: Mapping[str, str] | None = None,
 ) -> list[FitData]:
-    """The data sets named by ``data``: ``splitwise``, ``h200``, ``all`` (both) or a CSV path."""
+    """The data sets named by ``data``: ``splitwise``, ``h200``, ``all`` (both) or a CSV path (a
+    batch-times table, as ``llmqueue profile`` writes, without ``columns``: :func:`read_batch_times`;
+    else :func:`read_csv`)."""
     key = data.strip().lower()
     if key in DATA_SETS or key == "all":
         names = list(DATA_SETS) if key == "all" else [key]
@@ -334,6 +386,8 @@ def load_data(
     path = Path(data)
     if not path.is_file():
         raise ConfigError("data", data, f"neither {', '.join([*DATA_SETS, 'all'])} nor a CSV file")
+    if not columns and is_batch_times(path):
+        return read_batch_times(path, where)
     return [read_csv(path, columns, where)]
 
 

@@ -1,5 +1,5 @@
 """The ``llmqueue`` command line assembled: the group with ``simulate``, ``compare``, ``capacity``,
-``region``, ``sweep``, ``results``, ``reproduce``, ``network analyze|simulate``, ``fit``,
+``region``, ``sweep``, ``results``, ``reproduce``, ``network analyze|simulate|split``, ``fit``,
 ``trace stats|fit``, ``validate``, ``warmup`` and ``profile`` (one module per command family), and
 ``main``.
 
@@ -21,6 +21,7 @@ from llmqueue.cli.gpuprofile import profile_cmd
 from llmqueue.cli.network import network_group
 from llmqueue.cli.paper import reproduce_cmd
 from llmqueue.cli.run import compare_cmd, simulate_cmd
+from llmqueue.cli.split import split_cmd
 from llmqueue.cli.sweep import results_cmd, sweep_cmd
 from llmqueue.errors import LLMQueueError
 
@@ -34,6 +35,7 @@ def cli() -> None:
 for _command in (simulate_cmd, compare_cmd, capacity_cmd, region_cmd, sweep_cmd, results_cmd, reproduce_cmd,
                  network_group, fit_cmd, trace_group, validate_cmd, warmup_cmd, profile_cmd):
     cli.add_command(_command)
+network_group.add_command(split_cmd)
 
 
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())

@@ -203,12 +203,14 @@ RunCache = dict[tuple[str, int], RunFigures]
 
 
 def _int(value: object, name: str, low: int, high: int) -> int:
+    """``value`` if it is an integer in [low, high], else a ConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(name, value, f"must be an integer in [{low}, {high}]")
     return value
 
 
 def _positive(value: object, name: str) -> float:
+    """``value`` as a float if it is a finite number > 0, else a ConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not (
             math.isfinite(value) and value > 0):
         raise ConfigError(name, value, "must be a finite number > 0")

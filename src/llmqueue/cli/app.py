@@ -1,5 +1,5 @@
 """The ``llmqueue`` command line assembled: the group with ``simulate``, ``compare``, ``capacity``,
-``region``, ``sweep``, ``results``, ``reproduce``, ``network analyze|simulate``, ``plan``, ``fit``,
+``region``, ``sweep``, ``results``, ``reproduce``, ``network analyze|simulate|split``, ``plan``, ``fit``,
 ``trace stats|fit``, ``validate``, ``warmup`` and ``profile`` (one module per command family), and
 ``main``.
 
@@ -22,6 +22,7 @@ from llmqueue.cli.network import network_group
 from llmqueue.cli.paper import reproduce_cmd
 from llmqueue.cli.plan import plan_cmd
 from llmqueue.cli.run import compare_cmd, simulate_cmd
+from llmqueue.cli.split import split_cmd
 from llmqueue.cli.sweep import results_cmd, sweep_cmd
 from llmqueue.errors import LLMQueueError
 
@@ -35,6 +36,7 @@ def cli() -> None:
 for _command in (simulate_cmd, compare_cmd, capacity_cmd, region_cmd, sweep_cmd, results_cmd, reproduce_cmd,
                  network_group, plan_cmd, fit_cmd, trace_group, validate_cmd, warmup_cmd, profile_cmd):
     cli.add_command(_command)
+network_group.add_command(split_cmd)
 
 
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())

@@ -1,6 +1,7 @@
 """The compiled kernels' twin tables: every numba function of ``llmqueue.engines.kernel``,
-``llmqueue.engines.netkernel`` and ``llmqueue.engines.polkernel`` is paired with the Python function or method it ports (or with a note
-saying why it has none), and every named twin exists, so a rename on either side shows up here.
+``llmqueue.engines.netkernel`` and ``llmqueue.engines.polkernel`` is paired with the Python function
+or method it ports (or with a note saying why it has none), and every named twin exists, so a
+rename on either side shows up here.
 
 Read by parsing the source (no numba needed: the tables are plain data, but the modules import numba)."""
 

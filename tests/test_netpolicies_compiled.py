@@ -26,7 +26,7 @@ from llmqueue.sim import network as netsim
 from llmqueue.sim.network import _Run, engine_kind, network_policy, simulate_network
 from llmqueue.theory.network import analyze
 
-from .helpers import examples
+from .helpers import SometimesZero, examples
 
 ITL_MEAN = "mean_itl_ms"
 
@@ -168,8 +168,8 @@ def _route(draw: st.DrawFn, engines: list[str]) -> tuple[str, dict[str, dict]]:
 @st.composite
 def policy_networks(draw: st.DrawFn) -> tuple[Network, dict]:
     """A random network of priority and max-pressure engines (some FCFS ones too), random class
-    orders (classes and buffers, some left out), k_max on or off, forks, joins, feedback, at a
-    random load, with a random run."""
+    orders (classes and buffers, some left out), k_max on or off, forks, joins, feedback, visits
+    that draw no prompt or no output (or nothing) in some, at a random load, with a random run."""
     names = [f"e{i}" for i in range(draw(st.integers(2, 3)))]
     classes: dict[str, dict] = {}
     for c in range(draw(st.integers(1, 2))):
@@ -186,6 +186,15 @@ def policy_networks(draw: st.DrawFn) -> tuple[Network, dict]:
         if policy == "priority":
             engines[name]["priority"] = draw(st.lists(st.sampled_from(labels), min_size=1, unique=True))
     net = parse_network({"engines": engines, "classes": classes})
+    zero = draw(st.sampled_from((0.0, 0.0, 0.5)))
+    if zero:  # prompt-less visits, visits without output, visits of 0 + 0 tokens (skipped)
+        specs = {}
+        for cname, spec in net.classes.items():
+            zeroed = {nid: dataclasses.replace(n, prefill=SometimesZero(n.prefill, zero),
+                                               decode=SometimesZero(n.decode, zero))
+                      if n.kind == "visit" else n for nid, n in spec.nodes.items()}
+            specs[cname] = dataclasses.replace(spec, nodes=zeroed)
+        net = Network(net.engines, specs)
     net = net.scaled(draw(st.sampled_from((0.5, 0.9, 1.3))) * analyze(net).critical_scale)
     run = {"seed": draw(st.integers(0, 2**20)), "drain_s": draw(st.sampled_from((None, 0.0, 0.05)))}
     if draw(st.booleans()):

@@ -124,6 +124,34 @@ def test_max_pressure_blocks_and_is_woken_as_in_the_reference_engine(monkeypatch
     assert_same_run(reference, compiled_run)
 
 
+def test_policy_engines_next_to_a_kv_cache_engine_route_in_python(monkeypatch) -> None:
+    """A KV-cache engine keeps the routing in Python; the policy engines stay compiled there
+    (``PolicyEngine`` in the Python loop) and the run is the reference run."""
+    data = {
+        "engines": {"gen": {"budget": 64, "batch_time": "linear:c=1,a=0.02", "memory": "tokens=2048"},
+                    "judge": {"budget": 32, "batch_time": "constant:c=1", "policy": "max-pressure"},
+                    "tools": {"budget": 32, "batch_time": "constant:c=1", "policy": "priority",
+                              "priority": ["chat.tool"]}},
+        "classes": {"chat": {"rate": 60.0, "start": "answer", "nodes": {
+            "answer": {"engine": "gen", "prefill": "uniform:10,200", "decode": "uniform:5,60",
+                       "next": "split"},
+            "split": {"fork": ["tool", "check"]},
+            "tool": {"engine": "tools", "prefill": "poisson:20", "decode": "poisson:5", "next": "merge"},
+            "check": {"engine": "judge", "prefill": "poisson:30", "decode": "poisson:3", "next": "merge"},
+            "merge": {"join": "split", "next": {"answer": 0.3, "exit": 0.7}}}},
+                    "side": {"rate": 40.0, "start": "look", "nodes": {
+            "look": {"engine": "tools", "prefill": "poisson:10", "decode": "poisson:10", "next": "judge"},
+            "judge": {"engine": "judge", "prefill": "poisson:10", "decode": "poisson:2", "next": "exit"}}}},
+    }
+    net = parse_network(data)
+    assert _kinds(net) == {"gen": "fast", "judge": "compiled", "tools": "compiled"}
+    reference = _run(net, "reference", monkeypatch, seed=3, max_requests=400, drain_s=2.0)
+    auto = _run(net, "auto", monkeypatch, seed=3, max_requests=400, drain_s=2.0)
+    assert reference[0]["classes"]["chat"]["completed"] > 100
+    assert "KV cache" in auto[0].pop("notes")[0] and not reference[0].pop("notes")
+    assert_same_run(reference, auto)
+
+
 # -- random networks ------------------------------------------------------------------------------------
 
 BATCH_TIMES = ("linear:c=2,a=0.01", "constant:c=2", "staircase:c=1,a=0.5,b0=32")

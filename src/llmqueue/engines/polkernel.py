@@ -297,21 +297,56 @@ def _fill_target(si, slot_i, q, grp_i, pol):
     if k == 0 or n_pre + n_dec <= k:
         return min(budget, si[PREFILL_LEFT] + n_dec)
     m = min(k, n_pre)
+    # the m largest remaining prompts: a min-heap of m in q[Q_TMP]; the first m prompts alone
+    # bound them from below, which often reaches the budget already (then no scan)
     n = 0
-    first_m = 0  # any m prompts bound the m largest from below: often enough to reach the budget
-    for g in range(grp_i.shape[0]):
-        for phase in (PH_STARTED, PH_WAITING):
+    top = 0
+    for phase in (PH_STARTED, PH_WAITING):
+        for g in range(grp_i.shape[0]):
             s = grp_i[g, G_HEAD + phase]
             while s >= 0:
-                if n < m:
-                    first_m += slot_i[s, S_PLEFT]
-                q[Q_TMP, n] = slot_i[s, S_PLEFT]
-                n += 1
+                v = slot_i[s, S_PLEFT]
                 s = slot_i[s, S_NEXT]
-    if first_m >= budget:
-        return budget
-    top = np.sort(q[Q_TMP, :n])[n - m:].sum() if m > 0 else 0
+                if n < m:
+                    _heap_up(q, n, v)
+                    top += v
+                    n += 1
+                    if n == m and top >= budget:
+                        return budget
+                elif v > q[Q_TMP, 0]:
+                    top += v - q[Q_TMP, 0]
+                    _heap_down(q, m, v)
     return min(budget, top + min(k - m, n_dec))
+
+
+@njit(cache=True)
+def _heap_up(q, n, v):
+    """Push ``v`` onto the min-heap of the first ``n`` entries of q[Q_TMP]."""
+    i = n
+    while i > 0:
+        parent = (i - 1) // 2
+        if q[Q_TMP, parent] <= v:
+            break
+        q[Q_TMP, i] = q[Q_TMP, parent]
+        i = parent
+    q[Q_TMP, i] = v
+
+
+@njit(cache=True)
+def _heap_down(q, n, v):
+    """Replace the least of the min-heap of ``n`` entries of q[Q_TMP] by ``v``."""
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and q[Q_TMP, child + 1] < q[Q_TMP, child]:
+            child += 1
+        if v <= q[Q_TMP, child]:
+            break
+        q[Q_TMP, i] = q[Q_TMP, child]
+        i = child
+    q[Q_TMP, i] = v
 
 
 @njit(cache=True)
@@ -530,6 +565,8 @@ TWINS: dict[str, tuple[str | None, str]] = {
     "_weight": (_POL + "MaxPressure.weight", ""),
     "_plan_pressure": (_POL + "MaxPressure.__call__", ""),
     "_fill_target": (_REF + "fill_target", ""),
+    "_heap_up": (None, "a min-heap of the largest prompts (fill_target uses heapq.nlargest)"),
+    "_heap_down": (None, "a min-heap of the largest prompts (fill_target uses heapq.nlargest)"),
     "_start_batch": (_REF + "Engine.begin_batch", ""),
     "_end_batch": (_REF + "Engine._end_batch", ""),
     "_submit": (_REF + "Engine.submit", ""),

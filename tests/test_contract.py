@@ -76,8 +76,8 @@ def test_engine_instances_satisfy_the_protocols() -> None:
     from llmqueue.sim.network import network_policy
 
     net = rs_network(0.9, "max-pressure")
-    policy = compiled.PolicyEngine(network_policy(net, "S1"), ConstantTime(1.0), 16, None, Recorder(), net,
-                                   "S1", {})
+    policy = compiled.PolicyEngine(network_policy(net, "S1"), ConstantTime(1.0), 16, None, Recorder(),
+                                   net, {})
     assert isinstance(policy, EngineContract) and not isinstance(policy, SteppedEngine)
 
 

@@ -6,8 +6,9 @@ without a KV cache; otherwise the pure-Python fast engine runs, with the same re
 come in numpy chunks and finished requests leave in numpy chunks, so the loop never builds a
 Python object per request.
 
-In a network, ``KernelEngine`` gives one engine the interface of the Python network loop, and
-``NetworkLoop`` runs a network whose engines are all compiled with the routing compiled as well
+In a network, ``KernelEngine`` gives one engine the interface of the Python network loop
+(``PolicyEngine`` one whose policy is class priority or max-pressure: ``llmqueue.engines.polkernel``),
+and ``NetworkLoop`` runs a network whose engines are all compiled with the routing compiled as well
 (engines without a KV cache only: the network simulator runs those with one on the fast engine).
 """
 
@@ -336,18 +337,17 @@ class _PolicyState:
     and output arrays (the same layout: the network loop and ``_drain`` read them as a kernel's).
 
     Groups: class priority has one per rank (``ClassPriority.rank`` of each buffer); max-pressure
-    one per buffer of this engine, with its size and its routes (``MaxPressure.sizes``,
+    one per buffer of the network, with its size and its routes (``MaxPressure.sizes``,
     ``routes``) against the network's buffer counts by route node (``route_tables``' numbering; a
     buffer outside the network reads the last count, always 0). The arrays a kernel engine has
-    and this one does not use (``DUMMIES``) are empty, so the network loop keeps one typed list per
-    array for both kinds."""
+    and this one does not use (``heap``, ``ends``, ``targets``, the compact tails) are empty, so
+    the network loop keeps one typed list per array for both kinds of engine."""
 
     START_SLOTS = 1024
     """Request slots at first (grown by ``_State.SLOT_GROWTH`` when short)."""
-    DUMMIES = ("heap", "ends", "targets", "lp_i", "lp_f", "lw_i", "lw_f")
 
     def __init__(self, policy: ClassPriority | MaxPressure, batch_time: BatchTime, budget: int,
-                 k_max: int | None, net: Network, engine_name: str) -> None:
+                 k_max: int | None, net: Network) -> None:
         from llmqueue.engines import kernel as K
         from llmqueue.engines import polkernel as P
 
@@ -380,10 +380,10 @@ class _PolicyState:
         self.targets = np.zeros(0, dtype=np.int64)
         self.lp_i = self.lw_i = np.zeros((0, K.N_LZI + 1), dtype=np.int64)
         self.lp_f = self.lw_f = np.zeros((0, K.N_LZF))
-        self._groups(policy, net, engine_name)
+        self._groups(policy, net)
         self.kernel_state = self._kernel_state()
 
-    def _groups(self, policy: ClassPriority | MaxPressure, net: Network, engine_name: str) -> None:
+    def _groups(self, policy: ClassPriority | MaxPressure, net: Network) -> None:
         """The group tables of this engine's policy (see the class docstring)."""
         P = self.P
         keys = node_keys(net)
@@ -399,11 +399,11 @@ class _PolicyState:
             for name, i in buffers.items():
                 self.node_grp[i] = policy.rank(name)
         else:
-            mine = [(name, i) for name, i in buffers.items()
-                    if net.classes[keys[i][0]].nodes[keys[i][1]].engine == engine_name]
-            grp_i = np.zeros((len(mine), P.N_GI), dtype=np.int64)
-            grp_f = np.zeros((len(mine), P.N_GF))
-            for g, (name, i) in enumerate(mine):
+            # one group per buffer of the network (not only this engine's: which buffers reach
+            # an engine is the routing's business; a group without requests costs a test per batch)
+            grp_i = np.zeros((len(buffers), P.N_GI), dtype=np.int64)
+            grp_f = np.zeros((len(buffers), P.N_GF))
+            for g, (name, i) in enumerate(buffers.items()):
                 self.node_grp[i] = g
                 grp_i[g, P.G_NODE] = i
                 size = policy.sizes.get(name)
@@ -420,7 +420,7 @@ class _PolicyState:
         self.grp_i, self.grp_f = grp_i, grp_f
         self.route_node = np.array(route_node, dtype=np.int64)
         self.route_prob = np.array(route_prob, dtype=np.float64)
-        self.node_index = {name: i for name, i in buffers.items()}
+        self.node_index = buffers  # buffer name -> its node (requests handed in from Python)
 
     def grow(self, capacity: int) -> None:
         """Room for ``capacity`` requests: the slots resized in place, the new ones free."""
@@ -803,20 +803,19 @@ class KernelEngine:
 
 class PolicyEngine(KernelEngine):
     """A ``KernelEngine`` whose engine is a network policy's (``ClassPriority`` or ``MaxPressure``:
-    ``llmqueue.engines.polkernel``, one batch per event), for one engine of ``net``. The same
+    ``llmqueue.engines.polkernel``, one batch per event), for an engine of ``net``. The same
     interface and call protocol; each arrival carries its buffer, and max-pressure reads the
     network's counts (``buffers``: ``_Run.counts`` when the routing runs in Python; the network
     loop keeps its own) and is woken (``wake``) when routing changed them. Results equal those of
     the reference engine with the same policy (tests/test_netpolicies_compiled.py)."""
 
     def __init__(self, policy: ClassPriority | MaxPressure, batch_time: BatchTime, budget: int,
-                 k_max: int | None, recorder: Recorder, net: Network, engine_name: str,
-                 buffers: Mapping[str, int]) -> None:
+                 k_max: int | None, recorder: Recorder, net: Network, buffers: Mapping[str, int]) -> None:
         from llmqueue.engines import kernel as K
         from llmqueue.engines import polkernel as P
 
         self.K, self.P = K, P
-        self.state = _PolicyState(policy, batch_time, budget, k_max, net, engine_name)  # type: ignore[assignment]
+        self.state = _PolicyState(policy, batch_time, budget, k_max, net)  # type: ignore[assignment]
         self.pressure = isinstance(policy, MaxPressure)
         self.recorder = recorder
         self._times, self._prefill, self._decode, self._ids, self._nodes = [], [], [], [], []

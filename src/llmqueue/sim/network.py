@@ -328,7 +328,7 @@ class _Run:
             kind = engine_kind(policy, spec, engine)
             if kind == "compiled" and isinstance(policy, ClassPriority | MaxPressure):
                 self.engines[n] = PolicyEngine(policy, spec.batch_time, spec.budget, spec.k_max,
-                                               self.recorders[n], net, n, self.counts)
+                                               self.recorders[n], net, self.counts)
                 continue
             if kind == "compiled":
                 assert isinstance(policy, KFCFS | VLLMChunked)

@@ -308,7 +308,7 @@ def test_a_bad_batch_time_in_a_policy_engine_is_reported_as_in_the_reference_eng
     broken = Network({**net.engines, "S2": dataclasses.replace(net.engines["S2"], batch_time=gap)},
                      net.classes)
     for engine in ("compiled", "reference"):
-        with pytest.raises(ConfigError, match=r"^batch-time: t\((6\d\d|700)\) must be a positive finite time"):
+        with pytest.raises(ConfigError, match=r"^batch-time: t\((6\d\d|700)\) must be a positive finite"):
             simulate_network(broken, seed=1, duration_s=0.2, engine=engine)
 
 

@@ -290,6 +290,19 @@ def test_every_resumable_step_of_the_policy_engines(monkeypatch) -> None:
     assert_same_run(reference, compiled_run)
 
 
+def test_a_max_pressure_given_by_the_caller_with_its_own_routes_and_sizes(monkeypatch) -> None:
+    """Routes to a buffer the network lacks (count 0), several weighted routes, a buffer without
+    a size (weight 0): the compiled engine weighs as ``MaxPressure.weight`` does."""
+    net = rs_network(0.95, "max-pressure")
+    own = {"S1": MaxPressure(routes={"A.short": (("A.long", 0.5), ("B.short", 0.25), ("elsewhere.x", 2.0))},
+                             sizes={"A.short": 40.0}),
+           "S2": MaxPressure(routes={"B.short": (("B.long", 1.5),), "A.long": (("A.short", 0.1),)},
+                             sizes={"B.short": 64.0, "A.long": 300.0})}
+    reference = _run(net, "reference", monkeypatch, seed=8, duration_s=0.2, drain_s=0.05, policies=own)
+    compiled_run = _run(net, "auto", monkeypatch, seed=8, duration_s=0.2, drain_s=0.05, policies=own)
+    assert_same_run(reference, compiled_run)
+
+
 def test_same_seed_same_compiled_run() -> None:
     net = rs_network(0.9, "priority", BAD)
     one = simulate_network(net, seed=3, duration_s=0.2).to_dict()

@@ -9,7 +9,7 @@ Hypothesis profiles, chosen with the environment variable ``LLMQUEUE_HYPOTHESIS`
 - ``thorough``: random examples, ten times as many (``LLMQUEUE_HYPOTHESIS=thorough pytest``),
   for longer local runs; a failure prints the blob that reproduces it.
 
-numba: with a cold cache (a fresh clone, or engines/kernel.py or engines/netkernel.py edited) the
+numba: with a cold cache (a fresh clone, or engines/kernel.py, polkernel.py or netkernel.py edited) the
 compiled event loops (``KERNELS``) take about a minute to compile. A process of its own compiles
 them (``helpers.warm_up``, filling numba's on-disk cache) while the modules that never touch the
 compiled loop run first; the first test that needs it waits for that process (outside any test's
@@ -57,9 +57,11 @@ they run first, while the loop compiles. A module listed here that starts using 
 waits for the compile; one missing from the list only runs later."""
 
 
-KERNELS = {"llmqueue.engines.kernel": ("run", "stop"), "llmqueue.engines.netkernel": ("net_run",)}
+KERNELS = {"llmqueue.engines.kernel": ("run", "stop"), "llmqueue.engines.polkernel": ("run", "wake"),
+           "llmqueue.engines.netkernel": ("net_run",)}
 """The modules of numba's compiled loops -> their entry points (the single-engine loop, the network
-loop: the warm-up compiles both; the network loop's cached code includes the engine loop)."""
+policies' engine, the network loop: the warm-up compiles them all; the network loop's cached code
+includes both engine loops)."""
 
 
 WAIT_LIMIT_S = 900.0
@@ -142,7 +144,7 @@ def _cache_is_fresh() -> bool:
     includes its code), so the first test that needs them loads them in a fraction of a second,
     and a separate process would only add its start-up. Best effort: False when unsure."""
     edited = 0.0
-    for module, names in KERNELS.items():  # kernel first: netkernel's code depends on it
+    for module, names in KERNELS.items():  # engines first: netkernel's code depends on them
         spec = find_spec(module)
         if spec is None or spec.origin is None:
             return False

@@ -72,6 +72,13 @@ def test_engine_instances_satisfy_the_protocols() -> None:
     kernel = KernelEngine(SARATHI, ConstantTime(1.0), 16, None, Recorder())
     assert isinstance(kernel, EngineContract)
     assert not isinstance(kernel, SteppedEngine)  # single runs use compiled.run, not step()
+    from llmqueue.paper.reproduce import rs_network
+    from llmqueue.sim.network import network_policy
+
+    net = rs_network(0.9, "max-pressure")
+    policy = compiled.PolicyEngine(network_policy(net, "S1"), ConstantTime(1.0), 16, None, Recorder(),
+                                   net, {})
+    assert isinstance(policy, EngineContract) and not isinstance(policy, SteppedEngine)
 
 
 def test_reference_engine_plans_a_batch_plan() -> None:

@@ -1,6 +1,7 @@
-"""The compiled kernels' twin tables: every numba function of ``llmqueue.engines.kernel`` and
-``llmqueue.engines.netkernel`` is paired with the Python function or method it ports (or with a note
-saying why it has none), and every named twin exists, so a rename on either side shows up here.
+"""The compiled kernels' twin tables: every numba function of ``llmqueue.engines.kernel``,
+``llmqueue.engines.netkernel`` and ``llmqueue.engines.polkernel`` is paired with the Python function
+or method it ports (or with a note saying why it has none), and every named twin exists, so a
+rename on either side shows up here.
 
 Read by parsing the source (no numba needed: the tables are plain data, but the modules import numba)."""
 
@@ -14,7 +15,7 @@ import pytest
 
 from .helpers import ROOT
 
-KERNEL_FILES = ("kernel.py", "netkernel.py")
+KERNEL_FILES = ("kernel.py", "netkernel.py", "polkernel.py")
 
 
 def _module(name: str) -> ast.Module:

@@ -6,8 +6,9 @@ without a KV cache; otherwise the pure-Python fast engine runs, with the same re
 come in numpy chunks and finished requests leave in numpy chunks, so the loop never builds a
 Python object per request.
 
-In a network, ``KernelEngine`` gives one engine the interface of the Python network loop, and
-``NetworkLoop`` runs a network whose engines are all compiled with the routing compiled as well
+In a network, ``KernelEngine`` gives one engine the interface of the Python network loop
+(``PolicyEngine`` one whose policy is class priority or max-pressure: ``llmqueue.engines.polkernel``),
+and ``NetworkLoop`` runs a network whose engines are all compiled with the routing compiled as well
 (engines without a KV cache only: the network simulator runs those with one on the fast engine).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from llmqueue.model.memory import KVCache
 from llmqueue.model.network import EXIT, ROUTER_NAMES, Network
 from llmqueue.model.workload import CHUNK_SIZE, Request
 from llmqueue.policies.fcfs import KFCFS, VLLMChunked
+from llmqueue.policies.network import ClassPriority, MaxPressure
 
 MAX_BUDGET = 1 << 17
 """Largest token budget the compiled loop takes (it tabulates t(n) for n = 1..budget)."""
@@ -74,6 +77,18 @@ def supports(policy: object, budget: int, keep_batches: bool) -> bool:
     return (
         type(policy) in (KFCFS, VLLMChunked)
         and not keep_batches
+        and isinstance(budget, int)
+        and 1 <= budget <= MAX_BUDGET
+        and available()
+    )
+
+
+def supports_network_policy(policy: object, budget: int) -> bool:
+    """Whether the compiled network loop can run this network policy (``ClassPriority`` or
+    ``MaxPressure`` instances, not subclasses: ``llmqueue.engines.polkernel``) on an engine of a
+    network without a KV cache."""
+    return (
+        type(policy) in (ClassPriority, MaxPressure)
         and isinstance(budget, int)
         and 1 <= budget <= MAX_BUDGET
         and available()
@@ -279,9 +294,11 @@ class _State:
         K = self.K
         return K.EngineState(*(getattr(self, name) for name in K.EngineState._fields))
 
-    def call(self, arrivals: Chunk, on_room: Callable[[], None]) -> int:
+    def call(self, arrivals: Chunk, on_room: Callable[[], None], nodes: np.ndarray | None = None,
+             counts: np.ndarray | None = None) -> int:
         """Run the kernel on ``arrivals`` (ids, arrival_ms, prefill, decode) until it needs the
-        caller: slots are grown and output room made (``on_room`` drains) here; returns the code."""
+        caller: slots are grown and output room made (``on_room`` drains) here; returns the code.
+        (``nodes``, ``counts``: what a network policy engine reads, ``_PolicyState.call``.)"""
         K = self.K
         ids, arrival_ms, prefill, decode = arrivals
         while True:
@@ -315,7 +332,146 @@ class _State:
         return math.inf, math.inf
 
 
-def _drain(state: _State, recorder: Recorder) -> None:
+class _PolicyState:
+    """The arrays of one network-policy engine (``llmqueue.engines.polkernel``), growable: request
+    slots, free slots and the batch's plan, the groups' lists and tables, and the kernel's scalar
+    and output arrays (the same layout: the network loop and ``_drain`` read them as a kernel's).
+
+    Groups: class priority has one per rank (``ClassPriority.rank`` of each buffer); max-pressure
+    one per buffer of the network, with its size and its routes (``MaxPressure.sizes``,
+    ``routes``) against the network's buffer counts by route node (``route_tables``' numbering; a
+    buffer outside the network reads the last count, always 0). The arrays a kernel engine has
+    and this one does not use (``heap``, ``ends``, ``targets``, the compact tails) are empty, so
+    the network loop keeps one typed list per array for both kinds of engine."""
+
+    START_SLOTS = 1024
+    """Request slots at first (grown by ``_State.SLOT_GROWTH`` when short)."""
+
+    def __init__(self, policy: ClassPriority | MaxPressure, batch_time: BatchTime, budget: int,
+                 k_max: int | None, net: Network) -> None:
+        from llmqueue.engines import kernel as K
+        from llmqueue.engines import polkernel as P
+
+        self.K, self.P = K, P
+        self.batch_time = batch_time
+        self.si = np.zeros(K.N_SI + 1, dtype=np.int64)  # the kernel's length without a KV cache
+        self.sf = np.zeros(K.N_SF)
+        self.sf[K.BATCH_END] = math.inf
+        self.sf[K.HORIZON] = math.inf
+        self.sf[K.BIN_WIDTH] = 1.0
+        self.si[K.NET] = 1
+        self.si[K.A_FINAL] = 1
+        self.cap = 0
+        self.slot_i = np.zeros((0, P.N_SCOL), dtype=np.int64)
+        self.slot_f = np.zeros((0, P.N_SFCOL))
+        self.q = np.zeros((P.N_PQ, 0), dtype=np.int64)
+        self.grow(self.START_SLOTS)
+        kind = P.KIND_PRIORITY if isinstance(policy, ClassPriority) else P.KIND_PRESSURE
+        self.pol = K.Policy(kind=kind, decode_first=0, mixed=0, chunked=0, kp=0, kd=0, budget=int(budget),
+                            kmax=0 if k_max is None else int(k_max), block=0, kv_total=0, kv_floor=0,
+                            margin=0)
+        self.t_table = _batch_time_table(batch_time, budget)
+        self.bins = np.zeros(2048)
+        room = max(_State.MIN_ROOM, 4 * budget + 64)
+        self.out_f = np.zeros((room, 3))
+        self.out_i = np.zeros((room, 5), dtype=np.int64)
+        self.itl = np.zeros((2, room))
+        self.heap = np.zeros((4, 0), dtype=np.int64)
+        self.ends = np.zeros(0)
+        self.targets = np.zeros(0, dtype=np.int64)
+        self.lp_i = self.lw_i = np.zeros((0, K.N_LZI + 1), dtype=np.int64)
+        self.lp_f = self.lw_f = np.zeros((0, K.N_LZF))
+        self._groups(policy, net)
+        self.kernel_state = self._kernel_state()
+
+    def _groups(self, policy: ClassPriority | MaxPressure, net: Network) -> None:
+        """The group tables of this engine's policy (see the class docstring)."""
+        P = self.P
+        keys = node_keys(net)
+        buffers = {f"{c}.{nid}": i for i, (c, nid) in enumerate(keys)
+                   if net.classes[c].nodes[nid].kind == "visit"}
+        self.node_grp = np.full(len(keys), -1, dtype=np.int64)
+        route_node: list[int] = []
+        route_prob: list[float] = []
+        if isinstance(policy, ClassPriority):
+            rows = len(policy.order) + 1
+            grp_i = np.zeros((rows, P.N_GI), dtype=np.int64)
+            grp_f = np.zeros((rows, P.N_GF))
+            for name, i in buffers.items():
+                self.node_grp[i] = policy.rank(name)
+        else:
+            # one group per buffer of the network (not only this engine's: which buffers reach
+            # an engine is the routing's business; a group without requests costs a test per batch)
+            grp_i = np.zeros((len(buffers), P.N_GI), dtype=np.int64)
+            grp_f = np.zeros((len(buffers), P.N_GF))
+            for g, (name, i) in enumerate(buffers.items()):
+                self.node_grp[i] = g
+                grp_i[g, P.G_NODE] = i
+                size = policy.sizes.get(name)
+                grp_i[g, P.G_SIZED] = int(size is not None)
+                grp_f[g, P.GF_SIZE] = 1.0 if size is None else size
+                routes = policy.routes.get(name, ())
+                grp_i[g, P.G_R0], grp_i[g, P.G_RN] = len(route_node), len(routes)
+                for target, prob in routes:
+                    route_node.append(buffers.get(target, len(keys)))  # len(keys): always 0
+                    route_prob.append(prob)
+        grp_i[:, P.G_HEAD : P.G_HEAD + 3] = -1
+        grp_i[:, P.G_TAIL : P.G_TAIL + 3] = -1
+        grp_i[:, P.G_NEUMAIER] = int(sys.version_info >= (3, 12))  # how sum() adds floats
+        self.grp_i, self.grp_f = grp_i, grp_f
+        self.route_node = np.array(route_node, dtype=np.int64)
+        self.route_prob = np.array(route_prob, dtype=np.float64)
+        self.node_index = buffers  # buffer name -> its node (requests handed in from Python)
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` requests: the slots resized in place, the new ones free."""
+        P, K, si = self.P, self.K, self.si
+        q = np.zeros((P.N_PQ, capacity), dtype=np.int64)
+        q[:, : self.cap] = self.q
+        q[P.Q_FREE], si[K.N_FREE] = _free_list(self.q[P.Q_FREE], int(si[K.N_FREE]), capacity)
+        self.q = q
+        self.slot_i = _resized(self.slot_i, capacity)
+        self.slot_f = _resized(self.slot_f, capacity)
+        self.cap = capacity
+
+    def more_slots(self) -> None:
+        """Grow the slots (the engine returned ``NEED_SLOTS``)."""
+        self.grow(max(self.cap + 1, math.ceil(self.cap * _State.SLOT_GROWTH)))
+        self.si[self.K.WANT_FREE] = 0
+        self.kernel_state = self._kernel_state()
+
+    def _kernel_state(self) -> tuple[np.ndarray, ...]:
+        """The record ``polkernel.run`` takes (built again whenever an array is replaced)."""
+        P = self.P
+        return P.PolicyState(*(getattr(self, name) for name in P.PolicyState._fields))
+
+    def call(self, arrivals: Chunk, on_room: Callable[[], None], nodes: np.ndarray | None = None,
+             counts: np.ndarray | None = None) -> int:
+        """``_State.call`` for this engine: ``nodes`` are the arrivals' buffers (route nodes),
+        ``counts`` the network's requests per buffer (max-pressure)."""
+        K, P = self.K, self.P
+        ids, arrival_ms, prefill, decode = arrivals
+        assert nodes is not None and counts is not None
+        while True:
+            code = P.run(self.kernel_state, K.Arrivals(arrival_ms, prefill, decode, ids, ids), nodes, counts)
+            if code == K.NEED_ROOM:
+                on_room()
+            elif code == K.NEED_SLOTS:
+                self.more_slots()
+            elif code == K.BAD_BATCH_TIME:
+                self.bad_batch_time()
+            else:
+                return code
+
+    bad_batch_time = _State.bad_batch_time
+    next_times = _State.next_times
+
+    def stop(self, horizon_ms: float) -> None:
+        """Nothing to book: each batch was booked when it started (as the reference engine)."""
+
+
+
+def _drain(state: _State | _PolicyState, recorder: Recorder) -> None:
     """Move finished requests and inter-token latencies into the recorder."""
     K, si = state.K, state.si
     n = int(si[K.N_OUT])
@@ -334,7 +490,7 @@ def _drain(state: _State, recorder: Recorder) -> None:
         si[K.N_ITL] = 0
 
 
-def _load_recorder(state: _State, recorder: Recorder) -> None:
+def _load_recorder(state: _State | _PolicyState, recorder: Recorder) -> None:
     """Hand the kernel's integrals and counters to the recorder, as one ``Totals`` record (each
     kernel scalar named once, next to the field it fills), with its backlog bins."""
     K, si, sf = state.K, state.si, state.sf
@@ -497,6 +653,7 @@ class KernelEngine:
         self._prefill: list[int] = []
         self._decode: list[int] = []
         self._ids: list[int] = []
+        self._nodes: list[int] = []  # each arrival's buffer (route node): read by PolicyEngine only
         self._stopped = False
         self._read = 0  # output records already handed to the router (drained only when full)
         finite = self.state.t_table[1:][np.isfinite(self.state.t_table[1:])]
@@ -512,6 +669,15 @@ class KernelEngine:
         self._prefill.append(request.prefill_tokens)
         self._decode.append(request.decode_tokens)
         self._ids.append(request.id)
+        self._nodes.append(self._node_of(request.cls))
+
+    def _node_of(self, buffer: str) -> int:
+        """The route node of a request's buffer (only network policies read it)."""
+        return 0
+
+    def _counts(self) -> np.ndarray | None:
+        """The network's requests per buffer for the next call (only max-pressure reads them)."""
+        return None
 
     def next_event_ms(self) -> float:
         """The engine's next event: a batch end, an immediate start, a pending arrival, or inf."""
@@ -604,6 +770,7 @@ class KernelEngine:
             decode = np.array(self._decode, dtype=np.int64)
         else:
             ids, arrival_ms, prefill, decode = _NO_ARRIVALS
+        nodes = np.array(self._nodes, dtype=np.int64)
         si[K.A_POS] = 0
         finished: list[int] = []
 
@@ -611,10 +778,11 @@ class KernelEngine:
             finished.extend(self._take())
             self._flush()
 
-        state.call((ids, arrival_ms, prefill, decode), drain)
+        state.call((ids, arrival_ms, prefill, decode), drain, nodes, self._counts())
         taken = int(si[K.A_POS])
         if taken:
             del self._times[:taken], self._prefill[:taken], self._decode[:taken], self._ids[:taken]
+            del self._nodes[:taken]
         finished.extend(self._take())
         self._end, self._start = state.next_times()
         return finished, float(sf[K.NOW])
@@ -632,6 +800,60 @@ class KernelEngine:
         """Move the buffered records and inter-token latencies into the recorder."""
         _drain(self.state, self.recorder)
         self._read = 0
+
+
+class PolicyEngine(KernelEngine):
+    """A ``KernelEngine`` whose engine is a network policy's (``ClassPriority`` or ``MaxPressure``:
+    ``llmqueue.engines.polkernel``, one batch per event), for an engine of ``net``. The same
+    interface and call protocol; each arrival carries its buffer, and max-pressure reads the
+    network's counts (``buffers``: ``_Run.counts`` when the routing runs in Python; the network
+    loop keeps its own) and is woken (``wake``) when routing changed them. Results equal those of
+    the reference engine with the same policy (tests/test_netpolicies_compiled.py)."""
+
+    def __init__(self, policy: ClassPriority | MaxPressure, batch_time: BatchTime, budget: int,
+                 k_max: int | None, recorder: Recorder, net: Network, buffers: Mapping[str, int]) -> None:
+        from llmqueue.engines import kernel as K
+        from llmqueue.engines import polkernel as P
+
+        self.K, self.P = K, P
+        self.state = _PolicyState(policy, batch_time, budget, k_max, net)  # type: ignore[assignment]
+        self.pressure = isinstance(policy, MaxPressure)
+        self.recorder = recorder
+        self._times, self._prefill, self._decode, self._ids, self._nodes = [], [], [], [], []
+        self._stopped = False
+        self._read = 0
+        finite = self.state.t_table[1:][np.isfinite(self.state.t_table[1:])]
+        self._t_min = float(finite.min()) if finite.size else math.inf
+        self._end, self._start = math.inf, math.inf
+        self._buffers = buffers
+        self._names = [f"{c}.{nid}" for c, nid in node_keys(net)]
+        self._count_array = np.zeros(len(self._names) + 1, dtype=np.int64)
+
+    def _node_of(self, buffer: str) -> int:
+        node = self.state.node_index.get(buffer)  # type: ignore[attr-defined]
+        if node is None:
+            raise ConfigError("cls", buffer, "is no buffer of this network")
+        return node
+
+    def _counts(self) -> np.ndarray:
+        """The network's counts by route node, read from ``buffers`` (0 where it has none)."""
+        if self.pressure:
+            buffers = self._buffers
+            self._count_array[:-1] = [buffers.get(name, 0) for name in self._names]
+        return self._count_array
+
+    def completion_bound_ms(self) -> float:
+        """How long another engine may run alone: a max-pressure engine reads the network's counts
+        at each batch start, which another engine's finished requests change, so no later than its
+        next event; class priority reads only its own requests (the kernel engine's bound)."""
+        return self.next_event_ms() if self.pressure else super().completion_bound_ms()
+
+    def wake(self, t_ms: float) -> None:
+        """Engine.wake: a blocked engine asks its policy again at ``t_ms`` (max-pressure, after
+        routing changed the counts)."""
+        state = self.state
+        self.P.wake(state.si, state.sf, float(t_ms))
+        self._end, self._start = state.next_times()
 
 
 # -- a whole network in the compiled loop ----------------------------------------------------------
@@ -666,6 +888,12 @@ class RouteTables:
     pool_kv: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1))
 
 
+def node_keys(net: Network) -> tuple[tuple[str, str], ...]:
+    """Every node of ``net`` as (class, node id), classes and node ids in sorted order: node ``i``
+    of the route tables (a visit node's index also numbers its buffer)."""
+    return tuple((c, nid) for c in sorted(net.classes) for nid in sorted(net.classes[c].nodes))
+
+
 def route_tables(net: Network, engine_names: Sequence[str],
                  routers: Mapping[str, str] | None = None) -> RouteTables:
     """The routes of ``net`` for the network loop; engines are numbered as in ``engine_names``;
@@ -673,7 +901,7 @@ def route_tables(net: Network, engine_names: Sequence[str],
     from llmqueue.engines import netkernel as K
 
     classes = tuple(sorted(net.classes))
-    keys = tuple((c, nid) for c in classes for nid in sorted(net.classes[c].nodes))
+    keys = node_keys(net)
     index = {key: i for i, key in enumerate(keys)}
     engine_index = {name: i for i, name in enumerate(engine_names)}
     kinds = {"visit": K.KIND_VISIT, "fork": K.KIND_FORK, "join": K.KIND_JOIN}
@@ -839,7 +1067,7 @@ class NetworkLoop:
         self.fr_free = np.zeros(0, dtype=np.int64)
         self._grow_frames(self.START_FRAMES)
         self.pend_ms = np.zeros((n_eng, 0))
-        self.pend_i = [np.zeros((n_eng, 0), dtype=np.int64) for _ in range(4)]  # pre, dec, id, tok
+        self.pend_i = [np.zeros((n_eng, 0), dtype=np.int64) for _ in range(5)]  # pre, dec, id, tok, node
         self.pend_ht = np.zeros((n_eng, 2), dtype=np.int64)
         self._grow_pending(self.START_PENDING)
         self.ext_t = np.zeros((n_cls, CHUNK_SIZE))
@@ -870,8 +1098,18 @@ class NetworkLoop:
             state.kernel_state = state._kernel_state()
         # the engines' other arrays, one typed list each (named as the _State attributes)
         self.lists = [_typed_list(getattr(s, name) for s in states) for name in K.EngineLists._fields]
+        # the network-policy engines' group tables (empty for a kernel engine)
+        from llmqueue.engines import polkernel as P
+
+        empty = {"grp_i": np.zeros((0, P.N_GI), dtype=np.int64), "grp_f": np.zeros((0, P.N_GF)),
+                 "node_grp": np.zeros(0, dtype=np.int64), "route_node": np.zeros(0, dtype=np.int64),
+                 "route_prob": np.zeros(0)}
+        self.plists = [_typed_list(getattr(s, name, empty[name]) for s in states)
+                       for name in K.PolicyLists._fields]
         self.rd = np.zeros(n_eng, dtype=np.int64)
         self.t_min = np.array([e._t_min for e in engines])
+        self.wakes = np.array([int(getattr(e, "pressure", False)) for e in engines], dtype=np.int64)
+        self.counts = np.zeros(n_nodes + 1, dtype=np.int64)  # requests per buffer, by node
 
     # -- growth and refills (the loop asked for them) ------------------------------------------------
     def _grow_tokens(self, capacity: int) -> None:
@@ -933,14 +1171,16 @@ class NetworkLoop:
             K.Routes(t.nodes, t.next_target, t.next_prob, t.branches, t.class_start, t.pool_first,
                      t.pool_n, t.pool_members, t.pool_router, t.pool_kv),
             K.Work(self.due, self.times, self.fin, self.stack),
-            K.Tokens(self.tok_i, self.tok_f, self.tok_free, self.frames, self.fr_free, self.tok_work),
-            K.Pending(self.pend_ms, *self.pend_i, self.pend_ht),
+            K.Tokens(self.tok_i, self.tok_f, self.tok_free, self.frames, self.fr_free, self.tok_work,
+                     self.counts),
+            K.Pending(self.pend_ms, *self.pend_i[:4], self.pend_ht, self.pend_i[4]),
             K.Streams(self.ext_t, self.ext_st, self.size_buf, self.size_st, self.choice_buf,
                       self.choice_st, self.pool_buf, self.pool_st),
             K.Classes(self.class_i, self.class_f, self.class_bins, self.lat_f, self.lat_c),
             K.Engines(self.si_all, self.sf_all, self.rd, self.t_min, self.in_system, self.waiting,
-                      self.work),
+                      self.work, self.wakes),
             K.EngineLists(*self.lists),
+            K.PolicyLists(*self.plists),
         )
 
     # -- the run ---------------------------------------------------------------------------------------
@@ -995,6 +1235,7 @@ class NetworkLoop:
             engine._prefill, engine._decode, engine._ids = (
                 a[e, h:tail].tolist() for a in self.pend_i[:3]
             )
+            engine._nodes = self.pend_i[4][e, h:tail].tolist()
             engine._read = int(self.rd[e])
             engine._end, engine._start = engine.state.next_times()
         return float(self.nf[K.NF_HORIZON])

@@ -126,8 +126,9 @@ def choose_engine(
     policy, a budget it supports, batches timed by token count, no batch log, no client gate),
     else the fast engine when the policy declares ``repeats_plan``, else the reference engine.
     ``network_engine`` names the engine of a network being chosen for: there the compiled
-    loop does not model a KV cache either, and ``fast`` falls back to the reference engine for a
-    policy that needs it (a single run refuses that choice instead).
+    loop also runs the network policies (class priority, max-pressure: ``compiled.PolicyEngine``)
+    but does not model a KV cache, and ``fast`` falls back to the reference engine for a policy
+    that needs it (a single run refuses that choice instead).
     """
     shaped = is_shape_model(batch_time)
     if network_engine is not None:
@@ -139,7 +140,9 @@ def choose_engine(
             raise ConfigError("engine", requested, f"engine {name} has a composition-aware batch time: "
                               "the compiled loop times batches by token count only (use 'auto', 'fast' or "
                               "'reference')")
-        supported = memory is None and not shaped and compiled.supports(policy, budget, keep_batches)
+        supported = memory is None and not shaped and (
+            compiled.supports(policy, budget, keep_batches)
+            or compiled.supports_network_policy(policy, budget))
         if requested == "compiled" and not supported:
             raise ConfigError("engine", requested, f"engine {name}: policy '{policy_name(policy)}' "
                               "has no compiled form (or numba is not installed)")

@@ -19,8 +19,14 @@ by name at compile time; see ``net_run``): the loop's scalars (``Loop``), the ro
 (``Engines``), and the engines' other arrays as typed lists (``EngineLists``).
 
 Caching: numba caches a function with the code of the functions it calls, but checks only its
-own file for changes; ``_tie_cache`` makes this module's cache stale whenever kernel.py changes
-too, so an edit of the engine kernel is never hidden by a cached network loop.
+own file for changes; ``_tie_cache`` makes this module's cache stale whenever kernel.py or
+polkernel.py changes too, so an edit of an engine kernel is never hidden by a cached network loop.
+
+Network policies: an engine whose policy is class priority or max-pressure runs
+``llmqueue.engines.polkernel.run`` (one batch per event) instead of ``kernel.run``, with the same
+scalars, outputs and call protocol. The loop keeps the buffer counts max-pressure reads
+(``Tokens.counts``: +1 when a visit is handed to its engine, -1 when it is routed on, as
+``_Run.counts``) and wakes blocked max-pressure engines after routing finished visits.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 from numba import njit
 from numba.typed import List
 
-from llmqueue.engines import kernel
+from llmqueue.engines import kernel, polkernel
 from llmqueue.engines.kernel import (
     A_POS,
     ACTIVE,
@@ -52,6 +58,7 @@ from llmqueue.engines.kernel import (
     _bins_add,
     run,
 )
+from llmqueue.engines.polkernel import KIND_PRIORITY, PolicyState
 from llmqueue.model.network import ROUTER_NAMES
 
 # -- return codes of net_run -----------------------------------------------------------------------
@@ -131,6 +138,8 @@ class Tokens(NamedTuple):
     frames: np.ndarray  # FR_* columns
     fr_free: np.ndarray  # free frames (NS_FR_FREE of them)
     tok_work: np.ndarray  # prefill + decode tokens of the visit a token waits at
+    counts: np.ndarray  # requests in each buffer (visits submitted, not finished), by node; one
+    # more entry, always 0 (max-pressure reads it for buffers outside the network)
 
 
 class Pending(NamedTuple):
@@ -143,6 +152,7 @@ class Pending(NamedTuple):
     id: np.ndarray  # visit ids
     tok: np.ndarray  # tokens
     ht: np.ndarray  # each engine's head and tail
+    node: np.ndarray  # the visit's node (its buffer): network-policy engines group by it
 
 
 class Streams(NamedTuple):
@@ -178,6 +188,7 @@ class Engines(NamedTuple):
     in_system: np.ndarray  # what a router sees of it: visits routed here, not finished ...
     waiting: np.ndarray  # ... those routed since it last finished one ...
     work: np.ndarray  # ... and their prefill + decode tokens (as _Run keeps them)
+    wakes: np.ndarray  # 1: a max-pressure engine, woken when routing changed the counts
 
 
 class EngineLists(NamedTuple):
@@ -200,6 +211,17 @@ class EngineLists(NamedTuple):
     lp_f: object
     lw_i: object
     lw_f: object
+
+
+class PolicyLists(NamedTuple):
+    """The network-policy engines' group tables (``polkernel.PolicyState``'s fields that a kernel
+    engine lacks; empty arrays for a kernel engine), one typed list per array, indexed by engine."""
+
+    grp_i: object
+    grp_f: object
+    node_grp: object
+    route_node: object
+    route_prob: object
 
 
 
@@ -381,7 +403,7 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, 
     tok_i, tok_f, tok_free = tokens.tok_i, tokens.tok_f, tokens.tok_free
     frames, fr_free = tokens.frames, tokens.fr_free
     pend_ms, pend_pre, pend_dec, pend_id = pending.ms, pending.pre, pending.dec, pending.id
-    pend_tok, pend_ht = pending.tok, pending.ht
+    pend_tok, pend_ht, pend_node = pending.tok, pending.ht, pending.node
     size_buf, size_st = streams.size_buf, streams.size_st
     choice_buf, choice_st = streams.choice_buf, streams.choice_st
     cls_i, cls_f, cls_bins = classes.cls_i, classes.cls_f, classes.cls_bins
@@ -438,6 +460,7 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, 
                     pend_dec[e, i] = pend_dec[e, h + i]
                     pend_id[e, i] = pend_id[e, h + i]
                     pend_tok[e, i] = pend_tok[e, h + i]
+                    pend_node[e, i] = pend_node[e, h + i]
                 pend_ht[e, 0] = 0
                 pend_ht[e, 1] = n
                 tail = n
@@ -458,7 +481,9 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, 
             pend_dec[e, tail] = dec
             pend_id[e, tail] = vid
             pend_tok[e, tail] = tok
+            pend_node[e, tail] = node
             pend_ht[e, 1] = tail + 1
+            tokens.counts[node] += 1  # _Run.counts: a visit submitted to its buffer
             return 0
         if kind == KIND_FORK:
             nb = nodes[node, ND_BR_N]
@@ -524,7 +549,7 @@ def _setup_call(ns, si_all, sf_all, e, mode, limit_ms):
 
 
 @njit(cache=True)
-def net_run(loop, routes, work, tokens, pending, streams, classes, engines, lists):
+def net_run(loop, routes, work, tokens, pending, streams, classes, engines, lists, plists):
     """Run the network until done or until the driver must act (a NET_ code; see above).
 
     The arguments, each a record of arrays (a ``NamedTuple`` defined above, read by field name;
@@ -551,6 +576,9 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
       ``kernel.EngineState`` but ``si``, ``sf``), one typed list per array (``pol``: of
       ``kernel.Policy`` records); engine e's
       ``EngineState`` is assembled from row e of the scalars and entry e of each list.
+    - ``plists`` (``PolicyLists``): the group tables of the network-policy engines (``pol.kind``
+      >= ``polkernel.KIND_PRIORITY``), whose ``polkernel.PolicyState`` is assembled from the
+      scalars, the lists and these; ``polkernel.run`` drives them with the same call protocol.
 
     Engines are numbered in engine-name order.
     """
@@ -629,7 +657,10 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
             alone = np.inf
             for e in range(n_eng):
                 if e != first:
-                    bound = _completion_bound(si_all, sf_all, pend_ms, pend_ht, t_min[e], e)
+                    if engines.wakes[e] == 1:  # PolicyEngine.completion_bound_ms (max-pressure)
+                        bound = _engine_next(si_all, sf_all, pend_ms, pend_ht, e)
+                    else:
+                        bound = _completion_bound(si_all, sf_all, pend_ms, pend_ht, t_min[e], e)
                     if bound < alone:
                         alone = bound
             if alone > t_engine:
@@ -684,7 +715,14 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
                                 lists.lp_f[e], lists.lw_i[e], lists.lw_f[e])
             arrivals = Arrivals(pend_ms[e, h:tail], pend_pre[e, h:tail], pend_dec[e, h:tail],
                                 pend_id[e, h:tail], pend_tok[e, h:tail])
-            code = run(state, arrivals)
+            if lists.pol[e].kind >= KIND_PRIORITY:  # a network policy's engine (polkernel)
+                pstate = PolicyState(si, sf, lists.slot_i[e], lists.slot_f[e], lists.q[e], lists.pol[e],
+                                     lists.t_table[e], lists.bins[e], lists.out_f[e], out_i,
+                                     lists.itl[e], plists.grp_i[e], plists.grp_f[e],
+                                     plists.node_grp[e], plists.route_node[e], plists.route_prob[e])
+                code = polkernel.run(pstate, arrivals, pending.node[e, h:tail], tokens.counts)
+            else:
+                code = run(state, arrivals)
             if not _take(si, out_i, rd, fin, ns, e, tokens.tok_work, engines.in_system,
                          engines.waiting, engines.work):
                 return NET_BROKEN
@@ -728,8 +766,13 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
                         return NET_CHOICES
                     target = _choose(nodes, next_target, next_prob, choice_buf, choice_st, node)
                     ns[NS_FIN_POS] += 1
+                    tokens.counts[node] -= 1  # _Run.counts: the visit left its buffer
                     _push(ns, stack, tok, target)
                 else:
+                    if ns[NS_FIN_LEN] > 0:  # finished visits were routed: blocked max-pressure
+                        for e in range(n_eng):  # engines look again (_Run._route)
+                            if engines.wakes[e] == 1:
+                                polkernel.wake(si_all[e], sf_all[e], nf[NF_T_ROUTE])
                     ns[NS_FIN_LEN] = 0
                     ns[NS_FIN_POS] = 0
                     ns[NS_STAGE] = ns[NS_ROUTE_AFTER]
@@ -772,11 +815,13 @@ def _tie_cache() -> None:
     """Make numba's cache of this module's functions stale whenever kernel.py changes as well.
 
     numba stamps a function's cache with its own source file only, yet the cached code includes
-    the functions it calls: ``net_run`` holds a copy of ``kernel.run``. The stamp becomes the pair
-    (this file's stamp, kernel.py's stamp). Best effort: with numba internals other than
-    expected, the cache keeps numba's own stamp (edit this file too after editing kernel.py)."""
+    the functions it calls: ``net_run`` holds a copy of ``kernel.run`` and ``polkernel.run``. The
+    stamp becomes the pair (this file's stamp, (kernel.py's stamp, polkernel.py's stamp)). Best
+    effort: with numba internals other than expected, the cache keeps numba's own stamp (edit this
+    file too after editing kernel.py or polkernel.py)."""
     try:
-        kernel_stamp = kernel.run._cache._impl.locator.get_source_stamp()
+        kernel_stamp = (kernel.run._cache._impl.locator.get_source_stamp(),
+                        polkernel.run._cache._impl.locator.get_source_stamp())
         for value in list(globals().values()):
             cache = getattr(value, "_cache", None)
             if getattr(getattr(value, "py_func", None), "__module__", None) == __name__ and cache:

@@ -11,9 +11,10 @@ metric set per engine. A visit to a pool goes to the member its router picks fro
 (what a load balancer observes: visits routed and finished per member), with two draws of the
 pool's own random stream; results add one ``PoolResult`` per pool.
 
-When every engine runs in the compiled loop (the shipped K-FCFS and current-vLLM policies, numba
-installed), the whole loop, routing included, runs compiled (``compiled.NetworkLoop``): the same
-steps, draws and float operations in the same order, so the same run (docs/networks.md, Speed).
+When every engine runs in the compiled loop (the shipped K-FCFS, current-vLLM, class-priority and
+max-pressure policies, numba installed), the whole loop, routing included, runs compiled
+(``compiled.NetworkLoop``): the same steps, draws and float operations in the same order, so the
+same run (docs/networks.md, Speed).
 An engine with a KV cache (``memory``) or a composition-aware batch time (each batch timed from its
 shape) runs on the fast or reference engine (``engine_kind`` decides every engine's kind); a request
 its cache can never hold is refused and leaves the network unfinished. The network's observed verdict
@@ -32,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from llmqueue.engines.compiled import DRAW_CHUNK, KernelEngine, NetworkLoop, route_tables
+from llmqueue.engines.compiled import DRAW_CHUNK, KernelEngine, NetworkLoop, PolicyEngine, route_tables
 from llmqueue.engines.contract import EngineContract, EngineKind, choose_engine
 from llmqueue.engines.fast import FastEngine
 from llmqueue.engines.metrics import (
@@ -354,11 +355,12 @@ def engine_kind(policy: PolicyFn, spec: EngineSpec, engine: EngineKind = "auto")
     """Which engine runs one engine of a network, for the caller's ``engine`` choice
     (``llmqueue.engines.contract.choose_engine`` decides; ConfigError when the choice cannot run
     it). An engine with a KV cache or a composition-aware (shape) batch time runs on a Python
-    engine: the compiled network loop models neither (it times batches by token count). A
-    max-pressure engine is a reference engine whose view carries the network's buffers."""
+    engine: the compiled network loop models neither (it times batches by token count). Class
+    priority and max-pressure run compiled too (``compiled.PolicyEngine``); off the compiled loop,
+    a max-pressure engine is a reference engine whose view carries the network's buffers."""
     kind = choose_engine(engine, policy, spec.batch_time, spec.budget, memory=spec.memory,
                          network_engine=spec.name)
-    return "pressure" if isinstance(policy, MaxPressure) else kind
+    return "pressure" if isinstance(policy, MaxPressure) and kind != "compiled" else kind
 
 
 def pressure_routes(net: Network) -> tuple[dict[str, tuple[tuple[str, float], ...]], dict[str, float]]:
@@ -487,6 +489,10 @@ class _Run:
             self.policy_names[n] = policy_name(policy)
             args = (policy, spec.batch_time, spec.budget, spec.k_max)
             kind = engine_kind(policy, spec, engine)
+            if kind == "compiled" and isinstance(policy, ClassPriority | MaxPressure):
+                self.engines[n] = PolicyEngine(policy, spec.batch_time, spec.budget, spec.k_max,
+                                               self.recorders[n], net, self.counts)
+                continue
             if kind == "compiled":
                 assert isinstance(policy, KFCFS | VLLMChunked)
                 self.engines[n] = KernelEngine(policy, spec.batch_time, spec.budget, spec.k_max,
@@ -509,7 +515,8 @@ class _Run:
                 "each engine's offered mix (mean prompt and output tokens per visit)")
         self.class_rejected = dict.fromkeys(net.classes, 0)
         self.engine_list: list[EngineContract] = [self.engines[n] for n in names]
-        self.pressure_engines = [e for e in self.engine_list if isinstance(e, _BufferedEngine)]
+        self.pressure_engines = [e for e in self.engine_list if isinstance(e, _BufferedEngine)
+                                 or (isinstance(e, PolicyEngine) and e.pressure)]
         self.kernels = [e for e in self.engine_list if isinstance(e, KernelEngine)]
         # one RNG stream per purpose, in a fixed order (same seed, same run)
         streams = iter(np.random.SeedSequence(seed).spawn(

@@ -2,8 +2,8 @@
 
 numba compiles the compiled engine's loop on its first use after an install or an upgrade and
 caches it on disk; that first use costs a minute or two on a slow machine. Tiny runs through
-every compiled path (one engine with and without a KV cache, a network with compiled routing)
-pay that cost up front, so later runs start at once.
+every compiled path (one engine with and without a KV cache, a network with compiled routing, the
+network policies' engine driven from Python) pay that cost up front, so later runs start at once.
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ _NETWORK = {
 }
 
 
+_POLICY_NETWORK = {  # class priority and max-pressure, next to a KV-cache engine: the Python loop
+    "engines": {"a": {"policy": "priority", "priority": ["task"], "budget": 16, "batch_time": "constant:c=1"},
+                "b": {"policy": "max-pressure", "budget": 16, "batch_time": "constant:c=1"},
+                "c": {"policy": "sarathi", "budget": 16, "batch_time": "constant:c=1",
+                      "memory": "tokens=64"}},
+    "classes": {"task": {"rate": 1.0, "start": "a",
+                         "nodes": {"a": {"engine": "a", "prefill": "4", "decode": "2", "next": "b"},
+                                   "b": {"engine": "b", "prefill": "4", "decode": "2", "next": "c"},
+                                   "c": {"engine": "c", "prefill": "4", "decode": "2", "next": "exit"}}}},
+}
+
+
 def compiles_first(policy: object, batch_time: BatchTime | ShapeTime, budget: int, engine: EngineKind,
                    max_concurrency: int | None = None) -> bool:
     """Whether a run of this setting (as :func:`~llmqueue.sim.run.simulate` picks its engine)
@@ -53,4 +65,5 @@ def warm_up() -> float:
     simulate(requests, VLLM_CHUNKED, t, 16, k_max=2, engine="compiled", keep_requests=True,
              memory=KVCache(64, block_tokens=4), drain_s=0.0)  # cut at a horizon: compiles stop
     simulate_network(parse_network(_NETWORK), max_requests=3, engine="compiled")
+    simulate_network(parse_network(_POLICY_NETWORK), max_requests=3)  # network policies, Python routing
     return time.perf_counter() - start

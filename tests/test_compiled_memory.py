@@ -23,7 +23,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from llmqueue.engines import compiled, kernel
+from llmqueue.engines import compiled
 from llmqueue.model.batchtime import ConstantTime, LinearTime
 from llmqueue.model.memory import KVCache
 from llmqueue.model.network import Network, parse_network
@@ -67,6 +67,7 @@ def tails(margin: int = 0, slots: int = 2, ring: int = 1) -> Iterator[list[compi
 def used_tails(states: list[compiled._State]) -> tuple[bool, bool]:
     """Whether any prompt, any waiting decoder was ever a compact record (rings keep what was
     written: prompts and decoders have tokens > 0 there)."""
+    from llmqueue.engines import kernel  # here, not at the top: collecting must not wait for the compile
     prompts = any((s.lp_i[:, kernel.LZ_PRE] > 0).any() for s in states)
     decoders = any((s.lw_i[:, kernel.LZ_DEC] > 0).any() for s in states)
     return prompts, decoders
@@ -209,6 +210,7 @@ def test_a_long_compiled_run_is_the_same_with_and_without_compact_tails() -> Non
 
 def test_a_ring_that_wraps_keeps_its_order_when_it_grows() -> None:
     """_State._grow_ring: a full ring whose records wrap past its end keeps them in order."""
+    from llmqueue.engines import kernel
     state = compiled._State(SARATHI, ConstantTime(1.0), 8, None)
     rows = state.lp_i.shape[0]
     state.lp_i[:, kernel.LZ_SEQ] = (np.arange(rows) - 700) % rows  # record k at row (700 + k) % rows

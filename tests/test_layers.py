@@ -4,6 +4,7 @@ the layers below it, and no import cycle exists, lazy imports (inside functions)
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -98,3 +99,20 @@ def test_the_architecture_table_lists_every_module() -> None:
     listed = set(re.findall(r"^\| [^|]+ \| `([a-z0-9_.]+)` \|", table, re.M))
     modules = {name.removeprefix("llmqueue.") for name, path in MODULES.items() if path.name != "__init__.py"}
     assert listed == modules
+
+
+def test_no_test_module_imports_a_compiled_loop_at_its_top() -> None:
+    """Collecting the tests loads no compiled loop's module (conftest.KERNELS): the first test
+    that needs one waits for the separate compile while the kernel-free modules run; an import at
+    a module's top would make collection itself wait for the whole compile."""
+    from .conftest import KERNELS
+
+    tests = sorted(p.stem for p in Path(__file__).parent.glob("test_*.py"))
+    code = ("import importlib, sys\n"
+            f"for name in {tests!r}:\n"
+            "    importlib.import_module('tests.' + name)\n"
+            f"print(sorted(set({sorted(KERNELS)!r}) & set(sys.modules)))")
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=root, env={**os.environ, "PYTHONPATH": str(root / "src")}).stdout
+    assert out.strip().splitlines()[-1] == "[]"

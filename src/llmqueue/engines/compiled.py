@@ -1051,9 +1051,10 @@ class NetworkLoop:
     a ``KernelEngine``, whose arrays the loop works on in place) and the routing between them.
 
     Python only feeds it: the next chunk of a random stream or of a class's arrivals, more room
-    (engine slots, tokens, fork frames, pending arrivals), draining engine outputs into their
-    recorders and finished requests' latencies into ``latency``, and the horizon once arrivals
-    end. The random streams are those of the Python routing (chunks of ``DRAW_CHUNK`` values from
+    (engine slots, tokens, fork frames, pending arrivals, KV transfers in flight), draining engine
+    outputs into their recorders, finished requests' latencies into ``latency`` and finished pair
+    visits into their pairs' recorders, and the horizon once arrivals end. The random streams are
+    those of the Python routing (chunks of ``DRAW_CHUNK`` values from
     the same sources), consumed in the same order, so the run is the same.
 
     The engines' scalar arrays (``si``, ``sf``) become rows of two stacked arrays here, so the

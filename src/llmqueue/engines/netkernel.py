@@ -18,6 +18,10 @@ by name at compile time; see ``net_run``): the loop's scalars (``Loop``), the ro
 (``Pending``), random streams (``Streams``), per-class outputs (``Classes``), per-engine scalars
 (``Engines``), and the engines' other arrays as typed lists (``EngineLists``).
 
+Prefill/decode pairs: a visit to a pair runs its prompt on the prefill side, then a KV transfer
+(an event kind of its own: ``ST_TRANSFERS``, a heap ported from ``heapq``), then its output on the
+decode member picked when the transfer started (``_pair_step``), as ``_Run`` does.
+
 Caching: numba caches a function with the code of the functions it calls, but checks only its
 own file for changes; ``_tie_cache`` makes this module's cache stale whenever kernel.py or
 polkernel.py changes too, so an edit of an engine kernel is never hidden by a cached network loop.

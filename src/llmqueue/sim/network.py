@@ -12,9 +12,10 @@ metric set per engine. A visit to a pool goes to the member its router picks fro
 pool's own random stream; results add one ``PoolResult`` per pool.
 
 When every engine runs in the compiled loop (the shipped K-FCFS, current-vLLM, class-priority and
-max-pressure policies, numba installed), the whole loop, routing included, runs compiled
-(``compiled.NetworkLoop``): the same steps, draws and float operations in the same order, so the
-same run (docs/networks.md, Speed).
+max-pressure policies, numba installed), the whole loop, routing and the KV transfers of
+prefill/decode pairs included, runs compiled (``compiled.NetworkLoop``): the same steps, draws and
+float operations in the same order, so the same run (docs/networks.md, Speed); the pairs' counters,
+latencies and transfers in flight are handed back here (``_loop_compiled``).
 An engine with a KV cache (``memory``) or a composition-aware batch time (each batch timed from its
 shape) runs on the fast or reference engine (``engine_kind`` decides every engine's kind); a request
 its cache can never hold is refused and leaves the network unfinished. The network's observed verdict

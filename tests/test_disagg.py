@@ -5,9 +5,11 @@ link), its theory and the CLI's pair rows."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llmqueue.engines.reference import Engine
@@ -17,7 +19,7 @@ from llmqueue.model.memory import KVCache
 from llmqueue.model.network import Network, parse_network
 from llmqueue.model.workload import Request
 from llmqueue.policies.fcfs import make_policy
-from llmqueue.sim.network import NetworkResult, simulate_network
+from llmqueue.sim.network import NetworkResult, _Run, simulate_network
 from llmqueue.theory.network import analyze
 
 from .helpers import SometimesZero, run_cli
@@ -212,6 +214,105 @@ def test_visits_without_output_or_prompt_skip_a_side() -> None:
     decoded = sum(runs[0].engines[f"dec/{i}"].metrics.arrivals for i in range(3))
     # about 0.49 of the visits have both sides, 0.21 only a prompt, 0.21 only an output, 0.09 none
     assert p.arrivals < 300 and p.transfers_started < decoded < p.arrivals
+
+
+# -- the compiled network loop (engines without a KV cache: the routing and the transfers compiled) ----
+
+
+def _pair_runs(net: Network, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> list[_Run]:
+    """The same run with the routing compiled (checked: the network loop ran once), in Python over
+    the same compiled engines, and on reference engines (routing in Python)."""
+    from llmqueue.engines.compiled import NetworkLoop
+
+    calls = []
+    loop_run = NetworkLoop.run
+    monkeypatch.setattr(NetworkLoop, "run", lambda self: calls.append(1) or loop_run(self))
+    runs = []
+    for engine, compiled_routing in (("auto", True), ("auto", False), ("reference", False)):
+        duration = kwargs.get("duration_s")
+        run = _Run(net, analyze(net), 3, kwargs.get("max_requests"),  # type: ignore[arg-type]
+                   None if duration is None else float(duration) * 1000.0,  # type: ignore[arg-type]
+                   kwargs.get("drain_s"), {}, engine, compiled_routing=compiled_routing)  # type: ignore[arg-type]
+        run.output = run.result()  # type: ignore[attr-defined]
+        runs.append(run)
+    assert calls == [1]
+    return runs
+
+
+def _same_pair_runs(runs: list[_Run]) -> None:
+    """Compiled and Python routing: byte-identical results; the reference engines: the same pair
+    and class figures, every pair visit's and every request's latencies to the bit."""
+    docs = [r.output.to_dict() for r in runs]  # type: ignore[attr-defined]
+    assert json.dumps(docs[0], sort_keys=True) == json.dumps(docs[1], sort_keys=True)
+    assert docs[2]["pairs"] == docs[0]["pairs"] and docs[2]["classes"] == docs[0]["classes"]
+    for run in runs[1:]:
+        for name, pair in run.pairs.items():
+            for a, b in zip(pair.recorder._columns(), runs[0].pairs[name].recorder._columns(), strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+        for cname, latency in run.class_latency.items():
+            assert latency == runs[0].class_latency[cname]
+    for r in runs:
+        _conserved(r.output)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("transfer", "kwargs"), [
+    ("fixed_ms=2,per_token_ms=0.01,link=shared", {"max_requests": 400}),
+    ("fixed_ms=20,per_token_ms=0.05,link=shared", {"duration_s": 6.0, "drain_s": 0.0}),  # cut in flight
+    ("fixed_ms=20,per_token_ms=0.05", {"max_requests": 300, "drain_s": 0.05}),
+    ("fixed_ms=0", {"max_requests": 300}),  # transfers end at the instant their prompt does
+])
+def test_the_compiled_loop_runs_pairs_as_the_python_routing(transfer: str, kwargs: dict,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pairs of compiled engines (no KV cache) run in the compiled network loop: the same run as
+    the Python routing (to the byte) and as the reference engines (to the bit, request by request),
+    with a shared link or pure delays, cut with transfers in flight or drained."""
+    net = parse_network(pair_net(after=True, rate=30.0, decode_memory=None, transfer=transfer))
+    runs = _pair_runs(net, monkeypatch, **kwargs)
+    _same_pair_runs(runs)
+    pair = runs[0].output.pairs["llama"]  # type: ignore[attr-defined]
+    assert pair.completed > 0 and pair.transfers_started > 0
+    if "duration_s" in kwargs:
+        assert pair.in_transfer + pair.in_decode + pair.in_prefill > 0
+    assert not any("Python" in note for note in runs[0].output.notes)  # type: ignore[attr-defined]
+
+
+def test_compiled_pair_visits_without_output_or_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """d = 0, p = 0 and p = d = 0 visits of a pair in the compiled loop: as in Python."""
+    net = parse_network(pair_net(decode_memory=None, after=True))
+    node = net.classes["c"].nodes["a"]
+    zeros = dataclasses.replace(node, prefill=SometimesZero(node.prefill, 0.3),
+                                decode=SometimesZero(node.decode, 0.3))
+    nodes = {**net.classes["c"].nodes, "a": zeros}
+    classes = {"c": dataclasses.replace(net.classes["c"], nodes=nodes)}
+    net = Network(net.engines, classes, net.pools, net.pairs)
+    runs = _pair_runs(net, monkeypatch, max_requests=300)
+    _same_pair_runs(runs)
+    p = runs[0].output.pairs["llama"]  # type: ignore[attr-defined]
+    assert p.arrivals < 300 and p.transfers_started < p.completed
+
+
+def test_pair_visits_reach_the_recorders_in_the_folds_of_one_by_one() -> None:
+    """The compiled loop hands finished pair visits over in blocks cut where one-by-one
+    ``request_done`` folds its columns into histograms: the same sums, to the bit."""
+    from llmqueue.engines.compiled import _feed
+    from llmqueue.engines.metrics import Recorder, RequestRecord, merged_latency
+
+    rng = np.random.default_rng(1)
+    n = 53
+    times = np.cumsum(rng.random((n, 3)) * 7.3, axis=1)
+    sizes = rng.integers(0, 40, size=(n, 2))
+    one, bulk = Recorder(keep_requests=False, exact_limit=7), Recorder(keep_requests=False, exact_limit=7)
+    for row, size in zip(times.tolist(), sizes.tolist(), strict=True):
+        one.request_done(RequestRecord(0, row[0], row[1], row[2], size[0], size[1]))
+    _feed(bulk, times[:20], sizes[:20])
+    _feed(bulk, times[20:], sizes[20:])
+    assert one.histograms is not None and bulk.histograms is not None
+    for name in one.histograms:
+        assert one.histograms[name].sum == bulk.histograms[name].sum
+        assert np.array_equal(one.histograms[name].counts, bulk.histograms[name].counts)
+    one.finish(100.0)
+    bulk.finish(100.0)
+    assert merged_latency([one]) == merged_latency([bulk])
 
 
 # -- the theory --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from llmqueue.engines import compiled
 from llmqueue.engines.compiled import PolicyEngine
 from llmqueue.engines.metrics import Recorder
 from llmqueue.errors import ConfigError
-from llmqueue.model.network import Network, parse_network
+from llmqueue.model.network import ROUTER_NAMES, Network, parse_network
 from llmqueue.paper.reproduce import BAD, GOOD, rs_network
 from llmqueue.policies.network import ClassPriority, MaxPressure
 from llmqueue.sim import network as netsim
@@ -354,3 +354,44 @@ def test_network_policies_choose_the_compiled_engine_and_a_users_own_policy_runs
     mixed = _run(net, "auto", monkeypatch, seed=2, duration_s=0.2, drain_s=0.05, policies=own)
     everything = _run(net, "auto", monkeypatch, seed=2, duration_s=0.2, drain_s=0.05)
     assert_same_run(mixed, everything)
+
+
+def _policy_pool(policy: str, router: str, pair: bool = False) -> dict:
+    """A pool of 3 ``policy`` engines behind ``router`` and a max-pressure engine, two classes
+    crossing them (one loops back); with ``pair``, B's second visit goes to a prefill/decode pair
+    whose prefill side is the pool (a shared link to 2 decode replicas)."""
+    pool = {"budget": 256, "batch_time": "linear:c=2,a=0.01", "policy": policy, "replicas": 3,
+            "router": router, **({"priority": ["B", "A"]} if policy == "priority" else {})}
+    pressure = {"budget": 256, "batch_time": "constant:c=3", "policy": "max-pressure"}
+    if pair:
+        decode = {"budget": 128, "batch_time": "linear:c=1,a=0.02", "replicas": 2, "router": "jsq-tokens"}
+        spec = _policy_pool(policy, router)
+        spec["engines"]["D"] = decode
+        spec["disaggregated"] = {"pd": {"prefill": "P", "decode": "D",
+                                        "transfer": "fixed_ms=3,per_token_ms=0.01,link=shared"}}
+        spec["classes"]["B"]["nodes"]["b"]["engine"] = "pd"
+        return spec
+    return {"engines": {"P": pool, "Q": pressure},
+            "classes": {
+                "A": {"rate": 40, "start": "a", "nodes": {
+                    "a": {"engine": "P", "prefill": "poisson:60", "decode": "poisson:20", "next": "b"},
+                    "b": {"engine": "Q", "prefill": "poisson:30", "decode": "poisson:10", "next": "exit"}}},
+                "B": {"rate": 30, "start": "a", "nodes": {
+                    "a": {"engine": "Q", "prefill": "poisson:40", "decode": "poisson:10", "next": "b"},
+                    "b": {"engine": "P", "prefill": "poisson:80", "decode": "poisson:30",
+                          "next": {"exit": 0.7, "a": 0.3}}}}}}
+
+
+@pytest.mark.parametrize("router", ROUTER_NAMES)
+def test_pools_of_network_policy_engines_under_every_router_are_the_reference_run(router: str) -> None:
+    """A pool of class-priority engines, and one of max-pressure engines, behind each built-in
+    router: the compiled loop (auto) gives the reference engines' class results exactly; also when
+    the pool is a prefill/decode pair's prefill side."""
+    for policy, pair in (("priority", False), ("max-pressure", False), ("priority", True),
+                         ("max-pressure", True)):
+        net = parse_network(_policy_pool(policy, router, pair))
+        auto, ref = (simulate_network(net, seed=3, max_requests=300 if not pair else 200,
+                                      engine=e).to_dict() for e in ("auto", "reference"))
+        assert auto["classes"] == ref["classes"]
+        assert auto["pools"] == ref["pools"]
+        assert auto.get("pairs") == ref.get("pairs") and not auto["notes"]

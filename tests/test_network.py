@@ -343,6 +343,8 @@ def test_mixed_compiled_and_python_engines_match() -> None:
 BATCH_TIMES = ("linear:c=2,a=0.01", "constant:c=2", "staircase:c=1,a=0.5,b0=32")
 SIZES = ("poisson:3", "poisson:30", "uniform:1,300", "lognormal:mean=50,sigma=0.8", "geometric:20")
 POLICIES = ("sarathi", "orca", "vllm-chunked", "sarathi", "vllm-chunked", "vllm", "fastertransformer")
+TRANSFERS = ("fixed_ms=2,per_token_ms=0.01,link=shared", "fixed_ms=0.5,per_token_ms=0.02", "fixed_ms=1",
+             "fixed_ms=0,link=shared", "per_token_ms=0.005")  # shared link or pure delays; 0 ms transfers
 
 
 def _random_route(draw: st.DrawFn, engines: list[str]) -> tuple[str, dict[str, dict]]:
@@ -385,8 +387,9 @@ def _random_route(draw: st.DrawFn, engines: list[str]) -> tuple[str, dict[str, d
 @st.composite
 def random_networks(draw: st.DrawFn) -> tuple[Network, dict]:
     """A random valid network (engines of every compiled policy, one of them a pool half the time,
-    1-2 classes on random routes, visits that draw no tokens in some) at a random load, with a
-    random run length, seed, drain."""
+    prefill/decode pairs of them half the time, 1-2 classes on random routes (a visit names an
+    engine, a pool or a pair; in forks and loops too), visits that draw no tokens, no prompt or no
+    output in some) at a random load, with a random run length, seed, drain."""
     engines = {
         f"e{i}": {
             "budget": draw(st.sampled_from((64, 128, 512))),
@@ -405,21 +408,27 @@ def random_networks(draw: st.DrawFn) -> tuple[Network, dict]:
                                                      "batch_time": draw(st.sampled_from(BATCH_TIMES))}]
         else:
             pool["replicas"] = first + 1
+    pairs: dict[str, dict] = {}
+    if draw(st.booleans()):  # 1-2 prefill/decode pairs over the engines (and the pool)
+        for k in range(draw(st.integers(1, 2))):
+            prefill, decode = draw(st.permutations(sorted(engines)))[:2]
+            pairs[f"pd{k}"] = {"prefill": prefill, "decode": decode,
+                               "transfer": draw(st.sampled_from(TRANSFERS))}
     classes: dict[str, dict] = {}
     for c in range(draw(st.integers(1, 2))):
-        start, nodes = _random_route(draw, sorted(engines))
+        start, nodes = _random_route(draw, sorted(engines) + sorted(pairs))
         classes[f"c{c}"] = {"rate": 1.0, "arrival": draw(st.sampled_from(("poisson", "deterministic"))),
                             "start": start, "nodes": nodes}
-    net = parse_network({"engines": engines, "classes": classes})
+    net = parse_network({"engines": engines, "classes": classes, "disaggregated": pairs})
     zero = draw(st.sampled_from((0.0, 0.0, 0.5)))
-    if zero:  # visits draw 0 + 0 tokens with probability 1/4: skipped
+    if zero:  # visits draw 0 + 0 tokens with probability 1/4: skipped (0 + d, p + 0: one pair side)
         specs = {}
         for cname, spec in net.classes.items():
             nodes_z = {nid: dataclasses.replace(n, prefill=SometimesZero(n.prefill, zero),
                                                 decode=SometimesZero(n.decode, zero))
                        if n.kind == "visit" else n for nid, n in spec.nodes.items()}
             specs[cname] = dataclasses.replace(spec, nodes=nodes_z)
-        net = Network(net.engines, specs, net.pools)
+        net = Network(net.engines, specs, net.pools, net.pairs)
     net = net.scaled(draw(st.sampled_from((0.5, 0.9, 1.3))) * analyze(net).critical_scale)
     run = {"seed": draw(st.integers(0, 2**20)), "drain_s": draw(st.sampled_from((None, 0.0, 0.05)))}
     if draw(st.booleans()):
@@ -457,7 +466,8 @@ def test_every_resumable_step_of_the_compiled_routing(monkeypatch) -> None:
     from llmqueue.engines import compiled
     from llmqueue.engines import netkernel as kernel
 
-    for name in ("START_TOKENS", "START_FRAMES", "START_PENDING", "LATENCY_ROOM", "DRAW_CHUNKS"):
+    for name in ("START_TOKENS", "START_FRAMES", "START_PENDING", "LATENCY_ROOM", "DRAW_CHUNKS",
+                 "START_TRANSFERS", "PAIR_LATENCY_ROOM"):
         monkeypatch.setattr(compiled.NetworkLoop, name, 1)
     monkeypatch.setattr(compiled._State, "MIN_ROOM", 0)  # engines' output room 4 b + 64
     seen: set[int] = set()
@@ -473,14 +483,22 @@ def test_every_resumable_step_of_the_compiled_routing(monkeypatch) -> None:
     over = over.scaled(2.0 * analyze(over).critical_scale)  # the critic piles up > 1024 requests
     pooled = fork_join(4.0, p_back=0.3)  # the planner a pool: its router's stream refills too
     pooled["engines"]["planner"].update(replicas=3, router="vllm-dp")
+    paired = fork_join(4.0, p_back=0.3)  # research on a pair: pools both sides, slow transfers overlap
+    paired["engines"]["sub"].update(replicas=2, router="p2c")
+    paired["engines"]["decoder"] = {"budget": 512, "batch_time": LINEAR, "replicas": 2, "router": "jsq"}
+    paired["disaggregated"] = {"deep": {"prefill": "sub", "decode": "decoder",
+                                        "transfer": "fixed_ms=300,per_token_ms=0.1"}}
+    paired["classes"]["task"]["nodes"]["research"]["engine"] = "deep"
     for net, run in ((over, {"seed": 3, "max_requests": 5000, "drain_s": 1.0}),  # > 4096 arrivals
                      (parse_network(fork_join(4.0, p_back=0.5)), {"seed": 8, "duration_s": 2.0}),
-                     (parse_network(pooled), {"seed": 2, "max_requests": 1500})):
+                     (parse_network(pooled), {"seed": 2, "max_requests": 1500}),
+                     (parse_network(paired), {"seed": 5, "max_requests": 800, "drain_s": 0.2})):
         assert json.dumps(_run(net, compiled_routing=True, **run), sort_keys=True) == \
             json.dumps(_run(net, compiled_routing=False, **run), sort_keys=True)
     expected = {kernel.NET_DONE, kernel.NET_ROOM, kernel.NET_SLOTS, kernel.NET_SIZES, kernel.NET_CHOICES,
                 kernel.NET_TOKENS, kernel.NET_FRAMES, kernel.NET_PENDING, kernel.NET_LATENCY,
-                kernel.NET_ARRIVALS, kernel.NET_HORIZON, kernel.NET_POOL_DRAWS}
+                kernel.NET_ARRIVALS, kernel.NET_HORIZON, kernel.NET_POOL_DRAWS, kernel.NET_TRANSFERS,
+                kernel.NET_PAIR_LATENCY}
     assert seen == expected
 
 

@@ -870,7 +870,10 @@ class RouteTables:
     node ``i``'s (class, node id). A node's next targets and fork branches are slices of
     ``next_target``/``next_prob`` and ``branches`` (targets -1: exit). Pools are numbered in name
     order (``pools``); pool p's members are ``pool_members[pool_first[p]:][:pool_n[p]]`` (engine
-    indices), its router ``pool_router[p]`` (``netkernel.R_*``).
+    indices), its router ``pool_router[p]`` (``netkernel.R_*``). Prefill/decode pairs are numbered
+    in name order (``pairs``): ``pair_side[q]`` holds each side's engine index or pool number
+    (``netkernel.PR_*``, -1 for the other) and whether the link is shared, ``pair_link[q]`` the
+    transfer time's fixed and per-token parts (``netkernel.PF_*``).
     """
 
     classes: tuple[str, ...]
@@ -886,6 +889,9 @@ class RouteTables:
     pool_members: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     pool_router: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     pool_kv: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1))
+    pairs: tuple[str, ...] = ()
+    pair_side: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 5), dtype=np.int64))
+    pair_link: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2)))
 
 
 def node_keys(net: Network) -> tuple[tuple[str, str], ...]:
@@ -914,7 +920,9 @@ def route_tables(net: Network, engine_names: Sequence[str],
         node = spec.nodes[nid]
         row = nodes[i]
         row[K.ND_KIND] = kinds[node.kind]
-        if node.kind == "visit" and node.engine in net.pools:
+        if node.kind == "visit" and node.engine in net.pairs:
+            row[K.ND_PAIR] = sorted(net.pairs).index(node.engine)
+        elif node.kind == "visit" and node.engine in net.pools:
             row[K.ND_POOL] = sorted(net.pools).index(node.engine)
         elif node.kind == "visit":
             row[K.ND_ENGINE] = engine_index[node.engine or ""]
@@ -935,7 +943,29 @@ def route_tables(net: Network, engine_names: Sequence[str],
         branches=np.array([*branches, -1], dtype=np.int64),
         class_start=np.array([index[(c, net.classes[c].start)] for c in classes], dtype=np.int64),
         **_pool_tables(net, engine_index, routers or {}),
+        **_pair_tables(net, engine_index),
     )
+
+
+def _pair_tables(net: Network, engine_index: Mapping[str, int]) -> dict:
+    """The pair fields of ``RouteTables``."""
+    from llmqueue.engines import netkernel as K
+
+    pairs = tuple(sorted(net.pairs))
+    pools = sorted(net.pools)
+    side = np.full((len(pairs), K.N_PR), -1, dtype=np.int64)
+    link = np.zeros((len(pairs), K.N_PF))
+    for q, name in enumerate(pairs):
+        pair = net.pairs[name]
+        for target, col in ((pair.prefill, K.PR_PRE_ENGINE), (pair.decode, K.PR_DEC_ENGINE)):
+            if target in engine_index:
+                side[q, col] = engine_index[target]
+            else:
+                side[q, col + 1] = pools.index(target)  # the pool column follows the engine's
+        side[q, K.PR_SHARED] = int(pair.shared_link)
+        link[q, K.PF_FIXED], link[q, K.PF_PER_TOKEN] = pair.fixed_ms, pair.per_token_ms
+    assert (K.N_PR, K.N_PF) == (5, 2)  # RouteTables' defaults
+    return {"pairs": pairs, "pair_side": side, "pair_link": link}
 
 
 def _pool_tables(net: Network, engine_index: Mapping[str, int], routers: Mapping[str, str]) -> dict:
@@ -972,6 +1002,38 @@ def _typed_list(arrays: Iterable[np.ndarray]) -> object:
 
 
 @dataclass(frozen=True, slots=True)
+class PairTotals:
+    """One prefill/decode pair's counters after a network loop (what ``netsim._PairRun`` keeps)."""
+
+    arrivals: int
+    completed: int
+    in_prefill: int
+    in_transfer: int
+    in_decode: int
+    transfers_started: int
+    transfers_finished: int
+    link_free_ms: float
+    wait_ms: float
+    busy_ms: float
+
+
+def _feed(recorder: Recorder, times: np.ndarray, sizes: np.ndarray) -> None:
+    """``recorder.request_done`` for each finished pair visit in order (rows of (arrival, first
+    token, finish) and (prompt, output tokens)), in blocks that end where one by one would fold
+    its columns into histograms: so the folds, hence the sums, are those of the Python routing."""
+    total = times.shape[0]
+    at = 0
+    while at < total:
+        k = total - at
+        if not recorder.keep_requests:
+            k = min(k, max(1, recorder.exact_limit - len(recorder.done["id"])))
+        rows = slice(at, at + k)
+        recorder.requests_done(np.zeros(k, dtype=np.int64), times[rows, 0], times[rows, 1],
+                               times[rows, 2], sizes[rows, 0], sizes[rows, 1])
+        at += k
+
+
+@dataclass(frozen=True, slots=True)
 class ClassTotals:
     """One class's counters after a network loop (what ``netsim._Run`` keeps per class)."""
 
@@ -989,9 +1051,10 @@ class NetworkLoop:
     a ``KernelEngine``, whose arrays the loop works on in place) and the routing between them.
 
     Python only feeds it: the next chunk of a random stream or of a class's arrivals, more room
-    (engine slots, tokens, fork frames, pending arrivals), draining engine outputs into their
-    recorders and finished requests' latencies into ``latency``, and the horizon once arrivals
-    end. The random streams are those of the Python routing (chunks of ``DRAW_CHUNK`` values from
+    (engine slots, tokens, fork frames, pending arrivals, KV transfers in flight), draining engine
+    outputs into their recorders, finished requests' latencies into ``latency`` and finished pair
+    visits into their pairs' recorders, and the horizon once arrivals end. The random streams are
+    those of the Python routing (chunks of ``DRAW_CHUNK`` values from
     the same sources), consumed in the same order, so the run is the same.
 
     The engines' scalar arrays (``si``, ``sf``) become rows of two stacked arrays here, so the
@@ -1010,6 +1073,10 @@ class NetworkLoop:
     """Arrivals waiting for an engine's next call, per engine, held at first; doubled when short."""
     LATENCY_ROOM = 4096
     """End-to-end latencies buffered before they are moved to the per-class arrays."""
+    START_TRANSFERS = 256
+    """KV transfers in flight held at first; doubled when short."""
+    PAIR_LATENCY_ROOM = 4096
+    """Finished pair visits buffered before they are moved to the pairs' recorders."""
     DRAW_CHUNKS = 4
     """Chunks of ``DRAW_CHUNK`` values a random stream is refilled with at once."""
     GROWN = ("slot_i", "slot_f", "q", "heap", "lp_i", "lp_f", "lw_i", "lw_f")
@@ -1028,12 +1095,16 @@ class NetworkLoop:
         stop_ms: float,
         horizon_for: Callable[[float], float],
         pool_draws: Sequence[Callable[[], np.ndarray]] = (),
+        pair_recorders: Sequence[Recorder] = (),
+        class_pair_recorders: Sequence[Recorder | None] = (),
     ) -> None:
         """``arrivals[c]``: class c's arrival-time chunks (ms); ``sizes[2 i]``/``sizes[2 i + 1]``:
         node i's next chunk of prefill/decode sizes (None: not a visit); ``choices[i]``: node i's
         next chunk of uniform draws for its routing choice; ``latency[c]``: where class c's
         end-to-end latencies are appended; ``horizon_for(last_arrival_ms)``: the run's end once
-        arrivals are over; ``pool_draws[p]``: pool p's next chunk of uniform draws (its router's)."""
+        arrivals are over; ``pool_draws[p]``: pool p's next chunk of uniform draws (its router's);
+        ``pair_recorders[q]``: where pair q's finished visits go (their TTFT, TPOT, E2EL), and
+        ``class_pair_recorders[c]`` (None: none) where class c's go too."""
         from llmqueue.engines import netkernel as K
 
         if any(engine._times or engine._read for engine in engines):
@@ -1046,6 +1117,8 @@ class NetworkLoop:
         self.pool_draws = list(pool_draws)
         self.latency = list(latency)
         self.horizon_for = horizon_for
+        self.pair_recorders = list(pair_recorders)
+        self.class_pair_recorders = list(class_pair_recorders)
         n_eng, n_cls, n_nodes = len(engines), len(tables.classes), len(tables.keys)
         self.ns = np.zeros(K.N_NS, dtype=np.int64)
         self.nf = np.zeros(K.N_NF)
@@ -1062,7 +1135,16 @@ class NetworkLoop:
         self.tok_free = np.zeros(0, dtype=np.int64)
         self.tok_work = np.zeros(0, dtype=np.int64)
         self.stack = np.zeros((2, 0), dtype=np.int64)
+        self.pv_i = np.zeros((0, K.N_PV), dtype=np.int64)  # each token's pair visit
+        self.pv_f = np.zeros((0, K.N_PVF))
         self._grow_tokens(self.START_TOKENS)
+        n_pairs = len(tables.pairs)
+        self.pair_counts = np.zeros((n_pairs, K.N_PC), dtype=np.int64)
+        self.pair_link = np.zeros((n_pairs, K.N_PL))
+        self.xf_f = np.zeros((self.START_TRANSFERS + 1, K.N_XFF))  # the heap, and one spare row
+        self.xf_i = np.zeros((self.START_TRANSFERS + 1, K.N_XFI), dtype=np.int64)
+        self.pd_f = np.zeros((self.PAIR_LATENCY_ROOM, K.N_PDF))
+        self.pd_i = np.zeros((self.PAIR_LATENCY_ROOM, K.N_PDI), dtype=np.int64)
         self.frames = np.zeros((0, K.N_FR), dtype=np.int64)
         self.fr_free = np.zeros(0, dtype=np.int64)
         self._grow_frames(self.START_FRAMES)
@@ -1117,6 +1199,8 @@ class NetworkLoop:
         self.tok_i = _grown(self.tok_i, capacity)
         self.tok_f = _grown(self.tok_f, capacity)
         self.tok_work = _grown(self.tok_work, capacity)
+        self.pv_i = _grown(self.pv_i, capacity)
+        self.pv_f = _grown(self.pv_f, capacity)
         self.tok_free, ns[K.NS_TOK_FREE] = _free_list(self.tok_free, int(ns[K.NS_TOK_FREE]), capacity)
         self.stack = _grown(self.stack, capacity, axis=1)  # each entry is a distinct live token
 
@@ -1162,6 +1246,19 @@ class NetworkLoop:
             out.frombytes(np.ascontiguousarray(values[classes == c]).tobytes())
         self.ns[K.NS_LAT_N] = 0
 
+    def _drain_pairs(self) -> None:
+        """Move the finished pair visits buffered into their pair's and class's recorders."""
+        K = self.K
+        n = int(self.ns[K.NS_PD_N])
+        times = self.pd_f[:n, [K.PD_ARRIVAL, K.PD_FIRST, K.PD_FINISH]]
+        sizes = self.pd_i[:n, [K.PD_PRE, K.PD_DEC]]
+        for column, recorders in ((K.PD_PAIR, self.pair_recorders), (K.PD_CLS, self.class_pair_recorders)):
+            for index, recorder in enumerate(recorders):
+                if recorder is not None:
+                    rows = self.pd_i[:n, column] == index
+                    _feed(recorder, times[rows], sizes[rows])
+        self.ns[K.NS_PD_N] = 0
+
     def _args(self) -> tuple[tuple[object, ...], ...]:
         """``net_run``'s argument groups, records of ``netkernel`` (see ``net_run``'s docstring),
         built again after a pool grows."""
@@ -1181,6 +1278,8 @@ class NetworkLoop:
                       self.work, self.wakes),
             K.EngineLists(*self.lists),
             K.PolicyLists(*self.plists),
+            K.Pairs(t.pair_side, t.pair_link, self.pair_counts, self.pair_link, self.pv_i, self.pv_f,
+                    self.xf_f, self.xf_i, self.pd_f, self.pd_i),
         )
 
     # -- the run ---------------------------------------------------------------------------------------
@@ -1224,11 +1323,18 @@ class NetworkLoop:
             elif code == K.NET_ARRIVALS:
                 self._next_arrivals(ask)
                 args = self._args()
+            elif code == K.NET_TRANSFERS:
+                rows = 2 * (self.xf_f.shape[0] - 1) + 1
+                self.xf_f, self.xf_i = _grown(self.xf_f, rows), _grown(self.xf_i, rows)
+                args = self._args()
+            elif code == K.NET_PAIR_LATENCY:
+                self._drain_pairs()
             elif code == K.NET_HORIZON:
                 self.nf[K.NF_HORIZON] = self.horizon_for(float(self.nf[K.NF_LAST_ARRIVAL]))
             else:
                 raise AssertionError(f"network loop: inconsistent routing state (code {code})")
         self._drain_latency()
+        self._drain_pairs()
         for e, engine in enumerate(self.engines):  # hand the engines back to the Python interface
             h, tail = (int(x) for x in self.pend_ht[e])
             engine._times = self.pend_ms[e, h:tail].tolist()
@@ -1249,9 +1355,28 @@ class NetworkLoop:
             bin_width_ms=float(cf[K.CF_WIDTH]),
         )
 
+    def pair_totals(self, q: int) -> PairTotals:
+        """Pair q's counters and link figures (pair index as in ``RouteTables.pairs``)."""
+        K, pc, pl = self.K, self.pair_counts[q], self.pair_link[q]
+        return PairTotals(
+            arrivals=int(pc[K.PC_ARRIVALS]), completed=int(pc[K.PC_COMPLETED]),
+            in_prefill=int(pc[K.PC_IN_PREFILL]), in_transfer=int(pc[K.PC_IN_TRANSFER]),
+            in_decode=int(pc[K.PC_IN_DECODE]), transfers_started=int(pc[K.PC_STARTED]),
+            transfers_finished=int(pc[K.PC_FINISHED]), link_free_ms=float(pl[K.PL_FREE]),
+            wait_ms=float(pl[K.PL_WAIT]), busy_ms=float(pl[K.PL_BUSY]),
+        )
+
+    def transfers(self) -> list[tuple[float, int, int, float, int]]:
+        """The KV transfers still in flight, (end ms, sequence, visit id, start ms, pair), in the
+        order of the heap's rows (the Python loop's heap list, as heapq leaves it)."""
+        K, n = self.K, int(self.ns[self.K.NS_XF_N])
+        return [(float(f[K.XF_END]), int(i[K.XF_SEQ]), int(i[K.XF_VID]), float(f[K.XF_START]),
+                 int(i[K.XF_PAIR])) for f, i in zip(self.xf_f[:n], self.xf_i[:n], strict=True)]
+
     @property
     def visits(self) -> int:
-        """Engine visits started (requests handed to engines)."""
+        """Engine visit ids handed out (visits handed to engines, and transfers in flight, whose
+        id their decode visit will take)."""
         return int(self.ns[self.K.NS_VISITS])
 
     @property

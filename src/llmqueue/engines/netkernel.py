@@ -18,6 +18,10 @@ by name at compile time; see ``net_run``): the loop's scalars (``Loop``), the ro
 (``Pending``), random streams (``Streams``), per-class outputs (``Classes``), per-engine scalars
 (``Engines``), and the engines' other arrays as typed lists (``EngineLists``).
 
+Prefill/decode pairs: a visit to a pair runs its prompt on the prefill side, then a KV transfer
+(an event kind of its own: ``ST_TRANSFERS``, a heap ported from ``heapq``), then its output on the
+decode member picked when the transfer started (``_pair_step``), as ``_Run`` does.
+
 Caching: numba caches a function with the code of the functions it calls, but checks only its
 own file for changes; ``_tie_cache`` makes this module's cache stale whenever kernel.py or
 polkernel.py changes too, so an edit of an engine kernel is never hidden by a cached network loop.
@@ -65,20 +69,23 @@ from llmqueue.model.network import ROUTER_NAMES
 (NET_DONE, NET_ROOM, NET_SLOTS, NET_BAD_BATCH_TIME, NET_SIZES, NET_CHOICES, NET_TOKENS, NET_FRAMES,
  NET_PENDING, NET_LATENCY, NET_ARRIVALS, NET_HORIZON, NET_BROKEN) = range(13)
 NET_POOL_DRAWS = 13  # a pool's random stream needs its next chunk (ns[NS_ASK]: the pool)
+NET_TRANSFERS = 14  # the heap of KV transfers in flight is full
+NET_PAIR_LATENCY = 15  # the buffer of finished pair visits (their TTFT, TPOT, E2EL) is full
 
 # -- stages (where the loop resumes) and engine call modes -----------------------------------------
-ST_NEXT_EXT, ST_TOP, ST_CALL, ST_ROUTE, ST_ENDS, ST_STARTS, ST_DONE = range(7)
+ST_NEXT_EXT, ST_TOP, ST_CALL, ST_ROUTE, ST_ENDS, ST_STARTS, ST_DONE, ST_TRANSFERS = range(8)
 MODE_ADVANCE, MODE_END, MODE_START = range(3)
 
 # -- integer scalars (ns) and float scalars (nf) of the network loop -------------------------------
 (NS_STAGE, NS_ROUTE_AFTER, NS_CALL_E, NS_CALL_MODE, NS_DUE_N, NS_DUE_I, NS_FIN_LEN, NS_FIN_POS,
  NS_STK_LEN, NS_ARRIVED, NS_MAX_REQ, NS_HAVE_NXT, NS_NXT_CLS, NS_VISITS, NS_ASK, NS_TOK_FREE,
- NS_FR_FREE, NS_LAT_N, N_NS) = range(19)
-NF_T_ENGINE, NF_T_ROUTE, NF_HORIZON, NF_STOP, NF_NXT_T, NF_LAST_ARRIVAL, N_NF = range(7)
+ NS_FR_FREE, NS_LAT_N, NS_XF_N, NS_XF_SEQ, NS_PD_N, N_NS) = range(22)
+NF_T_ENGINE, NF_T_ROUTE, NF_HORIZON, NF_STOP, NF_NXT_T, NF_LAST_ARRIVAL, NF_T_XFER, N_NF = range(8)
 
 # -- route nodes (rows of ``nodes``; node index = row; next targets -1 = exit) ---------------------
-ND_KIND, ND_ENGINE, ND_NEXT0, ND_NEXT_N, ND_BR0, ND_BR_N, ND_JOIN, ND_POOL, N_ND = range(9)
-# (a visit names an engine, ND_ENGINE, or a pool, ND_POOL; the other is -1)
+ND_KIND, ND_ENGINE, ND_NEXT0, ND_NEXT_N, ND_BR0, ND_BR_N, ND_JOIN, ND_POOL, ND_PAIR, N_ND = range(10)
+# (a visit names an engine, ND_ENGINE, a pool, ND_POOL, or a prefill/decode pair, ND_PAIR; the
+# others are -1)
 KIND_VISIT, KIND_FORK, KIND_JOIN = range(3)
 EXIT_NODE = -1
 
@@ -95,6 +102,22 @@ R_JSQ, R_JSQ_TOKENS, R_P2C, R_LEAST_KV, R_VLLM_DP, R_ROUND_ROBIN, R_RANDOM = (
     ROUTER_NAMES.index(name) for name in ("jsq", "jsq-tokens", "p2c", "least-kv", "vllm-dp",
                                           "round-robin", "random"))
 VLLM_WAITING_WEIGHT = 4  # vLLM's DP score: waiting * 4 + running (policies.routers)
+# -- prefill/decode pairs: tables (side: each side's engine or pool, -1 for the other; link), counts,
+# the link's floats, each token's pair visit, the transfers in flight (a binary heap ordered as the
+# Python loop's (end, sequence) tuples, heapq's algorithm, one spare row at the end) and the
+# finished pair visits buffered for the recorders
+PR_PRE_ENGINE, PR_PRE_POOL, PR_DEC_ENGINE, PR_DEC_POOL, PR_SHARED, N_PR = range(6)
+PF_FIXED, PF_PER_TOKEN, N_PF = range(3)
+(PC_ARRIVALS, PC_COMPLETED, PC_IN_PREFILL, PC_IN_TRANSFER, PC_IN_DECODE, PC_STARTED, PC_FINISHED,
+ N_PC) = range(8)
+PL_FREE, PL_WAIT, PL_BUSY, N_PL = range(4)
+PV_PHASE, PV_PRE, PV_DEC, N_PV = range(4)
+PV_ARRIVAL, PV_FIRST, N_PVF = range(3)
+PH_PREFILL, PH_TRANSFER, PH_DECODE = range(3)
+XF_END, XF_START, N_XFF = range(3)
+XF_SEQ, XF_VID, XF_TOK, XF_ENGINE, XF_PAIR, N_XFI = range(6)
+PD_ARRIVAL, PD_FIRST, PD_FINISH, N_PDF = range(4)
+PD_PAIR, PD_CLS, PD_PRE, PD_DEC, N_PDI = range(5)
 
 
 # -- the argument groups of net_run (records of arrays; the driver builds them) --------------------
@@ -189,6 +212,22 @@ class Engines(NamedTuple):
     waiting: np.ndarray  # ... those routed since it last finished one ...
     work: np.ndarray  # ... and their prefill + decode tokens (as _Run keeps them)
     wakes: np.ndarray  # 1: a max-pressure engine, woken when routing changed the counts
+
+
+class Pairs(NamedTuple):
+    """Prefill/decode pairs (``_Run``'s ``_PairRun``, ``_PairVisit`` and transfer heap), pair by
+    pair and token by token."""
+
+    side: np.ndarray  # PR_* columns: each side's engine or pool (read only)
+    link: np.ndarray  # PF_* columns: the transfer time's fixed and per-token parts (read only)
+    counts: np.ndarray  # PC_* columns
+    link_f: np.ndarray  # PL_* columns: the shared link's free time, summed waits and busy time
+    tok_i: np.ndarray  # PV_* columns: each token's pair visit (phase, prompt, output tokens) ...
+    tok_f: np.ndarray  # ... arrival at the pair and first token (PV_ARRIVAL, PV_FIRST)
+    xf_f: np.ndarray  # the transfers in flight (NS_XF_N, a heap): XF_END, XF_START ...
+    xf_i: np.ndarray  # ... XF_SEQ, XF_VID, XF_TOK, XF_ENGINE (decode engine), XF_PAIR
+    done_f: np.ndarray  # finished pair visits (NS_PD_N of them): PD_ARRIVAL, PD_FIRST, PD_FINISH ...
+    done_i: np.ndarray  # ... PD_PAIR, PD_CLS, PD_PRE, PD_DEC
 
 
 class EngineLists(NamedTuple):
@@ -390,20 +429,120 @@ def _pick(router, first, n, members, in_system, waiting, work, kv, u1, u2, route
 
 
 @njit(cache=True)
-def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, node):
+def _pend_room(pending, e):
+    """The row where engine e's next pending arrival goes (the rows compacted to the front when
+    the end is reached), or -1 when every row holds one."""
+    pend_ms, pend_ht = pending.ms, pending.ht
+    h, tail = pend_ht[e, 0], pend_ht[e, 1]
+    if tail == pend_ms.shape[1]:
+        if h == 0:
+            return -1
+        n = tail - h  # compact: pending arrivals move to the front (forward copy)
+        for i in range(n):
+            pend_ms[e, i] = pend_ms[e, h + i]
+            pending.pre[e, i] = pending.pre[e, h + i]
+            pending.dec[e, i] = pending.dec[e, h + i]
+            pending.id[e, i] = pending.id[e, h + i]
+            pending.tok[e, i] = pending.tok[e, h + i]
+            pending.node[e, i] = pending.node[e, h + i]
+        pend_ht[e, 0] = 0
+        pend_ht[e, 1] = n
+        tail = n
+    return tail
+
+
+@njit(cache=True)
+def _pend_put(pending, e, tail, t, pre, dec, vid, tok, node):
+    """KernelEngine.submit: an arrival for engine e's next call, in row ``tail`` (``_pend_room``)."""
+    pending.ms[e, tail] = t
+    pending.pre[e, tail] = pre
+    pending.dec[e, tail] = dec
+    pending.id[e, tail] = vid
+    pending.tok[e, tail] = tok
+    pending.node[e, tail] = node
+    pending.ht[e, 1] = tail + 1
+
+
+@njit(cache=True)
+def _xf_less(xf_f, xf_i, a, b):
+    """Whether transfer row a comes before row b (the Python loop's tuples: end, then sequence)."""
+    ea, eb = xf_f[a, XF_END], xf_f[b, XF_END]
+    return ea < eb or (ea == eb and xf_i[a, XF_SEQ] < xf_i[b, XF_SEQ])
+
+
+@njit(cache=True)
+def _xf_copy(xf_f, xf_i, dst, src):
+    for k in range(N_XFF):
+        xf_f[dst, k] = xf_f[src, k]
+    for k in range(N_XFI):
+        xf_i[dst, k] = xf_i[src, k]
+
+
+@njit(cache=True)
+def _xf_siftdown(xf_f, xf_i, start, pos, item):
+    """heapq._siftdown: the entry of row ``item`` moves up from ``pos`` to its place."""
+    while pos > start:
+        parent = (pos - 1) >> 1
+        if _xf_less(xf_f, xf_i, item, parent):
+            _xf_copy(xf_f, xf_i, pos, parent)
+            pos = parent
+            continue
+        break
+    _xf_copy(xf_f, xf_i, pos, item)
+
+
+@njit(cache=True)
+def _xf_push(ns, xf_f, xf_i, end, start, seq, vid, tok, e, q):
+    """heapq.heappush of a transfer (the caller checked a row is free: ``NS_XF_N`` < rows - 1)."""
+    n = ns[NS_XF_N]
+    spare = xf_f.shape[0] - 1
+    xf_f[spare, XF_END] = end
+    xf_f[spare, XF_START] = start
+    xf_i[spare, XF_SEQ] = seq
+    xf_i[spare, XF_VID] = vid
+    xf_i[spare, XF_TOK] = tok
+    xf_i[spare, XF_ENGINE] = e
+    xf_i[spare, XF_PAIR] = q
+    ns[NS_XF_N] = n + 1
+    _xf_siftdown(xf_f, xf_i, 0, n, spare)
+
+
+@njit(cache=True)
+def _xf_pop(ns, xf_f, xf_i):
+    """heapq.heappop: the first transfer (row 0, read by the caller) leaves the heap."""
+    n = ns[NS_XF_N] - 1
+    ns[NS_XF_N] = n
+    if n == 0:
+        return
+    spare = xf_f.shape[0] - 1
+    _xf_copy(xf_f, xf_i, spare, n)  # the last entry, sifted from the top (heapq._siftup)
+    pos = 0
+    child = 1
+    while child < n:
+        right = child + 1
+        if right < n and not _xf_less(xf_f, xf_i, child, right):
+            child = right
+        _xf_copy(xf_f, xf_i, pos, child)
+        pos = child
+        child = 2 * pos + 1
+    _xf_siftdown(xf_f, xf_i, 0, pos, spare)
+
+
+@njit(cache=True)
+def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, pairs, tok, node):
     """_Run._advance: move token ``tok`` to ``node`` and on, until it waits at an engine (a pending
     arrival there) or a join, or leaves. Returns 0, or a NET_ code with (tok, node) pushed back
     after the last node it completed (each node's step checks what it needs before changing
     anything). A fork pushes its branches, the first on top: depth first, as the recursion.
     A visit to a pool asks its router (``_pick``) which member takes it, before anything is
-    consumed. The groups are ``net_run``'s (``stack``: its work lists' routing stack)."""
+    consumed; a visit to a prefill/decode pair goes to its prefill side (or, without a prompt,
+    to its decode side) and starts the token's pair visit (``pairs.tok_i``, ``pairs.tok_f``). The
+    groups are ``net_run``'s (``stack``: its work lists' routing stack)."""
     ns, nf = loop.ns, loop.nf
     nodes, next_target, next_prob = routes.nodes, routes.next_target, routes.next_prob
     branches = routes.branches
     tok_i, tok_f, tok_free = tokens.tok_i, tokens.tok_f, tokens.tok_free
     frames, fr_free = tokens.frames, tokens.fr_free
-    pend_ms, pend_pre, pend_dec, pend_id = pending.ms, pending.pre, pending.dec, pending.id
-    pend_tok, pend_ht, pend_node = pending.tok, pending.ht, pending.node
     size_buf, size_st = streams.size_buf, streams.size_st
     choice_buf, choice_st = streams.choice_buf, streams.choice_st
     cls_i, cls_f, cls_bins = classes.cls_i, classes.cls_f, classes.cls_bins
@@ -439,8 +578,16 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, 
                 size_st[dec_s, DS_POS] += 1
                 node = _choose(nodes, next_target, next_prob, choice_buf, choice_st, node)
                 continue
-            e = nodes[node, ND_ENGINE]
-            p = nodes[node, ND_POOL]
+            q = nodes[node, ND_PAIR]
+            if q >= 0:  # _Run._enter_pair: the prompt to the prefill side, or (none) the output
+                side = PR_PRE_ENGINE if pre > 0 else PR_DEC_ENGINE  # to the decode side at once
+                e = pairs.side[q, side]
+                p = pairs.side[q, side + 1]
+                sub_pre, sub_dec = pre, (dec if pre == 0 else 0)
+            else:
+                e = nodes[node, ND_ENGINE]
+                p = nodes[node, ND_POOL]
+                sub_pre, sub_dec = pre, dec
             if p >= 0:  # the pool's router picks the member (two draws of its stream, peeked)
                 pool_buf, pool_st = streams.pool_buf, streams.pool_st
                 k = pool_st[p, DS_POS]
@@ -449,21 +596,9 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, 
                 e = _pick(routes.pool_router[p], routes.pool_first[p], routes.pool_n[p],
                           routes.pool_members, engines.in_system, engines.waiting, engines.work,
                           routes.pool_kv, pool_buf[p, k], pool_buf[p, k + 1], pool_st[p, PS_ROUTED])
-            h, tail = pend_ht[e, 0], pend_ht[e, 1]
-            if tail == pend_ms.shape[1]:
-                if h == 0:
-                    return _back(ns, stack, tok, node, NET_PENDING, e)
-                n = tail - h  # compact: pending arrivals move to the front (forward copy)
-                for i in range(n):
-                    pend_ms[e, i] = pend_ms[e, h + i]
-                    pend_pre[e, i] = pend_pre[e, h + i]
-                    pend_dec[e, i] = pend_dec[e, h + i]
-                    pend_id[e, i] = pend_id[e, h + i]
-                    pend_tok[e, i] = pend_tok[e, h + i]
-                    pend_node[e, i] = pend_node[e, h + i]
-                pend_ht[e, 0] = 0
-                pend_ht[e, 1] = n
-                tail = n
+            tail = _pend_room(pending, e)
+            if tail < 0:
+                return _back(ns, stack, tok, node, NET_PENDING, e)
             size_st[pre_s, DS_POS] += 1
             size_st[dec_s, DS_POS] += 1
             if p >= 0:
@@ -471,19 +606,26 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, 
                 streams.pool_st[p, PS_ROUTED] += 1
             engines.in_system[e] += 1
             engines.waiting[e] += 1
-            engines.work[e] += pre + dec
-            tokens.tok_work[tok] = pre + dec
+            engines.work[e] += sub_pre + sub_dec
+            tokens.tok_work[tok] = sub_pre + sub_dec
             vid = ns[NS_VISITS]
             ns[NS_VISITS] = vid + 1
             tok_i[tok, TK_NODE] = node
-            pend_ms[e, tail] = t
-            pend_pre[e, tail] = pre
-            pend_dec[e, tail] = dec
-            pend_id[e, tail] = vid
-            pend_tok[e, tail] = tok
-            pend_node[e, tail] = node
-            pend_ht[e, 1] = tail + 1
+            _pend_put(pending, e, tail, t, sub_pre, sub_dec, vid, tok, node)
             tokens.counts[node] += 1  # _Run.counts: a visit submitted to its buffer
+            if q >= 0:
+                pairs.counts[q, PC_ARRIVALS] += 1
+                pairs.tok_i[tok, PV_PRE] = pre
+                pairs.tok_i[tok, PV_DEC] = dec
+                pairs.tok_f[tok, PV_ARRIVAL] = t
+                if pre == 0:  # its first token now
+                    pairs.tok_i[tok, PV_PHASE] = PH_DECODE
+                    pairs.tok_f[tok, PV_FIRST] = t
+                    pairs.counts[q, PC_IN_DECODE] += 1
+                else:
+                    pairs.tok_i[tok, PV_PHASE] = PH_PREFILL
+                    pairs.tok_f[tok, PV_FIRST] = np.nan
+                    pairs.counts[q, PC_IN_PREFILL] += 1
             return 0
         if kind == KIND_FORK:
             nb = nodes[node, ND_BR_N]
@@ -513,6 +655,91 @@ def _walk(loop, routes, stack, tokens, pending, streams, classes, engines, tok, 
         fr_free[ns[NS_FR_FREE]] = f
         ns[NS_FR_FREE] += 1
         node = _choose(nodes, next_target, next_prob, choice_buf, choice_st, node)
+
+
+@njit(cache=True)
+def _pair_step(loop, routes, stack, tokens, streams, engines, pairs, tok, node, q):
+    """_Run._pair_step for the finished visit of ``tok`` at ``node``, a visit to pair q: after the
+    prompt, the KV transfer starts, to the decode member picked now (counted in the routers' view
+    while in flight); after the output (or a prompt without output), the pair visit ends: its
+    latencies are buffered and the token goes on as any finished visit. Returns 0 (the finished
+    visit taken) or a NET_ code, having changed nothing."""
+    ns, nf = loop.ns, loop.nf
+    t = nf[NF_T_ROUTE]
+    pv_i, pv_f = pairs.tok_i, pairs.tok_f
+    pre, dec = pv_i[tok, PV_PRE], pv_i[tok, PV_DEC]
+    counts = pairs.counts
+    if pv_i[tok, PV_PHASE] == PH_PREFILL and dec > 0:
+        e = pairs.side[q, PR_DEC_ENGINE]
+        p = pairs.side[q, PR_DEC_POOL]
+        k = 0
+        if p >= 0:
+            k = streams.pool_st[p, DS_POS]
+            if k + 2 > streams.pool_st[p, DS_LEN]:
+                ns[NS_ASK] = p
+                return NET_POOL_DRAWS
+        if ns[NS_XF_N] >= pairs.xf_f.shape[0] - 1:
+            return NET_TRANSFERS
+        ns[NS_FIN_POS] += 1
+        if p >= 0:
+            e = _pick(routes.pool_router[p], routes.pool_first[p], routes.pool_n[p],
+                      routes.pool_members, engines.in_system, engines.waiting, engines.work,
+                      routes.pool_kv, streams.pool_buf[p, k], streams.pool_buf[p, k + 1],
+                      streams.pool_st[p, PS_ROUTED])
+            streams.pool_st[p, DS_POS] += 2
+            streams.pool_st[p, PS_ROUTED] += 1
+        counts[q, PC_IN_PREFILL] -= 1
+        pv_f[tok, PV_FIRST] = t
+        engines.in_system[e] += 1
+        engines.waiting[e] += 1
+        engines.work[e] += dec
+        tokens.tok_work[tok] = dec
+        link = pairs.link_f
+        duration = pairs.link[q, PF_FIXED] + pairs.link[q, PF_PER_TOKEN] * pre
+        shared = pairs.side[q, PR_SHARED] == 1
+        start = link[q, PL_FREE] if shared and link[q, PL_FREE] > t else t
+        end = start + duration
+        if shared:
+            link[q, PL_FREE] = end
+            link[q, PL_WAIT] += start - t
+        link[q, PL_BUSY] += duration
+        counts[q, PC_STARTED] += 1
+        counts[q, PC_IN_TRANSFER] += 1
+        pv_i[tok, PV_PHASE] = PH_TRANSFER
+        vid = ns[NS_VISITS]
+        ns[NS_VISITS] = vid + 1
+        seq = ns[NS_XF_SEQ]
+        ns[NS_XF_SEQ] = seq + 1
+        _xf_push(ns, pairs.xf_f, pairs.xf_i, end, start, seq, vid, tok, e, q)
+        return 0
+    # the pair visit ends (_Run._pair_done)
+    if not _choice_ready(routes.nodes, streams.choice_st, node):
+        ns[NS_ASK] = node
+        return NET_CHOICES
+    n = ns[NS_PD_N]
+    if n == pairs.done_f.shape[0]:
+        return NET_PAIR_LATENCY
+    ns[NS_FIN_POS] += 1
+    if pv_i[tok, PV_PHASE] == PH_PREFILL:
+        counts[q, PC_IN_PREFILL] -= 1
+        pv_f[tok, PV_FIRST] = t
+    else:
+        counts[q, PC_IN_DECODE] -= 1
+    counts[q, PC_COMPLETED] += 1
+    done_f, done_i = pairs.done_f, pairs.done_i
+    done_f[n, PD_ARRIVAL] = pv_f[tok, PV_ARRIVAL]
+    done_f[n, PD_FIRST] = pv_f[tok, PV_FIRST]
+    done_f[n, PD_FINISH] = t
+    done_i[n, PD_PAIR] = q
+    done_i[n, PD_CLS] = tokens.tok_i[tok, TK_CLS]
+    done_i[n, PD_PRE] = pre
+    done_i[n, PD_DEC] = dec
+    ns[NS_PD_N] = n + 1
+    tokens.counts[node] -= 1  # _Run.counts: the pair visit left its buffer
+    target = _choose(routes.nodes, routes.next_target, routes.next_prob, streams.choice_buf,
+                     streams.choice_st, node)
+    _push(ns, stack, tok, target)
+    return 0
 
 
 @njit(cache=True)
@@ -549,7 +776,7 @@ def _setup_call(ns, si_all, sf_all, e, mode, limit_ms):
 
 
 @njit(cache=True)
-def net_run(loop, routes, work, tokens, pending, streams, classes, engines, lists, plists):
+def net_run(loop, routes, work, tokens, pending, streams, classes, engines, lists, plists, pairs):
     """Run the network until done or until the driver must act (a NET_ code; see above).
 
     The arguments, each a record of arrays (a ``NamedTuple`` defined above, read by field name;
@@ -579,6 +806,10 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
     - ``plists`` (``PolicyLists``): the group tables of the network-policy engines (``pol.kind``
       >= ``polkernel.KIND_PRIORITY``), whose ``polkernel.PolicyState`` is assembled from the
       scalars, the lists and these; ``polkernel.run`` drives them with the same call protocol.
+    - ``pairs`` (``Pairs``): the prefill/decode pairs' tables, counts and link, each token's pair
+      visit, the KV transfers in flight (an event kind of its own, ``ST_TRANSFERS``: as in
+      ``_Run._loop``, external arrivals come first at an instant, then transfer ends, then batch
+      ends) and the finished pair visits' times buffered for the recorders.
 
     Engines are numbered in engine-name order.
     """
@@ -632,7 +863,8 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
                 if e == 0 or t < t_engine:
                     t_engine = t
                     first = e
-            if ns[NS_HAVE_NXT] == 1 and nf[NF_NXT_T] <= t_engine:
+            t_xfer = pairs.xf_f[0, XF_END] if ns[NS_XF_N] > 0 else np.inf
+            if ns[NS_HAVE_NXT] == 1 and nf[NF_NXT_T] <= t_engine and nf[NF_NXT_T] <= t_xfer:
                 if ns[NS_TOK_FREE] == 0:
                     return NET_TOKENS
                 c = ns[NS_NXT_CLS]
@@ -649,6 +881,10 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
                 ns[NS_STAGE] = ST_ROUTE
                 continue
             horizon = nf[NF_HORIZON]
+            if t_xfer <= t_engine and t_xfer < horizon:  # KV arrives: joins the batch starting now
+                nf[NF_T_XFER] = t_xfer
+                ns[NS_STAGE] = ST_TRANSFERS
+                continue
             if t_engine >= horizon or math.isinf(t_engine):
                 ns[NS_STAGE] = ST_DONE
                 return NET_DONE
@@ -669,6 +905,8 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
                     until = horizon
                 if ns[NS_HAVE_NXT] == 1 and nf[NF_NXT_T] < until:
                     until = nf[NF_NXT_T]
+                if t_xfer < until:
+                    until = t_xfer
                 _setup_call(ns, si_all, sf_all, first, MODE_ADVANCE, np.nextafter(until, -np.inf))
                 continue
             # a shared instant: every due engine ends its batch, the finished are routed, then
@@ -698,6 +936,25 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
                 ns[NS_ROUTE_AFTER] = ST_STARTS
                 ns[NS_DUE_I] = 0
                 ns[NS_STAGE] = ST_ROUTE
+        elif stage == ST_TRANSFERS:
+            # _Run._transfers_end: each transfer ending now, in the order they started, hands its
+            # request to the decode engine picked at its start (already in the routers' view)
+            t = nf[NF_T_XFER]
+            xf_f, xf_i = pairs.xf_f, pairs.xf_i
+            while ns[NS_XF_N] > 0 and xf_f[0, XF_END] == t:
+                e = xf_i[0, XF_ENGINE]
+                tail = _pend_room(pending, e)
+                if tail < 0:
+                    ns[NS_ASK] = e
+                    return NET_PENDING
+                tok, vid, q = xf_i[0, XF_TOK], xf_i[0, XF_VID], xf_i[0, XF_PAIR]
+                _xf_pop(ns, xf_f, xf_i)
+                pairs.counts[q, PC_IN_TRANSFER] -= 1
+                pairs.counts[q, PC_FINISHED] += 1
+                _pend_put(pending, e, tail, t, 0, pairs.tok_i[tok, PV_DEC], vid, tok, tok_i[tok, TK_NODE])
+                pairs.tok_i[tok, PV_PHASE] = PH_DECODE
+                pairs.counts[q, PC_IN_DECODE] += 1
+            ns[NS_STAGE] = ST_TOP
         elif stage == ST_STARTS:
             if ns[NS_DUE_I] < ns[NS_DUE_N]:
                 e = due[ns[NS_DUE_I]]
@@ -754,13 +1011,20 @@ def net_run(loop, routes, work, tokens, pending, streams, classes, engines, list
                 if ns[NS_STK_LEN] > 0:
                     k = ns[NS_STK_LEN] - 1
                     ns[NS_STK_LEN] = k
-                    code = _walk(loop, routes, stack, tokens, pending, streams, classes, engines,
+                    code = _walk(loop, routes, stack, tokens, pending, streams, classes, engines, pairs,
                                  stack[0, k], stack[1, k])
                     if code != 0:
                         return code
                 elif ns[NS_FIN_POS] < ns[NS_FIN_LEN]:
                     tok = fin[ns[NS_FIN_POS]]
                     node = tok_i[tok, TK_NODE]
+                    q = nodes[node, ND_PAIR]
+                    if q >= 0:  # a visit to a pair: its next phase, or on
+                        code = _pair_step(loop, routes, stack, tokens, streams, engines, pairs, tok,
+                                          node, q)
+                        if code != 0:
+                            return code
+                        continue
                     if not _choice_ready(nodes, choice_st, node):
                         ns[NS_ASK] = node
                         return NET_CHOICES
@@ -803,6 +1067,14 @@ TWINS: dict[str, tuple[str | None, str]] = {
     "_free_token": (None, _POOL),
     "_pick": ("llmqueue.policies.routers:jsq", "every built-in router (ROUTERS), by its number R_*"),
     "_walk": (_NET + "_advance", ""),
+    "_pend_room": (None, "room in an engine's ring of pending arrivals (a Python list grows by itself)"),
+    "_pend_put": (_ENGINE + "submit", ""),
+    "_xf_less": (None, "tuple order (end, sequence) of the Python loop's transfers, for the heap"),
+    "_xf_copy": (None, "copies one transfer row of the heap (a Python heap moves tuples)"),
+    "_xf_siftdown": ("heapq:_siftdown", ""),
+    "_xf_push": ("heapq:heappush", ""),
+    "_xf_pop": ("heapq:heappop", ""),
+    "_pair_step": (_NET + "_pair_step", ""),
     "_take": (_ENGINE + "_take", ""),
     "_setup_call": (_ENGINE + "_call", ""),
     "net_run": (_NET + "_loop", ""),

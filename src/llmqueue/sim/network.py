@@ -12,9 +12,10 @@ metric set per engine. A visit to a pool goes to the member its router picks fro
 pool's own random stream; results add one ``PoolResult`` per pool.
 
 When every engine runs in the compiled loop (the shipped K-FCFS, current-vLLM, class-priority and
-max-pressure policies, numba installed), the whole loop, routing included, runs compiled
-(``compiled.NetworkLoop``): the same steps, draws and float operations in the same order, so the
-same run (docs/networks.md, Speed).
+max-pressure policies, numba installed), the whole loop, routing and the KV transfers of
+prefill/decode pairs included, runs compiled (``compiled.NetworkLoop``): the same steps, draws and
+float operations in the same order, so the same run (docs/networks.md, Speed); the pairs' counters,
+latencies and transfers in flight are handed back here (``_loop_compiled``).
 An engine with a KV cache (``memory``) or a composition-aware batch time (each batch timed from its
 shape) runs on the fast or reference engine (``engine_kind`` decides every engine's kind); a request
 its cache can never hold is refused and leaves the network unfinished. The network's observed verdict
@@ -560,9 +561,7 @@ class _Run:
         self.in_transfer: dict[int, tuple[_PairVisit, str]] = {}  # decode visit id -> (visit, engine)
         self.class_recorders = {cname: Recorder(keep_requests=False) for cname, c in net.classes.items()
                                 if (single_visit(c) or ("", ""))[1] in net.pairs}
-        if net.pairs:
-            self.notes.append(f"prefill/decode pair(s) {', '.join(sorted(net.pairs))}: the routing "
-                              "runs in Python (the compiled network loop has no KV transfers)")
+        self.transfer_pairs: dict[int, _PairRun] = {}  # decode visit id -> pair (from the compiled loop)
         # what a load balancer observes of every engine (the pools' routers read their members')
         self.in_system = dict.fromkeys(names, 0)
         self.waiting = dict.fromkeys(names, 0)
@@ -821,7 +820,7 @@ class _Run:
 
     def result(self) -> NetworkResult:
         """Run the network and collect the results."""
-        if (self.compiled_routing and self.builtin_routers and self.kernels and not self.pairs
+        if (self.compiled_routing and self.builtin_routers and self.kernels
                 and len(self.kernels) == len(self.engine_list)):
             horizon = self._loop_compiled()
         else:
@@ -846,6 +845,8 @@ class _Run:
             math.inf if self.duration_ms is None else self.duration_ms,
             lambda last_ms: horizon_ms(self.duration_ms, last_ms, self.drain_s),
             [self.pools[name].draws.chunk for name in tables.pools],
+            [self.pairs[name].recorder for name in tables.pairs],
+            [self.class_recorders.get(c) for c in tables.classes],
         )
         horizon = loop.run()
         for i, cname in enumerate(tables.classes):
@@ -857,7 +858,20 @@ class _Run:
             self.class_last[cname] = totals.last_ms
             self.class_bins[cname].sums[:] = totals.bins
             self.class_bins[cname].width_ms = totals.bin_width_ms
-        self.visit_total = self.next_visit = loop.visits
+        for q, name in enumerate(tables.pairs):  # the pairs' counters, and the transfers in flight
+            totals, pair = loop.pair_totals(q), self.pairs[name]
+            pair.arrivals, pair.completed = totals.arrivals, totals.completed
+            pair.in_prefill, pair.in_transfer, pair.in_decode = (
+                totals.in_prefill, totals.in_transfer, totals.in_decode)
+            pair.transfers_started, pair.transfers_finished = (
+                totals.transfers_started, totals.transfers_finished)
+            pair.link_free_ms, pair.wait_ms = totals.link_free_ms, totals.wait_ms
+            pair.busy_ms = totals.busy_ms
+        in_flight = loop.transfers()
+        self.transfers = [(end, seq, vid, start) for end, seq, vid, start, _ in in_flight]
+        self.transfer_pairs = {vid: self.pairs[tables.pairs[q]] for _, _, vid, _, q in in_flight}
+        self.next_visit = loop.visits
+        self.visit_total = loop.visits - len(in_flight)  # a transfer's id is its decode visit's
         self.last_arrival_ms = loop.last_arrival_ms
         return horizon
 
@@ -1062,8 +1076,9 @@ class _Run:
 
     def _pair_result(self, pair: _PairRun, end_ms: float) -> PairResult:
         """One pair's figures at ``end_ms`` (transfers in flight count on the link up to it)."""
+        owner = self.transfer_pairs or {vid: pv.pair for vid, (pv, _) in self.in_transfer.items()}
         busy = pair.busy_ms - sum(end - max(start, end_ms) for end, _, vid, start in self.transfers
-                                  if end > end_ms and self.in_transfer[vid][0].pair is pair)
+                                  if end > end_ms and owner[vid] is pair)
         pair.recorder.finish(end_ms)
         spec = pair.spec
         return PairResult(

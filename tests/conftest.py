@@ -10,10 +10,11 @@ Hypothesis profiles, chosen with the environment variable ``LLMQUEUE_HYPOTHESIS`
   for longer local runs; a failure prints the blob that reproduces it.
 
 numba: with a cold cache (a fresh clone, or engines/kernel.py, polkernel.py or netkernel.py edited) the
-compiled event loops (``KERNELS``) take about a minute to compile. A process of its own compiles
-them (``helpers.warm_up``, filling numba's on-disk cache) while the modules that never touch the
-compiled loop run first; the first test that needs it waits for that process (outside any test's
-timing) and loads the compiled code from the cache. With numba's cache up to date nothing of this
+compiled event loops (``KERNELS``) take about a minute and a half to compile. A process of its own
+compiles them (``helpers.warm_up``, filling numba's on-disk cache), the single-engine loop first
+and then the network loop, while the modules that never touch a compiled loop run first, then the
+single-engine modules, then the network ones (``NETWORK_MODULES``); a test waits for the stage it
+needs (outside any test's timing) and loads the compiled code from the cache. With numba's cache up to date nothing of this
 happens (loading takes a fraction of a second); ``LLMQUEUE_WARMUP=0`` turns it off (each process
 then compiles on first use, as numba does).
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from .helpers import CI_EXAMPLES, ROOT, SHARED_DATA
+from .helpers import CI_EXAMPLES, ENGINE_READY, ROOT, SHARED_DATA
 
 __all__ = ["ROOT", "SHARED_DATA"]  # re-exported: some test modules import them from here
 
@@ -67,11 +68,26 @@ includes both engine loops)."""
 
 
 WAIT_LIMIT_S = 900.0
-"""The longest the tests wait for the compiling process (it takes about a minute)."""
+"""The longest the tests wait for the compiling process (it takes about a minute and a half)."""
+
+ENGINE_ONLY = frozenset({"llmqueue.engines.kernel"})
+"""The compiled modules ready at the warm-up's first stage (the single-engine loop, about half of
+the compile); the others (the network loop and the network policies' engine) at its end."""
+
+NETWORK_MODULES = frozenset({
+    "test_agent_example.py", "test_disagg.py", "test_kernel_twins.py", "test_netpolicies_compiled.py",
+    "test_network.py", "test_network_verdict.py", "test_plan.py", "test_pools.py", "test_reproduce.py",
+    "test_split.py",
+})
+"""Modules that run the network loop: they run last, so the single-engine modules run while it
+compiles. A module missing here only waits longer (the import guard waits for the whole compile
+before any network loop module is imported); one listed here that needs no network loop only runs
+later."""
 
 
 class _WarmUp:
-    """``helpers.warm_up`` in a child process; :meth:`wait` blocks until it is done (once)."""
+    """``helpers.warm_up`` in a child process. :meth:`wait` blocks until the single-engine loop is
+    ready (``stage="engine"``: its ``ENGINE_READY`` line) or until the whole warm-up is done."""
 
     def __init__(self) -> None:
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read in the summary, closed at exit)
@@ -79,21 +95,35 @@ class _WarmUp:
         code = "from tests.helpers import warm_up; print(f'{warm_up():.1f}')"
         self.process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=self.log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.waited: float | None = None
+        self.engine_ready = False
+        self.waited = 0.0  # seconds the tests spent waiting, both stages
         self.finished: float | None = None
 
-    def wait(self) -> None:
-        if self.waited is not None:
+    def _printed_engine_ready(self) -> bool:
+        self.log.seek(0)
+        return ENGINE_READY in self.log.read()
+
+    def wait(self, stage: str = "all") -> None:
+        if self.finished is not None or (stage == "engine" and self.engine_ready):
             return
         start = time.perf_counter()
         try:
-            self.process.wait(timeout=WAIT_LIMIT_S)
+            if stage == "engine":
+                while self.process.poll() is None and not self._printed_engine_ready():
+                    if time.perf_counter() - start > WAIT_LIMIT_S:
+                        raise subprocess.TimeoutExpired(self.process.args, WAIT_LIMIT_S)
+                    time.sleep(0.05)
+                self.engine_ready = True
+            else:
+                self.process.wait(timeout=WAIT_LIMIT_S)
         except subprocess.TimeoutExpired:  # stuck: end it, the tests compile on first use instead
             self.process.kill()
             self.process.wait()
-        self.finished = time.perf_counter()
-        self.waited = self.finished - start
-        _remove_import_guard()
+        self.waited += time.perf_counter() - start
+        if self.process.poll() is not None:
+            self.finished = time.perf_counter()
+            self.engine_ready = True
+            _remove_import_guard()
 
     def stop(self) -> None:
         """End the child if the session ends before any test needed it (its finished functions
@@ -106,16 +136,18 @@ class _WarmUp:
     def summary(self) -> str:
         self.log.seek(0)
         output = self.log.read().strip().splitlines()
-        if self.waited is None:
+        if self.finished is None and not self.engine_ready:
             return "numba warm-up: not needed by the tests run (stopped)"
-        if self.process.returncode != 0:
+        if self.process.returncode not in (0, None):
             tail = " | ".join(output[-3:])
             return (f"numba warm-up FAILED (exit {self.process.returncode}); each compiled run compiled "
                     f"on first use instead: {tail}")
         compile_s = output[-1] if output else "?"
-        return (f"numba event loops: compiled or loaded from cache in a separate process ({compile_s} s of "
-                f"{self.finished - self.started:.1f} s from the start of the session, while the "
-                f"kernel-free modules ran); the tests waited {self.waited:.1f} s for it")
+        ended = ("" if self.finished is None
+                 else f" of {self.finished - self.started:.1f} s from the start of the session")
+        return (f"numba event loops: compiled or loaded from cache in a separate process ({compile_s} s"
+                f"{ended}, the single-engine loop first, while the kernel-free modules ran); the "
+                f"tests waited {self.waited:.1f} s for it")
 
 
 _STATE: dict[str, _WarmUp] = {}
@@ -123,12 +155,13 @@ _NOTES: list[str] = []
 
 
 class _ImportGuard(importlib.abc.MetaPathFinder):
-    """Whatever imports the compiled loop first waits for the warm-up: it then loads the compiled
-    code from numba's cache instead of compiling it a second time, in parallel."""
+    """Whatever imports a compiled loop first waits for the warm-up (the single-engine loop: its
+    first stage; the network loop: all of it): it then loads the compiled code from numba's cache
+    instead of compiling it a second time, in parallel."""
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
         if name in KERNELS and "warm-up" in _STATE:
-            _STATE["warm-up"].wait()
+            _STATE["warm-up"].wait("engine" if name in ENGINE_ONLY else "all")
         return None
 
 
@@ -176,13 +209,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if "warm-up" in _STATE:  # the kernel-free modules first, each module's order kept
-        items.sort(key=lambda item: Path(str(item.path)).name not in KERNEL_FREE)
+        def order(item: pytest.Item) -> int:
+            name = Path(str(item.path)).name
+            return 0 if name in KERNEL_FREE else 2 if name in NETWORK_MODULES else 1
+
+        items.sort(key=order)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item) -> None:
     if "warm-up" in _STATE and Path(str(item.path)).name not in KERNEL_FREE:
-        _STATE["warm-up"].wait()
+        _STATE["warm-up"].wait("all" if Path(str(item.path)).name in NETWORK_MODULES else "engine")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -212,13 +212,27 @@ def assert_same(ref: Any, fast: Any) -> None:
 # ---------------------------------------------------------------- numba
 
 
-def warm_up() -> float:
-    """Compile every compiled event loop (llmqueue.sim.warmup: about a minute on a cold cache) or load
-    them from numba's on-disk cache; the seconds it took. tests/conftest.py runs it once per
-    session, in a process of its own."""
-    from llmqueue.sim.warmup import warm_up as compile_loops
+ENGINE_READY = "warm-up: single-engine loop ready"
+"""The line ``warm_up`` prints once the single-engine loop is in numba's cache (conftest waits
+for it before the single-engine tests, and for the whole warm-up before the network tests)."""
 
-    return compile_loops()
+
+def warm_up() -> float:
+    """Compile every compiled event loop (llmqueue.sim.warmup: about a minute and a half on a cold
+    cache) or load them from numba's on-disk cache; the seconds it took. The single-engine loop
+    comes first and ``ENGINE_READY`` is printed when it is done. tests/conftest.py runs this once
+    per session, in a process of its own."""
+    import time
+
+    from llmqueue.engines import compiled
+    from llmqueue.sim.warmup import warm_up_engine, warm_up_network
+
+    start = time.perf_counter()
+    if compiled.available():
+        warm_up_engine()
+        print(ENGINE_READY, flush=True)
+        warm_up_network()
+    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------- CLI

@@ -53,17 +53,27 @@ def compiles_first(policy: object, batch_time: BatchTime | ShapeTime, budget: in
     return kind == "compiled" and compiled.needs_compiling()
 
 
+def warm_up_engine() -> None:
+    """Compile (or load) the single-engine event loop: ``kernel.run`` and ``kernel.stop``."""
+    requests = fixed_requests([(0.0, 8, 3), (0.5, 20, 2), (1.0, 3, 5)])
+    t = ConstantTime(1.0)
+    simulate(requests, SARATHI, t, 16, engine="compiled", keep_requests=False)
+    simulate(requests, VLLM_CHUNKED, t, 16, k_max=2, engine="compiled", keep_requests=True,
+             memory=KVCache(64, block_tokens=4), drain_s=0.0)  # cut at a horizon: compiles stop
+
+
+def warm_up_network() -> None:
+    """Compile (or load) the network loop, which includes the network policies' engine."""
+    simulate_network(parse_network(_NETWORK), max_requests=3, engine="compiled")
+    simulate_network(parse_network(_POLICY_NETWORK), max_requests=3)  # network policies, Python routing
+
+
 def warm_up() -> float:
     """Compile (or load from numba's cache) every compiled event loop; the seconds it took.
     Returns 0.0 without numba (nothing to compile: the Python engines run)."""
     if not compiled.available():
         return 0.0
     start = time.perf_counter()
-    requests = fixed_requests([(0.0, 8, 3), (0.5, 20, 2), (1.0, 3, 5)])
-    t = ConstantTime(1.0)
-    simulate(requests, SARATHI, t, 16, engine="compiled", keep_requests=False)
-    simulate(requests, VLLM_CHUNKED, t, 16, k_max=2, engine="compiled", keep_requests=True,
-             memory=KVCache(64, block_tokens=4), drain_s=0.0)  # cut at a horizon: compiles stop
-    simulate_network(parse_network(_NETWORK), max_requests=3, engine="compiled")
-    simulate_network(parse_network(_POLICY_NETWORK), max_requests=3)  # network policies, Python routing
+    warm_up_engine()
+    warm_up_network()
     return time.perf_counter() - start

@@ -14,9 +14,9 @@ compiled event loops (``KERNELS``) take about a minute and a half to compile. A 
 compiles them (``helpers.warm_up``, filling numba's on-disk cache), the single-engine loop first
 and then the network loop, while the modules that never touch a compiled loop run first, then the
 single-engine modules, then the network ones (``NETWORK_MODULES``); a test waits for the stage it
-needs (outside any test's timing) and loads the compiled code from the cache. With numba's cache up to date nothing of this
-happens (loading takes a fraction of a second); ``LLMQUEUE_WARMUP=0`` turns it off (each process
-then compiles on first use, as numba does).
+needs (outside any test's timing) and loads the compiled code from the cache. With numba's cache
+up to date nothing of this happens (loading takes a fraction of a second); ``LLMQUEUE_WARMUP=0``
+turns it off (each process then compiles on first use, as numba does).
 """
 
 from __future__ import annotations

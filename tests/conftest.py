@@ -22,7 +22,9 @@ turns it off (each process then compiles on first use, as numba does).
 from __future__ import annotations
 
 import importlib.abc
+import inspect
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -79,10 +81,25 @@ NETWORK_MODULES = frozenset({
     "test_network.py", "test_network_verdict.py", "test_plan.py", "test_pools.py", "test_reproduce.py",
     "test_split.py",
 })
-"""Modules that run the network loop: they run last, so the single-engine modules run while it
-compiles. A module missing here only waits longer (the import guard waits for the whole compile
-before any network loop module is imported); one listed here that needs no network loop only runs
-later."""
+"""Modules that run the network loop: they run last, so the single-engine tests run while it
+compiles; so do the tests of other modules whose code mentions a network (``_NETWORK_WORDS``). A
+test missing from both only waits longer (the import guard waits for the whole compile before the
+network loop's module is imported); one wrongly counted here only runs later."""
+
+_NETWORK_WORDS = re.compile(r"network|Network|pool|plan|split|reproduce|warm_up|agent")
+
+
+def _runs_a_network(item: pytest.Item) -> bool:
+    """Whether a test probably runs the network loop (its module is a network one, or its code
+    says so): a guess that only orders the tests."""
+    if Path(str(item.path)).name in NETWORK_MODULES:
+        return True
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return True
+    return bool(_NETWORK_WORDS.search(source))
 
 
 class _WarmUp:
@@ -211,7 +228,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if "warm-up" in _STATE:  # the kernel-free modules first, each module's order kept
         def order(item: pytest.Item) -> int:
             name = Path(str(item.path)).name
-            return 0 if name in KERNEL_FREE else 2 if name in NETWORK_MODULES else 1
+            return 0 if name in KERNEL_FREE else 2 if _runs_a_network(item) else 1
 
         items.sort(key=order)
 

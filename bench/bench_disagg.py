@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "networks" / "disag
 
 def child(case: str, requests: int, load: float) -> None:
     """Warm up, then time one run; print one JSON line."""
+    from bench_network import peak_rss_mib
+
     from llmqueue.model.network import load_network
     from llmqueue.sim.network import _Run, simulate_network
     from llmqueue.theory.network import analyze
@@ -52,7 +53,7 @@ def child(case: str, requests: int, load: float) -> None:
     pair = result.pairs["llama"]
     print(json.dumps({
         "case": case, "requests": requests, "wall_s": wall_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "rho": pair.rho, "observed": result.observed.verdict, "completed": pair.completed,
         "mean_ttft_ms": pair.latency["mean_ttft_ms"], "p99_tpot_ms": pair.latency["p99_tpot_ms"],
         "link_utilisation": pair.link_utilisation,

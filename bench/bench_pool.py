@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ def network(replicas: int, router: str) -> dict:
 
 def child(requests: int, replicas: int, router: str, load: float) -> None:
     """Warm up, then time one run; print one JSON line."""
+    from bench_network import peak_rss_mib
+
     from llmqueue.model.network import load_network
     from llmqueue.sim.network import simulate_network
     from llmqueue.theory.network import analyze
@@ -48,7 +49,7 @@ def child(requests: int, replicas: int, router: str, load: float) -> None:
     pool = result.pools["chat"]
     print(json.dumps({
         "router": router, "requests": requests, "wall_s": wall_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "pool_rho": pool.rho, "predicted": pool.predicted.verdict, "observed": pool.observed.verdict,
         "visits_min": min(pool.visits), "visits_max": max(pool.visits),
         "mean_e2el_ms": result.classes["chat"].latency["mean_e2el_ms"],

@@ -209,6 +209,35 @@ def assert_same(ref: Any, fast: Any) -> None:
         assert t2 == pytest.approx(t1) and b2 == pytest.approx(b1, rel=1e-9, abs=1e-6)
 
 
+def same_doc(a: object, b: object, path: str = "") -> None:
+    """Equal JSON-like documents, floats to a relative 1e-9 (the Python engines' float rounding)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for key in a:
+            same_doc(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert (math.isnan(a) and math.isnan(b)) or b == pytest.approx(a, rel=1e-9, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def record_net_run_codes(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """Wrap the compiled network loop's entry (``netkernel.net_run``) so that every code it returns
+    to the driver (a resumable step, or done) is added to the set returned."""
+    from llmqueue.engines import netkernel as kernel
+
+    seen: set[int] = set()
+    net_run = kernel.net_run
+
+    def counting(*args: object) -> int:
+        code = net_run(*args)
+        seen.add(code)
+        return code
+
+    monkeypatch.setattr(kernel, "net_run", counting)
+    return seen
+
+
 # ---------------------------------------------------------------- numba
 
 

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from llmqueue.cli.app import main
 from llmqueue.errors import ConfigError
 from llmqueue.model.batchtime import TableTime, parse_batch_time
 from llmqueue.model.hfconfig import DecoderShape, load_shape, shape_from_config, shipped_names
 from llmqueue.studies import gpuprofile as gp
 from llmqueue.studies.fit import fit_data, load_data
 
-from .helpers import SHARED_DATA
+from .helpers import SHARED_DATA, run_cli
 
 H200 = SHARED_DATA / "gpu" / "batch_times_h200.csv"
 LLAMA = {
@@ -35,12 +34,6 @@ LLAMA = {
     "intermediate_size": 96,
     "vocab_size": 128,
 }
-
-
-def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _config(tmp_path: Path, config: object, name: str = "config.json") -> str:
@@ -130,22 +123,22 @@ def test_bad_config_names_the_key(
     with pytest.raises(ConfigError) as err:
         load_shape(path)
     assert (err.value.field, err.value.value) == (field, value)
-    code, out, stderr = _run(capsys, "profile", path)
+    code, out, stderr = run_cli(capsys, "profile", path)
     assert code == 2 and out == ""
     assert stderr.count("\n") == 1 and stderr.startswith(f"llmqueue: error: {field}:")
 
 
 def test_bad_model_argument_gives_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, _, err = _run(capsys, "profile", "llama-9000")
+    code, _, err = run_cli(capsys, "profile", "llama-9000")
     assert code == 2 and err.count("\n") == 1
     assert "model:" in err and "'llama-9000'" in err and "llama3-8b" in err and "tiny" in err
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
-    code, _, err = _run(capsys, "profile", str(bad))
+    code, _, err = run_cli(capsys, "profile", str(bad))
     assert code == 2 and err.count("\n") == 1 and "not JSON: line 1" in err
-    code, _, err = _run(capsys, "profile", _config(tmp_path, [1, 2], "list.json"))
+    code, _, err = run_cli(capsys, "profile", _config(tmp_path, [1, 2], "list.json"))
     assert code == 2 and "JSON object" in err
-    code, _, err = _run(capsys, "profile", "tiny", "--tp", "3")
+    code, _, err = run_cli(capsys, "profile", "tiny", "--tp", "3")
     assert code == 2 and err.startswith("llmqueue: error: tp:") and "(got 3)" in err
 
 
@@ -153,7 +146,7 @@ def test_missing_torch_says_how_to_install(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
-    code, out, err = _run(capsys, "profile", "tiny")
+    code, out, err = run_cli(capsys, "profile", "tiny")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "pip install 'llmqueue[profile]'" in err
 
@@ -209,7 +202,7 @@ def test_tiny_profile_table_round_trip(capsys: pytest.CaptureFixture[str], tmp_p
     """profile -> CSV in the H200 format (+ device, dtype, timing) -> table: and fit read it."""
     pytest.importorskip("torch")
     out = tmp_path / "tiny.csv"
-    code, stdout, _ = _run(
+    code, stdout, _ = run_cli(
         capsys,
         "profile",
         "tiny",
@@ -265,12 +258,12 @@ def test_tiny_profile_table_round_trip(capsys: pytest.CaptureFixture[str], tmp_p
     assert max(composition.model.c, composition.model.floor) > 0
     for f in doc["fits"][0]["fits"]:
         assert parse_batch_time(f["spec"]).spec == f["spec"]
-    assert _run(capsys, "fit", "--data", str(out))[0] == 0
+    assert run_cli(capsys, "fit", "--data", str(out))[0] == 0
 
 
 def test_text_report_notes_cpu_tp_and_scaled_layers(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch")
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys,
         "profile",
         "tiny",
@@ -312,16 +305,16 @@ def test_moe_config_profiles(tmp_path: Path) -> None:
 
 def test_device_and_mode_errors(capsys: pytest.CaptureFixture[str]) -> None:
     torch = pytest.importorskip("torch")
-    code, _, err = _run(capsys, "profile", "tiny", "--device", "cpu", "--mode", "graph")
+    code, _, err = run_cli(capsys, "profile", "tiny", "--device", "cpu", "--mode", "graph")
     assert code == 2 and err.startswith("llmqueue: error: mode:") and "CUDA" in err
     if not torch.cuda.is_available():
-        code, _, err = _run(capsys, "profile", "tiny", "--device", "cuda")
+        code, _, err = run_cli(capsys, "profile", "tiny", "--device", "cuda")
         assert code == 2 and err.startswith("llmqueue: error: device:") and "'cuda'" in err
-    code, _, err = _run(capsys, "profile", "tiny", "--device", "cpu", "--n-tokens", "64", "--budget", "32")
+    code, _, err = run_cli(capsys, "profile", "tiny", "--device", "cpu", "--n-tokens", "64", "--budget", "32")
     assert code == 2 and err.count("\n") == 1 and "budget 32" in err
-    code, _, err = _run(capsys, "profile", "tiny", "--device", "cpu", "--n-tokens", "16,-4")
+    code, _, err = run_cli(capsys, "profile", "tiny", "--device", "cpu", "--n-tokens", "16,-4")
     assert code == 2 and err.count("\n") == 1 and "--n-tokens" in err
-    code, _, err = _run(capsys, "profile", "tiny", "--device", "cpu", "--layers", "3")
+    code, _, err = run_cli(capsys, "profile", "tiny", "--device", "cpu", "--layers", "3")
     assert code == 2 and err.startswith("llmqueue: error: layers:")
 
 
@@ -384,7 +377,7 @@ def test_compare_option_profiles_the_reference_points(
     reference = _table(
         tmp_path / "ref.csv", {("prefill", 8): 1.0, ("decode", 8): 1.0, ("decode", 16): 1.0}, mode="eager"
     )
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys,
         "profile",
         "tiny",

@@ -26,7 +26,7 @@ from llmqueue.sim import network as netsim
 from llmqueue.sim.network import _Run, engine_kind, network_policy, simulate_network
 from llmqueue.theory.network import analyze
 
-from .helpers import SometimesZero, examples
+from .helpers import SometimesZero, examples, record_net_run_codes
 
 ITL_MEAN = "mean_itl_ms"
 
@@ -257,15 +257,7 @@ def test_every_resumable_step_of_the_policy_engines(monkeypatch) -> None:
     monkeypatch.setattr(compiled._State, "MIN_ROOM", 0)  # output room 4 b + 64
     for name in ("START_TOKENS", "START_PENDING", "LATENCY_ROOM", "DRAW_CHUNKS"):
         monkeypatch.setattr(compiled.NetworkLoop, name, 1)
-    seen: set[int] = set()
-    net_run = kernel.net_run
-
-    def counting(*args: object) -> int:
-        code = net_run(*args)
-        seen.add(code)
-        return code
-
-    monkeypatch.setattr(kernel, "net_run", counting)
+    seen = record_net_run_codes(monkeypatch)
     short = {"prefill": "poisson:4", "decode": "poisson:4"}
     long = {"prefill": "poisson:40", "decode": "poisson:4"}
 

@@ -19,7 +19,8 @@ from llmqueue.paper.reproduce import BAD, GOOD, rs_network
 from llmqueue.sim.network import _Run, simulate_network
 from llmqueue.theory.network import analyze
 
-from .helpers import SometimesZero, examples, run_cli
+from .helpers import SometimesZero, examples, record_net_run_codes, run_cli
+from .helpers import same_doc as _same
 
 LINEAR = "linear:c=2,a=0.01"  # t(n) = 2 + 0.01 n ms: capacity about 1 token per 0.01 ms at large b
 
@@ -289,18 +290,6 @@ def test_overrides_and_oversized_prompts_are_in_the_analysis() -> None:
     assert run.classes["task"].in_network > 0
 
 
-def _same(a: object, b: object, path: str = "") -> None:
-    """Equal JSON-like documents, floats to a relative 1e-9."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for key in a:
-            _same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert (math.isnan(a) and math.isnan(b)) or b == pytest.approx(a, rel=1e-9, abs=1e-12), path
-    else:
-        assert a == b, path
-
-
 @pytest.mark.parametrize(
     ("scale", "p_back", "drain_s"),
     [(3.0, 0.3, None), (5.0, 0.0, 0.5), (4.0, 0.5, None)],
@@ -470,15 +459,7 @@ def test_every_resumable_step_of_the_compiled_routing(monkeypatch) -> None:
                  "START_TRANSFERS", "PAIR_LATENCY_ROOM"):
         monkeypatch.setattr(compiled.NetworkLoop, name, 1)
     monkeypatch.setattr(compiled._State, "MIN_ROOM", 0)  # engines' output room 4 b + 64
-    seen: set[int] = set()
-    net_run = kernel.net_run
-
-    def counting(*args: object) -> int:
-        code = net_run(*args)
-        seen.add(code)
-        return code
-
-    monkeypatch.setattr(kernel, "net_run", counting)
+    seen = record_net_run_codes(monkeypatch)
     over = parse_network(fork_join(1.0, p_back=0.3))
     over = over.scaled(2.0 * analyze(over).critical_scale)  # the critic piles up > 1024 requests
     pooled = fork_join(4.0, p_back=0.3)  # the planner a pool: its router's stream refills too

@@ -5,7 +5,6 @@ theory's verdicts checked by simulation, and the CLI's pool rows."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from llmqueue.sim.network import _Run, predict_pool, simulate_network
 from llmqueue.theory.network import analyze
 
 from .helpers import run_cli
+from .helpers import same_doc as _same
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "networks" / "pool.toml")
@@ -51,18 +51,6 @@ def at_load(spec: dict, load: float):
     """The network scaled so that its bottleneck (or the pool, under a capacity split) is at ``load``."""
     net = parse_network(spec)
     return net.scaled(load * analyze(net).critical_scale)
-
-
-def _same(a: object, b: object, path: str = "") -> None:
-    """Equal JSON-like documents, floats to a relative 1e-9 (the Python engines' float rounding)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for key in a:
-            _same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert (math.isnan(a) and math.isnan(b)) or b == pytest.approx(a, rel=1e-9, abs=1e-12), path
-    else:
-        assert a == b, path
 
 
 # -- the file format ----------------------------------------------------------------------------------

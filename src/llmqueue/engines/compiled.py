@@ -299,10 +299,17 @@ class _State:
         """Run the kernel on ``arrivals`` (ids, arrival_ms, prefill, decode) until it needs the
         caller: slots are grown and output room made (``on_room`` drains) here; returns the code.
         (``nodes``, ``counts``: what a network policy engine reads, ``_PolicyState.call``.)"""
+        return self._drive(self.K.run, arrivals, on_room)
+
+    def _drive(self, run: Callable[..., int], arrivals: Chunk, on_room: Callable[[], None],
+               *extra: np.ndarray) -> int:
+        """The loop of ``call``: ``run`` (a kernel's) on this object's current arrays, the
+        arrivals and ``extra``, until it returns a code the caller handles."""
         K = self.K
         ids, arrival_ms, prefill, decode = arrivals
+        batch = K.Arrivals(arrival_ms, prefill, decode, ids, ids)
         while True:
-            code = K.run(self.kernel_state, K.Arrivals(arrival_ms, prefill, decode, ids, ids))
+            code = run(self.kernel_state, batch, *extra)
             if code == K.NEED_ROOM:
                 on_room()
             elif code == K.NEED_SLOTS:
@@ -449,20 +456,10 @@ class _PolicyState:
              counts: np.ndarray | None = None) -> int:
         """``_State.call`` for this engine: ``nodes`` are the arrivals' buffers (route nodes),
         ``counts`` the network's requests per buffer (max-pressure)."""
-        K, P = self.K, self.P
-        ids, arrival_ms, prefill, decode = arrivals
         assert nodes is not None and counts is not None
-        while True:
-            code = P.run(self.kernel_state, K.Arrivals(arrival_ms, prefill, decode, ids, ids), nodes, counts)
-            if code == K.NEED_ROOM:
-                on_room()
-            elif code == K.NEED_SLOTS:
-                self.more_slots()
-            elif code == K.BAD_BATCH_TIME:
-                self.bad_batch_time()
-            else:
-                return code
+        return self._drive(self.P.run, arrivals, on_room, nodes, counts)
 
+    _drive = _State._drive
     bad_batch_time = _State.bad_batch_time
     next_times = _State.next_times
 

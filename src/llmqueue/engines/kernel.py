@@ -1737,3 +1737,23 @@ TWINS: dict[str, tuple[str | None, str]] = {
 "module:qualified.name", or None; a note: why there is no twin). Read both side by side when
 changing either; tests/test_kernel_twins.py checks that the table is complete and every twin
 exists."""
+
+
+def tie_cache(namespace: dict[str, object], module: str, *upstream: object) -> None:
+    """Make numba's cache of the compiled functions of ``module`` (those among ``namespace``, its
+    globals) stale whenever the files of the ``upstream`` compiled functions change as well.
+
+    numba stamps a function's cache with its own source file only, yet the cached code includes
+    the functions it calls from other modules (netkernel.py and polkernel.py call this module's).
+    The stamp becomes the pair (the file's stamp, the upstream files' stamps). Best effort: with
+    numba internals other than expected, the cache keeps numba's own stamp (edit the calling file
+    too after editing an upstream one)."""
+    try:
+        stamps = tuple(f._cache._impl.locator.get_source_stamp() for f in upstream)  # type: ignore[attr-defined]
+        for value in list(namespace.values()):
+            cache = getattr(value, "_cache", None)
+            if getattr(getattr(value, "py_func", None), "__module__", None) == module and cache:
+                cache_file = cache._cache_file
+                cache_file._source_stamp = (cache_file._source_stamp, stamps)
+    except (AttributeError, OSError):
+        return

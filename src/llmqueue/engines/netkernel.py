@@ -23,7 +23,7 @@ Prefill/decode pairs: a visit to a pair runs its prompt on the prefill side, the
 decode member picked when the transfer started (``_pair_step``), as ``_Run`` does.
 
 Caching: numba caches a function with the code of the functions it calls, but checks only its
-own file for changes; ``_tie_cache`` makes this module's cache stale whenever kernel.py or
+own file for changes; ``kernel.tie_cache`` makes this module's cache stale whenever kernel.py or
 polkernel.py changes too, so an edit of an engine kernel is never hidden by a cached network loop.
 
 Network policies: an engine whose policy is class priority or max-pressure runs
@@ -64,6 +64,7 @@ from llmqueue.engines.kernel import (
 )
 from llmqueue.engines.polkernel import KIND_PRIORITY, PolicyState
 from llmqueue.model.network import ROUTER_NAMES
+from llmqueue.policies.routers import VLLM_WAITING_WEIGHT
 
 # -- return codes of net_run -----------------------------------------------------------------------
 (NET_DONE, NET_ROOM, NET_SLOTS, NET_BAD_BATCH_TIME, NET_SIZES, NET_CHOICES, NET_TOKENS, NET_FRAMES,
@@ -97,11 +98,10 @@ EX_POS, EX_LEN, EX_END = range(3)  # a class's arrival chunk: next arrival, arri
 CI_ARRIVALS, CI_DONE, CI_PRESENT, N_CI = range(4)
 CF_AREA, CF_LAST, CF_WIDTH, N_CF = range(4)
 PS_ROUTED = 2  # a pool stream's third column: requests the pool routed so far
-# -- the built-in routers' numbers (llmqueue.policies.routers.ROUTER_CODES) --------------------------
+# -- the built-in routers' numbers: their index in llmqueue.model.network.ROUTER_NAMES --------------
 R_JSQ, R_JSQ_TOKENS, R_P2C, R_LEAST_KV, R_VLLM_DP, R_ROUND_ROBIN, R_RANDOM = (
     ROUTER_NAMES.index(name) for name in ("jsq", "jsq-tokens", "p2c", "least-kv", "vllm-dp",
                                           "round-robin", "random"))
-VLLM_WAITING_WEIGHT = 4  # vLLM's DP score: waiting * 4 + running (policies.routers)
 # -- prefill/decode pairs: tables (side: each side's engine or pool, -1 for the other; link), counts,
 # the link's floats, each token's pair visit, the transfers in flight (a binary heap ordered as the
 # Python loop's (end, sequence) tuples, heapq's algorithm, one spare row at the end) and the
@@ -1083,24 +1083,6 @@ TWINS: dict[str, tuple[str | None, str]] = {
 note: why there is no twin), as ``llmqueue.engines.kernel.TWINS``."""
 
 
-def _tie_cache() -> None:
-    """Make numba's cache of this module's functions stale whenever kernel.py changes as well.
-
-    numba stamps a function's cache with its own source file only, yet the cached code includes
-    the functions it calls: ``net_run`` holds a copy of ``kernel.run`` and ``polkernel.run``. The
-    stamp becomes the pair (this file's stamp, (kernel.py's stamp, polkernel.py's stamp)). Best
-    effort: with numba internals other than expected, the cache keeps numba's own stamp (edit this
-    file too after editing kernel.py or polkernel.py)."""
-    try:
-        kernel_stamp = (kernel.run._cache._impl.locator.get_source_stamp(),
-                        polkernel.run._cache._impl.locator.get_source_stamp())
-        for value in list(globals().values()):
-            cache = getattr(value, "_cache", None)
-            if getattr(getattr(value, "py_func", None), "__module__", None) == __name__ and cache:
-                cache_file = cache._cache_file
-                cache_file._source_stamp = (cache_file._source_stamp, kernel_stamp)
-    except (AttributeError, OSError):
-        return
-
-
-_tie_cache()
+# numba stamps this module's cache with this file only, yet ``net_run`` holds a copy of
+# ``kernel.run`` and ``polkernel.run``: their files' stamps join it (see ``kernel.tie_cache``).
+kernel.tie_cache(globals(), __name__, kernel.run, polkernel.run)

@@ -86,6 +86,7 @@ from llmqueue.engines.kernel import (
     _batches,
     _emit,
     _itl,
+    tie_cache,
 )
 
 KIND_PRIORITY, KIND_PRESSURE = 2, 3
@@ -578,20 +579,6 @@ TWINS: dict[str, tuple[str | None, str]] = {
 note: why there is no twin), as ``llmqueue.engines.kernel.TWINS``."""
 
 
-def _tie_cache() -> None:
-    """Make numba's cache of this module's functions stale whenever kernel.py changes as well
-    (as ``netkernel._tie_cache``): the cached code includes the kernel helpers it calls
-    (``_advance``, ``_batches``, ``_emit``, ``_itl``), but numba stamps it with this file only.
-    Best effort: with numba internals other than expected, the cache keeps numba's own stamp."""
-    try:
-        kernel_stamp = _advance._cache._impl.locator.get_source_stamp()
-        for value in list(globals().values()):
-            cache = getattr(value, "_cache", None)
-            if getattr(getattr(value, "py_func", None), "__module__", None) == __name__ and cache:
-                cache_file = cache._cache_file
-                cache_file._source_stamp = (cache_file._source_stamp, kernel_stamp)
-    except (AttributeError, OSError):
-        return
-
-
-_tie_cache()
+# numba stamps this module's cache with this file only, yet the cached code includes the kernel
+# helpers it calls (``_advance``, ``_batches``, ``_emit``, ``_itl``): kernel.py's stamp joins it.
+tie_cache(globals(), __name__, _advance)

@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from llmqueue.errors import ConfigError
-from llmqueue.model.network import ROUTER_NAMES
 
 VLLM_WAITING_WEIGHT = 4
 """vLLM's DP load balancer scores an engine ``waiting * 4 + running`` (``vllm/v1/engine/core_client.py``,
@@ -142,9 +141,6 @@ ROUTERS: Mapping[str, Router] = {
     "random": random_router,
 }
 """The built-in routers by name (the names a network file's ``router`` takes)."""
-
-ROUTER_CODES: Mapping[str, int] = {name: i for i, name in enumerate(ROUTER_NAMES)}
-"""Each built-in router's number in the compiled routing (``netkernel._pick``)."""
 
 THROUGHPUT_OPTIMAL: Mapping[str, tuple[bool, bool]] = {
     "jsq": (True, True),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from typing import Literal
@@ -659,20 +659,23 @@ class _Run:
         self.visit_total += 1
         self.visits[vid] = (token, node_id, buffer, engine, prefill + decode)
         if not routed:
-            self.in_system[engine] += 1
-            self.waiting[engine] += 1
-            self.outstanding[engine] += prefill + decode
+            self._seen(engine, prefill + decode, +1)
         recorder = self.recorders[engine]
         refused = recorder.totals.rejected_requests
         self.engines[engine].submit(Request(vid, t_ms, prefill, decode, buffer, context))
         if recorder.totals.rejected_requests > refused:  # its KV cache can never hold this visit
             del self.visits[vid]
             self.visit_total -= 1
-            self.in_system[engine] -= 1
-            self.waiting[engine] -= 1
-            self.outstanding[engine] -= prefill + decode
+            self._seen(engine, prefill + decode, -1)
             return False
         return True
+
+    def _seen(self, engine: str, tokens: int, sign: int) -> None:
+        """Count a visit of ``tokens`` tokens routed to ``engine`` (``sign`` -1: take it back) in what
+        the routers see."""
+        self.in_system[engine] += sign
+        self.waiting[engine] += sign
+        self.outstanding[engine] += sign * tokens
 
     # -- prefill/decode pairs ---------------------------------------------------------------------
     def _enter_pair(self, pv: _PairVisit, t_ms: float) -> None:
@@ -711,9 +714,7 @@ class _Run:
         # the decode engine is picked when the transfer starts (as P/D proxies pick the decode
         # worker before sending the KV); the routers see the transfer as that member's visit
         engine = self._target(pair.spec.decode, t_ms, 0, pv.decode)
-        self.in_system[engine] += 1
-        self.waiting[engine] += 1
-        self.outstanding[engine] += pv.decode
+        self._seen(engine, pv.decode, +1)
         duration = pair.spec.transfer_ms(pv.prefill)
         start = max(t_ms, pair.link_free_ms) if pair.spec.shared_link else t_ms
         end = start + duration
@@ -978,7 +979,6 @@ class _Run:
         start = WARMUP_FRACTION * window_end
         engine_results: dict[str, EngineResult] = {}
         offered_of: dict[str, float] = {}
-        total = TimeBins()
         offered_total = 0.0
         for name in self.engine_names:
             eng, rec = self.engines[name], self.recorders[name]
@@ -994,17 +994,10 @@ class _Run:
                 observe(rec.backlog_bins, start, window_end, offered),
                 self.analysis.engines[name].rho, None if memory is None else memory.spec,
             )
-            total.width_ms = rec.backlog_bins.width_ms
-            total.sums = total.sums + rec.backlog_bins.sums
-        total._fit(end_ms)
+        total = self._summed_backlog(self.engine_names, end_ms)
         pools = {}
         for pname, pool in self.pools.items():
-            backlog = TimeBins()
-            for m in pool.spec.members:
-                bins = self.recorders[m].backlog_bins
-                backlog.width_ms = bins.width_ms
-                backlog.sums = backlog.sums + bins.sums
-            backlog._fit(end_ms)
+            backlog = self._summed_backlog(pool.spec.members, end_ms)
             load = self.analysis.pools[pname]
             pools[pname] = PoolResult(
                 pname, router_name(pool.router), pool.spec.members,
@@ -1073,6 +1066,16 @@ class _Run:
             pools=pools,
             pairs=pairs,
         )
+
+    def _summed_backlog(self, engines: Sequence[str], end_ms: float) -> TimeBins:
+        """The backlog bins of ``engines`` summed (their recorders finished), fitted to ``end_ms``."""
+        total = TimeBins()
+        for name in engines:
+            bins = self.recorders[name].backlog_bins
+            total.width_ms = bins.width_ms
+            total.sums = total.sums + bins.sums
+        total._fit(end_ms)
+        return total
 
     def _pair_result(self, pair: _PairRun, end_ms: float) -> PairResult:
         """One pair's figures at ``end_ms`` (transfers in flight count on the link up to it)."""

@@ -368,10 +368,14 @@ def goodput(cand: Candidate, setup: SplitSetup, slo: SplitSLO, cache: RunCache |
     points: list[RunFigures] = []
     verdicts: dict[int, tuple[bool, str]] = {}
 
+    def rate(k: int) -> float:
+        """The grid's rate at index ``k``."""
+        return bound / (1.0 + setup.step) ** k
+
     def passes(k: int) -> bool:
         key = (cand.name, k)
         if key not in cache:
-            cache[key] = run_at(cand, setup, bound / (1.0 + setup.step) ** k, bound)
+            cache[key] = run_at(cand, setup, rate(k), bound)
             if on_run is not None:
                 on_run(cand, cache[key])
         points.append(cache[key])
@@ -387,11 +391,9 @@ def goodput(cand: Candidate, setup: SplitSetup, slo: SplitSLO, cache: RunCache |
             failing = mid
     reason = verdicts[failing][1] if failing in verdicts else "the next rate up is the theory's capacity"
     if passing > top:
-        return CandidateResult(cand, bound, 0.0, bound / (1.0 + setup.step) ** top, None, tuple(points),
-                               reason)
-    return CandidateResult(cand, bound, cache[(cand.name, passing)].rate_per_s,
-                           bound / (1.0 + setup.step) ** failing, cache[(cand.name, passing)],
-                           tuple(points), reason)
+        return CandidateResult(cand, bound, 0.0, rate(top), None, tuple(points), reason)
+    met = cache[(cand.name, passing)]
+    return CandidateResult(cand, bound, met.rate_per_s, rate(failing), met, tuple(points), reason)
 
 
 def _best(results: Sequence[CandidateResult]) -> str | None:

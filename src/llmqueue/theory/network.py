@@ -306,34 +306,30 @@ def analyze(net: Network, policy_names: Mapping[str, str] | None = None,
                     cycle, stations, tuple(warnings), buffer_rate, pools, pairs)
 
 
-def _check_decode_cache(net: Network, pair: PairSpec) -> None:
+def _check_decode_cache(net: Network, pair: PairSpec, visit: str, node: Node) -> None:
     """ConfigError when a decode member's KV cache cannot hold one mean request of the pair's
-    visits (its prompt's KV plus its output): that pair could never decode."""
-    for cname, c in net.classes.items():
-        for nid, node in c.nodes.items():
-            if node.kind != "visit" or node.engine != pair.name:
-                continue
-            assert node.prefill is not None and node.decode is not None
-            need = math.ceil(node.prefill.mean + node.decode.mean)
-            for m in net.members_of(pair.decode):
-                memory = net.engines[m].memory
-                if memory is not None and not memory.fits_alone(need):
-                    raise ConfigError(f"disaggregated.{pair.name}.decode", pair.decode,
-                                      f"engine {m}'s KV cache ({memory.capacity_tokens} tokens) cannot hold "
-                                      f"one request of {cname}.{nid} (context + output, {need} tokens "
-                                      "on average)")
+    ``visit`` (its prompt's KV plus its output): that pair could never decode."""
+    assert node.prefill is not None and node.decode is not None
+    need = math.ceil(node.prefill.mean + node.decode.mean)
+    for m in net.members_of(pair.decode):
+        memory = net.engines[m].memory
+        if memory is not None and not memory.fits_alone(need):
+            raise ConfigError(f"disaggregated.{pair.name}.decode", pair.decode,
+                              f"engine {m}'s KV cache ({memory.capacity_tokens} tokens) cannot hold "
+                              f"one request of {visit} (context + output, {need} tokens on average)")
 
 
 def _pair_loads(net: Network, visits: Mapping[str, Mapping[str, float]],
                 loads: Mapping[str, EngineLoad]) -> dict[str, PairLoad]:
-    """Every pair's prefill-side, decode-side and link loads (``PairLoad``)."""
+    """Every pair's prefill-side, decode-side and link loads (``PairLoad``); ConfigError when a
+    decode member cannot hold one of its visits (``_check_decode_cache``)."""
     out = {}
     for pair in net.pairs.values():
-        _check_decode_cache(net, pair)
         rate = transfer_ms = 0.0  # visits/s, and their summed mean transfer time (ms)
         for cname, c in net.classes.items():
             for nid, node in c.nodes.items():
                 if node.kind == "visit" and node.engine == pair.name:
+                    _check_decode_cache(net, pair, f"{cname}.{nid}", node)
                     assert node.prefill is not None
                     r = c.rate_per_s * visits[cname][nid]
                     rate += r
